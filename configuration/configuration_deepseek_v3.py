@@ -1,0 +1,278 @@
+"""`DeepseekV3Config`: the official DeepSeek-V3 `config.json` keys, plus a few clearly named runtime knobs.
+
+References: DeepSeek-V3 technical report (arXiv 2412.19437) §2-3; the released `config.json` of
+deepseek-ai/DeepSeek-V3; DESIGN.md §2.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+SCORING_FUNCS = ("sigmoid", "softmax")
+TOPK_METHODS = ("noaux_tc",)
+ROPE_TYPES = ("default", "yarn")
+MLA_PATHS = ("auto", "expanded", "absorbed")
+YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+def _fail(field: str, value: Any, rule: str) -> None:
+    raise ValueError(f"DeepseekV3Config: `{field}` = {value!r} is invalid: {rule}")
+
+
+class DeepseekV3Config(PreTrainedConfig):
+    r"""Configuration of a DeepSeek-V3 model.
+
+    Field names are those of the official `config.json`, so the released 671B config loads unchanged. Fields
+    beyond the official ones:
+
+    Args:
+        routing_bias_update_speed (`float`, defaults to 0.001): γ of the auxiliary-loss-free balancing; after each
+            optimizer step `e_score_correction_bias_i += γ·sign(mean(load) − load_i)`. 0 freezes the bias.
+        seq_balance_loss_alpha (`float`, defaults to 0.0001): α of the complementary sequence-wise balance loss.
+        mtp_loss_weight (`float`, defaults to 0.3): λ of the multi-token-prediction loss.
+        use_routing_bias (`bool`, defaults to True): add `e_score_correction_bias` when choosing experts.
+        mla_attention_path (`str`, defaults to "auto"): "auto" picks, per call, the cheaper of the expanded and
+            the absorbed MLA paths (DESIGN §3); "expanded" / "absorbed" force one (for tests and benchmarks).
+
+    `quantization_config` (FP8) is kept in `fp8_quantization_config` so that transformers' own FP8 quantizer never
+    sees it, and written back under its official name by `to_dict()`.
+
+    Raises:
+        ValueError: naming the field, the value and the rule, for every inconsistent setting.
+    """
+
+    model_type = "deepseek_v3"
+    keys_to_ignore_at_inference = ["cache"]
+    attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+
+    def __init__(
+        self,
+        vocab_size: int = 129280,
+        hidden_size: int = 7168,
+        intermediate_size: int = 18432,
+        moe_intermediate_size: int = 2048,
+        num_hidden_layers: int = 61,
+        num_nextn_predict_layers: int = 1,
+        num_attention_heads: int = 128,
+        num_key_value_heads: int | None = None,
+        n_shared_experts: int = 1,
+        n_routed_experts: int = 256,
+        routed_scaling_factor: float = 2.5,
+        kv_lora_rank: int = 512,
+        q_lora_rank: int | None = 1536,
+        qk_rope_head_dim: int = 64,
+        v_head_dim: int = 128,
+        qk_nope_head_dim: int = 128,
+        topk_method: str = "noaux_tc",
+        n_group: int = 8,
+        topk_group: int = 4,
+        num_experts_per_tok: int = 8,
+        moe_layer_freq: int = 1,
+        first_k_dense_replace: int = 3,
+        norm_topk_prob: bool = True,
+        scoring_func: str = "sigmoid",
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 4096,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 0,
+        eos_token_id: int | list[int] | None = 1,
+        tie_word_embeddings: bool = False,
+        rope_theta: float = 10000.0,
+        rope_scaling: dict | None = None,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        quantization_config: dict | None = None,
+        routing_bias_update_speed: float = 0.001,
+        seq_balance_loss_alpha: float = 0.0001,
+        mtp_loss_weight: float = 0.3,
+        use_routing_bias: bool = True,
+        mla_attention_path: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        # transformers >= 5 stores RoPE settings as `rope_parameters`; configs it wrote itself come back that way.
+        rope_parameters = kwargs.pop("rope_parameters", None)
+        if rope_parameters is not None and rope_scaling is None:
+            rope_theta = rope_parameters.get("rope_theta", rope_theta)
+            if rope_parameters.get("rope_type", "default") != "default":
+                rope_scaling = {k: v for k, v in rope_parameters.items() if k not in ("rope_theta", "rope_type")}
+                rope_scaling["type"] = rope_parameters["rope_type"]
+        kwargs.pop("qk_head_dim", None)  # derived, recomputed below
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_nextn_predict_layers = num_nextn_predict_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.n_shared_experts = n_shared_experts
+        self.n_routed_experts = n_routed_experts
+        self.routed_scaling_factor = routed_scaling_factor
+        self.kv_lora_rank = kv_lora_rank
+        self.q_lora_rank = q_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.topk_method = topk_method
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_layer_freq = moe_layer_freq
+        self.first_k_dense_replace = first_k_dense_replace
+        self.norm_topk_prob = norm_topk_prob
+        self.scoring_func = scoring_func
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.rope_theta = rope_theta
+        self.rope_scaling_config = copy.deepcopy(rope_scaling)
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.fp8_quantization_config = copy.deepcopy(quantization_config)
+        self.routing_bias_update_speed = routing_bias_update_speed
+        self.seq_balance_loss_alpha = seq_balance_loss_alpha
+        self.mtp_loss_weight = mtp_loss_weight
+        self.use_routing_bias = use_routing_bias
+        self.mla_attention_path = mla_attention_path
+        # transformers' generic RoPE and MTP utilities read `rope_parameters`.
+        self.rope_parameters = self._rope_parameters()
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate_fields()
+
+    def _rope_parameters(self) -> dict:
+        params = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling_config:
+            params.update({k: v for k, v in self.rope_scaling_config.items() if k != "type"})
+            params["rope_type"] = self.rope_scaling_config.get("type", self.rope_scaling_config.get("rope_type"))
+        return params
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope_parameters.get("rope_type", "default")
+
+    def validate_fields(self) -> None:
+        """Check every rule of DESIGN §2; raise `ValueError` naming field, value and rule."""
+        positive = (
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+            "n_routed_experts", "n_group", "topk_group", "num_experts_per_tok", "moe_layer_freq",
+            "max_position_embeddings",
+        )  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                _fail(name, value, "must be a positive integer")
+        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(name, value, "must be a non-negative integer")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            _fail("q_lora_rank", self.q_lora_rank, "must be a positive integer, or None for no query compression")
+        if self.num_key_value_heads != self.num_attention_heads:
+            _fail("num_key_value_heads", self.num_key_value_heads,
+                  f"MLA shares one latent across heads; must equal num_attention_heads ({self.num_attention_heads})")
+        if self.n_routed_experts % self.n_group:
+            _fail("n_group", self.n_group, f"must divide n_routed_experts ({self.n_routed_experts})")
+        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
+            _fail("n_group", self.n_group,
+                  "a group's score is the sum of its top-2 experts, so every group needs at least 2 experts "
+                  f"(n_routed_experts = {self.n_routed_experts})")
+        if self.topk_group > self.n_group:
+            _fail("topk_group", self.topk_group, f"must be <= n_group ({self.n_group})")
+        reachable = self.topk_group * self.n_routed_experts // self.n_group
+        if self.num_experts_per_tok > reachable:
+            _fail("num_experts_per_tok", self.num_experts_per_tok,
+                  f"must be <= topk_group * n_routed_experts / n_group = {reachable}")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            _fail("first_k_dense_replace", self.first_k_dense_replace,
+                  f"must be <= num_hidden_layers ({self.num_hidden_layers})")
+        if self.qk_rope_head_dim % 2:
+            _fail("qk_rope_head_dim", self.qk_rope_head_dim, "RoPE rotates pairs, so it must be even")
+        if self.scoring_func not in SCORING_FUNCS:
+            _fail("scoring_func", self.scoring_func, f"must be one of {SCORING_FUNCS}")
+        if self.topk_method not in TOPK_METHODS:
+            _fail("topk_method", self.topk_method, f"must be one of {TOPK_METHODS}")
+        if self.hidden_act != "silu":
+            _fail("hidden_act", self.hidden_act, "DeepSeek-V3 MLPs are SwiGLU; must be 'silu'")
+        if self.mla_attention_path not in MLA_PATHS:
+            _fail("mla_attention_path", self.mla_attention_path, f"must be one of {MLA_PATHS}")
+        for name in ("routing_bias_update_speed", "seq_balance_loss_alpha", "mtp_loss_weight", "attention_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                _fail(name, value, "must be a non-negative number")
+        if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
+            _fail("routed_scaling_factor", self.routed_scaling_factor, "must be a positive number")
+        if not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps <= 0:
+            _fail("rms_norm_eps", self.rms_norm_eps, "must be a positive number")
+        if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
+            _fail("rope_theta", self.rope_theta, "must be a positive number")
+        self._validate_rope_scaling()
+        self._validate_quantization()
+
+    def _validate_rope_scaling(self) -> None:
+        scaling = self.rope_scaling_config
+        if scaling is None:
+            return
+        if not isinstance(scaling, dict):
+            _fail("rope_scaling", scaling, "must be a dict or None")
+        kind = scaling.get("type", scaling.get("rope_type"))
+        if kind not in ROPE_TYPES:
+            _fail("rope_scaling.type", kind, f"must be one of {ROPE_TYPES}")
+        if kind != "yarn":
+            return
+        for key in ("factor", "original_max_position_embeddings"):
+            if key not in scaling:
+                _fail(f"rope_scaling.{key}", None, "is required for YaRN")
+        for key in YARN_KEYS:
+            value = scaling.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                _fail(f"rope_scaling.{key}", value, "must be a positive number")
+        if scaling["factor"] < 1:
+            _fail("rope_scaling.factor", scaling["factor"], "YaRN extends the context, so it must be >= 1")
+
+    def _validate_quantization(self) -> None:
+        qc = self.fp8_quantization_config
+        if qc is None:
+            return
+        if not isinstance(qc, dict):
+            _fail("quantization_config", qc, "must be a dict or None")
+        if qc.get("quant_method") != "fp8":
+            _fail("quantization_config.quant_method", qc.get("quant_method"), "only 'fp8' is supported")
+        if qc.get("fmt", "e4m3") != "e4m3":
+            _fail("quantization_config.fmt", qc.get("fmt"), "only 'e4m3' is supported")
+        block = qc.get("weight_block_size", [128, 128])
+        if (
+            not isinstance(block, (list, tuple))
+            or len(block) != 2
+            or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in block)
+        ):
+            _fail("quantization_config.weight_block_size", block, "must be two positive integers")
+        if qc.get("activation_scheme", "dynamic") != "dynamic":
+            _fail("quantization_config.activation_scheme", qc.get("activation_scheme"), "only 'dynamic' is supported")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise with the official key names (`rope_theta`, `rope_scaling`, `quantization_config`)."""
+        out = super().to_dict()
+        for key in ("rope_parameters", "rope_scaling_config", "fp8_quantization_config", "qk_head_dim"):
+            out.pop(key, None)
+        out["rope_theta"] = self.rope_theta
+        out["rope_scaling"] = copy.deepcopy(self.rope_scaling_config)
+        if self.fp8_quantization_config is not None:
+            out["quantization_config"] = copy.deepcopy(self.fp8_quantization_config)
+        return out

@@ -1,0 +1,28 @@
+"""DeepSeek-V3 for Hugging Face Transformers: MLA with a latent KV cache and absorbed decoding, DeepSeekMoE.
+
+Importing this package registers its classes with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM` for
+`model_type = "deepseek_v3"`, replacing transformers' built-in DeepSeek-V3 classes for the whole process. The
+built-in classes stay reachable by importing them explicitly from `transformers`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .cache import LatentCacheLayer, MLACache, MLAStaticCache
+from .configuration import PRESET_NAMES, DeepseekV3Config, load_preset
+from .model import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
+
+AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
+AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)
+AutoModelForCausalLM.register(DeepseekV3Config, DeepseekV3ForCausalLM, exist_ok=True)
+
+__all__ = [
+    "PRESET_NAMES",
+    "DeepseekV3Config",
+    "DeepseekV3ForCausalLM",
+    "DeepseekV3Model",
+    "DeepseekV3PreTrainedModel",
+    "LatentCacheLayer",
+    "MLACache",
+    "MLAStaticCache",
+    "load_preset",
+]

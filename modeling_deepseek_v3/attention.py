@@ -1,0 +1,186 @@
+"""Multi-head Latent Attention (MLA) with decoupled RoPE, and its two equal computation paths.
+
+* expanded (prefill, training): `kv_b_proj(c_kv)` gives per-head `k_nope` and `v`; K = [k_nope; k_pe], attention
+  through transformers' attention interface (sdpa / eager / flash).
+* absorbed (decoding, short queries over a cache): `kv_b_proj` is folded into the query and the output, so the
+  cached latent is never expanded:  `q_lat = q_nope·W_UK`, `score = (q_lat·c_kv + q_pe·k_pe)·scale`,
+  `o = (P·c_kv)·W_UVᵀ`.
+`MultiHeadLatentAttention.use_absorbed` picks, per call, the path with fewer multiply-adds.
+
+Dimension letters: b batch, s new tokens, t all keys (cached + new), h heads, d head dim (n nope, v value),
+c kv_lora_rank, r qk_rope_head_dim.
+References: DeepSeek-V2 report §2.1 (absorption); DeepSeek-V3 report §2.1.1; DeepSeek-V3 `inference/model.py`
+(`MLA`, `attn_impl="absorb"`); DESIGN.md §3.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration import DeepseekV3Config
+from .layers import RMSNorm
+from .rope import apply_rope, softmax_scale
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention over `[b, h, s, d]` inputs; returns `([b, s, h, d_v], probabilities)`.
+
+    Accepts both mask kinds transformers builds: boolean (True = attend, from sdpa masks) or additive float.
+    """
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [b, h, s, t]
+    scores = _mask_scores(scores, attention_mask)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def _mask_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        # finfo.min, not -inf: a fully masked row (a padding query) must not produce NaN
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores + mask
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA of DeepSeek-V3 with checkpoint parameter names (`q_a_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, ...)."""
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.softmax_scale = softmax_scale(config)
+        # read by transformers' attention functions: K and V are expanded to every head before the call
+        self.num_key_value_groups = 1
+        self.is_causal = True
+
+        hidden, h = config.hidden_size, self.num_heads
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, h * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, h * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias
+        )
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_head_dim, hidden, bias=config.attention_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states: `[b, s, hidden]`.
+            position_embeddings: `(cos, sin)`, each `[b, s, r/2]`.
+            attention_mask: `[b, 1, s, t]` boolean (True = attend) or additive float, or None (causal, no padding).
+            cache: a cache holding `c_kv` / `k_pe` per layer; updated in place.
+
+        Returns:
+            `[b, s, hidden]`.
+        """
+        b, s, _ = hidden_states.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q = q.view(b, s, self.num_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        cos, sin = position_embeddings
+        q_pe = apply_rope(q_pe, cos, sin)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = apply_rope(k_pe, cos, sin)  # ONE rope key shared by all heads
+        c_kv, k_pe = c_kv.unsqueeze(1), k_pe.unsqueeze(1)  # [b, 1, s, c], [b, 1, s, r]: one "head" for the cache
+        if cache is not None:
+            c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
+        c_kv, k_pe = c_kv[:, 0], k_pe[:, 0]  # [b, t, c], [b, t, r]
+
+        if self.use_absorbed(s, c_kv.shape[1]):
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask)
+        else:
+            out = self._expanded(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.v_head_dim))
+
+    def use_absorbed(self, s: int, t: int) -> bool:
+        """Whether the absorbed path costs fewer multiply-adds for `s` queries over `t` keys (DESIGN §3)."""
+        path = self.config.mla_attention_path
+        exact = type(self.kv_b_proj) is nn.Linear  # absorption reads kv_b_proj.weight; a wrapper (LoRA) may differ
+        if path == "absorbed" and not exact:
+            raise ValueError(
+                f"mla_attention_path='absorbed' needs a plain nn.Linear kv_b_proj, got {type(self.kv_b_proj).__name__}"
+                " (merge adapters first, or use mla_attention_path='auto')"
+            )
+        if path != "auto":
+            return path == "absorbed"
+        h, c, r = self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim
+        dn, dv = self.qk_nope_head_dim, self.v_head_dim
+        expanded = t * c * h * (dn + dv) + s * t * h * (dn + r + dv)
+        absorbed = s * h * c * (dn + dv) + s * t * h * (2 * c + r)
+        return exact and absorbed < expanded
+
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs) -> torch.Tensor:
+        b, t, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(b, t, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)  # [b, t, h, n+r]
+        query = torch.cat((q_nope, q_pe), dim=-1)  # [b, s, h, n+r]
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        out, _ = attention(
+            self,
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            attention_mask,
+            scaling=self.softmax_scale,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            **kwargs,
+        )
+        return out  # [b, s, h, v]
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, attention_mask) -> torch.Tensor:
+        b, s, h, _ = q_nope.shape
+        t = c_kv.shape[1]
+        w_kv_b = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, n, c], [h, v, c]
+        q_lat = torch.matmul(q_nope.transpose(1, 2), w_uk)  # [b, h, s, c]
+        q_lat = (q_lat * self.softmax_scale).reshape(b, h * s, self.kv_lora_rank)
+        q_pe = (q_pe.transpose(1, 2) * self.softmax_scale).reshape(b, h * s, self.qk_rope_head_dim)
+        scores = torch.baddbmm(torch.bmm(q_pe, k_pe.transpose(1, 2)), q_lat, c_kv.transpose(1, 2))  # [b, h*s, t]
+        scores = scores.view(b, h, s, t)
+        if attention_mask is None and s > 1:  # causal among the new tokens, which sit at the end of the keys
+            attention_mask = torch.ones(s, t, dtype=torch.bool, device=scores.device).tril(t - s)
+        scores = _mask_scores(scores, attention_mask)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(c_kv.dtype)
+        probs = F.dropout(probs, p=self.config.attention_dropout, training=self.training)
+        o_lat = torch.bmm(probs.view(b, h * s, t), c_kv).view(b, h, s, self.kv_lora_rank)  # [b, h, s, c]
+        return torch.matmul(o_lat, w_uv.transpose(1, 2)).transpose(1, 2)  # [b, s, h, v]

@@ -1,0 +1,160 @@
+"""Latent KV cache of Multi-head Latent Attention: per layer only the normalised `c_kv` and the rotated `k_pe`.
+
+The latents are kept as the keys (`c_kv`, `[b, 1, t, c]`) and values (`k_pe`, `[b, 1, t, r]`) of transformers cache
+layers, so everything `generate()` does with a cache (masks, beam reordering, cropping, batch selection) works
+unchanged. The dynamic layer grows into pre-allocated storage (capacity doubles), so a decode step writes one token
+instead of re-allocating the whole cache as `torch.cat` would.
+Dimension letters: b batch, t cached tokens, c kv_lora_rank, r qk_rope_head_dim.
+References: DeepSeek-V3 report §2.1.1 (only c_kv and k_pe are cached); DESIGN.md §3.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, StaticCache
+
+from .configuration import DeepseekV3Config
+
+MIN_CAPACITY = 256
+
+
+class LatentCacheLayer(DynamicLayer):
+    """A dynamic cache layer holding `c_kv` as keys and `k_pe` as values in geometrically grown storage."""
+
+    _layer_type = "mla_latent"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._c_kv: torch.Tensor | None = None  # [b, 1, capacity, c]
+        self._k_pe: torch.Tensor | None = None  # [b, 1, capacity, r]
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._c_kv = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
+        self._k_pe = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[-1])
+        self.length = 0
+        self._publish()
+        self.is_initialized = True
+
+    def _publish(self) -> None:
+        # `keys` / `values` are what transformers reads (offload, iteration): views of the filled part.
+        self.keys = self._c_kv[:, :, : self.length]
+        self.values = self._k_pe[:, :, : self.length]
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self._c_kv.shape[2], MIN_CAPACITY)
+        for name in ("_c_kv", "_k_pe"):
+            old = getattr(self, name)
+            new = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `c_kv` `[b, 1, s, c]` and `k_pe` `[b, 1, s, r]`; return all cached latents."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[2]
+        if end > self._c_kv.shape[2]:
+            self._grow(end)
+        self._c_kv[:, :, self.length : end] = key_states
+        self._k_pe[:, :, self.length : end] = value_states
+        self.length = end
+        self._publish()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self._c_kv = self._k_pe = None
+        self.length = 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.length = max(self.length + tokens_to_remove, 0)
+        self._publish()
+
+    def _map_batch(self, fn) -> None:
+        if self.is_initialized:
+            self._c_kv, self._k_pe = fn(self._c_kv), fn(self._k_pe)
+            self._publish()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def offload(self) -> None:
+        self._map_batch(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self._c_kv.device != self.device:
+            self._map_batch(lambda t: t.to(self.device, non_blocking=True))
+
+
+class LatentCacheMixin:
+    """Byte accounting shared by the dynamic and the static latent cache."""
+
+    layers: list
+
+    def nbytes(self) -> int:
+        """Bytes of the cached latents (`c_kv` and `k_pe` of the stored tokens, all layers and rows)."""
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self._filled_layers())
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies in one layer: `(kv_lora_rank + qk_rope_head_dim) × element size`."""
+        for layer in self._filled_layers():
+            return layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
+        raise ValueError("bytes_per_token: the cache holds no tokens yet")
+
+    def _filled_layers(self) -> list:
+        return [layer for layer in self.layers if layer.is_initialized and layer.get_seq_length() > 0]
+
+
+class MLACache(LatentCacheMixin, Cache):
+    """The default cache of `DeepseekV3ForCausalLM`: one `LatentCacheLayer` per decoder layer.
+
+    Example:
+        >>> cache = MLACache(model.config)
+        >>> out = model(input_ids, cache=cache, use_cache=True)
+        >>> cache.nbytes(), cache.bytes_per_token()
+    """
+
+    def __init__(self, config: DeepseekV3Config | None = None) -> None:
+        if config is None:
+            super().__init__(layer_class_to_replicate=LatentCacheLayer)
+        else:
+            super().__init__(layers=[LatentCacheLayer() for _ in range(config.num_hidden_layers)])
+
+
+class MLAStaticCache(LatentCacheMixin, StaticCache):
+    """Pre-allocated latent cache of `max_cache_len` tokens (for `torch.compile`); `c_kv` and `k_pe` only.
+
+    `generate(cache_implementation="static")` builds the same layout; this class adds the byte accounting.
+    """
+
+    def nbytes(self) -> int:
+        return sum(
+            int(layer.get_seq_length()) * self._row_bytes(layer) for layer in self.layers if layer.is_initialized
+        )
+
+    @staticmethod
+    def _row_bytes(layer) -> int:
+        return layer.keys.shape[0] * (
+            layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
+        )
+
+    def allocated_bytes(self) -> int:
+        """Bytes reserved up front for `max_cache_len` tokens."""
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)

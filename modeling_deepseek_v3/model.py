@@ -1,0 +1,297 @@
+"""DeepSeek-V3 decoder and causal LM as transformers models: `DeepseekV3Model`, `DeepseekV3ForCausalLM`.
+
+Decoder layer: `h = x + MLA(norm(x)); y = h + FFN(norm(h))`, FFN dense SwiGLU for the first
+`first_k_dense_replace` layers and DeepSeekMoE after. Dimension letters: b batch, s new tokens.
+References: DeepSeek-V3 report §2; DESIGN.md §2-4, §8; shared/docs/transformers-integration.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .attention import MultiHeadLatentAttention
+from .cache import MLACache
+from .checkpoint import check_loading_info, expert_weight_conversions, mtp_layer_patterns
+from .configuration import DeepseekV3Config
+from .layers import MLP, RMSNorm
+from .moe import MoE, RoutedExperts, TopkRouter
+from .rope import RotaryEmbedding, rope_frequencies
+
+
+def is_moe_layer(config: DeepseekV3Config, layer_idx: int) -> bool:
+    return layer_idx >= config.first_k_dense_replace and layer_idx % config.moe_layer_freq == 0
+
+
+class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadLatentAttention(config, layer_idx)
+        self.mlp = MoE(config) if is_moe_layer(config, layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        h = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
+        )
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekV3PreTrainedModel(PreTrainedModel):
+    config_class = DeepseekV3Config
+    config: DeepseekV3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepseekV3DecoderLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+
+    def __init__(self, config: DeepseekV3Config, *inputs, **kwargs) -> None:
+        if config.fp8_quantization_config is not None:
+            raise ValueError(
+                f"quantization_config = {config.fp8_quantization_config!r}: FP8 weights are not supported by this "
+                "version of modeling_deepseek_v3 yet; load a bf16 checkpoint (e.g. one dequantized with DeepSeek's "
+                "fp8_cast_bf16.py) and remove quantization_config from its config.json"
+            )
+        super().__init__(config, *inputs, **kwargs)
+        # MTP modules stored after the decoder layers are not an error when the model does not use them
+        self._keys_to_ignore_on_load_unexpected = mtp_layer_patterns(
+            config.num_hidden_layers, config.num_nextn_predict_layers
+        )
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, TopkRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, RoutedExperts):
+            for weight in (module.gate_proj, module.up_proj, module.down_proj):
+                init.normal_(weight, mean=0.0, std=std)
+        elif isinstance(module, RotaryEmbedding):
+            # non-persistent, so garbage after a meta-device load: recompute
+            inv_freq, module.attention_factor = rope_frequencies(module.config)
+            init.copy_(module.inv_freq, inv_freq)
+
+    def post_init(self) -> None:
+        super().post_init()
+        # save_pretrained reverses these conversions, writing the official per-expert keys
+        self._weight_conversions = expert_weight_conversions()
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        # transformers keys conversions by class name / model_type, which the built-in class shares with ours,
+        # so ours are handed to the loader here instead of through the global registry.
+        mapping = list(load_config.weight_mapping or []) + expert_weight_conversions()
+        load_config = dataclasses.replace(load_config, weight_mapping=mapping)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
+
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+        if not load_config.ignore_mismatched_sizes:
+            check_loading_info(loading_info.missing_keys, loading_info.unexpected_keys, loading_info.mismatched_keys)
+        if not model._weight_conversions:  # a checkpoint already in the stacked layout: still save the official one
+            model._weight_conversions = expert_weight_conversions()
+        return loading_info
+
+
+class DeepseekV3Model(DeepseekV3PreTrainedModel):
+    """Embedding, decoder layers and final norm; returns the last hidden state (after `norm`) and the cache."""
+
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """
+        Args:
+            input_ids: `[b, s]` token ids in `[0, vocab_size)`; or `inputs_embeds` `[b, s, hidden]`.
+            attention_mask: `[b, past + s]` (1 = token, 0 = padding), or a prepared 4-D mask.
+            position_ids: `[b, s]`; default: `past + arange(s)`.
+            cache: an `MLACache` / static latent cache; created when `use_cache` and none is given.
+
+        Raises:
+            ValueError: on ids outside the vocabulary, empty inputs, a mask of the wrong shape, or more tokens than
+                a static cache holds.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # checkpointed layers are replayed: a cache would be written twice
+        if use_cache and cache is None:
+            cache = MLACache(self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, past)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        b, s = inputs_embeds.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + s, device=inputs_embeds.device).unsqueeze(0).expand(b, -1)
+
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, mask, cache=cache, **kwargs)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, cache=cache if use_cache else None, hidden_states=all_hidden_states
+        )
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, cache, past) -> None:
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"inputs must be [batch, seq] with batch, seq >= 1, got shape {tuple(shape)}")
+        if input_ids is not None:
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+        b, s = shape
+        if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != (b, past + s):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected [batch, cached + new tokens] = "
+                f"{(b, past + s)}"
+            )
+        capacity = cache.get_max_length() if cache is not None else -1
+        if capacity > 0 and past + s > capacity:
+            raise ValueError(
+                f"the cache holds at most {capacity} tokens; it has {past} and {s} more were given. Allocate a "
+                "larger static cache (max_cache_len) or use the default dynamic MLACache"
+            )
+
+
+class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
+    """DeepSeek-V3 with its output head; `generate()` uses the latent `MLACache` by default."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__(config)
+        self.model = DeepseekV3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """
+        Args:
+            labels: `[b, s]` next-token targets (unshifted, -100 ignored); the loss is normalised by
+                `num_items_in_batch` when Trainer passes it.
+            logits_to_keep: compute logits for the last `n` positions only (0 = all), or for the given indices.
+
+        Returns:
+            `CausalLMOutputWithPast` with `loss`, `logits` `[b, s', vocab]`, `cache`, `hidden_states`.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        # The default cache of generate() becomes the latent MLACache (static and user-given caches are kept).
+        if (
+            model_kwargs.get("cache") is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation in (None, "dynamic")
+        ):
+            model_kwargs["cache"] = MLACache(self.config)
+            return
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )

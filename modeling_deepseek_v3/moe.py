@@ -1,0 +1,113 @@
+"""DeepSeekMoE: sigmoid router with group-limited top-k and a choice-only bias, stacked routed experts computed by
+a grouped GEMM over tokens sorted by expert, and shared experts.
+
+Dimension letters: T tokens, H hidden, I moe_intermediate_size, E routed experts, K experts per token, G groups.
+References: DeepSeek-V3 report §2.1.2 (routing, auxiliary-loss-free bias); DeepSeek-V3 `inference/model.py`
+(`Gate`, `MoE`); DESIGN.md §4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration import DeepseekV3Config
+from .kernels import grouped_mm
+from .layers import MLP
+
+
+class TopkRouter(nn.Module):
+    """The `gate` of a MoE layer: `weight` `[E, H]` and the fp32 `e_score_correction_bias` `[E]`.
+
+    Computed in fp32. The bias is added only to choose experts; the combine weights come from the unbiased scores.
+    """
+
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Buffer(torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            x: `[T, H]`.
+
+        Returns:
+            `(weights [T, K] fp32, indices [T, K] int64, scores [T, E] fp32)`; scores are the affinities s.
+        """
+        cfg = self.config
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias if cfg.use_routing_bias else scores
+        if cfg.n_group > 1:
+            grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)  # [T, G, E/G]
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+            kept = group_scores.topk(cfg.topk_group, dim=-1).indices
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
+            choice = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
+        indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # [T, K]
+        weights = scores.gather(1, indices)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, indices, scores
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored stacked: `gate_proj`, `up_proj` `[E, I, H]`, `down_proj` `[E, H, I]`.
+
+    Gate and up stay separate tensors so that 128×128 FP8 blocks never straddle them. On disk they are the official
+    per-expert keys `experts.{e}.{gate,up,down}_proj.weight` (see `checkpoint.py`).
+    """
+
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = e
+        self.gate_proj = nn.Parameter(torch.empty(e, i, h))
+        self.up_proj = nn.Parameter(torch.empty(e, i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: `[T, H]`; indices: `[T, K]` expert ids; weights: `[T, K]` combine weights.
+
+        Returns:
+            `[T, H]`: `Σ_k weights[:, k] · expert_{indices[:, k]}(x)`.
+        """
+        k = indices.shape[1]
+        flat = indices.flatten()  # [T·K]
+        order = flat.argsort(stable=True)
+        token = order // k  # the token of each sorted (token, slot) pair
+        offsets = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # [E]
+        xs = x[token]  # [T·K, H], grouped by expert
+        hidden = F.silu(grouped_mm(xs, self.gate_proj.transpose(1, 2), offsets))
+        hidden = hidden * grouped_mm(xs, self.up_proj.transpose(1, 2), offsets)  # [T·K, I]
+        ys = grouped_mm(hidden, self.down_proj.transpose(1, 2), offsets)  # [T·K, H]
+        ys = ys * weights.flatten()[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+class MoE(nn.Module):
+    """`y = Σ_k w_k · expert_k(x) + shared_experts(x)` for every token."""
+
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        self.gate = TopkRouter(config)
+        self.experts = RoutedExperts(config)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts > 0
+            else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # [T, H]
+        weights, indices, _ = self.gate(x)
+        y = self.experts(x, indices, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)

@@ -1,0 +1,96 @@
+"""Rotary position embedding of DeepSeek-V3: interleaved pairs, YaRN frequencies and the YaRN softmax-scale factor.
+
+RoPE rotates the pairs (x[2i], x[2i+1]) of the rope part of q and k, the layout the checkpoints were trained with,
+so no weight permutation is needed. Dimension letters: b batch, s positions, r rope dim.
+References: DeepSeek-V3 report §2.1.1 and §4.3 (YaRN); DeepSeek-V3 `inference/model.py` (`precompute_freqs_cis`);
+YaRN paper (arXiv 2309.00071); DESIGN.md §3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .configuration import DeepseekV3Config
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature `0.1·mscale·ln(scale) + 1` (1 when the context is not extended)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def softmax_scale(config: DeepseekV3Config) -> float:
+    """`(d_nope + d_rope)^-0.5 · m²`, with `m = yarn_get_mscale(factor, mscale_all_dim)` under YaRN."""
+    scale = config.qk_head_dim**-0.5
+    params = config.rope_parameters
+    if params.get("rope_type") == "yarn" and params.get("mscale_all_dim"):
+        m = yarn_get_mscale(params["factor"], params["mscale_all_dim"])
+        scale = scale * m * m
+    return scale
+
+
+def rope_frequencies(config: DeepseekV3Config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies `[r/2]` (YaRN-blended when configured) and the factor applied to cos/sin."""
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    params = config.rope_parameters
+    if params.get("rope_type") != "yarn":
+        return inv_freq, 1.0
+    factor = params["factor"]
+    original = params["original_max_position_embeddings"]
+    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        # the dimension whose wavelength turns `rotations` times over the original context
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)
+    extrapolate = 1 - ramp.clamp(0, 1)  # 1: keep the original frequency (high-frequency dims); 0: interpolate
+    inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        attention_factor = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+    else:
+        attention_factor = yarn_get_mscale(factor)
+    return inv_freq, attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes `(cos, sin)` `[b, s, r/2]` for the given positions; one table shared by all layers."""
+
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_factor = rope_frequencies(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Recompute the non-persistent frequencies (they are not in checkpoints)."""
+        inv_freq, self.attention_factor = rope_frequencies(self.config)
+        with torch.no_grad():
+            self.inv_freq.copy_(inv_freq.to(self.inv_freq.device))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = position_ids[..., None].float() * self.inv_freq.float()  # [b, s, r/2]
+        cos = angles.cos() * self.attention_factor
+        sin = angles.sin() * self.attention_factor
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs: `(x0, x1) -> (x0·cos − x1·sin, x1·cos + x0·sin)`.
+
+    Args:
+        x: `[b, s, ..., r]`; `cos`, `sin`: `[b, s, r/2]`, broadcast over the dims between s and r.
+    """
+    shape = (cos.shape[0], cos.shape[1]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
