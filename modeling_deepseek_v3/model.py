@@ -125,6 +125,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self._keys_to_ignore_on_load_unexpected.append(r"^lm_head\.")  # the head of a causal-LM checkpoint
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -1,0 +1,102 @@
+"""The latent cache: what it stores, its bytes, growth, crop/reorder, and decoding equal to a full forward."""
+
+import pytest
+import torch
+
+from modeling_deepseek_v3 import MLACache, MLAStaticCache
+
+from .utils import random_ids, random_model, tiny_config
+
+
+def test_stores_only_latents_and_reports_bytes():
+    model = random_model()
+    cfg = model.config
+    cache = MLACache(cfg)
+    model(random_ids(cfg, 2, 7), cache=cache, use_cache=True)
+    for layer in cache.layers:
+        assert layer.keys.shape == (2, 1, 7, cfg.kv_lora_rank)
+        assert layer.values.shape == (2, 1, 7, cfg.qk_rope_head_dim)
+    assert cache.bytes_per_token() == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    assert cache.nbytes() == 2 * 7 * cfg.num_hidden_layers * cache.bytes_per_token()
+    model.to(torch.bfloat16)
+    cache = MLACache(cfg)
+    model(random_ids(cfg, 1, 3), cache=cache, use_cache=True)
+    assert cache.bytes_per_token() == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
+
+
+def test_671b_bytes_per_token_formula():
+    # DESIGN §3: (512 + 64) values × 2 bytes in bf16 = 1,152 B per layer; ×61 layers = 70,272 B
+    from modeling_deepseek_v3 import load_preset
+
+    cfg = load_preset("deepseek-v3-671b")
+    assert (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 == 1152
+    assert (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 * cfg.num_hidden_layers == 70272
+
+
+def test_growth_keeps_storage_between_steps():
+    model = random_model()
+    cfg = model.config
+    cache = MLACache(cfg)
+    ids = random_ids(cfg, 1, 5)
+    model(ids, cache=cache, use_cache=True)
+    storage = cache.layers[0]._c_kv.data_ptr()
+    for _ in range(10):
+        model(ids[:, :1], cache=cache, use_cache=True)
+    assert cache.layers[0]._c_kv.data_ptr() == storage  # no re-allocation while capacity lasts
+    assert cache.get_seq_length() == 15
+
+
+def test_incremental_decoding_equals_full_forward():
+    model = random_model()
+    ids = random_ids(model.config, 2, 16)
+    full = model(ids).logits
+    cache = MLACache(model.config)
+    steps = [model(ids[:, :6], cache=cache, use_cache=True).logits]
+    for t in range(6, 16):
+        steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_crop_and_reorder():
+    model = random_model()
+    ids = random_ids(model.config, 3, 9)
+    cache = MLACache(model.config)
+    model(ids, cache=cache, use_cache=True)
+    before = cache.layers[1].keys.clone()
+    cache.crop(-4)
+    assert cache.get_seq_length() == 5
+    torch.testing.assert_close(cache.layers[1].keys, before[:, :, :5])
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    torch.testing.assert_close(cache.layers[1].keys, before[[2, 0, 1], :, :5])
+    with pytest.raises(ValueError, match="negative"):
+        cache.crop(3)
+
+
+def test_static_cache_equals_dynamic_cache():
+    model = random_model()
+    ids = random_ids(model.config, 2, 6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    static = MLAStaticCache(config=model.config, max_cache_len=32)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, cache=static)
+    assert torch.equal(out, dynamic)
+    assert static.nbytes() == 2 * 17 * model.config.num_hidden_layers * static.bytes_per_token()
+    by_name = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             cache_implementation="static")
+    assert torch.equal(by_name, dynamic)
+
+
+def test_static_cache_overflow_is_a_clear_error():
+    model = random_model()
+    cache = MLAStaticCache(config=model.config, max_cache_len=8)
+    model(random_ids(model.config, 1, 6), cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="at most 8 tokens"):
+        model(random_ids(model.config, 1, 3), cache=cache, use_cache=True)
+
+
+def test_generate_uses_latent_cache_by_default():
+    model = random_model(tiny_config())
+    out = model.generate(random_ids(model.config, 1, 4), max_new_tokens=3, do_sample=False,
+                         return_dict_in_generate=True)
+    assert isinstance(out.cache, MLACache)
