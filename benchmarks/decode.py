@@ -1,0 +1,107 @@
+"""Decode and prefill throughput of modeling_deepseek_v3 vs transformers' built-in DeepseekV3ForCausalLM.
+
+Both models hold the same weights (exchanged through save_pretrained) and run in this process, alternating, with
+the same greedy loop: prefill a random context, then decode one token per forward over the cache.
+
+    python benchmarks/decode.py                       # preset bench, contexts 256 1024 4096
+    python benchmarks/decode.py --contexts 256 --steps 16 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
+from transformers.cache_utils import DynamicCache
+
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, load_preset
+
+
+def new_cache(model):
+    return MLACache(model.config) if isinstance(model, DeepseekV3ForCausalLM) else DynamicCache(config=model.config)
+
+
+@torch.inference_mode()
+def decode_tokens_per_s(model, context: torch.Tensor, steps: int) -> float:
+    cache = new_cache(model)
+    logits = model(context, cache=cache, use_cache=True, logits_to_keep=1).logits
+    token = logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = model(token, cache=cache, use_cache=True, logits_to_keep=1).logits
+        token = logits[:, -1:].argmax(-1)
+    return steps * context.shape[0] / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def prefill_tokens_per_s(model, context: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(context, cache=new_cache(model), use_cache=True, logits_to_keep=1)
+    return context.numel() / (time.perf_counter() - start)
+
+
+def alternate(fn, ours, builtin, repeats: int, *args) -> tuple[float, float]:
+    """Median of `repeats` alternating runs (ours, built-in, ours, ...) so drift hits both equally."""
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(fn(ours, *args))
+        b.append(fn(builtin, *args))
+    return statistics.median(a), statistics.median(b)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="bench")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--prefill", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+
+    torch.manual_seed(0)
+    ours = DeepseekV3ForCausalLM(load_preset(args.preset)).to(dtype)
+    with tempfile.TemporaryDirectory() as folder:
+        ours.save_pretrained(folder)
+        builtin = BuiltinDeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype)
+    ours, builtin = ours.to(args.device).eval(), builtin.to(args.device).eval()
+    vocab = ours.config.vocab_size
+    print(f"preset {args.preset}, {args.dtype}, device {args.device}, batch {args.batch}, "
+          f"torch threads {torch.get_num_threads()}")
+
+    # warm-up (allocator, first-call overheads)
+    warm = torch.randint(0, vocab, (args.batch, 32), device=args.device)
+    alternate(decode_tokens_per_s, ours, builtin, 1, warm, 4)
+
+    rows = []
+    for context_len in args.contexts:
+        context = torch.randint(0, vocab, (args.batch, context_len), device=args.device)
+        a, b = alternate(decode_tokens_per_s, ours, builtin, args.repeats, context, args.steps)
+        rows.append((f"decode tokens/s @ context {context_len}", a, b))
+    context = torch.randint(0, vocab, (args.batch, args.prefill), device=args.device)
+    a, b = alternate(prefill_tokens_per_s, ours, builtin, args.repeats, context)
+    rows.append((f"prefill tokens/s @ {args.prefill}", a, b))
+
+    cache_ours, cache_builtin = new_cache(ours), new_cache(builtin)
+    with torch.inference_mode():
+        ours(warm, cache=cache_ours, use_cache=True)
+        builtin(warm, cache=cache_builtin, use_cache=True)
+    per_token_builtin = sum(k.nbytes + v.nbytes for k, v, _ in cache_builtin) // warm.numel()
+    per_token_ours = cache_ours.nbytes() // warm.numel()
+
+    print(f"\n{'measure':<34}{'ours':>14}{'built-in':>14}{'ours/built-in':>16}")
+    for name, a, b in rows:
+        print(f"{name:<34}{a:>14.1f}{b:>14.1f}{a / b:>15.2f}x")
+    print(f"{'cache bytes / token (all layers)':<34}{per_token_ours:>14d}{per_token_builtin:>14d}"
+          f"{per_token_ours / per_token_builtin:>15.2f}x")
+
+
+if __name__ == "__main__":
+    main()
