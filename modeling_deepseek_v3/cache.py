@@ -115,7 +115,8 @@ class LatentCacheMixin:
     def bytes_per_token(self) -> int:
         """Bytes one token occupies in one layer: `(kv_lora_rank + qk_rope_head_dim) × element size`."""
         for layer in self._filled_layers():
-            return layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
+            keys, values = layer.keys, layer.values
+            return keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
         raise ValueError("bytes_per_token: the cache holds no tokens yet")
 
     def _filled_layers(self) -> list:

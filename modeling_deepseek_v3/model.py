@@ -202,7 +202,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high
-                raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+                raise ValueError(
+                    f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})"
+                )
         b, s = shape
         if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != (b, past + s):
             raise ValueError(

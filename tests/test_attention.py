@@ -15,7 +15,8 @@ def test_apply_rope_matches_complex_rotation():
     x = torch.randn(2, 5, 3, 8)
     angles = torch.randn(2, 5, 4)
     out = apply_rope(x, angles.cos(), angles.sin())
-    ref = torch.view_as_real(torch.view_as_complex(x.view(2, 5, 3, 4, 2)) * torch.polar(torch.ones_like(angles), angles)[:, :, None])
+    rotation = torch.polar(torch.ones_like(angles), angles)[:, :, None]  # e^{iθ} per pair
+    ref = torch.view_as_real(torch.view_as_complex(x.view(2, 5, 3, 4, 2)) * rotation)
     torch.testing.assert_close(out, ref.flatten(-2), rtol=1e-6, atol=1e-6)
 
 
