@@ -1,0 +1,60 @@
+"""Console entry point `deepseek-v3`; argument parsing only, the work lives in the modules it calls.
+
+References: DESIGN.md (package layout), `modeling_deepseek_v3.demo.run_demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from modeling_deepseek_v3.demo import DEMO_PRESETS, DemoArgumentError, run_demo
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepseek-v3", description="DeepSeek-V3 for Hugging Face Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a tokenizer and a small model on Shakespeare, save them and sample (offline, CPU is fine)",
+        description="Train a byte-level BPE tokenizer and a DeepSeek-V3 from scratch, save both, reload and sample.",
+    )
+    demo.add_argument("--steps", type=_positive_int, default=300, help="training steps (default: 300)")
+    demo.add_argument("--out", default="./deepseek-v3-demo", help="output folder (default: ./deepseek-v3-demo)")
+    demo.add_argument("--preset", choices=DEMO_PRESETS, default="small", help="model preset (default: small)")
+    demo.add_argument("--corpus", metavar="PATH", default=None, help="UTF-8 text file (default: packaged Shakespeare)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--prompt", default="ROMEO:", help="text to continue (default: 'ROMEO:')")
+    demo.add_argument("--max-new-tokens", type=_positive_int, default=60, help="tokens to generate (default: 60)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `deepseek-v3` command line; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        try:
+            run_demo(
+                steps=args.steps,
+                out=args.out,
+                preset=args.preset,
+                corpus=args.corpus,
+                seed=args.seed,
+                prompt=args.prompt,
+                max_new_tokens=args.max_new_tokens,
+            )
+        except DemoArgumentError as e:
+            parser.exit(2, f"deepseek-v3 demo: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

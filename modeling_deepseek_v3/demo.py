@@ -1,0 +1,209 @@
+"""End-to-end demo: train a byte-level BPE tokenizer and a small DeepSeek-V3 on Shakespeare, then sample from it.
+
+Everything runs offline: the corpus ships in `modeling_deepseek_v3/data`, and the trained model is reloaded from disk
+through `pipeline("text-generation")`, i.e. through the Auto classes this package registers for `deepseek_v3`.
+
+References: karpathy/nanoGPT `data/shakespeare_char` (the corpus idea); transformers `Trainer`, `pipeline`.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    pipeline,
+    set_seed,
+)
+
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, load_preset
+
+SPECIAL_TOKEN = "<|endoftext|>"
+BLOCK_SIZE = 256
+EVAL_FRACTION = 0.05
+BATCH_SIZE = 8
+# The presets small enough to train from scratch in fp32 on one device (not the 671B one).
+DEMO_PRESETS = ("tiny", "small", "bench")
+
+
+class DemoArgumentError(ValueError):
+    """A bad `run_demo` argument or corpus; the CLI prints it as a one-line error instead of a traceback."""
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Fixed-length token blocks; labels equal input_ids because the model shifts them for the next-token loss."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks  # [n_blocks, block_size], int64
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i].clone()}
+
+
+def _read_corpus(corpus: str | Path | None) -> str:
+    if corpus is None:
+        return resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_text(encoding="utf-8")
+    path = Path(corpus)
+    if not path.is_file():
+        raise DemoArgumentError(f"corpus: {path} is not an existing file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DemoArgumentError(f"corpus: {path} is not UTF-8 text ({e})") from e
+    if not text.strip():
+        raise DemoArgumentError(f"corpus: {path} is empty")
+    return text
+
+
+def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a GPT-2-style byte-level BPE on `text`, with `<|endoftext|>` as bos, eos and pad.
+
+    A small corpus may run out of merges before `vocab_size`; callers must size the model from `len(tokenizer)`.
+    """
+    tok = Tokenizer(models.BPE())
+    # add_prefix_space=False so that decode(encode(prompt)) == prompt and generated text starts with the prompt.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[SPECIAL_TOKEN],
+        # The full byte alphabet keeps every input encodable, even bytes the corpus never contains.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=SPECIAL_TOKEN, eos_token=SPECIAL_TOKEN, pad_token=SPECIAL_TOKEN
+    )
+
+
+def make_datasets(ids: list[int], block_size: int) -> tuple[BlockDataset, BlockDataset, int]:
+    """Cut `ids` into blocks and hold out the last ~5% of them for eval.
+
+    Returns:
+        (train, eval, block_size); block_size shrinks when the corpus has fewer than two full blocks.
+    """
+    block_size = min(block_size, len(ids) // 2)
+    if block_size < 2:
+        raise DemoArgumentError(f"corpus: only {len(ids)} tokens, too few to make a train and an eval block")
+    n_blocks = len(ids) // block_size
+    blocks = torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+    n_eval = max(1, round(n_blocks * EVAL_FRACTION))
+    return BlockDataset(blocks[:-n_eval]), BlockDataset(blocks[-n_eval:]), block_size
+
+
+def run_demo(
+    steps: int = 300,
+    out: str | Path = "deepseek-v3-demo",
+    preset: str = "small",
+    corpus: str | Path | None = None,
+    seed: int = 0,
+    prompt: str = "ROMEO:",
+    max_new_tokens: int = 60,
+) -> str:
+    """Train a tokenizer and a DeepSeek-V3 from scratch on a text corpus, save both, reload them and sample.
+
+    Args:
+        steps: optimizer steps (>= 1).
+        out: folder for the model, tokenizer and generation config; created if missing.
+        preset: name of a trainable configuration preset (`DEMO_PRESETS`).
+        corpus: UTF-8 text file; None uses the packaged ~1 MB Shakespeare excerpt.
+        seed: seeds weights, data order and sampling.
+        prompt: text the sample continues.
+        max_new_tokens: length of the sample in tokens (>= 1).
+
+    Returns:
+        The generated text, prompt included.
+
+    Raises:
+        DemoArgumentError (a ValueError): on a bad argument, a missing or empty corpus, a preset not in
+            `DEMO_PRESETS`, or a corpus too short for two blocks.
+    """
+    if steps < 1:
+        raise DemoArgumentError(f"steps must be >= 1, got {steps}")
+    if max_new_tokens < 1:
+        raise DemoArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if preset not in DEMO_PRESETS:
+        raise DemoArgumentError(f"preset: {preset!r} is not one of the demo presets {', '.join(DEMO_PRESETS)}")
+    if not prompt:
+        raise DemoArgumentError("prompt must be non-empty")
+    text = _read_corpus(corpus)
+    out = Path(out)
+
+    target_vocab = load_preset(preset).vocab_size
+    print(f"[demo] corpus: {len(text.encode('utf-8')):,} bytes; training byte-level BPE (target vocab {target_vocab})")
+    tokenizer = train_tokenizer(text, target_vocab)
+    special_id = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
+    config = load_preset(
+        preset,
+        vocab_size=len(tokenizer),
+        bos_token_id=special_id,
+        eos_token_id=special_id,
+        pad_token_id=special_id,
+    )
+    ids = tokenizer.backend_tokenizer.encode(text).ids
+    train_ds, eval_ds, block_size = make_datasets(ids, min(BLOCK_SIZE, config.max_position_embeddings))
+    print(
+        f"[demo] tokenizer: vocab {len(tokenizer)}; {len(ids):,} tokens -> {len(train_ds)} train / {len(eval_ds)} "
+        f"eval blocks of {block_size}"
+    )
+
+    set_seed(seed)  # weights depend on the seed only, not on what ran before
+    model = DeepseekV3ForCausalLM(config)
+    model.config.use_cache = False  # a cache is useless in training and costs memory every forward
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[demo] model: preset {preset!r}, {n_params / 1e6:.2f} M parameters; training {steps} steps")
+
+    use_cpu = not torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH_SIZE,
+        per_device_eval_batch_size=BATCH_SIZE,
+        learning_rate=1e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,  # a float below 1 is a fraction of max_steps
+        weight_decay=0.1,
+        logging_steps=max(1, steps // 10),
+        report_to="none",
+        use_cpu=use_cpu,
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        seed=seed,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=default_data_collator
+    )
+    trainer.train()
+
+    eval_loss = trainer.evaluate()["eval_loss"]
+    print(f"[demo] eval loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 50.0)):.2f}")
+
+    model.config.use_cache = True
+    model.generation_config = GenerationConfig(
+        bos_token_id=special_id, eos_token_id=special_id, pad_token_id=special_id
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"[demo] saved model and tokenizer to {out}")
+
+    # Reload from disk, as a user would: this exercises the Auto registration and the saved tokenizer.
+    generator = pipeline("text-generation", model=str(out), tokenizer=str(out), device="cpu" if use_cpu else 0)
+    set_seed(seed)
+    sample = generator(prompt, do_sample=True, top_k=50, temperature=0.8, max_new_tokens=max_new_tokens)
+    generated = sample[0]["generated_text"]
+    print(f"[demo] sample ({max_new_tokens} new tokens max):\n{generated}")
+    return generated

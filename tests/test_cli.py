@@ -1,0 +1,111 @@
+"""The `deepseek-v3` command line: argument errors, and the `demo` subcommand end to end on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from modeling_deepseek_v3.cli import main
+from modeling_deepseek_v3.demo import run_demo
+
+# Enough text for BPE to learn a few hundred merges and for two blocks of 256 tokens.
+SMALL_CORPUS = """\
+ROMEO:
+But, soft! what light through yonder window breaks?
+It is the east, and Juliet is the sun.
+
+JULIET:
+O Romeo, Romeo! wherefore art thou Romeo?
+Deny thy father and refuse thy name;
+Or, if thou wilt not, be but sworn my love,
+And I'll no longer be a Capulet.
+
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--preset", "no-such-preset"],
+        ["demo", "--steps", "0"],
+        ["demo", "--steps", "ten"],
+        ["demo", "--max-new-tokens", "0"],
+        ["no-such-command"],
+        [],
+    ],
+    ids=["unknown-preset", "steps-0", "steps-not-int", "max-new-tokens-0", "unknown-command", "no-command"],
+)
+def test_bad_arguments_exit_cleanly(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "usage: deepseek-v3" in capsys.readouterr().err
+
+
+def test_missing_corpus_exits_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "missing.txt" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"steps": 0}, "steps"),
+        ({"preset": "no-such-preset"}, "preset"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompt": ""}, "prompt"),
+    ],
+    ids=["steps-0", "unknown-preset", "max-new-tokens-0", "empty-prompt"],
+)
+def test_run_demo_rejects_bad_arguments(kwargs: dict, match: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=match):
+        run_demo(out=tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()  # validation happens before any work
+
+
+def test_run_demo_rejects_empty_or_missing_corpus(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty"):
+        run_demo(corpus=empty, out=tmp_path / "out")
+    with pytest.raises(ValueError, match="not an existing file"):
+        run_demo(corpus=tmp_path / "missing.txt", out=tmp_path / "out")
+
+
+def test_run_demo_rejects_the_full_size_preset(tmp_path: Path) -> None:
+    # 671B parameters cannot be trained in the demo; it must fail before allocating anything.
+    with pytest.raises(ValueError, match="not one of the demo presets"):
+        run_demo(preset="deepseek-v3-671b", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    # exactly the issue's command, default preset `small` and the packaged corpus (~20 s on two CPU cores)
+    assert main(["demo", "--steps", "20", "--out", str(out), "--max-new-tokens", "20"]) == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3"
+    assert config["vocab_size"] == len(AutoTokenizer.from_pretrained(out))  # embedding rows == tokenizer size
+    printed = capsys.readouterr().out
+    assert "eval loss" in printed
+    assert "\nROMEO:" in printed  # the sample is printed, and it continues the default prompt
+
+
+@pytest.mark.slow
+def test_demo_custom_corpus(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SMALL_CORPUS * 16, encoding="utf-8")  # ~4 KB
+    assert 3_000 < corpus.stat().st_size < 8_000
+    out = tmp_path / "demo"
+    text = run_demo(steps=3, out=out, preset="tiny", corpus=corpus, prompt="JULIET:", max_new_tokens=10)
+    assert isinstance(text, str) and text.startswith("JULIET:")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
