@@ -154,6 +154,11 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         key = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)  # [b, t, h, n+r]
         query = torch.cat((q_nope, q_pe), dim=-1)  # [b, s, h, n+r]
+        pad = self.qk_head_dim - self.v_head_dim
+        if self.config._attn_implementation == "sdpa" and pad > 0:
+            # sdpa's fused kernels need equal q/k/v head dims (otherwise its slow math path runs): zero columns of V
+            # give zero output columns, cut off below
+            value = F.pad(value, (0, pad))
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         out, _ = attention(
             self,
@@ -165,7 +170,7 @@ class MultiHeadLatentAttention(nn.Module):
             dropout=self.config.attention_dropout if self.training else 0.0,
             **kwargs,
         )
-        return out  # [b, s, h, v]
+        return out[..., : self.v_head_dim]  # [b, s, h, v]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, attention_mask) -> torch.Tensor:
         b, s, h, _ = q_nope.shape
