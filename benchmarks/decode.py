@@ -10,6 +10,7 @@ the same greedy loop: prefill a random context, then decode one token per forwar
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -21,6 +22,11 @@ from transformers.cache_utils import DynamicCache
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, load_preset
 
 
+def sync(tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
 def new_cache(model):
     return MLACache(model.config) if isinstance(model, DeepseekV3ForCausalLM) else DynamicCache(config=model.config)
 
@@ -30,17 +36,21 @@ def decode_tokens_per_s(model, context: torch.Tensor, steps: int) -> float:
     cache = new_cache(model)
     logits = model(context, cache=cache, use_cache=True, logits_to_keep=1).logits
     token = logits[:, -1:].argmax(-1)
+    sync(token)
     start = time.perf_counter()
     for _ in range(steps):
         logits = model(token, cache=cache, use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1:].argmax(-1)
+    sync(token)
     return steps * context.shape[0] / (time.perf_counter() - start)
 
 
 @torch.inference_mode()
 def prefill_tokens_per_s(model, context: torch.Tensor) -> float:
+    sync(context)
     start = time.perf_counter()
     model(context, cache=new_cache(model), use_cache=True, logits_to_keep=1)
+    sync(context)
     return context.numel() / (time.perf_counter() - start)
 
 
@@ -63,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
 
@@ -96,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     per_token_builtin = sum(k.nbytes + v.nbytes for k, v, _ in cache_builtin) // warm.numel()
     per_token_ours = cache_ours.nbytes() // warm.numel()
 
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": [{"measure": n, "ours": a, "builtin": b} for n, a, b in rows],
+                       "cache_bytes_per_token": {"ours": per_token_ours, "builtin": per_token_builtin}}, f, indent=1)
     print(f"\n{'measure':<34}{'ours':>14}{'built-in':>14}{'ours/built-in':>16}")
     for name, a, b in rows:
         print(f"{name:<34}{a:>14.1f}{b:>14.1f}{a / b:>15.2f}x")

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from modeling_deepseek_v3.kernels import grouped_mm, grouped_mm_ref
 
+from modeling_deepseek_v3.kernels import grouped_mm, grouped_mm_ref
 from modeling_deepseek_v3.moe import MoE
 
 from .utils import tiny_config

@@ -1,0 +1,96 @@
+"""GPU check of the model: CUDA results equal the CPU reference, then decode/prefill timings vs the built-in class.
+
+Run by `benchmarks/gpu_check.sh` on a machine with an NVIDIA GPU. Prints a table and writes `gpu_check.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, load_preset
+from modeling_deepseek_v3.kernels import grouped_mm, grouped_mm_ref
+
+sys.path.insert(0, os.path.dirname(__file__))
+import decode  # noqa: E402  (the CPU benchmark, reused with --device cuda)
+
+torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 comparisons
+torch.backends.cudnn.allow_tf32 = False
+results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": {}}
+
+
+def check(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    err = (got.float().cpu() - ref.float().cpu()).abs().max().item()
+    results["checks"][name] = {"max_abs_err": err, "tol": tol, "ok": err <= tol}
+    print(f"{'ok ' if err <= tol else 'BAD'} {name}: max abs err {err:.3e} (tol {tol:g})", flush=True)
+
+
+def random_model(**overrides) -> DeepseekV3ForCausalLM:
+    model = DeepseekV3ForCausalLM(load_preset("tiny", **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
+    return model
+
+
+@torch.inference_mode()
+def correctness() -> None:
+    torch.manual_seed(0)
+    cpu = random_model()
+    gpu = random_model().cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    ids = torch.randint(3, cpu.config.vocab_size, (3, 40))
+    check("logits cuda fp32 vs cpu", gpu(ids.cuda()).logits, cpu(ids).logits, 1e-4)
+    tokens_cpu = cpu.generate(ids[:, :8], max_new_tokens=32, do_sample=False)
+    tokens_gpu = gpu.generate(ids[:, :8].cuda(), max_new_tokens=32, do_sample=False)
+    ok = torch.equal(tokens_cpu, tokens_gpu.cpu())
+    results["checks"]["greedy 32 tokens cuda == cpu"] = {"ok": ok}
+    print(f"{'ok ' if ok else 'BAD'} greedy 32 tokens cuda == cpu", flush=True)
+    for path in ("expanded", "absorbed"):
+        gpu.config.mla_attention_path = path
+        cache = MLACache(gpu.config)
+        gpu(ids[:, :-2].cuda(), cache=cache, use_cache=True)
+        out = gpu(ids[:, -2:].cuda(), cache=cache, use_cache=True).logits
+        if path == "expanded":
+            expanded = out
+    check("absorbed vs expanded (cuda fp32)", out, expanded, 1e-4)
+    gpu.config.mla_attention_path = "auto"
+    bf16 = gpu.to(torch.bfloat16)
+    bf16_tokens = bf16.generate(ids[:, :8].cuda(), max_new_tokens=16, do_sample=False)
+    results["checks"]["bf16 generate runs"] = {"ok": bf16_tokens.shape == (3, 24)}
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 0.5)):
+        counts = torch.tensor([70, 0, 129, 1, 300, 12, 0, 64])
+        x = torch.randn(int(counts.sum()), 256, device="cuda", dtype=dtype)
+        w = torch.randn(8, 512, 256, device="cuda", dtype=dtype).transpose(1, 2)
+        offsets = counts.cumsum(0).to(torch.int32).cuda()
+        check(f"grouped_mm {dtype} vs reference", grouped_mm(x, w, offsets), grouped_mm_ref(x, w, offsets), tol)
+
+
+def main() -> None:
+    out_dir = os.environ.get("OUT", ".")
+    correctness()
+    timings = {}
+    for batch in (1, 16):
+        path = os.path.join(out_dir, f"decode_b{batch}.json")
+        print(f"\n== decode benchmark, preset bench, bf16, batch {batch}", flush=True)
+        decode.main(["--dtype", "bfloat16", "--device", "cuda", "--batch", str(batch), "--contexts", "256", "1024",
+                     "4096", "--steps", "64", "--repeats", "3", "--json", path])
+        with open(path) as f:
+            timings[f"batch{batch}"] = json.load(f)
+    results["timings"] = timings
+    with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    bad = [name for name, c in results["checks"].items() if not c["ok"]]
+    print("\nall correctness checks passed" if not bad else f"\nFAILED checks: {bad}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
