@@ -62,6 +62,19 @@ def correctness() -> None:
             expanded = out
     check("absorbed vs expanded (cuda fp32)", out, expanded, 1e-4)
     gpu.config.mla_attention_path = "auto"
+    # a decode step must not read anything back to the host (that would stall the GPU queue every token)
+    cache = MLACache(gpu.config)
+    token = gpu(ids.cuda(), cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu(token, cache=cache, use_cache=True)
+        sync_free, detail = True, ""
+    except RuntimeError as e:
+        sync_free, detail = False, str(e).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    results["checks"]["decode step has no host sync"] = {"ok": sync_free, "detail": detail}
+    print(f"{'ok ' if sync_free else 'BAD'} decode step has no host sync {detail}", flush=True)
     bf16 = gpu.to(torch.bfloat16)
     bf16_tokens = bf16.generate(ids[:, :8].cuda(), max_new_tokens=16, do_sample=False)
     results["checks"]["bf16 generate runs"] = {"ok": bf16_tokens.shape == (3, 24)}

@@ -148,8 +148,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             cache: an `MLACache` / static latent cache; created when `use_cache` and none is given.
 
         Raises:
-            ValueError: on ids outside the vocabulary, empty inputs, a mask of the wrong shape, or more tokens than
-                a static cache holds.
+            ValueError: on ids outside the vocabulary (on an accelerator: checked for prompts, not for one-token
+                decode steps), empty inputs, a mask of the wrong shape, or more tokens than a static cache holds.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -192,7 +192,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
             raise ValueError(f"inputs must be [batch, seq] with batch, seq >= 1, got shape {tuple(shape)}")
-        if input_ids is not None:
+        # Reading the ids back stalls an accelerator's queue, so on GPU one-token decode steps (ids the model itself
+        # produced) are not checked; prompts always are, and everything on CPU.
+        if input_ids is not None and (input_ids.device.type == "cpu" or input_ids.shape[1] > 1):
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high

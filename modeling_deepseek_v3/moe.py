@@ -81,7 +81,9 @@ class RoutedExperts(nn.Module):
         flat = indices.flatten()  # [T·K]
         order = flat.argsort(stable=True)
         token = order // k  # the token of each sorted (token, slot) pair
-        offsets = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # [E]
+        # tokens per expert by index_add, not bincount, which reads the ids back to the host on GPU
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=flat.device)
+        offsets = counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
         xs = x[token]  # [T·K, H], grouped by expert
         hidden = F.silu(grouped_mm(xs, self.gate_proj.transpose(1, 2), offsets))
         hidden = hidden * grouped_mm(xs, self.up_proj.transpose(1, 2), offsets)  # [T·K, I]
