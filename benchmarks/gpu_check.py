@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 import torch
 
@@ -69,8 +70,9 @@ def correctness() -> None:
     try:
         gpu(token, cache=cache, use_cache=True)
         sync_free, detail = True, ""
-    except RuntimeError as e:
-        sync_free, detail = False, str(e).splitlines()[0]
+    except RuntimeError:
+        frames = traceback.extract_tb(sys.exc_info()[2])
+        sync_free, detail = False, " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno} {f.line}" for f in frames[-4:])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     results["checks"]["decode step has no host sync"] = {"ok": sync_free, "detail": detail}
