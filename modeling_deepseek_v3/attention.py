@@ -155,9 +155,9 @@ class MultiHeadLatentAttention(nn.Module):
         key = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)  # [b, t, h, n+r]
         query = torch.cat((q_nope, q_pe), dim=-1)  # [b, s, h, n+r]
         pad = self.qk_head_dim - self.v_head_dim
-        if self.config._attn_implementation == "sdpa" and pad > 0:
-            # sdpa's fused kernels need equal q/k/v head dims (otherwise its slow math path runs): zero columns of V
-            # give zero output columns, cut off below
+        if self.config._attn_implementation == "sdpa" and pad > 0 and value.device.type == "cpu":
+            # sdpa's fused CPU kernel needs equal q/k/v head dims (else its slow math path runs; CUDA's memory-efficient
+            # kernel takes unequal ones): zero columns of V give zero output columns, cut off below
             value = F.pad(value, (0, pad))
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         out, _ = attention(
