@@ -1,9 +1,85 @@
-"""Compute kernels of modeling_deepseek_v3: each op has a torch reference (`*_ref`) with the same signature.
-
-Kernels know nothing of models or configs: they are functions of tensors.
+"""Compute kernels of modeling_deepseek_v3: each op has a torch reference (`*_ref`, the oracle and the CPU path) and,
+where it pays, a Triton kernel (`*_triton`, the CUDA path). The public ops below dispatch by device: Triton for CUDA
+tensors, the reference otherwise. Kernels know nothing of models or configs: they are functions of tensors.
 """
 
-from .grouped_gemm import grouped_mm
-from .reference import grouped_mm_ref
+from __future__ import annotations
 
-__all__ = ["grouped_mm", "grouped_mm_ref"]
+import torch
+
+from .grouped_gemm import grouped_mm
+from .reference import (
+    FP8_BLOCK,
+    FP8_E4M3_MAX,
+    act_quant_colwise_ref,
+    act_quant_ref,
+    fp8_gemm_ref,
+    grouped_mm_ref,
+    weight_dequant_ref,
+    weight_quant_ref,
+)
+
+
+def act_quant(x: torch.Tensor, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 1×128 activation tiles along the last dim: `(q [..., K] e4m3, s [..., ceil(K/128)] fp32)`."""
+    if x.is_cuda:
+        from .fp8_quant import act_quant_triton
+
+        return act_quant_triton(x, scale_fmt)
+    return act_quant_ref(x, scale_fmt=scale_fmt)
+
+
+def act_quant_colwise(x: torch.Tensor, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 128×1 tiles of `x` `[M, K]` (for weight gradients): `(q [M, K] e4m3, s [ceil(M/128), K] fp32)`."""
+    if x.is_cuda:
+        from .fp8_quant import act_quant_colwise_triton
+
+        return act_quant_colwise_triton(x, scale_fmt)
+    return act_quant_colwise_ref(x, scale_fmt=scale_fmt)
+
+
+def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 128×128 weight blocks: `(q [N, K] e4m3, s [ceil(N/128), ceil(K/128)] fp32)`."""
+    if w.is_cuda:
+        from .fp8_quant import weight_quant_triton
+
+        return weight_quant_triton(w)
+    return weight_quant_ref(w)
+
+
+def weight_dequant(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`q · s` per 128×128 block, in `dtype`."""
+    if q.is_cuda:
+        from .fp8_quant import weight_dequant_triton
+
+        return weight_dequant_triton(q, s, dtype)
+    return weight_dequant_ref(q, s, dtype=dtype)
+
+
+def fp8_gemm(
+    a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Block-scaled FP8 GEMM `A·B^T` with fp32 accumulation per 128-wide K block (see `fp8_gemm_ref`)."""
+    if a.is_cuda:
+        from .fp8_gemm import fp8_gemm_triton
+
+        return fp8_gemm_triton(a, a_s, b, b_s, out_dtype)
+    return fp8_gemm_ref(a, a_s, b, b_s, out_dtype=out_dtype)
+
+
+__all__ = [
+    "FP8_BLOCK",
+    "FP8_E4M3_MAX",
+    "act_quant",
+    "act_quant_colwise",
+    "act_quant_colwise_ref",
+    "act_quant_ref",
+    "fp8_gemm",
+    "fp8_gemm_ref",
+    "grouped_mm",
+    "grouped_mm_ref",
+    "weight_dequant",
+    "weight_dequant_ref",
+    "weight_quant",
+    "weight_quant_ref",
+]

@@ -25,3 +25,112 @@ def grouped_mm_ref(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
         out[start:end] = (x[start:end].float() @ w[e].float()).to(x.dtype)
         start = end
     return out
+
+
+# ---- FP8 (E4M3) block quantisation, DESIGN.md §6 --------------------------------------------------------------------
+# Dimension letters: M rows (tokens), N output features, K contraction; B = 128, the block size.
+
+FP8_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+FP8_BLOCK = 128
+SCALE_EPS = 1e-4  # amax floor: an all-zero tile gets a finite scale
+
+
+def fp8_scale_ref(amax: torch.Tensor, scale_fmt: str | None = None) -> torch.Tensor:
+    """The dequantisation scale of a tile: `max(amax, 1e-4) / 448`, rounded up to a power of two for `ue8m0`."""
+    scale = amax.float().clamp(min=SCALE_EPS) / FP8_E4M3_MAX
+    if scale_fmt == "ue8m0":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    return scale
+
+
+def act_quant_ref(x: torch.Tensor, scale_fmt: str | None = None, block: int = FP8_BLOCK):
+    """Quantise `x` `[..., K]` in 1×`block` tiles along its last dim.
+
+    Returns:
+        `(q [..., K] float8_e4m3fn, s [..., ceil(K/block)] fp32)` with `x ≈ q · s` per tile.
+    """
+    k = x.shape[-1]
+    kb = -(-k // block)
+    padded = torch.nn.functional.pad(x.float(), (0, kb * block - k)).unflatten(-1, (kb, block))  # [..., kb, B]
+    scale = fp8_scale_ref(padded.abs().amax(dim=-1), scale_fmt)  # [..., kb]
+    q = (padded / scale[..., None]).flatten(-2)[..., :k].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def act_quant_colwise_ref(x: torch.Tensor, scale_fmt: str | None = None, block: int = FP8_BLOCK):
+    """Quantise `x` `[M, K]` in `block`×1 tiles (128 rows of one column), as the weight gradient needs.
+
+    Returns:
+        `(q [M, K] float8_e4m3fn, s [ceil(M/block), K] fp32)`.
+    """
+    q_t, s_t = act_quant_ref(x.t(), scale_fmt, block)  # tiles along M of x are tiles along the last dim of x^T
+    return q_t.t().contiguous(), s_t.t().contiguous()
+
+
+def weight_quant_ref(w: torch.Tensor, block: int = FP8_BLOCK):
+    """Quantise `w` `[N, K]` in `block`×`block` tiles (the last row / column block may be partial).
+
+    Returns:
+        `(q [N, K] float8_e4m3fn, s [ceil(N/block), ceil(K/block)] fp32)`, the checkpoint's `weight_scale_inv`.
+    """
+    n, k = w.shape
+    nb, kb = -(-n // block), -(-k // block)
+    padded = torch.nn.functional.pad(w.float(), (0, kb * block - k, 0, nb * block - n))
+    tiles = padded.view(nb, block, kb, block)
+    scale = fp8_scale_ref(tiles.abs().amax(dim=(1, 3)))  # [nb, kb]
+    q = (tiles / scale[:, None, :, None]).view(nb * block, kb * block)[:n, :k].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def weight_dequant_ref(q: torch.Tensor, s: torch.Tensor, dtype=torch.bfloat16, block: int = FP8_BLOCK) -> torch.Tensor:
+    """`w = q · s[n // block, k // block]`, in `dtype`; partial edge blocks use their block's scale."""
+    n, k = q.shape
+    scale = s.repeat_interleave(block, dim=0)[:n].repeat_interleave(block, dim=1)[:, :k]
+    return (q.float() * scale).to(dtype)
+
+
+def fp8_gemm_ref(
+    a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype=torch.bfloat16,
+    block: int = FP8_BLOCK,
+) -> torch.Tensor:
+    """Block-scaled FP8 GEMM `C = Σ_kb (A[:, kb] · B[:, kb]^T) · a_s[:, kb] · b_s[·, kb]`, fp32 accumulation.
+
+    Args:
+        a: `[M, K]` fp8; a_s: `[M, ceil(K/block)]` (1×block tiles).
+        b: `[N, K]` fp8; b_s: `[ceil(N/block), ceil(K/block)]` (block×block tiles) or `[N, ceil(K/block)]` (1×block
+            tiles, as in the weight gradient).
+
+    Returns:
+        `[M, N]` in `out_dtype`.
+    """
+    check_fp8_gemm_args(a, a_s, b, b_s, out_dtype)
+    m, k = a.shape
+    n = b.shape[0]
+    per_row = b_s.shape[0] == n  # (for n == 1 the two layouts coincide)
+    out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+    for kb in range(-(-k // block)):
+        cols = slice(kb * block, min((kb + 1) * block, k))
+        partial = a[:, cols].float() @ b[:, cols].float().t()  # exact products, fp32 sums within the block
+        col_scale = b_s[:, kb] if per_row else b_s[:, kb].repeat_interleave(block)[:n]
+        out += partial * a_s[:, kb, None] * col_scale[None, :]
+    return out.to(out_dtype)
+
+
+def check_fp8_gemm_args(a, a_s, b, b_s, out_dtype) -> None:
+    """Shared argument checks of the FP8 GEMM (reference and Triton)."""
+    if a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"fp8_gemm: a and b must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"fp8_gemm: expected a [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
+    m, k = a.shape
+    n = b.shape[0]
+    kb = -(-k // FP8_BLOCK)
+    if tuple(a_s.shape) != (m, kb):
+        raise ValueError(f"fp8_gemm: a_s must have shape {(m, kb)}, got {tuple(a_s.shape)}")
+    if b_s.dim() != 2 or b_s.shape[1] != kb or b_s.shape[0] not in (n, -(-n // FP8_BLOCK)):
+        raise ValueError(f"fp8_gemm: b_s must have shape {(-(-n // FP8_BLOCK), kb)} (128x128 blocks) or {(n, kb)} "
+                         f"(per-row tiles), got {tuple(b_s.shape)}")
+    if a_s.dtype != torch.float32 or b_s.dtype != torch.float32:
+        raise ValueError(f"fp8_gemm: scales must be fp32, got {a_s.dtype} and {b_s.dtype}")
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"fp8_gemm: out_dtype must be bfloat16 or float32, got {out_dtype}")
