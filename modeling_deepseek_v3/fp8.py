@@ -1,0 +1,132 @@
+"""FP8 linear layers: `FP8Linear` serves official FP8 checkpoints, `FP8TrainingLinear` trains with the report's
+block-scaled FP8 recipe.
+
+* `FP8Linear` holds the checkpoint's e4m3 `weight` `[N, K]` and fp32 `weight_scale_inv` `[ceil(N/B), ceil(K/B)]`.
+  On CUDA it quantises activations in 1×128 tiles and runs the FP8 GEMM (DeepSeek's inference recipe); elsewhere it
+  computes `x · (q·s)ᵀ` exactly in the input dtype from the stored FP8 weights.
+* `FP8TrainingLinear` keeps a bf16/fp32 master weight and quantises it every step: Fprop `Y = X·Wᵀ` (X in 1×128
+  tiles, W in 128×128 blocks), Dgrad `dX = dY·W` (dY in 1×128 tiles along N), Wgrad `dW = dYᵀ·X` (dY and X in 128×1
+  tiles along the tokens), all through the block-scaled FP8 GEMM; the master weight's gradient is accumulated in fp32.
+Dimension letters: M tokens, N out features, K in features, B = 128.
+References: DeepSeek-V3 report §3.3 (FP8 training, Fig. 6-7); DeepSeek-V3 `inference/model.py` (`Linear`,
+`linear`); DESIGN.md §6.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import FP8_BLOCK, act_quant, act_quant_colwise, fp8_gemm, weight_dequant, weight_quant
+
+
+class FP8Linear(nn.Module):
+    """A linear layer over an FP8 (e4m3) weight with 128×128 block scales, as stored in official checkpoints.
+
+    Args:
+        in_features, out_features: K and N.
+        bias: whether to add a bias (kept in the compute dtype).
+        block_size: the `weight_block_size` of the checkpoint's `quantization_config`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 block_size: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)) -> None:
+        super().__init__()
+        if len(block_size) != 2 or any(b <= 0 for b in block_size):
+            raise ValueError(f"FP8Linear: block_size must be two positive integers, got {block_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.block_size = tuple(block_size)
+        rows, cols = math.ceil(out_features / block_size[0]), math.ceil(in_features / block_size[1])
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
+                                   requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(torch.empty(rows, cols, dtype=torch.float32), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> FP8Linear:
+        """Quantise an `nn.Linear`'s weight into 128×128 FP8 blocks."""
+        fp8 = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        q, s = weight_quant(linear.weight.detach())
+        fp8.weight.data, fp8.weight_scale_inv.data = q, s
+        if linear.bias is not None:
+            fp8.bias.data = linear.bias.detach().clone()
+        return fp8
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The weight `q · s` per block, `[N, K]` in `dtype`."""
+        if self.block_size != (FP8_BLOCK, FP8_BLOCK):
+            return _dequant_blocks(self.weight, self.weight_scale_inv, self.block_size, dtype)
+        return weight_dequant(self.weight, self.weight_scale_inv, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` `[..., K]` (bf16/fp32) -> `[..., N]` in the dtype of `x`."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"FP8Linear: expected {self.in_features} input features, got {x.shape[-1]}")
+        if x.is_cuda:
+            if self.block_size != (FP8_BLOCK, FP8_BLOCK):
+                raise ValueError(f"FP8Linear: the CUDA FP8 GEMM needs 128x128 weight blocks, got {self.block_size}")
+            q, s = act_quant(x.reshape(-1, self.in_features))
+            y = fp8_gemm(q, s, self.weight, self.weight_scale_inv, out_dtype=x.dtype)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"block_size={self.block_size}")
+
+
+def _dequant_blocks(q: torch.Tensor, s: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    n, k = q.shape
+    scale = s.repeat_interleave(block[0], dim=0)[:n].repeat_interleave(block[1], dim=1)[:, :k]
+    return (q.float() * scale).to(dtype)
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    """`Y = X·Wᵀ` with all three GEMMs of the step in block-scaled FP8 (DESIGN §6)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+        x_q, x_s = act_quant(x2)
+        w_q, w_s = weight_quant(weight)
+        y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)  # Fprop
+        ctx.save_for_backward(x2, w_q, w_s)
+        ctx.x_shape, ctx.weight_dtype = x.shape, weight.dtype
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, w_q, w_s = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()  # [M, N]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dy_q, dy_s = act_quant(dy2)  # 1×128 along N, the contraction dim of dX = dY·W
+            # Wᵀ's 128×128 blocks are W's blocks transposed: transposing payload and scales is exact
+            dx = fp8_gemm(dy_q, dy_s, w_q.t().contiguous(), w_s.t().contiguous(), out_dtype=dy.dtype)
+            dx = dx.view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dy_q, dy_s = act_quant_colwise(dy2)  # 128×1 along M, the contraction dim of dW = dYᵀ·X
+            x_q, x_s = act_quant_colwise(x2)
+            dw = fp8_gemm(dy_q.t().contiguous(), dy_s.t().contiguous(), x_q.t().contiguous(), x_s.t().contiguous(),
+                          out_dtype=torch.float32)  # [N, K]
+            dw = dw.to(ctx.weight_dtype)
+        return dx, dw
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Differentiable `x·weightᵀ` in FP8 (Fprop, Dgrad and Wgrad); `weight` is the bf16/fp32 master weight."""
+    return _FP8LinearFunction.apply(x, weight)
+
+
+class FP8TrainingLinear(nn.Linear):
+    """`nn.Linear` whose forward and backward GEMMs run in FP8 from the master `weight` (same parameter names, so
+    checkpoints and optimizers see an ordinary linear layer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_linear(x, self.weight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)

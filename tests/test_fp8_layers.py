@@ -1,0 +1,80 @@
+"""FP8 linear layers: the inference layer computes exactly from its FP8 weights on CPU; the training layer's
+forward and gradients stay within the FP8 error of fp32 autograd."""
+
+import pytest
+import torch
+from torch import nn
+
+from modeling_deepseek_v3.fp8 import FP8Linear, FP8TrainingLinear, fp8_linear
+from modeling_deepseek_v3.kernels import weight_dequant_ref, weight_quant_ref
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("in_features, out_features", [(256, 576), (320, 100)], ids=str)
+def test_fp8_linear_is_exact_on_cpu(in_features, out_features):
+    linear = nn.Linear(in_features, out_features, bias=True)
+    fp8 = FP8Linear.from_linear(linear)
+    assert fp8.weight.dtype == torch.float8_e4m3fn
+    assert fp8.weight_scale_inv.shape == (-(-out_features // 128), -(-in_features // 128))
+    q, s = weight_quant_ref(linear.weight.detach())
+    assert torch.equal(fp8.weight.view(torch.uint8), q.view(torch.uint8)) and torch.equal(fp8.weight_scale_inv, s)
+    x = torch.randn(3, 5, in_features)
+    w = weight_dequant_ref(q, s, torch.float32)
+    torch.testing.assert_close(fp8(x), x @ w.t() + linear.bias.detach(), rtol=0, atol=1e-6)
+    assert fp8.dequantize().dtype == torch.bfloat16
+    # the FP8 weight is close to the original: within e4m3's half step (2^-4) of the block maximum
+    assert rel_err(w, linear.weight.detach()) < 0.04
+
+
+def test_fp8_linear_rejects_wrong_input_and_blocks():
+    fp8 = FP8Linear(256, 128)
+    with pytest.raises(ValueError, match="expected 256 input features"):
+        fp8(torch.randn(2, 100))
+    with pytest.raises(ValueError, match="block_size"):
+        FP8Linear(256, 128, block_size=(128, 0))
+
+
+def test_fp8_linear_supports_other_block_sizes_on_cpu():
+    fp8 = FP8Linear(96, 80, block_size=(64, 32))
+    assert fp8.weight_scale_inv.shape == (2, 3)
+    fp8.weight.data = torch.randn(80, 96).to(torch.float8_e4m3fn)
+    fp8.weight_scale_inv.data = torch.rand(2, 3) + 0.5
+    scale = fp8.weight_scale_inv.repeat_interleave(64, 0)[:80].repeat_interleave(32, 1)[:, :96]
+    x = torch.randn(4, 96)
+    torch.testing.assert_close(fp8(x), x @ (fp8.weight.float() * scale).t())
+
+
+@pytest.mark.parametrize("m", [1, 130, 256], ids=lambda m: f"M{m}")
+def test_fp8_training_linear_matches_fp32_autograd(m):
+    """Tolerance: each FP8 GEMM has ~3.7% relative Frobenius error (measured, see tests/kernels); we allow 8%."""
+    w = (torch.randn(192, 320) * 0.05).requires_grad_()
+    x = torch.randn(m, 320, requires_grad=True)
+    dy = torch.randn(m, 192)
+    y = fp8_linear(x, w)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    w_ref = w.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = x_ref @ w_ref.t()
+    dx_ref, dw_ref = torch.autograd.grad(y_ref, (x_ref, w_ref), dy)
+    assert dw.dtype == torch.float32
+    for name, got, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dw", dw, dw_ref)):
+        assert rel_err(got, ref) < 0.08, name
+
+
+def test_fp8_training_linear_module_trains():
+    torch.manual_seed(0)
+    layer = FP8TrainingLinear(128, 64)
+    target = nn.Linear(128, 64)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(256, 128)
+    first = None
+    for _ in range(60):
+        loss = (layer(x) - target(x).detach()).square().mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
