@@ -1,6 +1,9 @@
 """Compute kernels of modeling_deepseek_v3: each op has a torch reference (`*_ref`, the oracle and the CPU path) and,
 where it pays, a Triton kernel (`*_triton`, the CUDA path). The public ops below dispatch by device: Triton for CUDA
 tensors, the reference otherwise. Kernels know nothing of models or configs: they are functions of tensors.
+
+Submodule names differ from the op names on purpose: importing `kernels.x` binds `x` on this package, which would
+replace a function of the same name.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def fp8_gemm(
 ) -> torch.Tensor:
     """Block-scaled FP8 GEMM `A·B^T` with fp32 accumulation per 128-wide K block (see `fp8_gemm_ref`)."""
     if a.is_cuda:
-        from .fp8_gemm import fp8_gemm_triton
+        from .block_fp8_gemm import fp8_gemm_triton
 
         return fp8_gemm_triton(a, a_s, b, b_s, out_dtype)
     return fp8_gemm_ref(a, a_s, b, b_s, out_dtype=out_dtype)

@@ -23,7 +23,7 @@ from modeling_deepseek_v3.kernels import (
 )
 
 triton = pytest.importorskip("triton")
-from modeling_deepseek_v3.kernels.fp8_gemm import fp8_gemm_triton  # noqa: E402
+from modeling_deepseek_v3.kernels.block_fp8_gemm import fp8_gemm_triton  # noqa: E402
 from modeling_deepseek_v3.kernels.fp8_quant import (  # noqa: E402
     act_quant_colwise_triton,
     act_quant_triton,
