@@ -47,7 +47,7 @@ def accuracy(device: str, shapes) -> list[dict]:
     return rows
 
 
-def gpu_checks() -> dict:
+def gpu_checks(errors: dict) -> dict:
     checks = {}
     torch.manual_seed(0)
     for m, k in ((1, 7168), (333, 2048), (4096, 576)):
@@ -71,11 +71,14 @@ def gpu_checks() -> dict:
     for m, n, k in ((1, 576, 7168), (130, 7168, 2048), (4096, 24576, 1536), (64, 129, 320)):
         a, a_s = act_quant_ref(torch.randn(m, k, device="cuda"))
         b, b_s = weight_quant_ref(torch.randn(n, k, device="cuda") * 0.02)
-        for out_dtype in (torch.float32, torch.bfloat16):
+        # Hopper's FP8 tensor cores accumulate each 128-wide K block with ~14 mantissa bits (report §3.3.2) before
+        # the fp32 promotion, so an fp32 output differs from the exact-product reference by ~1e-4, not 1e-7
+        for out_dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 1e-2)):
             got = fp8_gemm(a, a_s, b, b_s, out_dtype=out_dtype)
             ref = fp8_gemm_ref(a, a_s, b, b_s, out_dtype=out_dtype)
-            checks[f"fp8_gemm M{m} N{n} K{k} {out_dtype}"] = rel(got.float(), ref.float()) < (
-                1e-5 if out_dtype == torch.float32 else 1e-2)
+            err = rel(got.float(), ref.float())
+            errors[f"fp8_gemm M{m} N{n} K{k} {out_dtype}"] = err
+            checks[f"fp8_gemm M{m} N{n} K{k} {out_dtype}"] = err < tol
     # the inference layer on CUDA = activation quantisation + the reference GEMM
     layer = FP8Linear.from_linear(torch.nn.Linear(2048, 576, device="cuda"))
     x = torch.randn(7, 2048, device="cuda", dtype=torch.bfloat16)
@@ -88,8 +91,9 @@ def gpu_checks() -> dict:
     dy = torch.randn(300, 1536, device="cuda")
     dx, dw = torch.autograd.grad(fp8_linear(x, w), (x, w), dy)
     dx_ref, dw_ref = torch.autograd.grad(x @ w.t(), (x, w), dy)
-    checks["fp8 training linear dx within 8%"] = rel(dx, dx_ref) < 0.08
-    checks["fp8 training linear dw within 8%"] = rel(dw, dw_ref) < 0.08
+    errors["fp8 training linear dx"], errors["fp8 training linear dw"] = rel(dx, dx_ref), rel(dw, dw_ref)
+    checks["fp8 training linear dx within 8%"] = errors["fp8 training linear dx"] < 0.08
+    checks["fp8 training linear dw within 8%"] = errors["fp8 training linear dw"] < 0.08
     return checks
 
 
@@ -124,9 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     for r in results["accuracy"]:
         print(f"{r['m']:>6}{r['n']:>7}{r['k']:>7}  {r['fp8_rel_err']:>18.4f}{r['bf16_rel_err']:>21.4f}")
     if cuda:
-        results["checks"] = gpu_checks()
+        results["errors"] = {}
+        results["checks"] = gpu_checks(results["errors"])
         for name, ok in results["checks"].items():
-            print(f"{'ok ' if ok else 'BAD'} {name}")
+            err = results["errors"].get(name)
+            print(f"{'ok ' if ok else 'BAD'} {name}" + (f" (relative error {err:.2e})" if err is not None else ""))
         results["timings"] = gpu_timings()
         print(f"\n{'M':>6}{'N':>7}{'K':>7}{'FP8 TFLOP/s':>13}{'FP8+act quant':>15}{'bf16 TFLOP/s':>14}{'FP8/bf16':>10}")
         for r in results["timings"]:

@@ -2,7 +2,8 @@
 tiles are the same kernel on a transposed view), weights in 128×128 blocks, and block dequantisation.
 
 Numerics equal `reference.py`: scale `max(amax, 1e-4) / 448` in fp32 (optionally rounded up to a power of two,
-`ue8m0`), payload `x / scale` cast to e4m3. Dimension letters: M rows, K columns, B = 128.
+`ue8m0`), payload `x / scale` cast to e4m3. Divisions are IEEE round-to-nearest (`div_rn`): Triton's default `/`
+on the GPU is an approximate division that changes a few payloads. Dimension letters: M rows, K columns, B = 128.
 References: DeepSeek-V3 report §3.3 (fine-grained quantisation); DeepSeek-V3 `inference/kernel.py`
 (`act_quant_kernel`, `weight_dequant_kernel`); DESIGN.md §6-7.
 """
@@ -31,10 +32,10 @@ def act_quant_kernel(
     mask = mask_m[:, None] & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
     x = x.to(tl.float32)  # [BLOCK_M, BLOCK]
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), EPS) / FP8_MAX  # [BLOCK_M]
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), EPS), FP8_MAX)  # [BLOCK_M]
     if UE8M0:
         scale = tl.exp2(tl.ceil(tl.log2(scale)))
-    q = x / scale[:, None]
+    q = tl.math.div_rn(x, scale[:, None])
     tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + offs_m * stride_sm + pid_k * stride_sk, scale, mask=mask_m)
 
@@ -86,8 +87,9 @@ def weight_quant_kernel(
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)  # [B, B]
-    scale = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), EPS) / FP8_MAX
-    tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], (w / scale).to(q_ptr.dtype.element_ty), mask=mask)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), EPS), FP8_MAX)
+    q = tl.math.div_rn(w, scale)
+    tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + pid_n * KB + pid_k, scale)
 
 
