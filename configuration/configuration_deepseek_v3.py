@@ -18,6 +18,24 @@ MLA_PATHS = ("auto", "expanded", "absorbed")
 YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
 
+def _rope_parameters(rope_theta: float, rope_scaling: dict | None) -> dict:
+    """transformers' form: `{"rope_type", "rope_theta", **scaling}` from the official `rope_theta` + `rope_scaling`."""
+    if rope_scaling is not None and not isinstance(rope_scaling, dict):
+        _fail("rope_scaling", rope_scaling, "must be a dict or None")
+    params = {"rope_type": "default", "rope_theta": rope_theta}
+    if rope_scaling:
+        params.update(copy.deepcopy({k: v for k, v in rope_scaling.items() if k not in ("type", "rope_type")}))
+        params["rope_type"] = rope_scaling.get("type", rope_scaling.get("rope_type"))
+    return params
+
+
+def _official_rope_scaling(rope_parameters: dict) -> dict | None:
+    if rope_parameters.get("rope_type", "default") == "default":
+        return None
+    scaling = {k: v for k, v in rope_parameters.items() if k not in ("rope_theta", "rope_type")}
+    return {**scaling, "type": rope_parameters["rope_type"]}
+
+
 def _fail(field: str, value: Any, rule: str) -> None:
     raise ValueError(f"DeepseekV3Config: `{field}` = {value!r} is invalid: {rule}")
 
@@ -95,13 +113,11 @@ class DeepseekV3Config(PreTrainedConfig):
         mla_attention_path: str = "auto",
         **kwargs: Any,
     ) -> None:
-        # transformers >= 5 stores RoPE settings as `rope_parameters`; configs it wrote itself come back that way.
+        # transformers >= 5 writes RoPE settings as `rope_parameters`; configs it saved come back that way.
         rope_parameters = kwargs.pop("rope_parameters", None)
         if rope_parameters is not None and rope_scaling is None:
             rope_theta = rope_parameters.get("rope_theta", rope_theta)
-            if rope_parameters.get("rope_type", "default") != "default":
-                rope_scaling = {k: v for k, v in rope_parameters.items() if k not in ("rope_theta", "rope_type")}
-                rope_scaling["type"] = rope_parameters["rope_type"]
+            rope_scaling = _official_rope_scaling(rope_parameters)
         kwargs.pop("qk_head_dim", None)  # derived, recomputed below
 
         self.vocab_size = vocab_size
@@ -134,8 +150,6 @@ class DeepseekV3Config(PreTrainedConfig):
         self.initializer_range = initializer_range
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
-        self.rope_theta = rope_theta
-        self.rope_scaling_config = copy.deepcopy(rope_scaling)
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
         self.fp8_quantization_config = copy.deepcopy(quantization_config)
@@ -144,8 +158,10 @@ class DeepseekV3Config(PreTrainedConfig):
         self.mtp_loss_weight = mtp_loss_weight
         self.use_routing_bias = use_routing_bias
         self.mla_attention_path = mla_attention_path
-        # transformers' generic RoPE and MTP utilities read `rope_parameters`.
-        self.rope_parameters = self._rope_parameters()
+        # The one source of the RoPE settings, in transformers' `rope_parameters` form (its RoPE and MTP utilities
+        # read it); `rope_theta` and `rope_scaling` are views of it in the official form.
+        self.rope_parameters = _rope_parameters(rope_theta, rope_scaling)
+        self._validate_rope_scaling()  # before transformers' own RoPE standardisation fills in missing YaRN keys
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -155,16 +171,22 @@ class DeepseekV3Config(PreTrainedConfig):
         )
         self.validate_fields()
 
-    def _rope_parameters(self) -> dict:
-        params = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling_config:
-            params.update({k: v for k, v in self.rope_scaling_config.items() if k != "type"})
-            params["rope_type"] = self.rope_scaling_config.get("type", self.rope_scaling_config.get("rope_type"))
-        return params
+    @property
+    def rope_theta(self) -> float:
+        return self.rope_parameters["rope_theta"]
+
+    @rope_theta.setter
+    def rope_theta(self, value: float) -> None:
+        self.rope_parameters = {**self.rope_parameters, "rope_theta": value}
 
     @property
-    def rope_type(self) -> str:
-        return self.rope_parameters.get("rope_type", "default")
+    def rope_scaling(self) -> dict | None:
+        """The official `rope_scaling` dict (`{"type": "yarn", "factor": ...}`), or None without scaling."""
+        return _official_rope_scaling(self.rope_parameters)
+
+    @rope_scaling.setter
+    def rope_scaling(self, value: dict | None) -> None:
+        self.rope_parameters = _rope_parameters(self.rope_theta, value)
 
     def validate_fields(self) -> None:
         """Check every rule of DESIGN §2; raise `ValueError` naming field, value and rule."""
@@ -226,12 +248,10 @@ class DeepseekV3Config(PreTrainedConfig):
         self._validate_quantization()
 
     def _validate_rope_scaling(self) -> None:
-        scaling = self.rope_scaling_config
+        scaling = self.rope_scaling
         if scaling is None:
             return
-        if not isinstance(scaling, dict):
-            _fail("rope_scaling", scaling, "must be a dict or None")
-        kind = scaling.get("type", scaling.get("rope_type"))
+        kind = scaling["type"]
         if kind not in ROPE_TYPES:
             _fail("rope_scaling.type", kind, f"must be one of {ROPE_TYPES}")
         if kind != "yarn":
@@ -269,10 +289,10 @@ class DeepseekV3Config(PreTrainedConfig):
     def to_dict(self) -> dict[str, Any]:
         """Serialise with the official key names (`rope_theta`, `rope_scaling`, `quantization_config`)."""
         out = super().to_dict()
-        for key in ("rope_parameters", "rope_scaling_config", "fp8_quantization_config", "qk_head_dim"):
+        for key in ("rope_parameters", "fp8_quantization_config", "qk_head_dim"):
             out.pop(key, None)
         out["rope_theta"] = self.rope_theta
-        out["rope_scaling"] = copy.deepcopy(self.rope_scaling_config)
+        out["rope_scaling"] = self.rope_scaling
         if self.fp8_quantization_config is not None:
             out["quantization_config"] = copy.deepcopy(self.fp8_quantization_config)
         return out

@@ -22,7 +22,7 @@ def test_apply_rope_matches_complex_rotation():
 
 def test_yarn_softmax_scale():
     cfg = tiny_config()
-    m = 0.1 * cfg.rope_scaling_config["mscale_all_dim"] * math.log(cfg.rope_scaling_config["factor"]) + 1
+    m = 0.1 * cfg.rope_scaling["mscale_all_dim"] * math.log(cfg.rope_scaling["factor"]) + 1
     assert softmax_scale(cfg) == pytest.approx(cfg.qk_head_dim**-0.5 * m * m)
     assert softmax_scale(tiny_config(rope_scaling=None)) == pytest.approx(cfg.qk_head_dim**-0.5)
 

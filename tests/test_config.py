@@ -68,8 +68,16 @@ def test_transformers_rope_parameters_form_is_read():
     c = DeepseekV3Config(**{**tiny_config().to_dict(), "rope_scaling": None, "rope_theta": 1.0,
                             "rope_parameters": {"rope_type": "yarn", "rope_theta": 500.0, "factor": 2.0,
                                                 "original_max_position_embeddings": 32}})
-    assert c.rope_theta == 500.0 and c.rope_scaling_config == {"factor": 2.0, "original_max_position_embeddings": 32,
-                                                               "type": "yarn"}
+    assert c.rope_theta == 500.0 and c.rope_scaling == {"factor": 2.0, "original_max_position_embeddings": 32,
+                                                        "type": "yarn"}
+
+
+def test_rope_settings_have_one_source():
+    c = tiny_config()
+    c.rope_theta = 5e4
+    assert c.rope_parameters["rope_theta"] == 5e4 and c.to_dict()["rope_theta"] == 5e4
+    c.rope_scaling = None
+    assert c.rope_parameters == {"rope_type": "default", "rope_theta": 5e4} and c.to_dict()["rope_scaling"] is None
 
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
