@@ -56,6 +56,18 @@ def _mask_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return scores + mask
 
 
+def _absorbable(kv_b_proj: nn.Module) -> bool:
+    """Absorption reads `kv_b_proj.weight` directly, which is right only for a plain linear whose forward is exactly
+    `x · Wᵀ`: not a wrapper (a LoRA adds ΔW), not a module with hooks, not weights offloaded to meta by accelerate."""
+    return (
+        type(kv_b_proj) is nn.Linear
+        and not kv_b_proj._forward_hooks
+        and not kv_b_proj._forward_pre_hooks
+        and not hasattr(kv_b_proj, "_hf_hook")
+        and not kv_b_proj.weight.is_meta
+    )
+
+
 class MultiHeadLatentAttention(nn.Module):
     """MLA of DeepSeek-V3 with checkpoint parameter names (`q_a_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, ...)."""
 
@@ -121,12 +133,14 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe, cos, sin)  # ONE rope key shared by all heads
         c_kv, k_pe = c_kv.unsqueeze(1), k_pe.unsqueeze(1)  # [b, 1, s, c], [b, 1, s, r]: one "head" for the cache
+        past = 0  # tokens cached before this call (a tensor for static caches)
         if cache is not None:
+            past = cache.get_seq_length(self.layer_idx)
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
         c_kv, k_pe = c_kv[:, 0], k_pe[:, 0]  # [b, t, c], [b, t, r]
 
         if self.use_absorbed(s, c_kv.shape[1]):
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask)
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask, past)
         else:
             out = self._expanded(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.v_head_dim))
@@ -134,11 +148,12 @@ class MultiHeadLatentAttention(nn.Module):
     def use_absorbed(self, s: int, t: int) -> bool:
         """Whether the absorbed path costs fewer multiply-adds for `s` queries over `t` keys (DESIGN §3)."""
         path = self.config.mla_attention_path
-        exact = type(self.kv_b_proj) is nn.Linear  # absorption reads kv_b_proj.weight; a wrapper (LoRA) may differ
+        exact = _absorbable(self.kv_b_proj)
         if path == "absorbed" and not exact:
+            kind = type(self.kv_b_proj)
             raise ValueError(
-                f"mla_attention_path='absorbed' needs a plain nn.Linear kv_b_proj, got {type(self.kv_b_proj).__name__}"
-                " (merge adapters first, or use mla_attention_path='auto')"
+                f"mla_attention_path='absorbed' needs kv_b_proj to be a plain nn.Linear with its weight in memory and "
+                f"no hooks, got {kind.__module__}.{kind.__qualname__} (merge adapters first, or use 'auto')"
             )
         if path != "auto":
             return path == "absorbed"
@@ -172,7 +187,7 @@ class MultiHeadLatentAttention(nn.Module):
         )
         return out[..., : self.v_head_dim]  # [b, s, h, v]
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, attention_mask) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, attention_mask, past) -> torch.Tensor:
         b, s, h, _ = q_nope.shape
         t = c_kv.shape[1]
         w_kv_b = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
@@ -182,8 +197,10 @@ class MultiHeadLatentAttention(nn.Module):
         q_pe = (q_pe.transpose(1, 2) * self.softmax_scale).reshape(b, h * s, self.qk_rope_head_dim)
         scores = torch.baddbmm(torch.bmm(q_pe, k_pe.transpose(1, 2)), q_lat, c_kv.transpose(1, 2))  # [b, h*s, t]
         scores = scores.view(b, h, s, t)
-        if attention_mask is None and s > 1:  # causal among the new tokens, which sit at the end of the keys
-            attention_mask = torch.ones(s, t, dtype=torch.bool, device=scores.device).tril(t - s)
+        if attention_mask is None and (s > 1 or not isinstance(past, int)):
+            # no mask given: query i (at position past + i) sees keys 0..past + i; a static cache has empty slots after
+            positions = torch.arange(s, device=scores.device) + past
+            attention_mask = torch.arange(t, device=scores.device) <= positions[:, None]  # [s, t]
         scores = _mask_scores(scores, attention_mask)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(c_kv.dtype)
         probs = F.dropout(probs, p=self.config.attention_dropout, training=self.training)

@@ -159,7 +159,12 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         if use_cache and cache is None:
             cache = MLACache(self.config)
         past = cache.get_seq_length() if cache is not None else 0
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, past)
+        if not torch.compiler.is_compiling():  # the checks read values back, which a compiled graph cannot
+            self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, past)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions=True is not supported: MLA's fused paths never form the full matrix")
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -192,22 +197,27 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
             raise ValueError(f"inputs must be [batch, seq] with batch, seq >= 1, got shape {tuple(shape)}")
-        # Reading the ids back stalls an accelerator's queue, so on GPU one-token decode steps (ids the model itself
-        # produced) are not checked; prompts always are, and everything on CPU.
-        if input_ids is not None and (input_ids.device.type == "cpu" or input_ids.shape[1] > 1):
+        b, s = shape
+        # Reading values back stalls an accelerator's queue, so on GPU the checks that need it run for prompts
+        # (s > 1) but not for one-token decode steps, whose ids the model itself produced; on CPU they always run.
+        read_back = s > 1 or (input_ids if input_ids is not None else inputs_embeds).device.type == "cpu"
+        if input_ids is not None and read_back:
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high
                 raise ValueError(
                     f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})"
                 )
-        b, s = shape
+        if not isinstance(past, int):  # a static cache counts its tokens in a tensor
+            if not read_back:
+                return
+            past = int(past)
         if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != (b, past + s):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected [batch, cached + new tokens] = "
                 f"{(b, past + s)}"
             )
-        capacity = cache.get_max_length() if cache is not None else -1
+        capacity = max((layer.get_max_length() for layer in cache.layers), default=-1) if cache is not None else -1
         if capacity > 0 and past + s > capacity:
             raise ValueError(
                 f"the cache holds at most {capacity} tokens; it has {past} and {s} more were given. Allocate a "
@@ -264,6 +274,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError(f"labels cover {labels.shape[1]} positions but logits_to_keep={logits_to_keep!r} "
+                                 f"keeps logits for {logits.shape[1]}; pass logits_to_keep=0 to train")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states

@@ -24,13 +24,18 @@ def test_stores_only_latents_and_reports_bytes():
     assert cache.bytes_per_token() == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
 
 
-def test_671b_bytes_per_token_formula():
-    # DESIGN §3: (512 + 64) values × 2 bytes in bf16 = 1,152 B per layer; ×61 layers = 70,272 B
+def test_671b_attention_shapes_cache_1152_bytes_per_token_per_layer():
+    # DESIGN §3: DeepSeek-V3's (512 + 64) latent values × 2 bytes in bf16 = 1,152 B per token per layer
     from modeling_deepseek_v3 import load_preset
 
-    cfg = load_preset("deepseek-v3-671b")
-    assert (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 == 1152
-    assert (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 * cfg.num_hidden_layers == 70272
+    full = load_preset("deepseek-v3-671b")
+    cfg = tiny_config(kv_lora_rank=full.kv_lora_rank, qk_rope_head_dim=full.qk_rope_head_dim, num_hidden_layers=1,
+                      first_k_dense_replace=1, rope_scaling=None)
+    model = random_model(cfg).to(torch.bfloat16)
+    cache = MLACache(cfg)
+    model(random_ids(cfg, 1, 3), cache=cache, use_cache=True)
+    assert cache.bytes_per_token() == 1152
+    assert cache.bytes_per_token() * full.num_hidden_layers == 70272
 
 
 def test_growth_keeps_storage_between_steps():
@@ -85,6 +90,32 @@ def test_static_cache_equals_dynamic_cache():
     by_name = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                              cache_implementation="static")
     assert torch.equal(by_name, dynamic)
+
+
+@pytest.mark.parametrize("path", ["auto", "absorbed", "expanded"])
+def test_static_cache_forward_without_mask_equals_full_forward(path):
+    """Prefill and decode into a static cache with no attention mask: empty slots must stay invisible."""
+    model = random_model(tiny_config(mla_attention_path=path))
+    ids = random_ids(model.config, 2, 10)
+    full = model(ids).logits
+    cache = MLAStaticCache(config=model.config, max_cache_len=32)
+    steps = [model(ids[:, :6], cache=cache, use_cache=True).logits]
+    for t in range(6, 10):
+        steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    cache.crop(-2)  # roll back two tokens and decode them again, as speculative decoding does
+    again = model(ids[:, 8:10], cache=cache, use_cache=True).logits
+    torch.testing.assert_close(again, full[:, 8:10], rtol=1e-5, atol=1e-5)
+
+
+def test_caches_built_without_a_config():
+    from transformers.cache_utils import DynamicCache
+
+    model = random_model()
+    ids = random_ids(model.config, 1, 5)
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+    for cache in (MLACache(), DynamicCache()):
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, cache=cache), expected)
 
 
 def test_static_cache_overflow_is_a_clear_error():
