@@ -82,10 +82,13 @@ def weight_quant_ref(w: torch.Tensor, block: int = FP8_BLOCK):
     return q, scale
 
 
-def weight_dequant_ref(q: torch.Tensor, s: torch.Tensor, dtype=torch.bfloat16, block: int = FP8_BLOCK) -> torch.Tensor:
-    """`w = q · s[n // block, k // block]`, in `dtype`; partial edge blocks use their block's scale."""
+def weight_dequant_ref(
+    q: torch.Tensor, s: torch.Tensor, dtype=torch.bfloat16, block: int | tuple[int, int] = FP8_BLOCK
+) -> torch.Tensor:
+    """`w = q · s[n // block_n, k // block_k]`, in `dtype`; partial edge blocks use their block's scale."""
     n, k = q.shape
-    scale = s.repeat_interleave(block, dim=0)[:n].repeat_interleave(block, dim=1)[:, :k]
+    block_n, block_k = (block, block) if isinstance(block, int) else block
+    scale = s.repeat_interleave(block_n, dim=0)[:n].repeat_interleave(block_k, dim=1)[:, :k]
     return (q.float() * scale).to(dtype)
 
 

@@ -95,13 +95,6 @@ class LatentCacheLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices])
 
-    def offload(self) -> None:
-        self._map_batch(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        if self.is_initialized and self._c_kv.device != self.device:
-            self._map_batch(lambda t: t.to(self.device, non_blocking=True))
-
 
 class LatentCacheMixin:
     """Byte accounting shared by the dynamic and the static latent cache."""

@@ -6,7 +6,8 @@ block-scaled FP8 recipe.
   computes `x · (q·s)ᵀ` exactly in the input dtype from the stored FP8 weights.
 * `FP8TrainingLinear` keeps a bf16/fp32 master weight and quantises it every step: Fprop `Y = X·Wᵀ` (X in 1×128
   tiles, W in 128×128 blocks), Dgrad `dX = dY·W` (dY in 1×128 tiles along N), Wgrad `dW = dYᵀ·X` (dY and X in 128×1
-  tiles along the tokens), all through the block-scaled FP8 GEMM; the master weight's gradient is accumulated in fp32.
+  tiles along the tokens), all through the block-scaled FP8 GEMM; the weight gradient is computed in fp32 and returned
+  in the master weight's dtype (keep fp32 master weights for fp32 gradients).
 Dimension letters: M tokens, N out features, K in features, B = 128.
 References: DeepSeek-V3 report §3.3 (FP8 training, Fig. 6-7); DeepSeek-V3 `inference/model.py` (`Linear`,
 `linear`); DESIGN.md §6.
@@ -20,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import FP8_BLOCK, act_quant, act_quant_colwise, fp8_gemm, weight_dequant, weight_quant
+from .kernels import (
+    FP8_BLOCK,
+    act_quant,
+    act_quant_colwise,
+    fp8_gemm,
+    weight_dequant,
+    weight_dequant_ref,
+    weight_quant,
+)
 
 
 class FP8Linear(nn.Module):
@@ -57,8 +66,8 @@ class FP8Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight `q · s` per block, `[N, K]` in `dtype`."""
-        if self.block_size != (FP8_BLOCK, FP8_BLOCK):
-            return _dequant_blocks(self.weight, self.weight_scale_inv, self.block_size, dtype)
+        if self.block_size != (FP8_BLOCK, FP8_BLOCK):  # the Triton kernel knows 128×128 blocks only
+            return weight_dequant_ref(self.weight, self.weight_scale_inv, dtype, block=self.block_size)
         return weight_dequant(self.weight, self.weight_scale_inv, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,12 +87,6 @@ class FP8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"block_size={self.block_size}")
-
-
-def _dequant_blocks(q: torch.Tensor, s: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    n, k = q.shape
-    scale = s.repeat_interleave(block[0], dim=0)[:n].repeat_interleave(block[1], dim=1)[:, :k]
-    return (q.float() * scale).to(dtype)
 
 
 class _FP8LinearFunction(torch.autograd.Function):

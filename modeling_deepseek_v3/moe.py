@@ -26,8 +26,16 @@ class TopkRouter(nn.Module):
     def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__()
         self.config = config
-        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.e_score_correction_bias = nn.Buffer(torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` must not round the bias: it moves in steps of γ = 0.001 (DESIGN §4)
+        bias = self.e_score_correction_bias
+        out = super()._apply(fn, recurse)
+        if self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
+        return out
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """

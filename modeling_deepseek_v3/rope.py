@@ -70,12 +70,6 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_factor = rope_frequencies(config)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
 
-    def reset_parameters(self) -> None:
-        """Recompute the non-persistent frequencies (they are not in checkpoints)."""
-        inv_freq, self.attention_factor = rope_frequencies(self.config)
-        with torch.no_grad():
-            self.inv_freq.copy_(inv_freq.to(self.inv_freq.device))
-
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = position_ids[..., None].float() * self.inv_freq.float()  # [b, s, r/2]
