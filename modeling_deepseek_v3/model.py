@@ -170,7 +170,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         b, s = inputs_embeds.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(past, past + s, device=inputs_embeds.device).unsqueeze(0).expand(b, -1)
+            position_ids = (torch.arange(s, device=inputs_embeds.device) + past).unsqueeze(0).expand(b, -1)
 
         mask = create_causal_mask(
             config=self.config,

@@ -131,3 +131,17 @@ def test_generate_uses_latent_cache_by_default():
     out = model.generate(random_ids(model.config, 1, 4), max_new_tokens=3, do_sample=False,
                          return_dict_in_generate=True)
     assert isinstance(out.cache, MLACache)
+
+
+def test_static_cache_decode_step_compiles_as_one_graph():
+    """What the static cache is for: a decode step that torch.compile captures whole (bf16: torch's compiled
+    grouped_mm takes bf16 only)."""
+    model = random_model().to(torch.bfloat16)
+    ids = random_ids(model.config, 1, 6)
+    with torch.no_grad():
+        full = model(torch.cat([ids, ids[:, :1]], dim=1)).logits[:, -1]
+        cache = MLAStaticCache(config=model.config, max_cache_len=16)
+        model(ids, cache=cache, use_cache=True)
+        step = torch.compile(model.forward, backend="eager", fullgraph=True)
+        out = step(ids[:, :1], cache=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(out.float(), full.float(), rtol=0, atol=0.02)
