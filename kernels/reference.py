@@ -67,28 +67,32 @@ def act_quant_colwise_ref(x: torch.Tensor, scale_fmt: str | None = None, block: 
     return q_t.t().contiguous(), s_t.t().contiguous()
 
 
-def weight_quant_ref(w: torch.Tensor, block: int = FP8_BLOCK):
-    """Quantise `w` `[N, K]` in `block`×`block` tiles (the last row / column block may be partial).
+def weight_quant_ref(w: torch.Tensor, block: int | tuple[int, int] = FP8_BLOCK):
+    """Quantise `w` `[..., N, K]` (a matrix or stacked experts) in `block`×`block` tiles; the last row / column
+    block may be partial.
 
     Returns:
-        `(q [N, K] float8_e4m3fn, s [ceil(N/block), ceil(K/block)] fp32)`, the checkpoint's `weight_scale_inv`.
+        `(q [..., N, K] float8_e4m3fn, s [..., ceil(N/block), ceil(K/block)] fp32)`, the checkpoint's
+        `weight_scale_inv`.
     """
-    n, k = w.shape
-    nb, kb = -(-n // block), -(-k // block)
-    padded = torch.nn.functional.pad(w.float(), (0, kb * block - k, 0, nb * block - n))
-    tiles = padded.view(nb, block, kb, block)
-    scale = fp8_scale_ref(tiles.abs().amax(dim=(1, 3)))  # [nb, kb]
-    q = (tiles / scale[:, None, :, None]).view(nb * block, kb * block)[:n, :k].to(torch.float8_e4m3fn)
+    n, k = w.shape[-2:]
+    block_n, block_k = (block, block) if isinstance(block, int) else block
+    nb, kb = -(-n // block_n), -(-k // block_k)
+    padded = torch.nn.functional.pad(w.float(), (0, kb * block_k - k, 0, nb * block_n - n))
+    tiles = padded.unflatten(-1, (kb, block_k)).unflatten(-3, (nb, block_n))  # [..., nb, Bn, kb, Bk]
+    scale = fp8_scale_ref(tiles.abs().amax(dim=(-3, -1)))  # [..., nb, kb]
+    q = (tiles / scale[..., :, None, :, None]).flatten(-4, -3).flatten(-2)[..., :n, :k].to(torch.float8_e4m3fn)
     return q, scale
 
 
 def weight_dequant_ref(
     q: torch.Tensor, s: torch.Tensor, dtype=torch.bfloat16, block: int | tuple[int, int] = FP8_BLOCK
 ) -> torch.Tensor:
-    """`w = q · s[n // block_n, k // block_k]`, in `dtype`; partial edge blocks use their block's scale."""
-    n, k = q.shape
+    """`w = q · s[..., n // block_n, k // block_k]`, in `dtype`, for `q` `[..., N, K]` (stacked experts too);
+    partial edge blocks use their block's scale."""
+    n, k = q.shape[-2:]
     block_n, block_k = (block, block) if isinstance(block, int) else block
-    scale = s.repeat_interleave(block_n, dim=0)[:n].repeat_interleave(block_k, dim=1)[:, :k]
+    scale = s.repeat_interleave(block_n, dim=-2)[..., :n, :].repeat_interleave(block_k, dim=-1)[..., :k]
     return (q.float() * scale).to(dtype)
 
 

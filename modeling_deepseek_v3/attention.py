@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration import DeepseekV3Config
+from .fp8 import FP8Linear, fp8_block_size, make_linear
 from .layers import RMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -57,10 +58,11 @@ def _mask_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 
 def _absorbable(kv_b_proj: nn.Module) -> bool:
-    """Absorption reads `kv_b_proj.weight` directly, which is right only for a plain linear whose forward is exactly
-    `x · Wᵀ`: not a wrapper (a LoRA adds ΔW), not a module with hooks, not weights offloaded to meta by accelerate."""
+    """Absorption reads `kv_b_proj`'s weight directly, which is right only for a plain linear (or FP8 linear) whose
+    forward is exactly `x · Wᵀ`: not a wrapper (a LoRA adds ΔW), not a module with hooks, not weights offloaded to
+    meta by accelerate."""
     return (
-        type(kv_b_proj) is nn.Linear
+        type(kv_b_proj) in (nn.Linear, FP8Linear)
         and not kv_b_proj._forward_hooks
         and not kv_b_proj._forward_pre_hooks
         and not hasattr(kv_b_proj, "_hf_hook")
@@ -87,19 +89,18 @@ class MultiHeadLatentAttention(nn.Module):
         self.num_key_value_groups = 1
         self.is_causal = True
 
-        hidden, h = config.hidden_size, self.num_heads
+        hidden, h, fp8 = config.hidden_size, self.num_heads, fp8_block_size(config)
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, h * self.qk_head_dim, bias=False)
+            self.q_proj = make_linear(hidden, h * self.qk_head_dim, False, fp8)
         else:
-            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=config.attention_bias)
+            self.q_a_proj = make_linear(hidden, self.q_lora_rank, config.attention_bias, fp8)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, h * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(
-            hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias
-        )
+            self.q_b_proj = make_linear(self.q_lora_rank, h * self.qk_head_dim, False, fp8)
+        kv_a_out = self.kv_lora_rank + self.qk_rope_head_dim
+        self.kv_a_proj_with_mqa = make_linear(hidden, kv_a_out, config.attention_bias, fp8)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * self.v_head_dim, hidden, bias=config.attention_bias)
+        self.kv_b_proj = make_linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), False, fp8)
+        self.o_proj = make_linear(h * self.v_head_dim, hidden, config.attention_bias, fp8)
 
     def forward(
         self,
@@ -152,8 +153,8 @@ class MultiHeadLatentAttention(nn.Module):
         if path == "absorbed" and not exact:
             kind = type(self.kv_b_proj)
             raise ValueError(
-                f"mla_attention_path='absorbed' needs kv_b_proj to be a plain nn.Linear with its weight in memory and "
-                f"no hooks, got {kind.__module__}.{kind.__qualname__} (merge adapters first, or use 'auto')"
+                "mla_attention_path='absorbed' needs kv_b_proj to be a plain (FP8) linear with its weight in memory "
+                f"and no hooks, got {kind.__module__}.{kind.__qualname__} (merge adapters first, or use 'auto')"
             )
         if path != "auto":
             return path == "absorbed"
@@ -190,7 +191,10 @@ class MultiHeadLatentAttention(nn.Module):
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, attention_mask, past) -> torch.Tensor:
         b, s, h, _ = q_nope.shape
         t = c_kv.shape[1]
-        w_kv_b = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        weight = self.kv_b_proj.weight
+        if self.config.fp8_quantization_config is not None:
+            weight = self.kv_b_proj.dequantize(c_kv.dtype)
+        w_kv_b = weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, n, c], [h, v, c]
         q_lat = torch.matmul(q_nope.transpose(1, 2), w_uk)  # [b, h, s, c]
         q_lat = (q_lat * self.softmax_scale).reshape(b, h * s, self.kv_lora_rank)

@@ -29,7 +29,28 @@ from .kernels import (
     weight_dequant,
     weight_dequant_ref,
     weight_quant,
+    weight_quant_ref,
 )
+
+
+def fp8_block_size(config) -> tuple[int, int] | None:
+    """The `weight_block_size` of the config's FP8 `quantization_config`, or None for an unquantised model."""
+    qc = config.fp8_quantization_config
+    return None if qc is None else tuple(qc.get("weight_block_size", (FP8_BLOCK, FP8_BLOCK)))
+
+
+def make_linear(in_features: int, out_features: int, bias: bool, block_size: tuple[int, int] | None) -> nn.Module:
+    """`nn.Linear`, or `FP8Linear` with `block_size` blocks for a projection stored in FP8."""
+    if block_size is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return FP8Linear(in_features, out_features, bias=bias, block_size=block_size)
+
+
+def weight_quant_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise `w` `[..., N, K]` into e4m3 with `block`-sized scale blocks (the Triton kernel for 128×128 matrices)."""
+    if tuple(block) == (FP8_BLOCK, FP8_BLOCK) and w.dim() == 2:
+        return weight_quant(w)
+    return weight_quant_ref(w, block=tuple(block))
 
 
 class FP8Linear(nn.Module):
@@ -72,6 +93,9 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x` `[..., K]` (bf16/fp32) -> `[..., N]` in the dtype of `x`."""
+        if self.weight.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"FP8Linear: weight must stay float8_e4m3fn, got {self.weight.dtype} (was the model cast "
+                             "with .to(dtype)? cast with from_pretrained(dtype=...) instead, which keeps FP8 weights)")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FP8Linear: expected {self.in_features} input features, got {x.shape[-1]}")
         if x.is_cuda:

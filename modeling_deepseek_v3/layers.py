@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8 import make_linear
+
 
 class RMSNorm(nn.Module):
     """`y = w · x / sqrt(mean(x²) + eps)`, normalised in fp32 and cast back to the input dtype."""
@@ -29,13 +31,14 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: `down_proj(silu(gate_proj(x)) * up_proj(x))`; dense layers and the shared experts."""
+    """SwiGLU: `down_proj(silu(gate_proj(x)) * up_proj(x))`; dense layers and the shared experts (FP8 projections
+    when `fp8_block_size` is given)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, fp8_block_size: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = make_linear(hidden_size, intermediate_size, False, fp8_block_size)
+        self.up_proj = make_linear(hidden_size, intermediate_size, False, fp8_block_size)
+        self.down_proj = make_linear(intermediate_size, hidden_size, False, fp8_block_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

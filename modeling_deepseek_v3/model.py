@@ -23,6 +23,7 @@ from .attention import MultiHeadLatentAttention
 from .cache import MLACache
 from .checkpoint import check_loading_info, expert_weight_conversions, mtp_layer_patterns
 from .configuration import DeepseekV3Config
+from .fp8 import FP8Linear, fp8_block_size, weight_quant_blocks
 from .layers import MLP, RMSNorm
 from .moe import MoE, RoutedExperts, TopkRouter
 from .rope import RotaryEmbedding, rope_frequencies
@@ -36,7 +37,10 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = MultiHeadLatentAttention(config, layer_idx)
-        self.mlp = MoE(config) if is_moe_layer(config, layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        if is_moe_layer(config, layer_idx):
+            self.mlp = MoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, fp8_block_size(config))
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -54,6 +58,15 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def _init_fp8(q: torch.Tensor, s: torch.Tensor, std: float, block: tuple[int, int]) -> None:
+    """Random init of an FP8 weight: quantise N(0, std²) into `block` blocks (skipped for loaded tensors)."""
+    if getattr(q, "_is_hf_initialized", False):
+        return
+    w = torch.randn(q.shape, device=q.device) * std
+    for tensor, value in zip((q, s), weight_quant_blocks(w, block)):
+        init.copy_(tensor, value)
+
+
 class DeepseekV3PreTrainedModel(PreTrainedModel):
     config_class = DeepseekV3Config
     config: DeepseekV3Config
@@ -62,15 +75,9 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DeepseekV3DecoderLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
-    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "scale_inv"]
 
     def __init__(self, config: DeepseekV3Config, *inputs, **kwargs) -> None:
-        if config.fp8_quantization_config is not None:
-            raise ValueError(
-                f"quantization_config = {config.fp8_quantization_config!r}: FP8 weights are not supported by this "
-                "version of modeling_deepseek_v3 yet; load a bf16 checkpoint (e.g. one dequantized with DeepSeek's "
-                "fp8_cast_bf16.py) and remove quantization_config from its config.json"
-            )
         super().__init__(config, *inputs, **kwargs)
         # MTP modules stored after the decoder layers are not an error when the model does not use them
         self._keys_to_ignore_on_load_unexpected = mtp_layer_patterns(
@@ -84,8 +91,15 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, RoutedExperts):
-            for weight in (module.gate_proj, module.up_proj, module.down_proj):
-                init.normal_(weight, mean=0.0, std=std)
+            for name in module.PROJECTIONS:
+                if module.fp8_block_size is None:
+                    init.normal_(getattr(module, name), mean=0.0, std=std)
+                else:
+                    _init_fp8(getattr(module, name), getattr(module, f"{name}_scale_inv"), std, module.fp8_block_size)
+        elif isinstance(module, FP8Linear):
+            _init_fp8(module.weight, module.weight_scale_inv, std, module.block_size)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, RotaryEmbedding):
             # non-persistent, so garbage after a meta-device load: recompute
             inv_freq, module.attention_factor = rope_frequencies(module.config)
@@ -94,13 +108,13 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     def post_init(self) -> None:
         super().post_init()
         # save_pretrained reverses these conversions, writing the official per-expert keys
-        self._weight_conversions = expert_weight_conversions()
+        self._weight_conversions = expert_weight_conversions(self.config)
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
         # transformers keys conversions by class name / model_type, which the built-in class shares with ours,
         # so ours are handed to the loader here instead of through the global registry.
-        mapping = list(load_config.weight_mapping or []) + expert_weight_conversions()
+        mapping = list(load_config.weight_mapping or []) + expert_weight_conversions(model.config)
         load_config = dataclasses.replace(load_config, weight_mapping=mapping)
         return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
 
@@ -110,7 +124,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         if not load_config.ignore_mismatched_sizes:
             check_loading_info(loading_info.missing_keys, loading_info.unexpected_keys, loading_info.mismatched_keys)
         if not model._weight_conversions:  # a checkpoint already in the stacked layout: still save the official one
-            model._weight_conversions = expert_weight_conversions()
+            model._weight_conversions = expert_weight_conversions(model.config)
         return loading_info
 
 

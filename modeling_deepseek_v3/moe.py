@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration import DeepseekV3Config
-from .kernels import grouped_mm
+from .fp8 import fp8_block_size
+from .kernels import grouped_mm, weight_dequant_ref
 from .layers import MLP
 
 
@@ -66,16 +67,34 @@ class RoutedExperts(nn.Module):
     """E SwiGLU experts stored stacked: `gate_proj`, `up_proj` `[E, I, H]`, `down_proj` `[E, H, I]`.
 
     Gate and up stay separate tensors so that 128×128 FP8 blocks never straddle them. On disk they are the official
-    per-expert keys `experts.{e}.{gate,up,down}_proj.weight` (see `checkpoint.py`).
+    per-expert keys `experts.{e}.{gate,up,down}_proj.weight` (see `checkpoint.py`). In an FP8 model the stacked
+    weights are e4m3 with stacked block scales `{gate,up,down}_proj_scale_inv` `[E, ceil(rows/B), ceil(cols/B)]`
+    (on disk `experts.{e}.{name}.weight_scale_inv`), dequantised for the grouped GEMM.
     """
+
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__()
         e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.num_experts = e
-        self.gate_proj = nn.Parameter(torch.empty(e, i, h))
-        self.up_proj = nn.Parameter(torch.empty(e, i, h))
-        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.fp8_block_size = fp8_block_size(config)
+        for name, (rows, cols) in zip(self.PROJECTIONS, ((i, h), (i, h), (h, i))):
+            if self.fp8_block_size is None:
+                self.register_parameter(name, nn.Parameter(torch.empty(e, rows, cols)))
+                continue
+            bn, bk = self.fp8_block_size
+            q = torch.empty(e, rows, cols, dtype=torch.float8_e4m3fn)
+            s = torch.empty(e, -(-rows // bn), -(-cols // bk), dtype=torch.float32)
+            self.register_parameter(name, nn.Parameter(q, requires_grad=False))
+            self.register_parameter(f"{name}_scale_inv", nn.Parameter(s, requires_grad=False))
+
+    def stacked_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The `[E, rows, cols]` weight of one projection in `dtype` (dequantised from FP8 when stored so)."""
+        weight = getattr(self, name)
+        if self.fp8_block_size is None:
+            return weight
+        return weight_dequant_ref(weight, getattr(self, f"{name}_scale_inv"), dtype, block=self.fp8_block_size)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """
@@ -93,9 +112,9 @@ class RoutedExperts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=flat.device)
         offsets = counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
         xs = x[token]  # [T·K, H], grouped by expert
-        hidden = F.silu(grouped_mm(xs, self.gate_proj.transpose(1, 2), offsets))
-        hidden = hidden * grouped_mm(xs, self.up_proj.transpose(1, 2), offsets)  # [T·K, I]
-        ys = grouped_mm(hidden, self.down_proj.transpose(1, 2), offsets)  # [T·K, H]
+        gate, up, down = (self.stacked_weight(name, x.dtype).transpose(1, 2) for name in self.PROJECTIONS)
+        hidden = F.silu(grouped_mm(xs, gate, offsets)) * grouped_mm(xs, up, offsets)  # [T·K, I]
+        ys = grouped_mm(hidden, down, offsets)  # [T·K, H]
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
@@ -108,7 +127,7 @@ class MoE(nn.Module):
         self.gate = TopkRouter(config)
         self.experts = RoutedExperts(config)
         self.shared_experts = (
-            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, fp8_block_size(config))
             if config.n_shared_experts > 0
             else None
         )

@@ -226,11 +226,6 @@ def test_labels_with_logits_to_keep_and_attentions_are_clear_errors():
         model(ids, output_attentions=True)
 
 
-def test_fp8_config_is_refused_until_supported():
-    with pytest.raises(ValueError, match="quantization_config"):
-        DeepseekV3ForCausalLM(tiny_config(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}))
-
-
 def test_pipeline_and_auto_loading_of_a_saved_folder(saved, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
