@@ -283,6 +283,9 @@ class DeepseekV3Config(PreTrainedConfig):
             or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in block)
         ):
             _fail("quantization_config.weight_block_size", block, "must be two positive integers")
+        if qc.get("modules_to_not_convert"):
+            _fail("quantization_config.modules_to_not_convert", qc["modules_to_not_convert"],
+                  "is not supported: FP8 checkpoints must quantise every decoder projection, as the official ones do")
         if qc.get("activation_scheme", "dynamic") != "dynamic":
             _fail("quantization_config.activation_scheme", qc.get("activation_scheme"), "only 'dynamic' is supported")
 

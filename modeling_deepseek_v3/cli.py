@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from modeling_deepseek_v3.convert import DIRECTIONS, convert_checkpoint
 from modeling_deepseek_v3.demo import DEMO_PRESETS, DemoArgumentError, run_demo
 
 
@@ -33,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--prompt", default="ROMEO:", help="text to continue (default: 'ROMEO:')")
     demo.add_argument("--max-new-tokens", type=_positive_int, default=60, help="tokens to generate (default: 60)")
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert a checkpoint folder between the official FP8 format and bf16, one shard at a time",
+        description="Convert SRC into a new folder DST: fp8-to-bf16 dequantises every FP8 weight and drops "
+        "quantization_config; bf16-to-fp8 quantises the decoder projections into 128x128 FP8 blocks.",
+    )
+    convert.add_argument("direction", choices=DIRECTIONS)
+    convert.add_argument("src", help="checkpoint folder (config.json + safetensors)")
+    convert.add_argument("dst", help="new folder to create")
     return parser
 
 
@@ -53,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         except DemoArgumentError as e:
             parser.exit(2, f"deepseek-v3 demo: error: {e}\n")
+    elif args.command == "convert":
+        try:
+            convert_checkpoint(args.src, args.dst, args.direction)
+        except ValueError as e:
+            parser.exit(2, f"deepseek-v3 convert: error: {e}\n")
+        print(f"wrote {args.dst}")
     return 0
 
 

@@ -114,6 +114,8 @@ RULES = [
     ({"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}}, "quantization_config.fmt", "e4m3"),
     ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 0]}},
      "quantization_config.weight_block_size", "two positive integers"),
+    ({"quantization_config": {"quant_method": "fp8", "modules_to_not_convert": ["lm_head", "o_proj"]}},
+     "quantization_config.modules_to_not_convert", "not supported"),
     ({"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}},
      "quantization_config.activation_scheme", "dynamic"),
 ]
