@@ -26,6 +26,7 @@ from .kernels import (
     act_quant,
     act_quant_colwise,
     fp8_gemm,
+    grouped_mm,
     weight_dequant,
     weight_dequant_ref,
     weight_quant,
@@ -157,3 +158,50 @@ class FP8TrainingLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = fp8_linear(x, self.weight)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def _fake_quant_act(x: torch.Tensor, colwise: bool = False) -> torch.Tensor:
+    """`x` through FP8: 1×128 tiles along the last dim (or 128×1 tiles along the first), back in fp32."""
+    if colwise:
+        q, s = act_quant_colwise(x)
+        return q.float() * s.repeat_interleave(FP8_BLOCK, dim=0)[: x.shape[0]]
+    q, s = act_quant(x)
+    return q.float() * s.repeat_interleave(FP8_BLOCK, dim=-1)[..., : x.shape[-1]]
+
+
+class _FP8GroupedMMFunction(torch.autograd.Function):
+    """Grouped `y_e = x_e · W_eᵀ` for stacked experts, with every operand of Fprop, Dgrad and Wgrad passed through
+    the FP8 quantisation of DESIGN §6 (the same tiles as `fp8_linear`) and the products taken by a grouped fp32 GEMM.
+
+    Numerically this is the FP8 recipe (the same quantisation error; fp32 accumulation); it is not yet a grouped FP8
+    kernel, so it is not faster. The 128-token tiles of Wgrad run along the expert-sorted tokens and may span the
+    boundary between two experts' rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        x_fq = _fake_quant_act(x)  # [T, K]
+        w_q, w_s = weight_quant_blocks(weight, (FP8_BLOCK, FP8_BLOCK))  # weight [E, N, K]
+        w_fq = weight_dequant_ref(w_q, w_s, torch.float32)
+        ctx.save_for_backward(x, w_fq, offsets)
+        ctx.weight_dtype = weight.dtype
+        return grouped_mm(x_fq, w_fq.transpose(1, 2), offsets).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w_fq, offsets = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = grouped_mm(_fake_quant_act(dy), w_fq, offsets).to(dy.dtype)  # [T, K]
+        if ctx.needs_input_grad[1]:
+            dy_fq, x_fq = _fake_quant_act(dy, colwise=True), _fake_quant_act(x, colwise=True)
+            # per expert dy_eᵀ · x_e: torch's grouped GEMM in its [N, T] × [T, K] -> [E, N, K] form
+            dw = F.grouped_mm(dy_fq.t(), x_fq, offs=offsets).to(ctx.weight_dtype)
+        return dx, dw, None
+
+
+def fp8_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """FP8-recipe grouped matmul for training the routed experts: `x` `[T, K]` sorted by expert, `weight` the stacked
+    master weight `[E, N, K]`, `offsets` `[E]` int32 cumulative rows; returns `[T, N]`."""
+    return _FP8GroupedMMFunction.apply(x, weight, offsets)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration import DeepseekV3Config
-from .fp8 import fp8_block_size
+from .fp8 import fp8_block_size, fp8_grouped_mm
 from .kernels import grouped_mm, weight_dequant_ref
 from .layers import MLP
 
@@ -79,6 +79,7 @@ class RoutedExperts(nn.Module):
         e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.num_experts = e
         self.fp8_block_size = fp8_block_size(config)
+        self.fp8_training = False  # set by `training.enable_fp8_training`
         for name, (rows, cols) in zip(self.PROJECTIONS, ((i, h), (i, h), (h, i))):
             if self.fp8_block_size is None:
                 self.register_parameter(name, nn.Parameter(torch.empty(e, rows, cols)))
@@ -96,6 +97,12 @@ class RoutedExperts(nn.Module):
             return weight
         return weight_dequant_ref(weight, getattr(self, f"{name}_scale_inv"), dtype, block=self.fp8_block_size)
 
+    def _project(self, name: str, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Each expert's rows through its `name` projection, one grouped GEMM for all experts."""
+        if self.fp8_training:
+            return fp8_grouped_mm(rows, getattr(self, name), offsets)
+        return grouped_mm(rows, self.stacked_weight(name, rows.dtype).transpose(1, 2), offsets)
+
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """
         Args:
@@ -112,9 +119,8 @@ class RoutedExperts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=flat.device)
         offsets = counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
         xs = x[token]  # [T·K, H], grouped by expert
-        gate, up, down = (self.stacked_weight(name, x.dtype).transpose(1, 2) for name in self.PROJECTIONS)
-        hidden = F.silu(grouped_mm(xs, gate, offsets)) * grouped_mm(xs, up, offsets)  # [T·K, I]
-        ys = grouped_mm(hidden, down, offsets)  # [T·K, H]
+        hidden = F.silu(self._project("gate_proj", xs, offsets)) * self._project("up_proj", xs, offsets)  # [T·K, I]
+        ys = self._project("down_proj", hidden, offsets)  # [T·K, H]
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 

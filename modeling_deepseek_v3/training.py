@@ -1,0 +1,43 @@
+"""Training recipes of DeepSeek-V3 on top of the model: FP8 training of the decoder layers.
+
+References: DeepSeek-V3 report §3.3 (FP8 mixed-precision training); DESIGN.md §6.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .fp8 import FP8TrainingLinear
+from .model import DeepseekV3PreTrainedModel
+from .moe import RoutedExperts
+
+
+def enable_fp8_training(model: DeepseekV3PreTrainedModel) -> DeepseekV3PreTrainedModel:
+    """Train every linear of the decoder layers in FP8: attention and MLP projections become `FP8TrainingLinear`
+    (same parameters, so optimizers and checkpoints are unaffected) and the routed experts use the FP8 grouped
+    matmul. Embeddings, the output head, norms and the router stay in full precision, as in the report.
+
+    Call it on a bf16/fp32 model before creating the optimizer; it returns the same model.
+
+    Raises:
+        ValueError: if the model holds FP8 weights (`quantization_config`): train from bf16 master weights instead.
+    """
+    if model.config.fp8_quantization_config is not None:
+        raise ValueError("enable_fp8_training needs bf16/fp32 master weights, but this model stores FP8 weights "
+                         "(quantization_config); convert it with `deepseek-v3 convert fp8-to-bf16` first")
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for layer in base.layers:
+        for module in layer.modules():
+            for name, child in module.named_children():
+                if type(child) is nn.Linear:
+                    setattr(module, name, _to_fp8_training(child))
+            if isinstance(module, RoutedExperts):
+                module.fp8_training = True
+    return model
+
+
+def _to_fp8_training(linear: nn.Linear) -> FP8TrainingLinear:
+    fp8 = FP8TrainingLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            device="meta")
+    fp8.weight, fp8.bias = linear.weight, linear.bias  # share the parameters
+    return fp8
