@@ -47,6 +47,19 @@ def accuracy(device: str, shapes) -> list[dict]:
     return rows
 
 
+def model_memory(preset: str = "bench") -> dict:
+    """Bytes of a model held with FP8 decoder weights (an official-format FP8 checkpoint) vs the same model in bf16."""
+    from modeling_deepseek_v3 import DeepseekV3ForCausalLM, load_preset
+    from modeling_deepseek_v3.convert import OFFICIAL_QUANTIZATION
+
+    sizes = {}
+    for name, extra in (("bf16", {}), ("fp8", {"quantization_config": OFFICIAL_QUANTIZATION})):
+        model = DeepseekV3ForCausalLM._from_config(load_preset(preset, **extra), dtype=torch.bfloat16)
+        sizes[name] = sum(t.nbytes for t in model.state_dict().values())
+        sizes[f"{name}_decoder_layers"] = sum(t.nbytes for k, t in model.state_dict().items() if ".layers." in k)
+    return sizes
+
+
 def gpu_checks(errors: dict) -> dict:
     checks = {}
     torch.manual_seed(0)
@@ -127,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'M':>6}{'N':>7}{'K':>7}  {'FP8 GEMM rel err':>18}{'bf16 matmul rel err':>21}   (vs exact fp64 math)")
     for r in results["accuracy"]:
         print(f"{r['m']:>6}{r['n']:>7}{r['k']:>7}  {r['fp8_rel_err']:>18.4f}{r['bf16_rel_err']:>21.4f}")
+    memory = results["memory"] = model_memory()
+    print(f"\nmodel bytes, preset bench: bf16 {memory['bf16'] / 2**20:.1f} MiB, FP8 {memory['fp8'] / 2**20:.1f} MiB "
+          f"({memory['fp8'] / memory['bf16']:.2f}x); decoder layers only: "
+          f"{memory['fp8_decoder_layers'] / memory['bf16_decoder_layers']:.2f}x\n")
     if cuda:
         results["errors"] = {}
         results["checks"] = gpu_checks(results["errors"])
