@@ -107,6 +107,31 @@ def gpu_checks(errors: dict) -> dict:
     errors["fp8 training linear dx"], errors["fp8 training linear dw"] = rel(dx, dx_ref), rel(dw, dw_ref)
     checks["fp8 training linear dx within 8%"] = errors["fp8 training linear dx"] < 0.08
     checks["fp8 training linear dw within 8%"] = errors["fp8 training linear dw"] < 0.08
+    # whole models on the GPU: an FP8 checkpoint's model, and FP8 training, against the same on the CPU
+    from modeling_deepseek_v3 import DeepseekV3ForCausalLM, load_preset
+    from modeling_deepseek_v3.convert import OFFICIAL_QUANTIZATION
+    from modeling_deepseek_v3.training import enable_fp8_training
+
+    torch.manual_seed(0)
+    cpu = DeepseekV3ForCausalLM(load_preset("bench", quantization_config=OFFICIAL_QUANTIZATION))
+    gpu = DeepseekV3ForCausalLM(load_preset("bench", quantization_config=OFFICIAL_QUANTIZATION)).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    ids = torch.randint(0, cpu.config.vocab_size, (2, 64))
+    with torch.no_grad():  # CUDA quantises activations too, so the logits differ by FP8 rounding
+        errors["fp8 model logits cuda vs cpu"] = rel(gpu(ids.cuda()).logits.float(), cpu(ids).logits)
+    checks["fp8 model logits cuda vs cpu"] = errors["fp8 model logits cuda vs cpu"] < 0.1
+    checks["fp8 model generates on cuda"] = gpu.generate(ids[:, :8].cuda(), max_new_tokens=8).shape == (2, 16)
+    losses = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = enable_fp8_training(DeepseekV3ForCausalLM(load_preset("bench")).to(device))
+        batch = ids.to(device)
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        losses.append(loss.item())
+    errors["fp8 training loss cuda vs cpu"] = abs(losses[1] - losses[0]) / losses[0]
+    checks["fp8 training loss cuda vs cpu"] = errors["fp8 training loss cuda vs cpu"] < 1e-3 and grads_finite
     return checks
 
 
