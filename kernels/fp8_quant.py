@@ -1,9 +1,10 @@
 """Triton kernels for FP8 (E4M3) block quantisation: activations in 1×128 tiles (any row/column strides, so 128×1
 tiles are the same kernel on a transposed view), weights in 128×128 blocks, and block dequantisation.
 
-Numerics equal `reference.py`: scale `max(amax, 1e-4) / 448` in fp32 (optionally rounded up to a power of two,
-`ue8m0`), payload `x / scale` cast to e4m3. Divisions are IEEE round-to-nearest (`div_rn`): Triton's default `/`
-on the GPU is an approximate division that changes a few payloads. Dimension letters: M rows, K columns, B = 128.
+Numerics equal `reference.py` bit for bit: scale `max(amax, 1e-4) · (1/448)` in fp32 (optionally rounded up to a
+power of two, `ue8m0`), payload `x / scale` cast to e4m3, divided with IEEE round-to-nearest (`div_rn`): Triton's
+default `/` on the GPU is an approximate division that changes a few payloads.
+Dimension letters: M rows, K columns, B = 128.
 References: DeepSeek-V3 report §3.3 (fine-grained quantisation); DeepSeek-V3 `inference/kernel.py`
 (`act_quant_kernel`, `weight_dequant_kernel`); DESIGN.md §6-7.
 """
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import FP8_BLOCK, FP8_E4M3_MAX, SCALE_EPS
+from .reference import FP8_BLOCK, INV_FP8_E4M3_MAX, SCALE_EPS
 
 ROWS_PER_PROGRAM = 16
 
@@ -23,7 +24,7 @@ ROWS_PER_PROGRAM = 16
 def act_quant_kernel(
     x_ptr, q_ptr, s_ptr, M, K,
     stride_xm, stride_xk, stride_qm, stride_qk, stride_sm, stride_sk,
-    FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+    INV_FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -32,7 +33,7 @@ def act_quant_kernel(
     mask = mask_m[:, None] & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
     x = x.to(tl.float32)  # [BLOCK_M, BLOCK]
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), EPS), FP8_MAX)  # [BLOCK_M]
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), EPS) * INV_FP8_MAX  # [BLOCK_M]
     if UE8M0:
         scale = tl.exp2(tl.ceil(tl.log2(scale)))
     q = tl.math.div_rn(x, scale[:, None])
@@ -45,7 +46,8 @@ def _act_quant_strided(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, scale_
     grid = (triton.cdiv(m, ROWS_PER_PROGRAM), triton.cdiv(k, FP8_BLOCK))
     act_quant_kernel[grid](
         x, q, s, m, k, x.stride(0), x.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-        FP8_MAX=FP8_E4M3_MAX, EPS=SCALE_EPS, UE8M0=scale_fmt == "ue8m0", BLOCK_M=ROWS_PER_PROGRAM, BLOCK=FP8_BLOCK,
+        INV_FP8_MAX=INV_FP8_E4M3_MAX, EPS=SCALE_EPS, UE8M0=scale_fmt == "ue8m0",
+        BLOCK_M=ROWS_PER_PROGRAM, BLOCK=FP8_BLOCK,
     )  # fmt: skip
 
 
@@ -80,14 +82,14 @@ def act_quant_colwise_triton(x: torch.Tensor, scale_fmt: str | None = None) -> t
 
 @triton.jit
 def weight_quant_kernel(
-    w_ptr, q_ptr, s_ptr, N, K, KB, FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr
+    w_ptr, q_ptr, s_ptr, N, K, KB, INV_FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)  # [B, B]
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), EPS), FP8_MAX)
+    scale = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), EPS) * INV_FP8_MAX
     q = tl.math.div_rn(w, scale)
     tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + pid_n * KB + pid_k, scale)
@@ -102,7 +104,7 @@ def weight_quant_triton(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nb, kb = triton.cdiv(n, FP8_BLOCK), triton.cdiv(k, FP8_BLOCK)
     q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty(nb, kb, dtype=torch.float32, device=w.device)
-    weight_quant_kernel[(nb, kb)](w, q, s, n, k, kb, FP8_MAX=FP8_E4M3_MAX, EPS=SCALE_EPS, BLOCK=FP8_BLOCK)
+    weight_quant_kernel[(nb, kb)](w, q, s, n, k, kb, INV_FP8_MAX=INV_FP8_E4M3_MAX, EPS=SCALE_EPS, BLOCK=FP8_BLOCK)
     return q, s
 
 

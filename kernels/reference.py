@@ -35,9 +35,14 @@ FP8_BLOCK = 128
 SCALE_EPS = 1e-4  # amax floor: an all-zero tile gets a finite scale
 
 
+# Scales multiply by the fp32 reciprocal of 448 instead of dividing: torch divides by a scalar that way on CUDA, and
+# IEEE division elsewhere, so a product is the one form every device and Triton compute bit for bit alike.
+INV_FP8_E4M3_MAX = 1.0 / FP8_E4M3_MAX
+
+
 def fp8_scale_ref(amax: torch.Tensor, scale_fmt: str | None = None) -> torch.Tensor:
-    """The dequantisation scale of a tile: `max(amax, 1e-4) / 448`, rounded up to a power of two for `ue8m0`."""
-    scale = amax.float().clamp(min=SCALE_EPS) / FP8_E4M3_MAX
+    """The dequantisation scale of a tile: `max(amax, 1e-4) · (1/448)`, rounded up to a power of two for `ue8m0`."""
+    scale = amax.float().clamp(min=SCALE_EPS) * torch.tensor(INV_FP8_E4M3_MAX, dtype=torch.float32)
     if scale_fmt == "ue8m0":
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     return scale
