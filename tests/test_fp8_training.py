@@ -58,14 +58,18 @@ def test_switch_refuses_fp8_weights():
 
 
 def train(fp8: bool, steps: int, data: torch.Tensor, held_out: torch.Tensor) -> tuple[float, float]:
-    """Returns (first training loss, final loss on the held-out batch)."""
+    """Returns (first training loss, final loss on the held-out batch). Warm-up then linear decay of the learning
+    rate, so that the end point is settled rather than caught mid-descent (where tiny perturbations move it by %)."""
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(tiny_config(hidden_size=128, q_lora_rank=64, kv_lora_rank=64,
                                               moe_intermediate_size=64, intermediate_size=256))
     if fp8:
         enable_fp8_training(model)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.1, 1 - step / steps)
+    )
     generator = torch.Generator().manual_seed(1)
     first = None
     for _ in range(steps):
@@ -74,6 +78,7 @@ def train(fp8: bool, steps: int, data: torch.Tensor, held_out: torch.Tensor) -> 
         loss = model(batch, labels=batch).loss
         loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad()
         first = loss.item() if first is None else first
     model.eval()
@@ -84,12 +89,13 @@ def train(fp8: bool, steps: int, data: torch.Tensor, held_out: torch.Tensor) -> 
 @pytest.mark.slow
 def test_fp8_training_tracks_full_precision_training():
     """200 steps on Shakespeare bytes, same seed and data order, fp32 master weights in both: every decoder GEMM in
-    FP8 (experts included) vs the same GEMMs in full precision, compared on the loss of 32 held-out sequences at the
-    end. Measured here: 2.319 vs 2.335 (0.7%); the report's figure is 0.25% at scale. (A bf16-autocast run of the
-    same model ends at 2.380, itself 1.9% from full precision, so it is not used as the yardstick.)"""
-    text = resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_bytes()[:300_000]
+    FP8 (experts included) vs the same GEMMs in full precision, compared on the loss of 64 held-out sequences at the
+    end. Measured here: 2.4566 vs 2.4547 (0.08%; with init seed 1: 0.2%, while the two seeds themselves differ by
+    0.5%); the report's figure is 0.25% at scale. bf16 autocast is not the yardstick: on this model it lands ~2%
+    from full precision by itself."""
+    text = resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_bytes()[:400_000]
     data = torch.tensor(list(text), dtype=torch.long)  # bytes as token ids (vocab 512 > 256)
-    train_data, held_out = data[:250_000], data[250_000 : 250_000 + 32 * 64].view(32, 64)
+    train_data, held_out = data[:350_000], data[350_000 : 350_000 + 64 * 64].view(64, 64)
     first, end_fp8 = train(True, 200, train_data, held_out)
     _, end_full = train(False, 200, train_data, held_out)
     assert end_full < 0.6 * first  # it learned something
