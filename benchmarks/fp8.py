@@ -123,14 +123,14 @@ def gpu_checks(errors: dict) -> dict:
     # (measured 0.097 through the 4 random layers of `bench`: activation quantisation at every projection)
     checks["fp8 model logits cuda vs cpu"] = errors["fp8 model logits cuda vs cpu"] < 0.15
     checks["fp8 model generates on cuda"] = gpu.generate(ids[:, :8].cuda(), max_new_tokens=8).shape == (2, 16)
-    losses = []
+    losses, grads_finite = [], True
     for device in ("cpu", "cuda"):
         torch.manual_seed(0)
         model = enable_fp8_training(DeepseekV3ForCausalLM(load_preset("bench")).to(device))
         batch = ids.to(device)
         loss = model(batch, labels=batch).loss
         loss.backward()
-        grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        grads_finite &= all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
         losses.append(loss.item())
     errors["fp8 training loss cuda vs cpu"] = abs(losses[1] - losses[0]) / losses[0]
     checks["fp8 training loss cuda vs cpu"] = errors["fp8 training loss cuda vs cpu"] < 1e-3 and grads_finite

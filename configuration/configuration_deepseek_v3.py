@@ -283,6 +283,8 @@ class DeepseekV3Config(PreTrainedConfig):
             or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in block)
         ):
             _fail("quantization_config.weight_block_size", block, "must be two positive integers")
+        if qc.get("scale_fmt") not in (None, "ue8m0"):
+            _fail("quantization_config.scale_fmt", qc["scale_fmt"], "must be absent, null or 'ue8m0'")
         if qc.get("modules_to_not_convert"):
             _fail("quantization_config.modules_to_not_convert", qc["modules_to_not_convert"],
                   "is not supported: FP8 checkpoints must quantise every decoder projection, as the official ones do")

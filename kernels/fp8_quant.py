@@ -27,8 +27,8 @@ def act_quant_kernel(
     INV_FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: rows × stride can pass 2^31
+    offs_k = (pid_k * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask_m = offs_m < M
     mask = mask_m[:, None] & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
@@ -85,8 +85,8 @@ def weight_quant_kernel(
     w_ptr, q_ptr, s_ptr, N, K, KB, INV_FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
-    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    offs_n = (pid_n * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    offs_k = (pid_k * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)  # [B, B]
     scale = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), EPS) * INV_FP8_MAX
@@ -111,8 +111,8 @@ def weight_quant_triton(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @triton.jit
 def weight_dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, KB, BLOCK: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
-    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    offs_n = (pid_n * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    offs_k = (pid_k * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     q = tl.load(q_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)  # [B, B]
     scale = tl.load(s_ptr + pid_n * KB + pid_k)

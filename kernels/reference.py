@@ -42,6 +42,8 @@ INV_FP8_E4M3_MAX = 1.0 / FP8_E4M3_MAX
 
 def fp8_scale_ref(amax: torch.Tensor, scale_fmt: str | None = None) -> torch.Tensor:
     """The dequantisation scale of a tile: `max(amax, 1e-4) · (1/448)`, rounded up to a power of two for `ue8m0`."""
+    if scale_fmt not in (None, "ue8m0"):
+        raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
     scale = amax.float().clamp(min=SCALE_EPS) * torch.tensor(INV_FP8_E4M3_MAX, dtype=torch.float32)
     if scale_fmt == "ue8m0":
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
@@ -97,20 +99,23 @@ def weight_dequant_ref(
     partial edge blocks use their block's scale."""
     n, k = q.shape[-2:]
     block_n, block_k = (block, block) if isinstance(block, int) else block
+    if n % block_n == 0 and k % block_k == 0:  # whole blocks: broadcast the scales over a tiled view, in place
+        tiles = q.float().unflatten(-1, (k // block_k, block_k)).unflatten(-3, (n // block_n, block_n))
+        return tiles.mul_(s[..., :, None, :, None]).flatten(-4, -3).flatten(-2).to(dtype)
     scale = s.repeat_interleave(block_n, dim=-2)[..., :n, :].repeat_interleave(block_k, dim=-1)[..., :k]
     return (q.float() * scale).to(dtype)
 
 
 def fp8_gemm_ref(
-    a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype=torch.bfloat16,
-    block: int = FP8_BLOCK,
+    a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype=torch.bfloat16
 ) -> torch.Tensor:
-    """Block-scaled FP8 GEMM `C = Σ_kb (A[:, kb] · B[:, kb]^T) · a_s[:, kb] · b_s[·, kb]`, fp32 accumulation.
+    """Block-scaled FP8 GEMM `C = Σ_kb (A[:, kb] · B[:, kb]^T) · a_s[:, kb] · b_s[·, kb]`, fp32 accumulation
+    (blocks of 128, the block size of the FP8 recipe and of the Triton kernel).
 
     Args:
-        a: `[M, K]` fp8; a_s: `[M, ceil(K/block)]` (1×block tiles).
-        b: `[N, K]` fp8; b_s: `[ceil(N/block), ceil(K/block)]` (block×block tiles) or `[N, ceil(K/block)]` (1×block
-            tiles, as in the weight gradient).
+        a: `[M, K]` fp8; a_s: `[M, ceil(K/128)]` (1×128 tiles).
+        b: `[N, K]` fp8; b_s: `[ceil(N/128), ceil(K/128)]` (128×128 tiles) or `[N, ceil(K/128)]` (1×128 tiles, as
+            in the weight gradient).
 
     Returns:
         `[M, N]` in `out_dtype`.
@@ -119,6 +124,7 @@ def fp8_gemm_ref(
     m, k = a.shape
     n = b.shape[0]
     per_row = b_s.shape[0] == n  # (for n == 1 the two layouts coincide)
+    block = FP8_BLOCK
     out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
     for kb in range(-(-k // block)):
         cols = slice(kb * block, min((kb + 1) * block, k))

@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration import DeepseekV3Config
-from .fp8 import FP8Linear, fp8_block_size, make_linear
+from .fp8 import FP8Linear, make_linear
 from .layers import RMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -89,7 +89,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.num_key_value_groups = 1
         self.is_causal = True
 
-        hidden, h, fp8 = config.hidden_size, self.num_heads, fp8_block_size(config)
+        hidden, h, fp8 = config.hidden_size, self.num_heads, config.fp8_quantization_config
         if self.q_lora_rank is None:
             self.q_proj = make_linear(hidden, h * self.qk_head_dim, False, fp8)
         else:

@@ -2,9 +2,11 @@
 
 `fp8-to-bf16` multiplies every FP8 weight by its `weight_scale_inv` blocks and drops `quantization_config`;
 `bf16-to-fp8` quantises the projections the official release stores in FP8 (128×128 blocks) and writes the official
-`quantization_config`. Peak memory is about one shard (in and out), not the model. The result is written to a
-temporary folder beside the destination and renamed only when complete, so an interrupted run leaves no
-half-written checkpoint.
+`quantization_config`. Peak memory is about one shard (in and out), not the model. A checkpoint quantised from bf16
+weights survives fp8 -> bf16 -> fp8 bit for bit; one quantised from fp32 master weights keeps its payloads, while
+its scales move by at most one bf16 step (2^-8 relative), since the bf16 weights cannot carry them exactly.
+The result is written to a temporary folder beside the destination and renamed only when complete, so an
+interrupted run leaves no half-written checkpoint.
 References: DeepSeek-V3 `inference/fp8_cast_bf16.py` (the FP8 -> bf16 direction); DESIGN.md §6, §8.
 """
 
@@ -19,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .kernels import FP8_BLOCK, weight_dequant_ref, weight_quant_ref
 
@@ -30,6 +33,8 @@ OFFICIAL_QUANTIZATION = {
     "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
 }
 INDEX = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+logger = logging.get_logger(__name__)
 # bf16 tensors of the decoder layers that the official release does not quantise (MTP modules included)
 KEPT_IN_BF16 = ("mlp.gate.weight", "embed_tokens.weight", "shared_head.head.weight", "eh_proj.weight")
 
@@ -68,12 +73,16 @@ def convert_checkpoint(src: str | Path, dst: str | Path, direction: str) -> Path
     config.pop("dtype", None)
 
     weight_map = _weight_map(src)
+    for stale in dst.parent.glob(f".{dst.name}.partial-*"):
+        logger.warning(f"{stale} is left from an interrupted conversion to {dst}; delete it to free its space")
     partial = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
     partial.mkdir(parents=True)
     try:
         new_map, total_bytes = {}, 0
         for shard in tqdm(sorted(set(weight_map.values())), desc=direction, unit="shard"):
             tensors = _convert_shard(src, shard, weight_map, direction, block)
+            if not tensors:  # a shard that held only scales
+                continue
             save_file(tensors, partial / shard, metadata={"format": "pt"})
             new_map.update(dict.fromkeys(tensors, shard))
             total_bytes += sum(t.nbytes for t in tensors.values())
@@ -82,14 +91,19 @@ def convert_checkpoint(src: str | Path, dst: str | Path, direction: str) -> Path
             index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(new_map.items()))}
             (partial / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for path in src.iterdir():  # tokenizer, generation config, ...: everything that is not weights
-            if path.is_file() and path.suffix != ".safetensors" and path.name not in (INDEX, "config.json"):
+        for path in src.iterdir():  # tokenizer, generation config, code, ...: everything that is not weights
+            if path.is_file() and not _is_weight_file(path) and path.name not in (INDEX, "config.json"):
                 shutil.copy2(path, partial / path.name)
         partial.rename(dst)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return dst
+
+
+def _is_weight_file(path: Path) -> bool:
+    """Weights in any format (safetensors shards, PyTorch .bin / .pt files and their index) are never copied."""
+    return path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".bin.index.json")
 
 
 def _weight_map(src: Path) -> dict[str, str]:

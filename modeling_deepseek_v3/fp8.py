@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dtypes import KeepsTensorDtypes
 from .kernels import (
     FP8_BLOCK,
     act_quant,
@@ -40,11 +41,13 @@ def fp8_block_size(config) -> tuple[int, int] | None:
     return None if qc is None else tuple(qc.get("weight_block_size", (FP8_BLOCK, FP8_BLOCK)))
 
 
-def make_linear(in_features: int, out_features: int, bias: bool, block_size: tuple[int, int] | None) -> nn.Module:
-    """`nn.Linear`, or `FP8Linear` with `block_size` blocks for a projection stored in FP8."""
-    if block_size is None:
+def make_linear(in_features: int, out_features: int, bias: bool, quantization: dict | None) -> nn.Module:
+    """`nn.Linear`, or `FP8Linear` for a projection stored in FP8 (`quantization`: the config's FP8
+    `quantization_config`, giving `weight_block_size` and the activation `scale_fmt`)."""
+    if quantization is None:
         return nn.Linear(in_features, out_features, bias=bias)
-    return FP8Linear(in_features, out_features, bias=bias, block_size=block_size)
+    block = tuple(quantization.get("weight_block_size", (FP8_BLOCK, FP8_BLOCK)))
+    return FP8Linear(in_features, out_features, bias=bias, block_size=block, scale_fmt=quantization.get("scale_fmt"))
 
 
 def weight_quant_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,20 +57,24 @@ def weight_quant_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.
     return weight_quant_ref(w, block=tuple(block))
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(KeepsTensorDtypes):
     """A linear layer over an FP8 (e4m3) weight with 128×128 block scales, as stored in official checkpoints.
 
     Args:
         in_features, out_features: K and N.
         bias: whether to add a bias (kept in the compute dtype).
         block_size: the `weight_block_size` of the checkpoint's `quantization_config`.
+        scale_fmt: None, or "ue8m0" for power-of-two activation scales (CUDA path).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 block_size: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)) -> None:
+                 block_size: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK), scale_fmt: str | None = None) -> None:
         super().__init__()
         if len(block_size) != 2 or any(b <= 0 for b in block_size):
             raise ValueError(f"FP8Linear: block_size must be two positive integers, got {block_size}")
+        if scale_fmt not in (None, "ue8m0"):
+            raise ValueError(f"FP8Linear: scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
+        self.scale_fmt = scale_fmt
         self.in_features, self.out_features = in_features, out_features
         self.block_size = tuple(block_size)
         rows, cols = math.ceil(out_features / block_size[0]), math.ceil(in_features / block_size[1])
@@ -75,6 +82,9 @@ class FP8Linear(nn.Module):
                                    requires_grad=False)
         self.weight_scale_inv = nn.Parameter(torch.empty(rows, cols, dtype=torch.float32), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def dtype_kept_tensors(self) -> tuple[str, ...]:
+        return ("weight", "weight_scale_inv")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> FP8Linear:
@@ -94,19 +104,16 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x` `[..., K]` (bf16/fp32) -> `[..., N]` in the dtype of `x`."""
-        if self.weight.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"FP8Linear: weight must stay float8_e4m3fn, got {self.weight.dtype} (was the model cast "
-                             "with .to(dtype)? cast with from_pretrained(dtype=...) instead, which keeps FP8 weights)")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FP8Linear: expected {self.in_features} input features, got {x.shape[-1]}")
         if x.is_cuda:
             if self.block_size != (FP8_BLOCK, FP8_BLOCK):
                 raise ValueError(f"FP8Linear: the CUDA FP8 GEMM needs 128x128 weight blocks, got {self.block_size}")
-            q, s = act_quant(x.reshape(-1, self.in_features))
+            q, s = act_quant(x.reshape(-1, self.in_features), self.scale_fmt)
             y = fp8_gemm(q, s, self.weight, self.weight_scale_inv, out_dtype=x.dtype)
             y = y.view(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.dequantize(x.dtype))
+        else:  # exact: q·s is exact in fp32, and so is the product's accumulation up to fp32 rounding
+            y = F.linear(x.float(), self.dequantize(torch.float32)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -32,13 +32,13 @@ class RMSNorm(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU: `down_proj(silu(gate_proj(x)) * up_proj(x))`; dense layers and the shared experts (FP8 projections
-    when `fp8_block_size` is given)."""
+    when `quantization`, the config's FP8 `quantization_config`, is given)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, fp8_block_size: tuple[int, int] | None = None) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, quantization: dict | None = None) -> None:
         super().__init__()
-        self.gate_proj = make_linear(hidden_size, intermediate_size, False, fp8_block_size)
-        self.up_proj = make_linear(hidden_size, intermediate_size, False, fp8_block_size)
-        self.down_proj = make_linear(intermediate_size, hidden_size, False, fp8_block_size)
+        self.gate_proj = make_linear(hidden_size, intermediate_size, False, quantization)
+        self.up_proj = make_linear(hidden_size, intermediate_size, False, quantization)
+        self.down_proj = make_linear(intermediate_size, hidden_size, False, quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -17,16 +17,19 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention import MultiHeadLatentAttention
 from .cache import MLACache
 from .checkpoint import check_loading_info, expert_weight_conversions, mtp_layer_patterns
 from .configuration import DeepseekV3Config
-from .fp8 import FP8Linear, fp8_block_size, weight_quant_blocks
+from .fp8 import FP8Linear, weight_quant_blocks
 from .layers import MLP, RMSNorm
 from .moe import MoE, RoutedExperts, TopkRouter
 from .rope import RotaryEmbedding, rope_frequencies
+
+logger = logging.get_logger(__name__)
 
 
 def is_moe_layer(config: DeepseekV3Config, layer_idx: int) -> bool:
@@ -40,7 +43,7 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         if is_moe_layer(config, layer_idx):
             self.mlp = MoE(config)
         else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size, fp8_block_size(config))
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.fp8_quantization_config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -60,7 +63,11 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
 
 def _init_fp8(q: torch.Tensor, s: torch.Tensor, std: float, block: tuple[int, int]) -> None:
     """Random init of an FP8 weight: quantise N(0, std²) into `block` blocks (skipped for loaded tensors)."""
-    if getattr(q, "_is_hf_initialized", False):
+    loaded = getattr(q, "_is_hf_initialized", False), getattr(s, "_is_hf_initialized", False)
+    if loaded[0] != loaded[1]:  # a payload without its scales (or the reverse) cannot be used
+        raise ValueError(f"an FP8 weight of shape {tuple(q.shape)} was loaded without its weight_scale_inv, or the "
+                         "reverse; the checkpoint is incomplete")
+    if all(loaded):
         return
     w = torch.randn(q.shape, device=q.device) * std
     for tensor, value in zip((q, s), weight_quant_blocks(w, block)):
@@ -114,6 +121,12 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
         # transformers keys conversions by class name / model_type, which the built-in class shares with ours,
         # so ours are handed to the loader here instead of through the global registry.
+        if model.config.num_nextn_predict_layers:
+            logger.warning_once(
+                f"num_nextn_predict_layers = {model.config.num_nextn_predict_layers}: this version does not build the "
+                "Multi-Token Prediction modules, so their weights (model.layers."
+                f"{model.config.num_hidden_layers}.* on) are not loaded and save_pretrained will not write them"
+            )
         mapping = list(load_config.weight_mapping or []) + expert_weight_conversions(model.config)
         load_config = dataclasses.replace(load_config, weight_mapping=mapping)
         return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
@@ -121,8 +134,9 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     @staticmethod
     def _finalize_model_loading(model, load_config, loading_info):
         loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
-        if not load_config.ignore_mismatched_sizes:
-            check_loading_info(loading_info.missing_keys, loading_info.unexpected_keys, loading_info.mismatched_keys)
+        # ignore_mismatched_sizes relaxes shapes only: a missing tensor would otherwise be left uninitialised
+        mismatched = [] if load_config.ignore_mismatched_sizes else loading_info.mismatched_keys
+        check_loading_info(loading_info.missing_keys, loading_info.unexpected_keys, mismatched)
         if not model._weight_conversions:  # a checkpoint already in the stacked layout: still save the official one
             model._weight_conversions = expert_weight_conversions(model.config)
         return loading_info

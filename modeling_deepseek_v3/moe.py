@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration import DeepseekV3Config
+from .dtypes import KeepsTensorDtypes
 from .fp8 import fp8_block_size, fp8_grouped_mm
 from .kernels import grouped_mm, weight_dequant_ref
 from .layers import MLP
 
 
-class TopkRouter(nn.Module):
+class TopkRouter(KeepsTensorDtypes):
     """The `gate` of a MoE layer: `weight` `[E, H]` and the fp32 `e_score_correction_bias` `[E]`.
 
     Computed in fp32. The bias is added only to choose experts; the combine weights come from the unbiased scores.
@@ -30,13 +31,8 @@ class TopkRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.e_score_correction_bias = nn.Buffer(torch.zeros(config.n_routed_experts, dtype=torch.float32))
 
-    def _apply(self, fn, recurse=True):
-        # `model.to(torch.bfloat16)` must not round the bias: it moves in steps of γ = 0.001 (DESIGN §4)
-        bias = self.e_score_correction_bias
-        out = super()._apply(fn, recurse)
-        if self.e_score_correction_bias.dtype != torch.float32:
-            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
-        return out
+    def dtype_kept_tensors(self) -> tuple[str, ...]:
+        return ("e_score_correction_bias",)  # moves in steps of γ = 0.001: bf16 would round them away
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
@@ -63,7 +59,7 @@ class TopkRouter(nn.Module):
         return weights * cfg.routed_scaling_factor, indices, scores
 
 
-class RoutedExperts(nn.Module):
+class RoutedExperts(KeepsTensorDtypes):
     """E SwiGLU experts stored stacked: `gate_proj`, `up_proj` `[E, I, H]`, `down_proj` `[E, H, I]`.
 
     Gate and up stay separate tensors so that 128×128 FP8 blocks never straddle them. On disk they are the official
@@ -89,6 +85,11 @@ class RoutedExperts(nn.Module):
             s = torch.empty(e, -(-rows // bn), -(-cols // bk), dtype=torch.float32)
             self.register_parameter(name, nn.Parameter(q, requires_grad=False))
             self.register_parameter(f"{name}_scale_inv", nn.Parameter(s, requires_grad=False))
+
+    def dtype_kept_tensors(self) -> tuple[str, ...]:
+        if self.fp8_block_size is None:
+            return ()
+        return self.PROJECTIONS + tuple(f"{name}_scale_inv" for name in self.PROJECTIONS)
 
     def stacked_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The `[E, rows, cols]` weight of one projection in `dtype` (dequantised from FP8 when stored so)."""
@@ -132,10 +133,9 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = TopkRouter(config)
         self.experts = RoutedExperts(config)
+        shared_width = config.moe_intermediate_size * config.n_shared_experts
         self.shared_experts = (
-            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, fp8_block_size(config))
-            if config.n_shared_experts > 0
-            else None
+            MLP(config.hidden_size, shared_width, config.fp8_quantization_config) if shared_width > 0 else None
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,16 @@
 PEFT does not know `FP8Linear`, so a LoRA config must map it to a LoRA layer: `lora_config_for_fp8` registers
 `FP8LoraLinear`, PEFT's own LoRA linear except that merging raises a clear error (an FP8 weight cannot absorb a
 bf16 update without requantising it; keep adapters unmerged, or convert the checkpoint to bf16 and merge there).
+A saved adapter reloads with `load_fp8_adapter`.
 References: PEFT `tuners/lora/layer.py` (`Linear`), `LoraConfig._register_custom_module`;
 shared/docs/transformers-integration.md §8.
 """
 
 from __future__ import annotations
 
-from peft import LoraConfig
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from .fp8 import FP8Linear
@@ -34,3 +37,9 @@ def lora_config_for_fp8(config: LoraConfig) -> LoraConfig:
     """
     config._register_custom_module({FP8Linear: FP8LoraLinear})
     return config
+
+
+def load_fp8_adapter(model, adapter_path: str | Path, **kwargs) -> PeftModel:
+    """Load a LoRA adapter saved from an FP8 model (PEFT does not save the `FP8Linear` registration with it)."""
+    config = lora_config_for_fp8(LoraConfig.from_pretrained(adapter_path))
+    return PeftModel.from_pretrained(model, adapter_path, config=config, **kwargs)

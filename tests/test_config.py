@@ -116,6 +116,7 @@ RULES = [
      "quantization_config.weight_block_size", "two positive integers"),
     ({"quantization_config": {"quant_method": "fp8", "modules_to_not_convert": ["lm_head", "o_proj"]}},
      "quantization_config.modules_to_not_convert", "not supported"),
+    ({"quantization_config": {"quant_method": "fp8", "scale_fmt": "e8m0"}}, "quantization_config.scale_fmt", "ue8m0"),
     ({"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}},
      "quantization_config.activation_scheme", "dynamic"),
 ]

@@ -96,3 +96,27 @@ def test_bad_arguments(bf16_folder, tmp_path):
 def test_cli_convert(bf16_folder, tmp_path, capsys):
     assert main(["convert", "bf16-to-fp8", str(bf16_folder), str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "config.json").is_file() and "wrote" in capsys.readouterr().out
+
+
+def test_fp8_from_fp32_weights_keeps_payloads_through_bf16(tmp_path):
+    """A checkpoint quantised from fp32 master weights: bf16 cannot carry its scales exactly, so payloads come back
+    bit for bit and scales within one bf16 rounding (documented in convert.py)."""
+    from safetensors.torch import save_file
+
+    from modeling_deepseek_v3.kernels import weight_quant_ref
+
+    torch.manual_seed(5)
+    src = tmp_path / "fp8"
+    src.mkdir()
+    q, s = weight_quant_ref(torch.randn(256, 384) * 0.02)  # fp32 amax: scales not derived from bf16 values
+    save_file({"model.layers.0.mlp.down_proj.weight": q, "model.layers.0.mlp.down_proj.weight_scale_inv": s},
+              src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8",
+                                                                         "weight_block_size": [128, 128]}}))
+    (src / "pytorch_model.bin").write_bytes(b"stale weights in another format")
+    back = convert_checkpoint(src, tmp_path / "bf16", "fp8-to-bf16")
+    assert not (back / "pytorch_model.bin").exists()  # weights in other formats are not copied
+    again = tensors(convert_checkpoint(back, tmp_path / "fp8-again", "bf16-to-fp8"))
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(again[key].view(torch.uint8), q.view(torch.uint8))
+    assert ((again[f"{key}_scale_inv"] - s).abs() <= s * 2**-8).all()  # one bf16 step

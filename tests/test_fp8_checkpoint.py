@@ -104,7 +104,14 @@ def test_random_init_of_an_fp8_model():
     assert torch.isfinite(model(random_ids(model.config, 1, 5)).logits).all()
 
 
-def test_casting_an_fp8_model_is_a_clear_error():
-    model = DeepseekV3ForCausalLM(tiny_config(**SHAPE, quantization_config=QUANTIZATION)).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="float8_e4m3fn"):
-        model(random_ids(model.config, 1, 3))
+def test_casting_an_fp8_model_keeps_fp8_weights_and_fp32_scales():
+    model = DeepseekV3ForCausalLM(tiny_config(**SHAPE, quantization_config=QUANTIZATION))
+    ids = random_ids(model.config, 1, 5)
+    expected = model(ids).logits
+    model.to(torch.bfloat16)
+    proj, experts = model.model.layers[0].self_attn.q_b_proj, model.model.layers[1].mlp.experts
+    assert proj.weight.dtype == experts.up_proj.dtype == torch.float8_e4m3fn
+    assert proj.weight_scale_inv.dtype == experts.up_proj_scale_inv.dtype == torch.float32
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(model(ids).logits.float(), expected, rtol=0.05, atol=0.05)

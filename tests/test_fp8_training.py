@@ -100,3 +100,27 @@ def test_fp8_training_tracks_full_precision_training():
     _, end_full = train(False, 200, train_data, held_out)
     assert end_full < 0.6 * first  # it learned something
     assert abs(end_fp8 - end_full) / end_full < 0.01, (end_fp8, end_full)
+
+
+def test_fp8_grouped_mm_uses_the_specified_tiles():
+    """Each expert's GEMMs equal an fp64 emulation of the recipe's tiles (activations 1×128, weights 128×128 per
+    expert, Wgrad 128×1 along the expert-sorted tokens)."""
+    from .test_fp8_layers import _deq_cols, _deq_rows, _deq_weight
+
+    counts = [40, 0, 150, 66]
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 160, requires_grad=True)
+    w = (torch.randn(4, 96, 160) * 0.05).requires_grad_()
+    dy = torch.randn(x.shape[0], 96)
+    y = fp8_grouped_mm(x, w, offsets)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    xq, wq, dyq = _deq_rows(x.detach()), _deq_weight(w.detach()), _deq_rows(dy)
+    dy_cols, x_cols = _deq_cols(dy), _deq_cols(x.detach())
+    start = 0
+    for e, count in enumerate(counts):
+        rows = slice(start, start + count)
+        if count:
+            assert rel_err(y[rows], xq[rows] @ wq[e].t()) < 1e-5
+            assert rel_err(dx[rows], dyq[rows] @ wq[e]) < 1e-5
+            assert rel_err(dw[e], dy_cols[rows].t() @ x_cols[rows]) < 1e-5
+        start += count

@@ -5,13 +5,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
-from modeling_deepseek_v3.peft_fp8 import FP8LoraLinear, lora_config_for_fp8
+from modeling_deepseek_v3.peft_fp8 import FP8LoraLinear, load_fp8_adapter, lora_config_for_fp8
 
 from .test_fp8_checkpoint import QUANTIZATION, SHAPE
 from .utils import random_ids, tiny_config
 
 
-def test_lora_wraps_fp8_linear_trains_and_refuses_to_merge():
+def test_lora_wraps_fp8_linear_trains_and_refuses_to_merge(tmp_path):
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(tiny_config(**SHAPE, quantization_config=QUANTIZATION))
     ids = random_ids(model.config, 2, 8)
@@ -27,5 +27,11 @@ def test_lora_wraps_fp8_linear_trains_and_refuses_to_merge():
     out.loss.backward()
     trained = {n for n, p in peft_model.named_parameters() if p.grad is not None}
     assert trained and all("lora_" in n for n in trained)
+    peft_model.save_pretrained(tmp_path)
+    reloaded = load_fp8_adapter(DeepseekV3ForCausalLM(tiny_config(**SHAPE, quantization_config=QUANTIZATION)),
+                                tmp_path)
+    base_weights = {k: v for k, v in model.state_dict().items() if "lora_" not in k}  # the adapter comes from disk
+    reloaded.base_model.model.load_state_dict(base_weights, strict=False)
+    torch.testing.assert_close(reloaded(ids).logits, peft_model(ids).logits)
     with pytest.raises(ValueError, match="cannot merge a LoRA adapter into an FP8 weight"):
         peft_model.merge_and_unload()

@@ -85,7 +85,7 @@ def test_act_quant_colwise(m, k):
     assert_fp8_payload_equal(q, q_ref, x.float() / tile_scales(s_ref.t(), m).t())
 
 
-@pytest.mark.parametrize("n, k", [(576, 256), (256, 320), (100, 100), (1, 128)], ids=str)
+@pytest.mark.parametrize("n, k", [(576, 256), (256, 320), (256, 384), (100, 100), (1, 128)], ids=str)
 def test_weight_quant_and_dequant(n, k):
     w = fresh(n, k, scale=0.05)
     q, s = weight_quant_triton(w)
@@ -160,3 +160,15 @@ def test_fp8_gemm_rejects_bad_input():
         fp8_gemm_triton(a, a_s, b, b_s[:, :1])
     with pytest.raises(ValueError, match="scale_fmt"):
         act_quant_triton(fresh(2, 128), "e5m2")
+
+
+@pytest.mark.parametrize("n, k", [(256, 384), (200, 136)], ids=["whole-blocks", "partial-blocks"])
+def test_stacked_weights_quantise_like_each_matrix(n, k):
+    """Routed experts quantise and dequantise `[E, N, K]` at once; it must equal doing each expert alone."""
+    w = fresh(3, n, k, scale=0.05)
+    q, s = weight_quant_ref(w)
+    deq = weight_dequant_ref(q, s, torch.float32)
+    for e in range(3):
+        q_e, s_e = weight_quant_ref(w[e])
+        assert torch.equal(q[e].view(torch.uint8), q_e.view(torch.uint8)) and torch.equal(s[e], s_e)
+        assert torch.equal(deq[e], weight_dequant_ref(q_e, s_e, torch.float32))

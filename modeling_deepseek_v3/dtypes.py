@@ -1,0 +1,27 @@
+"""Tensors whose dtype is part of their meaning and must survive `model.to(dtype)`.
+
+`nn.Module.to(torch.bfloat16)` casts every floating-point parameter and buffer, float8 included. The router's
+`e_score_correction_bias` moves in steps of γ = 0.001 and must stay fp32 (DESIGN §4); FP8 payloads must stay e4m3
+and their block scales fp32 (DESIGN §6). Modules holding such tensors list them in `dtype_kept_tensors()`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class KeepsTensorDtypes(nn.Module):
+    """Mixin: the tensors named by `dtype_kept_tensors()` follow device moves but keep their dtype on casts."""
+
+    def dtype_kept_tensors(self) -> tuple[str, ...]:
+        """Names of the tensors (parameters or buffers) to keep in their dtype; subclasses list theirs."""
+        return ()
+
+    def _apply(self, fn, recurse=True):
+        before = {name: getattr(self, name).data for name in self.dtype_kept_tensors()}  # the old storage
+        out = super()._apply(fn, recurse)
+        for name, old in before.items():
+            tensor = getattr(self, name)
+            if tensor.dtype != old.dtype:
+                tensor.data = old.to(tensor.device)
+        return out
