@@ -91,18 +91,19 @@ class RoutedExperts(KeepsTensorDtypes):
             return ()
         return self.PROJECTIONS + tuple(f"{name}_scale_inv" for name in self.PROJECTIONS)
 
-    def stacked_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """The `[E, rows, cols]` weight of one projection in `dtype` (dequantised from FP8 when stored so)."""
-        weight = getattr(self, name)
-        if self.fp8_block_size is None:
-            return weight
-        return weight_dequant_ref(weight, getattr(self, f"{name}_scale_inv"), dtype, block=self.fp8_block_size)
-
     def _project(self, name: str, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Each expert's rows through its `name` projection, one grouped GEMM for all experts."""
+        weight = getattr(self, name)
         if self.fp8_training:
-            return fp8_grouped_mm(rows, getattr(self, name), offsets)
-        return grouped_mm(rows, self.stacked_weight(name, rows.dtype).transpose(1, 2), offsets)
+            return fp8_grouped_mm(rows, weight, offsets)
+        if self.fp8_block_size is None:
+            return grouped_mm(rows, weight.transpose(1, 2), offsets)
+        # FP8 weights: dequantise only the experts that received tokens (a decode step uses K of E). Finding them
+        # reads the counts back to the host, far cheaper than dequantising every expert of the layer.
+        active = torch.diff(offsets, prepend=offsets.new_zeros(1)).nonzero().squeeze(1)
+        scales = getattr(self, f"{name}_scale_inv")[active]
+        dense = weight_dequant_ref(weight[active], scales, rows.dtype, block=self.fp8_block_size)
+        return grouped_mm(rows, dense.transpose(1, 2), offsets[active])  # the idle experts own no rows
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """
