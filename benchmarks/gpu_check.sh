@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU check: CUDA correctness of the model against the CPU reference, then timings against
-# transformers' built-in DeepseekV3ForCausalLM. Needs an NVIDIA GPU with torch; the project and transformers>=5.24
+# One prepared GPU check (about 2 minutes on an H200): CUDA correctness of the model against the CPU reference and
+# decode/prefill timings against transformers' built-in DeepseekV3ForCausalLM (gpu_check.py), then every FP8 kernel
+# against its reference, whole FP8 models and FP8 training against the CPU, and FP8 GEMM TFLOP/s (fp8.py).
+# Numbers land in $OUT (or the current folder) as JSON. Needs an NVIDIA GPU with torch; the project and transformers>=5.24
 # are installed from wheels in .whl/ when present (a machine without network), else from this checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +14,7 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 export PYTHONUNBUFFERED=1
-python3 benchmarks/gpu_check.py
+status=0
+python3 benchmarks/gpu_check.py || status=1
+python3 benchmarks/fp8.py --json "${OUT:-.}/fp8.json" || status=1
+exit $status
