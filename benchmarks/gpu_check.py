@@ -10,17 +10,13 @@ import os
 import sys
 import traceback
 
+import decode  # the CPU benchmark beside this script, reused with --device cuda
 import torch
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, load_preset
 from modeling_deepseek_v3.kernels import grouped_mm, grouped_mm_ref
 
-sys.path.insert(0, os.path.dirname(__file__))
-import decode  # noqa: E402  (the CPU benchmark, reused with --device cuda)
-
-torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 comparisons
-torch.backends.cudnn.allow_tf32 = False
-results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": {}}
+results: dict = {"checks": {}}
 
 
 def check(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -91,6 +87,8 @@ def correctness() -> None:
 
 def main() -> None:
     out_dir = os.environ.get("OUT", ".")
+    results.update(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 comparisons
     correctness()
     timings = {}
     for batch in (1, 16):
