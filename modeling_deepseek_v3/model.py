@@ -61,12 +61,13 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def _init_fp8(q: torch.Tensor, s: torch.Tensor, std: float, block: tuple[int, int]) -> None:
-    """Random init of an FP8 weight: quantise N(0, std²) into `block` blocks (skipped for loaded tensors)."""
+def _init_fp8(q: torch.Tensor, s: torch.Tensor, std: float, block: tuple[int, int], name) -> None:
+    """Random init of an FP8 weight: quantise N(0, std²) into `block` blocks (skipped for loaded tensors).
+    `name()` gives the module's name for the error raised when only one of payload and scales was loaded."""
     loaded = getattr(q, "_is_hf_initialized", False), getattr(s, "_is_hf_initialized", False)
     if loaded[0] != loaded[1]:  # a payload without its scales (or the reverse) cannot be used
-        raise ValueError(f"an FP8 weight of shape {tuple(q.shape)} was loaded without its weight_scale_inv, or the "
-                         "reverse; the checkpoint is incomplete")
+        present, absent = ("weight", "weight_scale_inv") if loaded[0] else ("weight_scale_inv", "weight")
+        raise ValueError(f"the checkpoint has the FP8 {present} of {name()} but not its {absent}: it is incomplete")
     if all(loaded):
         return
     w = torch.randn(q.shape, device=q.device) * std
@@ -94,17 +95,22 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
+
+        def name() -> str:  # only needed for an error message
+            return next((n for n, m in self.named_modules() if m is module), type(module).__name__)
+
         if isinstance(module, TopkRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, RoutedExperts):
-            for name in module.PROJECTIONS:
+            for proj in module.PROJECTIONS:
                 if module.fp8_block_size is None:
-                    init.normal_(getattr(module, name), mean=0.0, std=std)
+                    init.normal_(getattr(module, proj), mean=0.0, std=std)
                 else:
-                    _init_fp8(getattr(module, name), getattr(module, f"{name}_scale_inv"), std, module.fp8_block_size)
+                    q, scales = getattr(module, proj), getattr(module, f"{proj}_scale_inv")
+                    _init_fp8(q, scales, std, module.fp8_block_size, lambda p=proj: f"{name()} ({p})")
         elif isinstance(module, FP8Linear):
-            _init_fp8(module.weight, module.weight_scale_inv, std, module.block_size)
+            _init_fp8(module.weight, module.weight_scale_inv, std, module.block_size, name)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, RotaryEmbedding):

@@ -115,3 +115,13 @@ def test_casting_an_fp8_model_keeps_fp8_weights_and_fp32_scales():
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     assert model.lm_head.weight.dtype == torch.bfloat16
     torch.testing.assert_close(model(ids).logits.float(), expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("ignore_mismatched_sizes", [False, True])
+def test_a_missing_scale_is_an_error(folders, tmp_path, ignore_mismatched_sizes):
+    state = load_file(folders / "fp8" / "model.safetensors")
+    del state["model.layers.0.self_attn.kv_b_proj.weight_scale_inv"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((folders / "fp8" / "config.json").read_text())
+    with pytest.raises(ValueError, match="kv_b_proj but not its weight_scale_inv"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path, ignore_mismatched_sizes=ignore_mismatched_sizes)
