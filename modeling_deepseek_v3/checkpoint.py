@@ -15,27 +15,18 @@ from transformers.core_model_loading import MergeModulelist, WeightConverter
 def expert_weight_conversions(config) -> list[WeightConverter]:
     """Per-expert checkpoint keys -> stacked `experts.{gate,up,down}_proj` parameters (and back on save); in an FP8
     model also their `weight_scale_inv` -> stacked `experts.{name}_scale_inv`."""
-    names = ("gate_proj", "up_proj", "down_proj")
-    conversions = []
-    if config.fp8_quantization_config is not None:
-        # listed first: the weight patterns below would also match the start of the scale keys
-        conversions += [
-            WeightConverter(
-                source_patterns=f"mlp.experts.*.{name}.weight_scale_inv",
-                target_patterns=f"mlp.experts.{name}_scale_inv",
-                operations=[MergeModulelist(dim=0)],
-            )
-            for name in names
-        ]
-    conversions += [
+    # (checkpoint key suffix, in-memory suffix); scales first: the weight pattern also matches the start of their keys
+    suffixes = [(".weight_scale_inv", "_scale_inv")] if config.fp8_quantization_config is not None else []
+    suffixes.append((".weight", ""))
+    return [
         WeightConverter(
-            source_patterns=f"mlp.experts.*.{name}.weight",
-            target_patterns=f"mlp.experts.{name}",
+            source_patterns=f"mlp.experts.*.{name}{on_disk}",
+            target_patterns=f"mlp.experts.{name}{in_memory}",
             operations=[MergeModulelist(dim=0)],
         )
-        for name in names
+        for on_disk, in_memory in suffixes
+        for name in ("gate_proj", "up_proj", "down_proj")
     ]
-    return conversions
 
 
 def mtp_layer_patterns(num_hidden_layers: int, num_mtp_layers: int) -> list[str]:
