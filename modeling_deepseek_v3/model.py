@@ -26,10 +26,22 @@ from .checkpoint import check_loading_info, expert_weight_conversions, mtp_layer
 from .configuration import DeepseekV3Config
 from .fp8 import FP8Linear, weight_quant_blocks
 from .layers import MLP, RMSNorm
+from .metrics import TrainingMetrics
 from .moe import MoE, RoutedExperts, TopkRouter
 from .rope import RotaryEmbedding, rope_frequencies
 
 logger = logging.get_logger(__name__)
+
+
+@dataclasses.dataclass
+class DeepseekV3CausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the training-objective terms reported beside the loss.
+
+    Args:
+        balance_loss: the sequence-wise balance loss summed over MoE layers (already included in `loss`).
+    """
+
+    balance_loss: torch.Tensor | None = None
 
 
 def is_moe_layer(config: DeepseekV3Config, layer_idx: int) -> bool:
@@ -268,6 +280,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = DeepseekV3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.training_metrics = TrainingMetrics()  # read by DeepseekV3Trainer's logging, or by a custom loop
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -283,7 +296,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> DeepseekV3CausalLMOutput:
         """
         Args:
             labels: `[b, s]` next-token targets (unshifted, -100 ignored); the loss is normalised by
@@ -291,7 +304,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             logits_to_keep: compute logits for the last `n` positions only (0 = all), or for the given indices.
 
         Returns:
-            `CausalLMOutputWithPast` with `loss`, `logits` `[b, s', vocab]`, `cache`, `hidden_states`.
+            `DeepseekV3CausalLMOutput` with `loss`, `logits` `[b, s', vocab]`, `cache`, `hidden_states`.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -312,7 +325,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 raise ValueError(f"labels cover {labels.shape[1]} positions but logits_to_keep={logits_to_keep!r} "
                                  f"keeps logits for {logits.shape[1]}; pass logits_to_keep=0 to train")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        return DeepseekV3CausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
 

@@ -1,0 +1,44 @@
+"""Scalar training metrics recorded by the model during training forwards (balance losses, MTP losses, expert load)
+and read by `Trainer` logging or a custom loop.
+
+References: shared/docs/transformers-integration.md §7 (logging extra metrics, checkpoint replays).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def in_backward_replay() -> bool:
+    """Whether this code runs inside a backward pass, i.e. an activation-checkpoint replay of a forward whose
+    side effects (token counts, recorded metrics) already happened."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class TrainingMetrics:
+    """Means of named scalars since the last `pop()`.
+
+    Example:
+        >>> model.training_metrics.add("mtp_1_loss", loss)   # in forward
+        >>> model.training_metrics.pop()                       # at logging time: {"mtp_1_loss": 2.31}
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        """Record one value of `name`; ignored inside activation-checkpoint replays, so it counts once per forward."""
+        if in_backward_replay():
+            return
+        value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        # summed on the value's device: no host sync per step, one read back at `pop`
+        self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        """The mean of every metric recorded since the last call, then forget them."""
+        means = {name: (total / self._counts[name]).item() for name, total in self._sums.items()}
+        self._sums.clear()
+        self._counts.clear()
+        return means
