@@ -50,7 +50,11 @@ class DeepseekV3Config(PreTrainedConfig):
         routing_bias_update_speed (`float`, defaults to 0.001): γ of the auxiliary-loss-free balancing; after each
             optimizer step `e_score_correction_bias_i += γ·sign(mean(load) − load_i)`. 0 freezes the bias.
         seq_balance_loss_alpha (`float`, defaults to 0.0001): α of the complementary sequence-wise balance loss.
-        mtp_loss_weight (`float`, defaults to 0.3): λ of the multi-token-prediction loss.
+        mtp_loss_weight (`float`, defaults to 0.3): λ of the multi-token-prediction loss,
+            `loss = main + λ/D · Σ_k CE_k` over the D = `num_nextn_predict_layers` MTP modules.
+        use_mtp_modules (`bool`, defaults to True): the switch of the MTP modules. When False they are still built,
+            loaded and saved (weights kept), but never computed: no MTP loss in training, and
+            `generate(use_mtp=True)` is refused. It has no effect when `num_nextn_predict_layers` is 0.
         use_routing_bias (`bool`, defaults to True): add `e_score_correction_bias` when choosing experts.
         mla_attention_path (`str`, defaults to "auto"): "auto" picks, per call, the cheaper of the expanded and
             the absorbed MLA paths (DESIGN §3); "expanded" / "absorbed" force one (for tests and benchmarks).
@@ -109,6 +113,7 @@ class DeepseekV3Config(PreTrainedConfig):
         routing_bias_update_speed: float = 0.001,
         seq_balance_loss_alpha: float = 0.0001,
         mtp_loss_weight: float = 0.3,
+        use_mtp_modules: bool = True,
         use_routing_bias: bool = True,
         mla_attention_path: str = "auto",
         **kwargs: Any,
@@ -156,6 +161,7 @@ class DeepseekV3Config(PreTrainedConfig):
         self.routing_bias_update_speed = routing_bias_update_speed
         self.seq_balance_loss_alpha = seq_balance_loss_alpha
         self.mtp_loss_weight = mtp_loss_weight
+        self.use_mtp_modules = use_mtp_modules
         self.use_routing_bias = use_routing_bias
         self.mla_attention_path = mla_attention_path
         # The one source of the RoPE settings, in transformers' `rope_parameters` form (its RoPE and MTP utilities
@@ -238,6 +244,8 @@ class DeepseekV3Config(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 _fail(name, value, "must be a non-negative number")
+        if not isinstance(self.use_mtp_modules, bool):
+            _fail("use_mtp_modules", self.use_mtp_modules, "must be True or False")
         if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
             _fail("routed_scaling_factor", self.routed_scaling_factor, "must be a positive number")
         if not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps <= 0:

@@ -103,6 +103,7 @@ RULES = [
     ({"routing_bias_update_speed": -0.1}, "routing_bias_update_speed", "non-negative"),
     ({"seq_balance_loss_alpha": -1}, "seq_balance_loss_alpha", "non-negative"),
     ({"mtp_loss_weight": -0.3}, "mtp_loss_weight", "non-negative"),
+    ({"use_mtp_modules": "yes"}, "use_mtp_modules", "True or False"),
     ({"routed_scaling_factor": 0}, "routed_scaling_factor", "positive"),
     ({"rms_norm_eps": 0}, "rms_norm_eps", "positive"),
     ({"rope_theta": -1}, "rope_theta", "positive"),
