@@ -8,8 +8,10 @@ References: DeepSeek-V3 report §2; DESIGN.md §2-4, §8; shared/docs/transforme
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -22,12 +24,20 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention import MultiHeadLatentAttention
 from .cache import MLACache
-from .checkpoint import check_loading_info, expert_weight_conversions, mtp_layer_patterns
+from .checkpoint import (
+    check_loading_info,
+    expert_weight_conversions,
+    mtp_layer_patterns,
+    mtp_shared_copy_keys,
+    mtp_weight_renamings,
+    stored_copy_differences,
+)
 from .configuration import DeepseekV3Config
 from .fp8 import FP8Linear, weight_quant_blocks
 from .layers import MLP, RMSNorm
 from .metrics import TrainingMetrics
 from .moe import MoE, RoutedExperts, TopkRouter
+from .mtp import MTPLayer
 from .rope import RotaryEmbedding, rope_frequencies
 
 logger = logging.get_logger(__name__)
@@ -39,12 +49,21 @@ class DeepseekV3CausalLMOutput(CausalLMOutputWithPast):
 
     Args:
         balance_loss: the sequence-wise balance loss summed over MoE layers (already included in `loss`).
+        mtp_losses: `[D]`, the mean cross-entropy of each MTP depth k (predicting the token k + 1 ahead); `loss`
+            includes `mtp_loss_weight / D` times their sum. None without labels or with the MTP modules off.
+        mtp_accuracies: `[D]`, the top-1 accuracy of each MTP depth on the same targets.
     """
 
     balance_loss: torch.Tensor | None = None
+    mtp_losses: torch.Tensor | None = None
+    mtp_accuracies: torch.Tensor | None = None
 
 
 def is_moe_layer(config: DeepseekV3Config, layer_idx: int) -> bool:
+    """Whether decoder layer `layer_idx` has a MoE FFN; the MTP modules' blocks (`layer_idx >= num_hidden_layers`)
+    always do."""
+    if layer_idx >= config.num_hidden_layers:
+        return True
     return layer_idx >= config.first_k_dense_replace and layer_idx % config.moe_layer_freq == 0
 
 
@@ -92,14 +111,15 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     config: DeepseekV3Config
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DeepseekV3DecoderLayer"]
+    _no_split_modules = ["DeepseekV3DecoderLayer", "MTPLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "scale_inv"]
 
     def __init__(self, config: DeepseekV3Config, *inputs, **kwargs) -> None:
         super().__init__(config, *inputs, **kwargs)
-        # MTP modules stored after the decoder layers are not an error when the model does not use them
+        # MTP modules stored after the decoder layers are not an error for a model without them; a model with them
+        # loads their keys (renamed) and checks that nothing else is left there (`_finalize_model_loading`)
         self._keys_to_ignore_on_load_unexpected = mtp_layer_patterns(
             config.num_hidden_layers, config.num_nextn_predict_layers
         )
@@ -132,31 +152,64 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
 
     def post_init(self) -> None:
         super().post_init()
-        # save_pretrained reverses these conversions, writing the official per-expert keys
-        self._weight_conversions = expert_weight_conversions(self.config)
+        # save_pretrained reverses these conversions, writing the official keys
+        self._weight_conversions = self._checkpoint_conversions()
+
+    def _checkpoint_conversions(self) -> list:
+        """Official checkpoint keys <-> this model's parameters: per-expert <-> stacked experts."""
+        return expert_weight_conversions(self.config)
+
+    def _has_mtp_modules(self) -> bool:
+        return False
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
         # transformers keys conversions by class name / model_type, which the built-in class shares with ours,
         # so ours are handed to the loader here instead of through the global registry.
-        if model.config.num_nextn_predict_layers:
-            logger.warning_once(
-                f"num_nextn_predict_layers = {model.config.num_nextn_predict_layers}: this version does not build the "
-                "Multi-Token Prediction modules, so their weights (model.layers."
-                f"{model.config.num_hidden_layers}.* on) are not loaded and save_pretrained will not write them"
-            )
-        mapping = list(load_config.weight_mapping or []) + expert_weight_conversions(model.config)
-        load_config = dataclasses.replace(load_config, weight_mapping=mapping)
-        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
+        ours = model._checkpoint_conversions()
+        load_config = dataclasses.replace(load_config, weight_mapping=list(load_config.weight_mapping or []) + ours)
+        result = PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
+        # transformers keeps the conversions that matched, for save_pretrained to reverse; ours always describe the
+        # in-memory layout (a checkpoint may be in the stacked layout already), so all of them are kept
+        model._weight_conversions = [c for c in model._weight_conversions if all(c is not o for o in ours)] + ours
+        if model._has_mtp_modules():
+            model._check_mtp_shared_copies(state_dict, checkpoint_files)
+        return result
+
+    def _check_mtp_shared_copies(self, state_dict: dict | None, checkpoint_files: list[str] | None) -> None:
+        """Warn when an MTP module's stored copy of the embedding or output head differs from the main tensor; the
+        main one is used either way (the modules share it)."""
+        expected = {copy: self.get_parameter(main) for copy, main in mtp_shared_copy_keys(self.config).items()}
+        expected = {key: tensor for key, tensor in expected.items() if not tensor.is_meta}  # offloaded: not checked
+        for key, difference in stored_copy_differences(expected, state_dict, checkpoint_files).items():
+            if difference > 0:
+                main = mtp_shared_copy_keys(self.config)[key]
+                logger.warning(
+                    f"The checkpoint's {key} differs from {main} (max |difference| = {difference:.3g}). The MTP "
+                    f"modules share the main model's tensor, so {main} is used and {key} is ignored; "
+                    "save_pretrained will write a copy of the main tensor."
+                )
 
     @staticmethod
     def _finalize_model_loading(model, load_config, loading_info):
+        # keys left in the MTP layers once their modules took theirs (the shared copies excepted) are unexpected
+        stray = set()
+        if model._has_mtp_modules():
+            patterns = [re.compile(p) for p in mtp_layer_patterns(model.config.num_hidden_layers,
+                                                                 model.config.num_nextn_predict_layers)]
+            copies = mtp_shared_copy_keys(model.config)
+            stray = {k for k in loading_info.unexpected_keys if any(p.match(k) for p in patterns) and k not in copies}
         loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
         # ignore_mismatched_sizes relaxes shapes only: a missing tensor would otherwise be left uninitialised
         mismatched = [] if load_config.ignore_mismatched_sizes else loading_info.mismatched_keys
-        check_loading_info(loading_info.missing_keys, loading_info.unexpected_keys, mismatched)
-        if not model._weight_conversions:  # a checkpoint already in the stacked layout: still save the official one
-            model._weight_conversions = expert_weight_conversions(model.config)
+        hint = None
+        if loading_info.missing_keys and all(k.startswith("mtp.") for k in loading_info.missing_keys):
+            hint = (
+                f"The checkpoint lacks the weights of the MTP modules that num_nextn_predict_layers = "
+                f"{model.config.num_nextn_predict_layers} asks for; load it with num_nextn_predict_layers=0 to "
+                "leave the modules out."
+            )
+        check_loading_info(loading_info.missing_keys, set(loading_info.unexpected_keys) | stray, mismatched, hint)
         return loading_info
 
 
@@ -272,7 +325,12 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
 
 
 class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
-    """DeepSeek-V3 with its output head; `generate()` uses the latent `MLACache` by default."""
+    """DeepSeek-V3 with its output head and its `num_nextn_predict_layers` MTP modules (`mtp`, DESIGN §5);
+    `generate()` uses the latent `MLACache` by default.
+
+    The MTP modules are built whenever `num_nextn_predict_layers > 0`, so their weights load and save with the
+    model; `config.use_mtp_modules` switches their computation (training loss, speculative decoding) on or off.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -280,8 +338,40 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = DeepseekV3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # MTP module k's block is decoder layer num_hidden_layers + k - 1: a MoE layer with a cache slot of its own.
+        # Kept apart from model.layers, which the main forward runs through.
+        self.mtp = nn.ModuleList(
+            MTPLayer(config, DeepseekV3DecoderLayer(config, config.num_hidden_layers + k))
+            for k in range(config.num_nextn_predict_layers)
+        )
         self.training_metrics = TrainingMetrics()  # read by DeepseekV3Trainer's logging, or by a custom loop
         self.post_init()
+
+    def _has_mtp_modules(self) -> bool:
+        return len(self.mtp) > 0
+
+    def _checkpoint_conversions(self) -> list:
+        """Official keys <-> parameters: the MTP modules' `model.layers.{L + k}.*` <-> `mtp.{k}.*`, then the experts."""
+        return mtp_weight_renamings(self.config) + super()._checkpoint_conversions()
+
+    @property
+    def mtp_active(self) -> bool:
+        """Whether the MTP modules are computed: built (`num_nextn_predict_layers > 0`) and `use_mtp_modules`."""
+        return self._has_mtp_modules() and self.config.use_mtp_modules
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, writing the official MTP layout: every MTP module's
+        `model.layers.{L + k}.embed_tokens.weight` and `.shared_head.head.weight` as copies of the main tensors."""
+        if self._has_mtp_modules() and not getattr(self, "_hf_peft_config_loaded", False):
+            state_dict = dict(self.state_dict() if state_dict is None else state_dict)
+            for copy, main in mtp_shared_copy_keys(self.config).items():
+                tensor = state_dict.get(main, self.get_parameter(main))
+                if tensor.is_meta:  # offloaded by accelerate: transformers cannot reload a tensor it does not own
+                    logger.warning(f"{main} is offloaded, so its MTP copy {copy} is not written")
+                    continue
+                # a copy, not a view: safetensors refuses tensors that share storage
+                state_dict[copy] = tensor.detach().clone()
+        return super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -300,11 +390,14 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         """
         Args:
             labels: `[b, s]` next-token targets (unshifted, -100 ignored); the loss is normalised by
-                `num_items_in_batch` when Trainer passes it.
+                `num_items_in_batch` when Trainer passes it. With active MTP modules (`mtp_active`) and
+                `s >= num_nextn_predict_layers + 2`, `loss = main + mtp_loss_weight / D · Σ_k CE_k`
+                (see `_mtp_objective`).
             logits_to_keep: compute logits for the last `n` positions only (0 = all), or for the given indices.
 
         Returns:
-            `DeepseekV3CausalLMOutput` with `loss`, `logits` `[b, s', vocab]`, `cache`, `hidden_states`.
+            `DeepseekV3CausalLMOutput` with `loss`, `logits` `[b, s', vocab]`, `cache`, `hidden_states`, and with
+            labels `mtp_losses` / `mtp_accuracies` `[D]`.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -325,9 +418,75 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 raise ValueError(f"labels cover {labels.shape[1]} positions but logits_to_keep={logits_to_keep!r} "
                                  f"keeps logits for {logits.shape[1]}; pass logits_to_keep=0 to train")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        mtp_losses = mtp_accuracies = None
+        if labels is not None and self.mtp_active and labels.shape[1] >= len(self.mtp) + 2:
+            token_embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            mtp_loss, mtp_losses, mtp_accuracies = self._mtp_objective(
+                token_embeds, hidden_states, labels, attention_mask, position_ids, kwargs.get("num_items_in_batch")
+            )
+            loss = loss + self.config.mtp_loss_weight / len(self.mtp) * mtp_loss
         return DeepseekV3CausalLMOutput(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            mtp_losses=mtp_losses, mtp_accuracies=mtp_accuracies,
         )
+
+    def _mtp_objective(
+        self,
+        token_embeds: torch.Tensor,
+        main_hidden: torch.Tensor,
+        labels: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The MTP chain of DESIGN §5 over a training sequence and its per-depth cross-entropy.
+
+        Depth k at position i reads `Emb(t_{i+k})` (the input embeddings shifted by k) and `h^{k-1}_i`, and predicts
+        `labels[i + k + 1]`, so it runs on the positions `i < s - k - 1` that have such a target; -100 is ignored.
+
+        Normalisation: without `num_items_in_batch` each depth's term is its mean over its valid targets. With it
+        (Trainer, gradient accumulation), each depth's summed token loss is divided by the same `num_items_in_batch`
+        as the main loss (the batch's main-loss target count), so that summing micro-batches weights every token of
+        a depth alike, exactly as for the main loss; the term is then smaller than a per-depth mean by the share of
+        targets depth k lacks (k per sequence, plus padding). The reported `mtp_losses` are per-depth means.
+
+        Args:
+            token_embeds: `[b, s, H]` input embeddings; main_hidden: `[b, s, H]` `h^0` (after the final norm).
+            labels: `[b, s]`; attention_mask: `[b, s]` 2-D padding mask or None; position_ids: `[b, s]` or None.
+
+        Returns:
+            `(Σ_k term_k, mean CE per depth [D], accuracy per depth [D])`.
+        """
+        b, s, _ = main_hidden.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=main_hidden.device).expand(b, -1)
+        hidden, total, losses, accuracies = main_hidden, 0.0, [], []
+        for k, module in enumerate(self.mtp, start=1):
+            n = s - k - 1  # positions i whose target t_{i+k+1} exists
+            positions = position_ids[:, :n]
+            mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden[:, :n],
+                attention_mask=None if attention_mask is None else attention_mask[:, :n],
+                cache=None,
+                position_ids=positions,
+            )
+            position_embeddings = self.model.rotary_emb(hidden, positions)
+            hidden = module(token_embeds[:, k : k + n], hidden[:, :n], position_embeddings, mask)  # h^k [b, n, H]
+            logits = module.shared_head(hidden, self.lm_head).float()  # [b, n, vocab]
+            targets = labels[:, k + 1 :].to(logits.device)
+            valid = targets != -100
+            count = valid.sum().clamp(min=1)
+            summed = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+            total = total + (summed / count if num_items_in_batch is None else summed / num_items_in_batch)
+            losses.append(summed / count)
+            accuracies.append(((logits.argmax(-1) == targets) & valid).sum() / count)
+        losses, accuracies = torch.stack(losses), torch.stack(accuracies).detach()
+        if self.training:
+            for k, (loss, accuracy) in enumerate(zip(losses, accuracies), start=1):
+                self.training_metrics.add(f"mtp_{k}_loss", loss)
+                self.training_metrics.add(f"mtp_{k}_accuracy", accuracy)
+        return total, losses, accuracies
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):

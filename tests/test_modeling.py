@@ -86,21 +86,6 @@ def test_auto_classes_build_ours(saved):
     assert type(AutoModel.from_pretrained(path)) is DeepseekV3Model
 
 
-def test_mtp_layer_keys_are_not_an_error(saved, tmp_path):
-    model, path = saved
-    state = load_file(path / "model.safetensors")
-    layers = model.config.num_hidden_layers
-    state[f"model.layers.{layers}.eh_proj.weight"] = torch.randn(64, 128)
-    state[f"model.layers.{layers}.mlp.experts.0.up_proj.weight"] = torch.randn(32, 64)
-    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((path / "config.json").read_text())
-    config["num_nextn_predict_layers"] = 1
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    back = DeepseekV3ForCausalLM.from_pretrained(tmp_path)
-    ids = random_ids(model.config, 1, 6)
-    torch.testing.assert_close(back(ids).logits, model(ids).logits)
-
-
 def test_missing_and_unexpected_keys_are_errors(saved, tmp_path):
     _, path = saved
     state = load_file(path / "model.safetensors")
