@@ -119,17 +119,21 @@ class LatentCacheMixin:
 class MLACache(LatentCacheMixin, Cache):
     """The default cache of `DeepseekV3ForCausalLM`: one `LatentCacheLayer` per decoder layer.
 
+    `num_layers` (default `num_hidden_layers`) may add slots after the decoder layers' for the MTP modules' blocks
+    (layer index `num_hidden_layers + k - 1` for module k), as self-speculative decoding does.
+
     Example:
         >>> cache = MLACache(model.config)
         >>> out = model(input_ids, cache=cache, use_cache=True)
         >>> cache.nbytes(), cache.bytes_per_token()
     """
 
-    def __init__(self, config: DeepseekV3Config | None = None) -> None:
+    def __init__(self, config: DeepseekV3Config | None = None, num_layers: int | None = None) -> None:
         if config is None:
             super().__init__(layer_class_to_replicate=LatentCacheLayer)
         else:
-            super().__init__(layers=[LatentCacheLayer() for _ in range(config.num_hidden_layers)])
+            num_layers = config.num_hidden_layers if num_layers is None else num_layers
+            super().__init__(layers=[LatentCacheLayer() for _ in range(num_layers)])
 
 
 class MLAStaticCache(LatentCacheMixin, StaticCache):

@@ -34,6 +34,7 @@ from .checkpoint import (
 )
 from .configuration import DeepseekV3Config
 from .fp8 import FP8Linear, weight_quant_blocks
+from .generation import SpeculativeStats, mtp_speculative_decoding
 from .layers import MLP, RMSNorm
 from .metrics import TrainingMetrics
 from .moe import MoE, RoutedExperts, TopkRouter
@@ -345,6 +346,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             for k in range(config.num_nextn_predict_layers)
         )
         self.training_metrics = TrainingMetrics()  # read by DeepseekV3Trainer's logging, or by a custom loop
+        self.last_speculative_stats: SpeculativeStats | None = None  # set by generate(use_mtp=True)
         self.post_init()
 
     def _has_mtp_modules(self) -> bool:
@@ -487,6 +489,40 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 self.training_metrics.add(f"mtp_{k}_loss", loss)
                 self.training_metrics.add(f"mtp_{k}_accuracy", accuracy)
         return total, losses, accuracies
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate`, plus self-speculative decoding with the MTP modules when `use_mtp=True` (the
+        keyword, or `generation_config.use_mtp`): greedy output identical to plain greedy decoding, sampling with the
+        same output distribution as plain sampling, at any batch size (left padding), for any number of modules.
+        Afterwards `self.last_speculative_stats` (`SpeculativeStats`) holds the acceptance per depth and overall and
+        the tokens per main-model forward. See `generation.py`.
+
+        Example:
+            >>> out = model.generate(**inputs, max_new_tokens=128, use_mtp=True)
+            >>> model.last_speculative_stats.acceptance_rate, model.last_speculative_stats.tokens_per_forward
+
+        Raises:
+            ValueError: with `use_mtp=True`, if the model has no active MTP modules (`num_nextn_predict_layers = 0`
+                or `use_mtp_modules = False`), with an assistant model, a streamer, a cache passed in, or
+                `custom_generate`; and for what the loop does not support (see `mtp_speculative_decoding`).
+        """
+        use_mtp = kwargs.pop("use_mtp", None)
+        if use_mtp is None:
+            use_mtp = (generation_config or self.generation_config).use_mtp
+        if not use_mtp:
+            return super().generate(inputs, generation_config, **kwargs)
+        if not self.mtp_active:
+            raise ValueError(
+                "use_mtp=True drafts with the MTP modules, but this model has none active (num_nextn_predict_layers="
+                f"{self.config.num_nextn_predict_layers}, use_mtp_modules={self.config.use_mtp_modules})"
+            )
+        for name in ("assistant_model", "streamer", "custom_generate", "cache", "past_key_values"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"use_mtp=True runs its own decoding loop and cache; {name} is not supported with it")
+        # transformers prepares inputs, processors and stopping criteria as for plain decoding, then runs our loop
+        return super().generate(
+            inputs, generation_config, use_mtp=False, custom_generate=mtp_speculative_decoding, **kwargs
+        )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):

@@ -1,6 +1,5 @@
 """The causal LM: parity with transformers' built-in class, checkpoints, Auto classes, generate, pipeline, errors."""
 
-import json
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Multi-Token Prediction: the module formula, the training objective, the switch, and the official checkpoint layout."""
+"""Multi-Token Prediction: the module formula, the training objective, the switch, the official checkpoint layout."""
 
 import json
 
@@ -11,30 +11,7 @@ from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Model
 
-from .utils import random_ids, random_model, tiny_config
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def reference_mtp_logits(model: DeepseekV3ForCausalLM, ids: torch.Tensor) -> list[torch.Tensor]:
-    """DESIGN §5 written out on the model's weights: depth k's logits `[b, s - k - 1, vocab]` (its positions with a
-    target), each depth's block fed `eh_proj(cat[enorm(Emb(t_{i+k})), hnorm(h^{k-1}_i)])` under a causal mask."""
-    eps = model.config.rms_norm_eps
-    s = ids.shape[1]
-    emb = model.model.embed_tokens.weight[ids]
-    hidden = model.model(ids).last_hidden_state  # h^0, after the final norm
-    all_logits = []
-    for k, module in enumerate(model.mtp, start=1):
-        n = s - k - 1
-        x = torch.cat([rms_norm(emb[:, k : k + n], module.enorm.weight, eps),
-                       rms_norm(hidden[:, :n], module.hnorm.weight, eps)], dim=-1) @ module.eh_proj.weight.T
-        causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
-        positions = torch.arange(n)[None].expand(ids.shape[0], -1)
-        hidden = module.block(x, model.model.rotary_emb(x, positions), causal)
-        all_logits.append(rms_norm(hidden, module.shared_head.norm.weight, eps) @ model.lm_head.weight.T)
-    return all_logits
+from .utils import random_ids, random_model, reference_mtp_logits, rms_norm, tiny_config
 
 
 @pytest.fixture(scope="module")

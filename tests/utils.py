@@ -27,3 +27,54 @@ def random_model(config: DeepseekV3Config | None = None, **overrides) -> Deepsee
 def random_ids(config: DeepseekV3Config, batch: int, length: int) -> torch.Tensor:
     # avoid the special ids so EOS does not stop generation early
     return torch.randint(3, config.vocab_size, (batch, length))
+
+
+def agreeing_mtp_model(
+    depth: int, context_weight: float, mtp_context_weight: float = 0.0, **overrides
+) -> DeepseekV3ForCausalLM:
+    """A tiny random model whose MTP modules draft what the main model will choose most of the time.
+
+    The main model's attention and FFN outputs are scaled by `context_weight`, so it is a bigram model (next token a
+    function of the current one) plus that much context. Every MTP module passes the embedding of its input token
+    through (`eh_proj = [I, w·I]`) to the shared norm and head, its block adding w times its attention and FFN
+    outputs (w = `mtp_context_weight`), i.e. it predicts that token's bigram successor (plus some context): drafts are
+    accepted unless the context changes the main model's choice.
+    """
+    model = random_model(tiny_config(num_nextn_predict_layers=depth, **overrides))
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        for name, param in model.model.layers.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                param.mul_(context_weight)
+        for module in model.mtp:
+            for name, param in module.block.named_parameters():
+                if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                    param.mul_(mtp_context_weight)
+            module.enorm.weight.fill_(1.0)
+            module.eh_proj.weight[:, :hidden] = torch.eye(hidden)
+            module.eh_proj.weight[:, hidden:] = mtp_context_weight * torch.eye(hidden)
+            module.shared_head.norm.weight.copy_(model.model.norm.weight)
+    return model
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def reference_mtp_logits(model: DeepseekV3ForCausalLM, ids: torch.Tensor) -> list[torch.Tensor]:
+    """DESIGN §5 written out on the model's weights: depth k's logits `[b, s - k - 1, vocab]` (its positions with a
+    target), each depth's block fed `eh_proj(cat[enorm(Emb(t_{i+k})), hnorm(h^{k-1}_i)])` under a causal mask."""
+    eps = model.config.rms_norm_eps
+    s = ids.shape[1]
+    emb = model.model.embed_tokens.weight[ids]
+    hidden = model.model(ids).last_hidden_state  # h^0, after the final norm
+    all_logits = []
+    for k, module in enumerate(model.mtp, start=1):
+        n = s - k - 1
+        x = torch.cat([rms_norm(emb[:, k : k + n], module.enorm.weight, eps),
+                       rms_norm(hidden[:, :n], module.hnorm.weight, eps)], dim=-1) @ module.eh_proj.weight.T
+        causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+        positions = torch.arange(n)[None].expand(ids.shape[0], -1)
+        hidden = module.block(x, model.model.rotary_emb(x, positions), causal)
+        all_logits.append(rms_norm(hidden, module.shared_head.norm.weight, eps) @ model.lm_head.weight.T)
+    return all_logits

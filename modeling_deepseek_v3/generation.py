@@ -1,0 +1,395 @@
+"""Self-speculative decoding with the MTP modules: the loop behind `model.generate(..., use_mtp=True)`.
+
+Every step the MTP chain drafts D tokens (module k drafts the token k ahead), and one main-model forward over
+`[newest token, d_1 .. d_D]` (D + 1 queries over the latent cache: the absorbed MLA path) verifies them.
+* greedy: the longest prefix of drafts equal to the main model's argmax is accepted, plus the main model's own next
+  token, so the output is token for token that of plain greedy decoding.
+* sampling: draft d_k is accepted with probability min(1, p(d_k) / q(d_k)); the first rejected one is replaced by a
+  sample of norm(max(0, p - q)); after D accepted drafts a bonus token comes from p. p and q are the main model's and
+  the MTP module's distributions after the same logits warpers (temperature, top-k, top-p, ...), so the output is
+  distributed exactly as plain sampling.
+
+Batches: rows accept different numbers of tokens, yet all rows share one cache length. A step appends its D + 1
+slots to the main cache, crops the slots that no row accepted, and masks the rejected slots of the other rows in the
+attention mask (positions are tracked per row), so no cache is ever copied or realigned. The MTP blocks keep their
+slots in the same `MLACache` (layer `L + k - 1` for module k) with attention masks of their own.
+
+Dimension letters: b batch, D MTP depth, V vocabulary, H hidden, n window columns, t cached slots.
+References: Leviathan et al. 2023 (arXiv 2211.17192) and Chen et al. 2023 (arXiv 2302.01318), speculative sampling;
+DeepSeek-V3 report §2.2 and §5.4.3 (MTP for speculative decoding); transformers `generation/utils.py`
+(`custom_generate`, `GenerationMixin._sample`); DESIGN.md §5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    InfNanRemoveLogitsProcessor,
+    LogitNormalization,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopHLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .cache import MLACache
+
+# Processors that act on each row's scores alone, so they apply unchanged to every verified position of a step.
+# Those that read the generated ids (repetition penalty, n-gram bans, minimum lengths, ...) would see them only
+# up to the step's start, and are refused.
+POSITIONWISE_PROCESSORS = (
+    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, TypicalLogitsWarper,
+    EpsilonLogitsWarper, EtaLogitsWarper, TopHLogitsWarper, LogitNormalization, InfNanRemoveLogitsProcessor,
+)  # fmt: skip
+STOPPING_CRITERIA = (MaxLengthCriteria, EosTokenCriteria)  # applied per row by the loop itself
+
+
+@dataclasses.dataclass
+class SpeculativeStats:
+    """Acceptance statistics of the last `generate(use_mtp=True)` call, in `model.last_speculative_stats`.
+
+    Counts cover the rows still generating at each step.
+
+    Args:
+        proposed: per depth k (index k - 1), drafts of depth k that were checked: those whose shallower drafts of
+            the same step were all accepted.
+        accepted: per depth k, drafts of depth k that were accepted.
+        main_forwards: main-model forwards, the prefill included.
+        row_steps: verification forwards × rows still generating.
+        tokens: tokens the verification forwards added, all rows (the prefill's first token not counted).
+    """
+
+    proposed: list[int]
+    accepted: list[int]
+    main_forwards: int = 0
+    row_steps: int = 0
+    tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts over all drafts made (D per row and step)."""
+        drafted = len(self.accepted) * self.row_steps
+        return sum(self.accepted) / drafted if drafted else 0.0
+
+    @property
+    def acceptance_rate_per_depth(self) -> list[float]:
+        """Depth k: the share of its checked drafts that were accepted (given that drafts 1..k-1 were)."""
+        return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Tokens a row gains per verification forward (1 + its accepted drafts), averaged over rows and steps."""
+        return self.tokens / self.row_steps if self.row_steps else 0.0
+
+
+def mtp_speculative_decoding(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config,
+    **model_kwargs,
+) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+    """The `custom_generate` loop that `DeepseekV3ForCausalLM.generate(use_mtp=True)` hands to transformers'
+    `generate`, which prepares `input_ids` `[b, w]` (left-padded), the attention mask, the logits processors and
+    the stopping criteria as for plain decoding. Sets `model.last_speculative_stats`.
+
+    Returns:
+        `[b, w + new]` token ids as plain `generate` returns them (finished rows padded with `pad_token_id`), or a
+        `GenerateDecoderOnlyOutput` with `sequences` when `return_dict_in_generate`.
+
+    Raises:
+        ValueError: for beam search, a static cache, requested scores / logits / attentions / hidden states,
+            inputs_embeds, or a logits processor or stopping criterion that depends on the generated ids.
+    """
+    _check_request(logits_processor, stopping_criteria, generation_config, model_kwargs)
+    decoder = SelfSpeculativeDecoder(model, generation_config, logits_processor)
+    sequences = decoder.generate(input_ids, model_kwargs.get("attention_mask"))
+    model.last_speculative_stats = decoder.stats
+    if generation_config.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(sequences=sequences)
+    return sequences
+
+
+def _check_request(logits_processor, stopping_criteria, generation_config, model_kwargs) -> None:
+    if generation_config.num_beams > 1:
+        raise ValueError(f"use_mtp=True decodes greedily or by sampling, not by beam search "
+                         f"(num_beams={generation_config.num_beams}); set num_beams=1")
+    if generation_config.cache_implementation not in (None, "dynamic"):
+        raise ValueError(f"use_mtp=True builds its own dynamic latent cache; cache_implementation="
+                         f"{generation_config.cache_implementation!r} is not supported")
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError("use_mtp=True needs input_ids (the MTP modules embed the drafted tokens), not inputs_embeds")
+    outputs = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+    requested = [name for name in outputs if getattr(generation_config, name, False)]
+    if requested:
+        raise ValueError(f"use_mtp=True returns sequences only; {', '.join(requested)} is not supported")
+    processors = [type(p).__name__ for p in logits_processor if not isinstance(p, POSITIONWISE_PROCESSORS)]
+    if processors:
+        raise ValueError(
+            f"use_mtp=True applies only logits processors that act on each position's scores alone "
+            f"({', '.join(c.__name__ for c in POSITIONWISE_PROCESSORS)}); this call adds {', '.join(processors)}"
+        )
+    criteria = [type(c).__name__ for c in stopping_criteria if not isinstance(c, STOPPING_CRITERIA)]
+    if criteria:
+        raise ValueError(f"use_mtp=True stops on max_length / max_new_tokens and eos_token_id only; this call adds "
+                         f"{', '.join(criteria)}")
+
+
+@dataclasses.dataclass
+class _Window:
+    """The positions an MTP module computes in one step, right-aligned per row (invalid columns on the left)."""
+
+    hidden: torch.Tensor  # [b, n, H], h^{k-1} of each position
+    tokens: torch.Tensor  # [b, n], t_{i+k} of each position i
+    positions: torch.Tensor  # [b, n]
+    valid: torch.Tensor  # [b, n] bool
+
+    def column(self, index: int, width: int) -> _Window:
+        """Column `index` (negative: from the end) as a 1-wide window; an invalid one if the window is narrower."""
+        if -index > width:
+            return _Window(self.hidden[:, :1] * 0, self.tokens[:, :1], self.positions[:, :1] - 1,
+                           torch.zeros_like(self.valid[:, :1]))
+        pick = slice(width + index, width + index + 1)
+        return _Window(self.hidden[:, pick], self.tokens[:, pick], self.positions[:, pick], self.valid[:, pick])
+
+
+class _Sequences:
+    """The generated tokens of every row, with the stopping rules of plain `generate` applied per row."""
+
+    def __init__(self, batch: int, max_new: int, width: int, eos: torch.Tensor | None, pad, device) -> None:
+        self.max_new, self.eos = max_new, eos
+        fill = 0 if pad is None else int(pad)
+        self.tokens = torch.full((batch, max_new + width), fill, dtype=torch.long, device=device)
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def append(self, new: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Append the first `lengths[r]` tokens of `new[r]` `[b, m]` to the unfinished rows, cut after an EOS and at
+        `max_new` tokens; returns how many each row kept."""
+        m = new.shape[1]
+        offsets = torch.arange(m, device=new.device)
+        lengths = torch.minimum(lengths, self.max_new - self.count).masked_fill(self.finished, 0)
+        hit = torch.zeros_like(self.finished)
+        if self.eos is not None:
+            is_eos = torch.isin(new, self.eos) & (offsets < lengths[:, None])
+            hit = is_eos.any(-1)
+            lengths = torch.where(hit, is_eos.int().argmax(-1) + 1, lengths)
+        index = self.count[:, None] + offsets
+        keep = offsets < lengths[:, None]
+        self.tokens.scatter_(1, index, torch.where(keep, new, self.tokens.gather(1, index)))
+        self.count += lengths
+        self.finished |= hit | (self.count >= self.max_new)
+        return lengths
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finished.all())
+
+    def result(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([input_ids, self.tokens[:, : int(self.count.max())]], dim=1)
+
+
+class SelfSpeculativeDecoder:
+    """State of one `generate(use_mtp=True)` call: the shared latent cache, the attention masks, the MTP carries.
+
+    MTP bookkeeping. Module k at position i reads `t_{i+k}` and `h^{k-1}_i`. When a step ends with newest token
+    `t_N` (not yet fed to the main model), module k has cache slots for positions `<= N - 1`, of which the last
+    k - 1 were computed from drafted tokens: the next step crops them and recomputes positions `N - k + 1 ..
+    N' - 1` with accepted tokens (`N'` the next newest). The hidden state `h^{k-1}` of the first of them, computed
+    a step earlier by module k - 1, is kept as the module's carry.
+    """
+
+    def __init__(self, model, generation_config, logits_processor: LogitsProcessorList) -> None:
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+        self.depth = len(model.mtp)
+        self.do_sample = generation_config.do_sample
+        self.logits_processor = logits_processor
+        self.generation_config = generation_config
+        self.cache = MLACache(model.config, num_layers=self.num_layers + self.depth)
+        self.mtp_masks: list[torch.Tensor | None] = [None] * self.depth  # [b, t_k] valid slots of module k's cache
+        self.carries: list[_Window] | None = None  # per module k < D: module k's column that module k + 1 reads next
+        self.main_mask: torch.Tensor | None = None  # [b, t] valid slots of the main layers' cache
+        self.holes = False  # whether main_mask has a False slot (else no mask is passed, as in plain decoding)
+        self.next_position: torch.Tensor | None = None  # [b], position of each row's newest token
+        self.stats = SpeculativeStats([0] * self.depth, [0] * self.depth)
+
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits `[..., V]` through the (position-wise) processors, in fp32."""
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        return self.logits_processor(None, flat).view(logits.shape)
+
+    def _choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A token per row from logits `[b, V]`: argmax, or a sample; with its distribution when sampling."""
+        scores = self._scores(logits)
+        if not self.do_sample:
+            return scores.argmax(-1), None
+        probs = F.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(1), probs
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
+        """Decode until every row has hit EOS or `max_length`; returns prompt + new tokens `[b, w + new]`."""
+        config, depth = self.generation_config, self.depth
+        b, w = input_ids.shape
+        device = input_ids.device
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        positions = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)  # as generate() numbers left padding
+        # the prefill is exactly plain decoding's (no mask when nothing is padded), so its first token is the same
+        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                  cache=self.cache, use_cache=True).last_hidden_state
+        self.stats.main_forwards += 1
+        newest, _ = self._choose(self.model.lm_head(hidden[:, -1:])[:, -1])
+        sequences = _Sequences(b, config.max_length - w, depth + 1, config._eos_token_tensor,
+                               config._pad_token_tensor, device)
+        sequences.append(newest[:, None], torch.ones_like(newest))
+        self.main_mask, self.holes = valid, attention_mask is not None
+        self.next_position = valid.sum(-1)  # the position of `newest`
+        if sequences.done:
+            return sequences.result(input_ids)
+        drafts, draft_probs = self._draft(_Window(hidden, torch.cat([input_ids[:, 1:], newest[:, None]], 1),
+                                                  positions, valid))
+        while True:
+            active = ~sequences.finished
+            accepted, step_tokens, hidden, positions = self._verify(newest, drafts, draft_probs)
+            accepted = accepted.masked_fill(~active, 0)  # finished rows keep nothing
+            kept = sequences.append(step_tokens, accepted + 1)
+            self._count(accepted, active, kept)
+            widest = self._keep_accepted_slots(accepted)
+            if sequences.done:
+                return sequences.result(input_ids)
+            # module 1 reads the verified positions N .. N + a of each row, right-aligned in widest + 1 columns
+            shift = widest - accepted
+            columns = torch.arange(widest + 1, device=device)
+            index = (columns - shift[:, None]).clamp(min=0)
+            window = _Window(hidden[:, : widest + 1].gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])),
+                             step_tokens.gather(1, index), positions.gather(1, index), columns >= shift[:, None])
+            newest = step_tokens.gather(1, accepted[:, None]).squeeze(1)
+            drafts, draft_probs = self._draft(window)
+
+    def _verify(self, newest: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None):
+        """One main-model forward over `[newest, d_1 .. d_D]`.
+
+        Returns:
+            `(accepted [b], step_tokens [b, D + 1], hidden [b, D + 1, H], positions [b, D + 1])`: row r keeps
+            `step_tokens[r, : accepted[r] + 1]` (its accepted drafts, then the main model's token).
+        """
+        depth = drafts.shape[1]
+        ids = torch.cat([newest[:, None], drafts], dim=1)
+        positions = self.next_position[:, None] + torch.arange(depth + 1, device=ids.device)
+        self.main_mask = torch.cat([self.main_mask, torch.ones_like(ids, dtype=torch.bool)], dim=1)
+        hidden = self.model.model(input_ids=ids, attention_mask=self.main_mask.long() if self.holes else None,
+                                  position_ids=positions, cache=self.cache, use_cache=True).last_hidden_state
+        self.stats.main_forwards += 1
+        scores = self._scores(self.model.lm_head(hidden))  # [b, D + 1, V]
+        if not self.do_sample:
+            target = scores.argmax(-1)
+            accepted = (drafts == target[:, :depth]).long().cumprod(-1).sum(-1)
+            return accepted, target, hidden, positions
+        p = F.softmax(scores, dim=-1)
+        p_draft = p[:, :depth].gather(-1, drafts[..., None]).squeeze(-1)
+        q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
+        accepted = (torch.rand_like(p_draft) * q_draft < p_draft).long().cumprod(-1).sum(-1)  # u < p / q
+        # the first rejected position samples norm(max(0, p - q)); after D accepted drafts q is 0 there: p itself
+        q = torch.cat([draft_probs, torch.zeros_like(p[:, :1])], dim=1)
+        at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
+        p_next, q_next = p.gather(1, at).squeeze(1), q.gather(1, at).squeeze(1)
+        residual = (p_next - q_next).clamp(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)  # p == q to rounding
+        bonus = torch.multinomial(residual, num_samples=1)  # normalises
+        step_tokens = torch.cat([drafts, bonus], dim=1).scatter(1, accepted[:, None], bonus)
+        return accepted, step_tokens, hidden, positions
+
+    def _keep_accepted_slots(self, accepted: torch.Tensor) -> int:
+        """Roll the main cache back: crop the slots no row accepted, mask each row's other rejected ones; advance
+        the positions. Returns the most drafts any row accepted."""
+        widest = int(accepted.max())
+        rejected_by_all = self.depth - widest
+        if rejected_by_all:
+            for layer in self.cache.layers[: self.num_layers]:
+                layer.crop(-rejected_by_all)
+            self.main_mask = self.main_mask[:, :-rejected_by_all]
+        self.main_mask[:, -(widest + 1) :] = torch.arange(widest + 1, device=accepted.device) <= accepted[:, None]
+        self.holes = self.holes or bool((accepted != widest).any())
+        self.next_position = self.next_position + accepted + 1
+        return widest
+
+    def _count(self, accepted: torch.Tensor, active: torch.Tensor, kept: torch.Tensor) -> None:
+        for k in range(1, self.depth + 1):
+            self.stats.proposed[k - 1] += int(((accepted >= k - 1) & active).sum())
+            self.stats.accepted[k - 1] += int(((accepted >= k) & active).sum())
+        self.stats.row_steps += int(active.sum())
+        self.stats.tokens += int(kept.sum())
+
+    def _draft(self, window: _Window) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the MTP chain; `window` holds module 1's new positions (after the prefill: the whole prompt).
+
+        Returns:
+            `(drafts [b, D], their distributions [b, D, V] when sampling, else None)`.
+        """
+        first = self.carries is None
+        drafts, probs, carries = [], [], []
+        hidden = window.hidden  # h^{k-1} of the window's positions
+        shift = (~window.valid).sum(-1, keepdim=True)  # invalid columns left of each row's positions (steps)
+        for k, module in enumerate(self.model.mtp, start=1):
+            if k > 1:
+                previous = window
+                if first:  # same positions, tokens one further ahead
+                    tokens = torch.cat([previous.tokens[:, 1:], drafts[-1][:, None]], dim=1)
+                    window = _Window(hidden, tokens, previous.positions, previous.valid)
+                else:  # one more position, whose h^{k-1} module k - 1 computed a step ago, just left of the others
+                    window = self._extend(previous, hidden, self.carries[k - 2], shift, drafts[-1])
+            hidden = self._run_module(k, module, window)
+            token, token_probs = self._choose(module.shared_head(hidden[:, -1:], self.model.lm_head)[:, -1])
+            drafts.append(token)
+            probs.append(token_probs)
+            if k < self.depth:  # position N' - k, the first that module k + 1 recomputes next step
+                carries.append(_Window(hidden, window.tokens, window.positions, window.valid)
+                               .column(-k, hidden.shape[1]))
+        self.carries = carries
+        return torch.stack(drafts, 1), torch.stack(probs, 1) if self.do_sample else None
+
+    @staticmethod
+    def _extend(previous: _Window, hidden: torch.Tensor, carry: _Window, shift: torch.Tensor, draft: torch.Tensor):
+        """Module k's window from module k - 1's (`previous`, output `hidden`): the carried position inserted just
+        left of each row's `previous` positions (right-aligned after `shift` invalid columns), and every position's
+        token one further ahead, the newest draft last."""
+        columns = torch.arange(previous.valid.shape[1] + 1, device=shift.device)
+        index = torch.where(columns > shift, columns, 0)  # into [carry, previous]; invalid columns copy the carry
+        valid = (columns > shift) | ((columns == shift) & carry.valid)
+        hidden = torch.cat([carry.hidden, hidden], 1).gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        positions = torch.cat([carry.positions, previous.positions], 1).gather(1, index)
+        # column c + 1 holds previous column c's position; its token, one further ahead, is previous token c + 1
+        tokens = torch.cat([previous.tokens, draft[:, None]], 1)
+        return _Window(hidden, tokens, positions, valid)
+
+    def _run_module(self, k: int, module, window: _Window) -> torch.Tensor:
+        """Module k over `window`, after dropping its slots computed from drafted tokens; returns `h^k` `[b, n, H]`."""
+        layer = self.cache.layers[self.num_layers + k - 1]
+        past = self.mtp_masks[k - 1]
+        if past is None:
+            past = window.valid[:, :0]
+        elif k > 1:
+            layer.crop(-(k - 1))
+            past = past[:, : max(past.shape[1] - (k - 1), 0)]
+        keys = torch.cat([past, window.valid], dim=1)  # [b, t]
+        self.mtp_masks[k - 1] = keys
+        n, t = window.valid.shape[1], keys.shape[1]
+        query_slot = t - n + torch.arange(n, device=keys.device)[:, None]
+        slots = torch.arange(t, device=keys.device)
+        # causal over valid slots; a query always sees its own slot, so an invalid one never meets an empty row
+        mask = ((keys[:, None, :] & (slots <= query_slot)) | (slots == query_slot))[:, None]  # [b, 1, n, t]
+        embeds = self.model.model.embed_tokens(window.tokens)
+        position_embeddings = self.model.model.rotary_emb(window.hidden, window.positions.clamp(min=0))
+        return module(embeds, window.hidden, position_embeddings, mask, cache=self.cache)

@@ -1,0 +1,230 @@
+"""Self-speculative decoding with the MTP modules (`generate(use_mtp=True)`): greedy output identical to plain greedy
+decoding, sampled output distributed as plain sampling, batches with left padding, and clear errors."""
+
+import pytest
+import torch
+from transformers import TextStreamer
+from transformers.generation import (
+    GenerateDecoderOnlyOutput,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from modeling_deepseek_v3.attention import MultiHeadLatentAttention
+from modeling_deepseek_v3.generation import SelfSpeculativeDecoder
+
+from .utils import agreeing_mtp_model, random_ids, random_model, reference_mtp_logits, tiny_config
+
+PROMPT_LENGTHS = (7, 3, 5)
+
+
+def left_padded(config, lengths):
+    pad, width = config.pad_token_id, max(lengths)
+    prompts = [random_ids(config, 1, n)[0] for n in lengths]
+    ids = torch.stack([torch.cat([torch.full((width - len(p),), pad), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long()
+    return ids, mask
+
+
+def both(model, ids, mask, **kwargs):
+    plain = model.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
+    speculative = model.generate(ids, attention_mask=mask, do_sample=False, use_mtp=True, **kwargs)
+    return plain, speculative
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("drafter", ["agreeing", "random"])
+def test_greedy_equals_plain_greedy(depth, batch, drafter):
+    if drafter == "agreeing":  # drafts accepted part of the time: rows accept different numbers of tokens
+        model = agreeing_mtp_model(depth, context_weight=0.3)
+    else:  # drafts (nearly) always rejected
+        model = random_model(tiny_config(num_nextn_predict_layers=depth))
+    ids, mask = left_padded(model.config, PROMPT_LENGTHS[:batch])
+    plain, speculative = both(model, ids, mask if batch > 1 else None, max_new_tokens=20)
+    assert plain.shape == (batch, ids.shape[1] + 20)
+    assert torch.equal(speculative, plain)
+    stats = model.last_speculative_stats
+    if batch == 1:
+        assert stats.main_forwards == 1 + stats.row_steps and stats.tokens == 19
+    if drafter == "agreeing":
+        assert 0.2 < stats.acceptance_rate < 0.95 and 1.2 < stats.tokens_per_forward < depth + 1
+        assert stats.main_forwards < 20  # fewer main forwards than tokens
+        assert len(stats.acceptance_rate_per_depth) == depth
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_eos_and_max_new_tokens_inside_a_draft(depth):
+    """With every draft accepted (a pure bigram model) a step emits D + 1 tokens: generated token i >= 2 is slot
+    (i - 2) % (D + 1) of its step, slot D being the main model's own token. An EOS or the length limit at a smaller
+    slot falls inside the accepted drafts, whose later tokens must be dropped."""
+    model = agreeing_mtp_model(depth, context_weight=0.0)
+    ids, mask = left_padded(model.config, PROMPT_LENGTHS)
+    plain, speculative = both(model, ids, mask, max_new_tokens=depth + 3)  # ends on slot 0 of the second step
+    assert torch.equal(speculative, plain) and model.last_speculative_stats.acceptance_rate == 1.0
+
+    width = ids.shape[1]
+    row0 = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)[0, width:].tolist()
+    eos = next(t for i, t in enumerate(row0, start=1)
+               if i >= 2 and (i - 2) % (depth + 1) < depth and t not in row0[: i - 1])
+    plain, speculative = both(model, ids, mask, max_new_tokens=24, eos_token_id=eos)
+    assert torch.equal(speculative, plain)
+    stop = row0.index(eos) + 1
+    assert plain[0, width + stop - 1] == eos and (plain[0, width + stop :] == model.config.pad_token_id).all()
+    assert plain.shape[1] > width + stop  # other rows went on
+
+
+@pytest.mark.parametrize("depth, lengths", [(2, PROMPT_LENGTHS), (3, (6, 1, 2))], ids=["D2", "D3-short-prompts"])
+def test_drafts_equal_the_mtp_chain_on_the_accepted_tokens(monkeypatch, depth, lengths):
+    """The incremental MTP state (cropped draft slots, carried hidden states, masked rejected slots, per-row
+    positions) gives at every step the logits that the DESIGN §5 chain gives when recomputed from scratch on each
+    row's accepted tokens alone (no padding, no cache). Prompts shorter than D leave early carries empty."""
+    model = agreeing_mtp_model(depth, context_weight=0.3, mtp_context_weight=0.3)
+    records = []
+    original = SelfSpeculativeDecoder._draft
+
+    def spy(self, window):
+        logits = []
+        hooks = [m.shared_head.register_forward_hook(lambda mod, args, out: logits.append(out[:, -1]))
+                 for m in self.model.mtp]
+        try:
+            drafts, probs = original(self, window)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        records.append((self.next_position.clone(), drafts.clone(), logits))
+        return drafts, probs
+
+    monkeypatch.setattr(SelfSpeculativeDecoder, "_draft", spy)
+    ids, mask = left_padded(model.config, lengths)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, use_mtp=True)
+    stats = model.last_speculative_stats
+    assert 0 < stats.acceptance_rate_per_depth[0] < 1 and 0 < stats.acceptance_rate_per_depth[1] < 1
+    assert torch.equal(out, model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False))
+    rows = [torch.cat([ids[r, mask[r].bool()], out[r, ids.shape[1] :]]) for r in range(len(lengths))]
+    checked = 0
+    for newest, drafts, logits in records:
+        for r, row in enumerate(rows):
+            n = int(newest[r])  # the row's tokens t_0 .. t_n are accepted
+            if n + 1 > len(row):
+                continue  # the row had finished
+            # depth k at position n - 1 reads t_{n+k-1}: the newest accepted token, then the drafts (the last draft
+            # only as the dummy input that lets the reference run depth D at position n - 1)
+            seq = torch.cat([row[: n + 1], drafts[r]])[None]
+            reference = reference_mtp_logits(model, seq)
+            for k in range(depth):
+                torch.testing.assert_close(logits[k][r], reference[k][0, n - 1], rtol=1e-4, atol=1e-4)
+            checked += 1
+    assert checked > 10
+
+
+def test_verification_runs_the_absorbed_path(monkeypatch):
+    model = agreeing_mtp_model(2, context_weight=0.3)
+    calls = []
+    for path in ("_absorbed", "_expanded"):
+        original = getattr(MultiHeadLatentAttention, path)
+
+        def spy(self, q_nope, *args, _path=path, _original=original):
+            calls.append((_path, self.layer_idx, q_nope.shape[1]))
+            return _original(self, q_nope, *args)
+
+        monkeypatch.setattr(MultiHeadLatentAttention, path, spy)
+    ids, mask = left_padded(model.config, PROMPT_LENGTHS)
+    model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_mtp=True)
+    main = [(path, s) for path, layer, s in calls if layer < model.config.num_hidden_layers]
+    verification = [path for path, s in main if s == 3]
+    assert verification and set(verification) == {"_absorbed"}
+
+
+def test_generation_config_return_dict_and_stats():
+    model = agreeing_mtp_model(1, context_weight=0.3)
+    ids = random_ids(model.config, 1, 6)
+    plain = model.generate(ids, max_new_tokens=16, do_sample=False)
+    model.generation_config.use_mtp = True  # the generation config's field routes there too
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out, GenerateDecoderOnlyOutput) and torch.equal(out.sequences, plain)
+    stats = model.last_speculative_stats
+    assert stats.tokens == 15 and stats.row_steps == stats.main_forwards - 1
+    assert stats.proposed == [stats.row_steps] and stats.tokens_per_forward == 15 / stats.row_steps
+    assert stats.acceptance_rate == stats.accepted[0] / stats.row_steps
+
+
+def _p_value(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; cells with an expected count under 5 are pooled into one."""
+    n = observed.sum()
+    expected = expected_probs * n
+    small = expected < 5
+    observed = torch.cat([observed[~small], observed[small].sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = expected > 0
+    statistic = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return torch.special.gammaincc(torch.tensor(dof / 2.0), statistic / 2).item()  # P(chi2_dof > statistic)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_sampling_matches_the_plain_sampling_distribution(depth):
+    """On a 16-token vocabulary, with temperature, top-k and top-p: the 2nd and 3rd generated tokens (the ones the
+    speculative steps produce) of 6000 independent rows follow the exact distribution of plain sampling, computed by
+    enumerating every continuation. Chi-square goodness of fit at significance level 0.001 (seeded, deterministic)."""
+    torch.manual_seed(11)
+    model = random_model(tiny_config(vocab_size=16, num_nextn_predict_layers=depth, eos_token_id=None))
+    warp = dict(temperature=0.8, top_k=10, top_p=0.95)
+    prompt = torch.tensor([[5, 9, 3, 12]])
+    n = 6000
+    torch.manual_seed(0)
+    out = model.generate(prompt.expand(n, -1), do_sample=True, max_new_tokens=3, use_mtp=True, **warp)
+    stats = model.last_speculative_stats
+    assert 0.1 < stats.acceptance_rate < 0.9  # both the accept and the reject branch ran many times
+
+    # the warpers generate() builds for these settings, in its order
+    processors = LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(10), TopPLogitsWarper(0.95)])
+
+    def next_probs(seqs):
+        logits = model(seqs).logits[:, -1]
+        return torch.softmax(processors(seqs, logits), dim=-1)
+
+    with torch.no_grad():
+        p1 = next_probs(prompt)[0]  # [V]
+        seqs1 = torch.cat([prompt.expand(16, -1), torch.arange(16)[:, None]], 1)
+        p2 = next_probs(seqs1)  # [t1, t2]
+        joint12 = p1[:, None] * p2
+        seqs2 = torch.cat([seqs1.repeat_interleave(16, 0), torch.arange(16).repeat(16)[:, None]], 1)
+        p3 = next_probs(seqs2).view(16, 16, 16)  # [t1, t2, t3]
+        exact2, exact3 = joint12.sum(0), (joint12[..., None] * p3).sum((0, 1))
+        # what "always accept the draft" would give for t2: depth 1's distribution, as a power check
+        q2 = torch.softmax(processors(seqs2, reference_mtp_logits(model, seqs2)[0][:, 3]), -1)[::16]  # [t1, t2]
+        drafted2 = (p1[:, None] * q2).sum(0)
+
+    alpha = 0.001
+    for column, exact in ((5, exact2), (6, exact3)):
+        counts = torch.bincount(out[:, column], minlength=16).double()
+        assert _p_value(counts, exact.double()) > alpha, column
+    assert _p_value((drafted2 * n).double(), exact2.double()) < 1e-12  # a test this size would catch it
+
+
+@pytest.mark.parametrize(
+    "overrides, kwargs, match",
+    [
+        (dict(num_nextn_predict_layers=0), {}, "num_nextn_predict_layers=0"),
+        (dict(use_mtp_modules=False), {}, "use_mtp_modules=False"),
+        ({}, dict(num_beams=2), "beam search"),
+        ({}, dict(repetition_penalty=1.3), "RepetitionPenaltyLogitsProcessor"),
+        ({}, dict(stop_strings=["x"]), "stop_strings|tokenizer"),
+        ({}, dict(output_scores=True, return_dict_in_generate=True), "output_scores"),
+        ({}, dict(cache_implementation="static"), "cache_implementation='static'"),
+    ],
+    ids=["no-modules", "switched-off", "beams", "repetition-penalty", "stop-strings", "scores", "static-cache"],
+)
+def test_unsupported_requests_are_clear_errors(overrides, kwargs, match):
+    model = random_model(tiny_config(**{"num_nextn_predict_layers": 1, **overrides}))
+    with pytest.raises(ValueError, match=match):
+        model.generate(random_ids(model.config, 1, 4), max_new_tokens=4, use_mtp=True, **kwargs)
+
+
+def test_streamer_is_a_clear_error():
+    model = random_model(tiny_config(num_nextn_predict_layers=1))
+    with pytest.raises(ValueError, match="streamer is not supported"):
+        model.generate(random_ids(model.config, 1, 4), max_new_tokens=4, use_mtp=True, streamer=TextStreamer(None))
