@@ -10,6 +10,8 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Model
+from modeling_deepseek_v3.convert import convert_checkpoint
+from modeling_deepseek_v3.fp8 import FP8Linear
 
 from .utils import random_ids, random_model, reference_mtp_logits, rms_norm, tiny_config
 
@@ -198,3 +200,25 @@ def test_the_base_model_ignores_stored_mtp_layers(mtp_model, saved_mtp):
     ids = random_ids(mtp_model.config, 1, 6)
     base = DeepseekV3Model.from_pretrained(saved_mtp)
     torch.testing.assert_close(base(ids).last_hidden_state, mtp_model.model(ids).last_hidden_state)
+
+
+def test_fp8_folder_with_an_mtp_layer(mtp_model, saved_mtp, tmp_path):
+    """`deepseek-v3 convert bf16-to-fp8` quantises the MTP blocks' projections as the official release does
+    (`eh_proj` and the shared copies stay unquantised); the folder loads with no missing or unexpected key, runs,
+    and saves back the same bytes."""
+    convert_checkpoint(saved_mtp, tmp_path / "fp8", "bf16-to-fp8")
+    model, info = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32,
+                                                        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    block = model.mtp[0].block
+    assert isinstance(block.self_attn.o_proj, FP8Linear) and block.mlp.experts.gate_proj.dtype == torch.float8_e4m3fn
+    assert model.mtp[0].eh_proj.weight.dtype == torch.float32
+    ids = random_ids(model.config, 1, 6)
+    plain = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, use_mtp=True), plain)
+    model.save_pretrained(tmp_path / "again")
+    original = load_file(tmp_path / "fp8" / "model.safetensors")
+    with safe_open(tmp_path / "again" / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(original)
+        for key, tensor in original.items():
+            assert torch.equal(f.get_tensor(key).view(torch.uint8), tensor.view(torch.uint8)), key
