@@ -1,6 +1,12 @@
 """Data-parallel training with two CPU processes (gloo): the routing-bias update all-reduces the token counts, so
 every rank ends with the same biases, equal to one process training on the whole global batch."""
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -63,3 +69,15 @@ def test_two_gloo_ranks_hold_the_biases_of_one_process(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(single, initial))  # the biases did move
     for biases in ranks:
         assert all(torch.equal(a, b) for a, b in zip(biases, single))
+
+
+@pytest.mark.slow
+def test_torchrun_example_trains_with_two_ranks(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(root / "examples" /
+               "finetune.py"), "--steps", "4", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checksums = re.findall(r"rank (\d): routing-bias checksum (\S+)", result.stdout)
+    assert sorted(rank for rank, _ in checksums) == ["0", "1"]
+    assert checksums[0][1] == checksums[1][1]
