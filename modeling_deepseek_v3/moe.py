@@ -115,18 +115,20 @@ def update_routing_biases(routers: list[TopkRouter], speed: float, group=None) -
     """
     if not routers:
         return []
-    bias = routers[0].e_score_correction_bias
+    device = routers[0].e_score_correction_bias.device  # layers may sit on several devices (device_map)
     loads = torch.stack([
-        r.tokens_per_expert if r.tokens_per_expert is not None else torch.zeros_like(bias, dtype=torch.int64)
+        torch.zeros(r.config.n_routed_experts, dtype=torch.int64, device=device) if r.tokens_per_expert is None
+        else r.tokens_per_expert.to(device)
         for r in routers
-    ]).to(bias.device)  # [layers, E]
+    ])  # [layers, E]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(loads, group=group)  # one collective for all layers; every rank then holds the same bias
     for router, load in zip(routers, loads):
         router.tokens_per_expert = None
         if speed:
-            load = load.to(router.e_score_correction_bias.dtype)
-            router.e_score_correction_bias.add_(speed * torch.sign(load.mean() - load))
+            bias = router.e_score_correction_bias
+            load = load.to(bias.device, bias.dtype)
+            bias.add_(speed * torch.sign(load.mean() - load))
     return list(loads)
 
 
