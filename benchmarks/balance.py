@@ -90,7 +90,7 @@ def main() -> None:
     try:
         import matplotlib  # noqa: F401  (checked before training, not after minutes of it)
     except ImportError:
-        parser.error("the plots need matplotlib: pip install matplotlib")
+        parser.error('the plots need matplotlib: pip install -e ".[bench]"')
     args.out.mkdir(parents=True, exist_ok=True)
 
     text = resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_text(encoding="utf-8")
