@@ -1,9 +1,9 @@
 """Train or fine-tune a DeepSeek-V3 with `DeepseekV3Trainer` on the packaged Shakespeare excerpt, optionally with
 LoRA adapters, on one process or several (DDP through `torchrun` / `accelerate launch`).
 
-    python examples/finetune.py --steps 50                                   # from scratch, `tiny` preset
-    python examples/finetune.py --model path/to/checkpoint --lora --steps 50  # LoRA on a saved model
-    torchrun --nproc_per_node 2 examples/finetune.py --steps 20              # 2 data-parallel processes (gloo on CPU)
+    python examples/finetune.py --steps 50                                    # from scratch, `tiny` preset
+    python examples/finetune.py --model path/to/checkpoint --lora --steps 50   # LoRA on a saved model
+    torchrun --standalone --nproc_per_node 2 examples/finetune.py --steps 20  # DDP, 2 processes (gloo on CPU)
 
 Each process prints a checksum of its routing biases at the end: under DDP every rank prints the same one, because
 the routing-bias update all-reduces the expert loads before moving the biases.

@@ -74,8 +74,9 @@ def test_two_gloo_ranks_hold_the_biases_of_one_process(tmp_path):
 @pytest.mark.slow
 def test_torchrun_example_trains_with_two_ranks(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(root / "examples" /
-               "finetune.py"), "--steps", "4", "--out", str(tmp_path)]
+    example = root / "examples" / "finetune.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(example),
+               "--steps", "4", "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     checksums = re.findall(r"rank (\d): routing-bias checksum (\S+)", result.stdout)
