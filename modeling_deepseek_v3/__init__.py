@@ -9,7 +9,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache import LatentCacheLayer, MLACache, MLAStaticCache
 from .configuration import PRESET_NAMES, DeepseekV3Config, load_preset
-from .model import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
+from .metrics import TrainingMetrics
+from .model import DeepseekV3CausalLMOutput, DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
+from .trainer import DeepseekV3Trainer, ExpertBalanceCallback
 
 AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
 AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)
@@ -17,12 +19,16 @@ AutoModelForCausalLM.register(DeepseekV3Config, DeepseekV3ForCausalLM, exist_ok=
 
 __all__ = [
     "PRESET_NAMES",
+    "DeepseekV3CausalLMOutput",
     "DeepseekV3Config",
     "DeepseekV3ForCausalLM",
     "DeepseekV3Model",
     "DeepseekV3PreTrainedModel",
+    "DeepseekV3Trainer",
+    "ExpertBalanceCallback",
     "LatentCacheLayer",
     "MLACache",
     "MLAStaticCache",
+    "TrainingMetrics",
     "load_preset",
 ]

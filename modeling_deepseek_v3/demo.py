@@ -17,14 +17,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig,
     PreTrainedTokenizerFast,
-    Trainer,
     TrainingArguments,
     default_data_collator,
     pipeline,
     set_seed,
 )
 
-from modeling_deepseek_v3 import DeepseekV3ForCausalLM, load_preset
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, load_preset
 
 SPECIAL_TOKEN = "<|endoftext|>"
 BLOCK_SIZE = 256
@@ -184,7 +183,7 @@ def run_demo(
         dataloader_num_workers=0,
         seed=seed,
     )
-    trainer = Trainer(
+    trainer = DeepseekV3Trainer(  # Trainer plus the routing-bias update and the balance metrics in its logs
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=default_data_collator
     )
     trainer.train()

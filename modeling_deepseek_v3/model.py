@@ -36,8 +36,8 @@ from .configuration import DeepseekV3Config
 from .fp8 import FP8Linear, weight_quant_blocks
 from .generation import SpeculativeStats, mtp_speculative_decoding
 from .layers import MLP, RMSNorm
-from .metrics import TrainingMetrics
-from .moe import MoE, RoutedExperts, TopkRouter
+from .metrics import TrainingMetrics, in_backward_replay
+from .moe import MoE, RoutedExperts, TopkRouter, update_routing_biases
 from .mtp import MTPLayer
 from .rope import RotaryEmbedding, rope_frequencies
 
@@ -85,12 +85,18 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        token_mask: torch.Tensor | None = None,
+        record_routing: bool = False,
         **kwargs,
     ) -> torch.Tensor:
+        """`token_mask` `[b, s]` (False = padding) and `record_routing` reach a MoE layer's balancing (see `MoE`)."""
         h = hidden_states + self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
         )
-        return h + self.mlp(self.post_attention_layernorm(h))
+        x = self.post_attention_layernorm(h)
+        if isinstance(self.mlp, MoE):
+            return h + self.mlp(x, token_mask=token_mask, record_routing=record_routing)
+        return h + self.mlp(x)
 
 
 def _init_fp8(q: torch.Tensor, s: torch.Tensor, std: float, block: tuple[int, int], name) -> None:
@@ -280,10 +286,16 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        # a training forward that will produce gradients feeds the expert balancing (token counts, balance loss)
+        record_routing = self.training and torch.is_grad_enabled() and not in_backward_replay()
+        token_mask = attention_mask[:, -s:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, mask, cache=cache, **kwargs)
+            hidden_states = layer(
+                hidden_states, position_embeddings, mask, cache=cache, token_mask=token_mask,
+                record_routing=record_routing, **kwargs,
+            )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
@@ -427,9 +439,12 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 token_embeds, hidden_states, labels, attention_mask, position_ids, kwargs.get("num_items_in_batch")
             )
             loss = loss + self.config.mtp_loss_weight / len(self.mtp) * mtp_loss
+        balance_loss = self._pop_balance_loss()  # the MTP blocks' MoE layers included
+        if balance_loss is not None and loss is not None:
+            loss = loss + balance_loss * self._balance_loss_share(labels, kwargs.get("num_items_in_batch"))
         return DeepseekV3CausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
-            mtp_losses=mtp_losses, mtp_accuracies=mtp_accuracies,
+            balance_loss=balance_loss, mtp_losses=mtp_losses, mtp_accuracies=mtp_accuracies,
         )
 
     def _mtp_objective(
@@ -462,6 +477,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         b, s, _ = main_hidden.shape
         if position_ids is None:
             position_ids = torch.arange(s, device=main_hidden.device).expand(b, -1)
+        # the blocks' MoE layers are balanced like the main ones: token counts and balance loss of training forwards
+        record_routing = self.training and torch.is_grad_enabled() and not in_backward_replay()
         hidden, total, losses, accuracies = main_hidden, 0.0, [], []
         for k, module in enumerate(self.mtp, start=1):
             n = s - k - 1  # positions i whose target t_{i+k+1} exists
@@ -474,7 +491,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 position_ids=positions,
             )
             position_embeddings = self.model.rotary_emb(hidden, positions)
-            hidden = module(token_embeds[:, k : k + n], hidden[:, :n], position_embeddings, mask)  # h^k [b, n, H]
+            token_mask = None if attention_mask is None else attention_mask[:, :n].bool()
+            hidden = module(token_embeds[:, k : k + n], hidden[:, :n], position_embeddings, mask,
+                            token_mask=token_mask, record_routing=record_routing)  # h^k [b, n, H]
             logits = module.shared_head(hidden, self.lm_head).float()  # [b, n, vocab]
             targets = labels[:, k + 1 :].to(logits.device)
             valid = targets != -100
@@ -523,6 +542,66 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         return super().generate(
             inputs, generation_config, use_mtp=False, custom_generate=mtp_speculative_decoding, **kwargs
         )
+
+    def _pop_balance_loss(self) -> torch.Tensor | None:
+        """The sequence-wise balance losses of this forward's MoE layers, summed; each is also recorded per layer."""
+        total, trainable_router = None, False
+        for name, module in self.named_modules():
+            if isinstance(module, MoE) and module.balance_loss is not None:
+                loss, module.balance_loss = module.balance_loss, None
+                self.training_metrics.add(f"balance_loss/{name.removesuffix('.mlp')}", loss)
+                total = loss if total is None else total + loss
+                trainable_router |= module.gate.weight.requires_grad
+        if total is None:
+            return None
+        self.training_metrics.add("balance_loss", total)
+        if torch.is_grad_enabled() and trainable_router and not total.requires_grad:
+            # reentrant activation checkpointing runs the first forward without autograd: the loss would get no
+            # gradient and the routers would silently not be balanced
+            raise ValueError(
+                "the sequence-wise balance loss (seq_balance_loss_alpha="
+                f"{self.config.seq_balance_loss_alpha}) got no gradient: reentrant activation checkpointing "
+                "(use_reentrant=True) does not support it. Use the default use_reentrant=False, or set "
+                "seq_balance_loss_alpha=0"
+            )
+        return total
+
+    @staticmethod
+    def _balance_loss_share(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | float:
+        """The part of the balance loss this micro-batch contributes. Under `Trainer` the main loss is a sum over
+        tokens divided by the tokens of the whole accumulated (and data-parallel) batch, `num_items_in_batch`, and the
+        micro-batch losses are added up; weighting each micro-batch's mean balance loss by its share of those
+        tokens adds up to the token-weighted mean over the batch."""
+        if num_items_in_batch is None:
+            return 1.0
+        return (labels[:, 1:] != -100).sum() / num_items_in_batch
+
+    def update_routing_bias(self, group=None) -> dict[str, torch.Tensor]:
+        """The auxiliary-loss-free balancing step (DESIGN §4): call it after every `optimizer.step()` of a custom
+        training loop (`DeepseekV3Trainer` does so itself). Every MoE layer's `e_score_correction_bias` moves by
+        `±routing_bias_update_speed` towards balance, from the tokens routed since the last call in training
+        forwards (all gradient-accumulation micro-batches; all-reduced over `group` under `torch.distributed`, so
+        every rank must call it). Records the expert load into `training_metrics`.
+
+        Returns:
+            `{layer name: load [E] int64}`, the tokens each expert received during the step.
+        """
+        named = [(name.removesuffix(".mlp.gate"), m) for name, m in self.named_modules() if isinstance(m, TopkRouter)]
+        if not self.config.use_routing_bias:
+            speed = 0.0  # the bias is not used to choose experts: keep it as loaded
+        else:
+            speed = self.config.routing_bias_update_speed
+        loads = update_routing_biases([m for _, m in named], speed, group)
+        result, worst = {}, None
+        for (name, _), load in zip(named, loads):
+            result[name] = load
+            if load.sum() > 0:  # a layer that routed no tokens (e.g. an unused MTP block) has no load to report
+                ratio = load.max() / load.float().mean()
+                self.training_metrics.add(f"expert_load_max_over_mean/{name}", ratio)
+                worst = ratio if worst is None else torch.maximum(worst, ratio)
+        if worst is not None:
+            self.training_metrics.add("expert_load_max_over_mean", worst)  # the least balanced layer
+        return result
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):

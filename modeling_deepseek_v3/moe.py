@@ -2,13 +2,18 @@
 a grouped GEMM over tokens sorted by expert, and shared experts.
 
 Dimension letters: T tokens, H hidden, I moe_intermediate_size, E routed experts, K experts per token, G groups.
-References: DeepSeek-V3 report §2.1.2 (routing, auxiliary-loss-free bias); DeepSeek-V3 `inference/model.py`
-(`Gate`, `MoE`); DESIGN.md §4.
+Training-time balancing (DESIGN §4): the router counts the tokens it sends to each expert (`tokens_per_expert`), from
+which the bias moves by ±γ after each optimizer step (`update_routing_biases`); the MoE layer computes the
+complementary sequence-wise balance loss (`sequence_balance_loss`).
+
+References: DeepSeek-V3 report §2.1.2 (routing, auxiliary-loss-free bias, sequence-wise balance loss, eq. 17-20);
+DeepSeek-V3 `inference/model.py` (`Gate`, `MoE`); DESIGN.md §4.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -17,6 +22,7 @@ from .dtypes import KeepsTensorDtypes
 from .fp8 import fp8_block_size, fp8_grouped_mm
 from .kernels import grouped_mm, weight_dequant_ref
 from .layers import MLP
+from .metrics import in_backward_replay
 
 
 class TopkRouter(KeepsTensorDtypes):
@@ -30,6 +36,9 @@ class TopkRouter(KeepsTensorDtypes):
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.e_score_correction_bias = nn.Buffer(torch.zeros(config.n_routed_experts, dtype=torch.float32))
+        # Tokens routed to each expert since the last bias update. A plain attribute, not a buffer: DDP broadcasts
+        # rank 0's buffers before every forward, which would overwrite the other ranks' counts.
+        self.tokens_per_expert: torch.Tensor | None = None
 
     def dtype_kept_tensors(self) -> tuple[str, ...]:
         return ("e_score_correction_bias",)  # moves in steps of γ = 0.001: bf16 would round them away
@@ -57,6 +66,70 @@ class TopkRouter(KeepsTensorDtypes):
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * cfg.routed_scaling_factor, indices, scores
+
+    def count_tokens(self, indices: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        """Add the expert choices `indices` `[T, K]` of a training forward to `tokens_per_expert`, leaving out the
+        tokens where `token_mask` `[T]` is False (padding)."""
+        flat = indices.flatten()
+        # padding is given weight 0 rather than filtered out: a boolean index would read the mask back to the host
+        ones = torch.ones_like(indices) if token_mask is None else token_mask[:, None].expand_as(indices).long()
+        counts = torch.zeros(self.config.n_routed_experts, dtype=torch.int64, device=flat.device)
+        counts.index_add_(0, flat, ones.flatten())
+        self.tokens_per_expert = counts if self.tokens_per_expert is None else self.tokens_per_expert + counts
+
+
+def sequence_balance_loss(
+    scores: torch.Tensor, indices: torch.Tensor, token_mask: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
+    """The complementary sequence-wise balance loss, averaged over sequences (DESIGN §4):
+    `α Σ_i f_i P_i`, `f_i = E/(K·T) Σ_t 1[i ∈ chosen_t]` (a constant), `P_i = 1/T Σ_t s_{i,t} / Σ_j s_{j,t}`.
+
+    Args:
+        scores: `[b, s, E]` affinities s (fp32, differentiable); indices: `[b, s, K]` chosen experts.
+        token_mask: `[b, s]` bool, False for padding (excluded from T and the sums), or None.
+        alpha: the weight α.
+
+    Returns:
+        A scalar; sequences without a real token are left out of the mean.
+    """
+    e, k = scores.shape[-1], indices.shape[-1]
+    mask = scores.new_ones(scores.shape[:2]) if token_mask is None else token_mask.to(scores.dtype)  # [b, s]
+    tokens = mask.sum(dim=1)  # T of each sequence, [b]
+    chosen = torch.zeros_like(scores).scatter_(-1, indices, 1.0)  # [b, s, E]
+    denominator = (k * tokens).clamp(min=1)[:, None]  # a sequence of padding only has T = 0 and is dropped below
+    f = e * (chosen * mask[..., None]).sum(dim=1) / denominator  # [b, E], no gradient: indices come from a top-k
+    p = (scores / scores.sum(dim=-1, keepdim=True) * mask[..., None]).sum(dim=1) / tokens.clamp(min=1)[:, None]
+    per_sequence = (f * p).sum(dim=-1)  # [b]
+    return alpha * per_sequence[tokens > 0].mean()
+
+
+@torch.no_grad()
+def update_routing_biases(routers: list[TopkRouter], speed: float, group=None) -> list[torch.Tensor]:
+    """The auxiliary-loss-free update of every router after an optimizer step: with `load` the tokens routed to each
+    expert since the last update, summed over data-parallel ranks, `b_i += speed · sign(mean(load) − load_i)`.
+    Resets the counts. Under `torch.distributed`, every rank of `group` must call it (one all-reduce).
+
+    Returns:
+        The loads `[E]` (int64) of the routers, in order; a router that counted no tokens has zeros and keeps its
+        bias.
+    """
+    if not routers:
+        return []
+    device = routers[0].e_score_correction_bias.device  # layers may sit on several devices (device_map)
+    loads = torch.stack([
+        torch.zeros(r.config.n_routed_experts, dtype=torch.int64, device=device) if r.tokens_per_expert is None
+        else r.tokens_per_expert.to(device)
+        for r in routers
+    ])  # [layers, E]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(loads, group=group)  # one collective for all layers; every rank then holds the same bias
+    for router, load in zip(routers, loads):
+        router.tokens_per_expert = None
+        if speed:
+            bias = router.e_score_correction_bias
+            load = load.to(bias.device, bias.dtype)
+            bias.add_(speed * torch.sign(load.mean() - load))
+    return list(loads)
 
 
 class RoutedExperts(KeepsTensorDtypes):
@@ -138,11 +211,32 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(config.hidden_size, shared_width, config.fp8_quantization_config) if shared_width > 0 else None
         )
+        self.balance_loss: torch.Tensor | None = None  # of the last recorded forward, until the causal LM pops it
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, record_routing: bool = False
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states: `[b, s, H]`.
+            token_mask: `[b, s]` bool, False for padding; padding is left out of the token counts and the balance loss.
+            record_routing: a training forward whose gradients will be applied: count the tokens per expert and
+                compute the sequence-wise balance loss into `self.balance_loss` (read by the causal LM). An
+                activation-checkpoint replay neither counts nor stores again.
+        """
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
-        weights, indices, _ = self.gate(x)
+        weights, indices, scores = self.gate(x)
+        if record_routing:
+            replay = in_backward_replay()
+            if not replay:
+                self.gate.count_tokens(indices, None if token_mask is None else token_mask.flatten())
+            alpha = self.gate.config.seq_balance_loss_alpha
+            if alpha > 0:
+                # also computed in a replay, which must record the same autograd graph as the original forward
+                b, s = shape[:2]
+                loss = sequence_balance_loss(scores.view(b, s, -1), indices.view(b, s, -1), token_mask, alpha)
+                self.balance_loss = None if replay else loss
         y = self.experts(x, indices, weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -1,0 +1,119 @@
+"""Expert balance with and without the auxiliary-loss-free routing-bias update (DESIGN §4).
+
+Trains the `small` preset on the packaged Shakespeare excerpt twice from the same seed, once with the bias update
+(γ from the config, 0.001) and once with it frozen (γ = 0); the sequence-wise balance loss (α = 1e-4) is on in both.
+Prints per MoE layer the max/mean expert load at the end and both runs' final losses, and writes one PNG per run
+with every expert's share of the routed tokens over the steps.
+
+    python benchmarks/balance.py --steps 300 --out balance-run
+
+References: DeepSeek-V3 report §2.1.2 and Figure 9 (expert load with and without the auxiliary loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments, default_data_collator, set_seed
+
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, ExpertBalanceCallback, load_preset
+from modeling_deepseek_v3.demo import make_datasets, train_tokenizer
+
+TAIL = 20  # steps averaged for the "end of training" load
+
+
+def train(gamma: float, steps: int, seed: int, vocab: int, special: int, train_ds, eval_ds) -> dict:
+    set_seed(seed)
+    config = load_preset("small", vocab_size=vocab, bos_token_id=special, eos_token_id=special, pad_token_id=special,
+                         routing_bias_update_speed=gamma, use_cache=False)
+    model = DeepseekV3ForCausalLM(config)
+    history = ExpertBalanceCallback(keep_history=True)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, max_steps=steps, per_device_train_batch_size=8, per_device_eval_batch_size=8,
+            learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.1,
+            logging_steps=max(1, steps // 10), report_to="none", save_strategy="no", eval_strategy="no",
+            use_cpu=not torch.cuda.is_available(), seed=seed, dataloader_num_workers=0,
+        )
+        trainer = DeepseekV3Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                    data_collator=default_data_collator, callbacks=[history])
+        trainer.train()
+        eval_loss = trainer.evaluate()["eval_loss"]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    layers = list(history.history[0])
+    loads = {layer: torch.stack([step[layer] for step in history.history]).double() for layer in layers}  # [steps, E]
+    end = {layer: (load[-TAIL:].sum(0).max() / load[-TAIL:].sum(0).mean()).item() for layer, load in loads.items()}
+    return {"gamma": gamma, "final_train_loss": losses[-1], "eval_loss": eval_loss, "max_over_mean_end": end,
+            "loads": {layer: load.tolist() for layer, load in loads.items()}}
+
+
+def plot(run: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    layers = list(run["loads"])
+    figure, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), sharey=True, squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        load = torch.tensor(run["loads"][layer])
+        share = load / load.sum(dim=1, keepdim=True)  # [steps, E]
+        kernel = min(10, len(share))
+        smooth = share.T.unsqueeze(1)
+        smooth = torch.nn.functional.avg_pool1d(smooth, kernel, stride=1).squeeze(1).T  # moving average
+        ax.plot(range(kernel, len(share) + 1), smooth.numpy())
+        ax.axhline(1 / load.shape[1], color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"{layer}: max/mean at end {run['max_over_mean_end'][layer]:.2f}")
+        ax.set_xlabel("optimizer step")
+    axes[0][0].set_ylabel("share of routed tokens per expert")
+    figure.suptitle(f"expert load, routing_bias_update_speed γ = {run['gamma']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gamma", type=float, default=load_preset("small").routing_bias_update_speed)
+    parser.add_argument("--out", type=Path, default=Path("balance-run"))
+    args = parser.parse_args()
+    if args.steps < TAIL:
+        parser.error(f"--steps must be >= {TAIL}, got {args.steps}")
+    try:
+        import matplotlib  # noqa: F401  (checked before training, not after minutes of it)
+    except ImportError:
+        parser.error('the plots need matplotlib: pip install -e ".[bench]"')
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    text = resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_text(encoding="utf-8")
+    tokenizer = train_tokenizer(text, load_preset("small").vocab_size)
+    special = tokenizer.eos_token_id
+    train_ds, eval_ds, _ = make_datasets(tokenizer.backend_tokenizer.encode(text).ids, 256)
+
+    runs = [train(gamma, args.steps, args.seed, len(tokenizer), special, train_ds, eval_ds)
+            for gamma in (args.gamma, 0.0)]
+    for run in runs:
+        plot(run, args.out / f"expert_load_gamma_{run['gamma']:g}.png")
+    (args.out / "balance.json").write_text(json.dumps(runs))
+
+    updated, frozen = runs
+    print(f"\nsmall preset, {args.steps} steps, seed {args.seed}; max/mean expert load over the last {TAIL} steps")
+    print(f"| layer | bias update (γ={updated['gamma']:g}) | frozen bias (γ=0) |\n|---|---|---|")
+    for layer in updated["max_over_mean_end"]:
+        print(f"| {layer} | {updated['max_over_mean_end'][layer]:.3f} | {frozen['max_over_mean_end'][layer]:.3f} |")
+    for name in ("final_train_loss", "eval_loss"):
+        print(f"| {name} | {updated[name]:.4f} | {frozen[name]:.4f} |")
+    print(f"| eval perplexity | {math.exp(updated['eval_loss']):.1f} | {math.exp(frozen['eval_loss']):.1f} |")
+    print(f"plots and numbers in {args.out}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Train or fine-tune a DeepSeek-V3 with `DeepseekV3Trainer` on the packaged Shakespeare excerpt, optionally with
+LoRA adapters, on one process or several (DDP through `torchrun` / `accelerate launch`).
+
+    python examples/finetune.py --steps 50                                    # from scratch, `tiny` preset
+    python examples/finetune.py --model path/to/checkpoint --lora --steps 50   # LoRA on a saved model
+    torchrun --standalone --nproc_per_node 2 examples/finetune.py --steps 20  # DDP, 2 processes (gloo on CPU)
+
+Each process prints a checksum of its routing biases at the end: under DDP every rank prints the same one, because
+the routing-bias update all-reduces the expert loads before moving the biases.
+"""
+
+from __future__ import annotations
+
+import argparse
+from importlib import resources
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, TrainingArguments, default_data_collator, set_seed
+
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, load_preset
+from modeling_deepseek_v3.demo import make_datasets, train_tokenizer
+
+# the README's LoRA recipe: every MLA projection, the shared experts, and the stacked routed experts
+LORA_TARGET_MODULES = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                       "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"]
+LORA_TARGET_PARAMETERS = ["mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a saved model folder (default: a fresh model of --preset)")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    parser.add_argument("--out", default="finetune-run")
+    args = parser.parse_args()
+
+    set_seed(0)
+    text = resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_text(encoding="utf-8")
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+    else:
+        model = DeepseekV3ForCausalLM(load_preset(args.preset, use_cache=False))
+    config = model.config
+    tokenizer = train_tokenizer(text[:200_000], config.vocab_size)
+    if len(tokenizer) > config.vocab_size:
+        parser.error(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {config.vocab_size}")
+    train_ds, _, _ = make_datasets(tokenizer.backend_tokenizer.encode(text[:200_000]).ids, 128)
+    if args.lora:
+        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES,
+                          target_parameters=LORA_TARGET_PARAMETERS)
+        model = get_peft_model(model, lora)
+
+    training = TrainingArguments(
+        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        logging_steps=max(1, args.steps // 5), report_to="none", save_strategy="no", disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(), seed=0,
+    )
+    trainer = DeepseekV3Trainer(model=model, args=training, train_dataset=train_ds,
+                                data_collator=default_data_collator)
+    trainer.train()
+    biases = torch.cat([b.flatten() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")])
+    print(f"rank {training.process_index}: routing-bias checksum {biases.double().sum().item():.6f} "
+          f"(|b| sum {biases.abs().sum().item():.6f}); final loss {trainer.state.log_history[-2]['loss']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""DeepSeek-V3's training recipe in `transformers.Trainer`: the auxiliary-loss-free routing-bias update after every
+optimizer step, and the model's training metrics (balance losses, expert load) in the regular log lines.
+
+References: DeepSeek-V3 report §2.1.2; DESIGN.md §4; shared/docs/transformers-integration.md §7 (`on_optimizer_step`,
+logging through a `Trainer.log` override).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from .model import DeepseekV3ForCausalLM
+
+
+def find_deepseek_v3(model: nn.Module) -> DeepseekV3ForCausalLM:
+    """The `DeepseekV3ForCausalLM` inside `model` (itself, or wrapped by PEFT / DDP / accelerate).
+
+    Raises:
+        TypeError: if `model` holds none.
+    """
+    found = next((m for m in model.modules() if isinstance(m, DeepseekV3ForCausalLM)), None)
+    if found is None:
+        raise TypeError(f"expected a model containing a DeepseekV3ForCausalLM, got {type(model).__name__}")
+    return found
+
+
+class ExpertBalanceCallback(TrainerCallback):
+    """Calls `DeepseekV3ForCausalLM.update_routing_bias()` after every optimizer step (once per gradient-accumulation
+    cycle, on every data-parallel rank). `DeepseekV3Trainer` adds it itself; give it to a plain `Trainer` through
+    `callbacks=[ExpertBalanceCallback()]`.
+
+    Args:
+        keep_history: keep each step's expert load in `history` (a list of `{layer: load [E]}`), e.g. for plots.
+    """
+
+    def __init__(self, keep_history: bool = False) -> None:
+        self.keep_history = keep_history
+        self.history: list[dict[str, torch.Tensor]] = []
+
+    def on_optimizer_step(self, args, state, control, model: nn.Module | None = None, **kwargs) -> None:
+        loads = find_deepseek_v3(model).update_routing_bias()
+        if self.keep_history:
+            self.history.append({name: load.cpu() for name, load in loads.items()})
+
+
+class DeepseekV3Trainer(Trainer):
+    """`Trainer` with DeepSeek-V3's recipe: adds `ExpertBalanceCallback` (unless one is given) and merges the model's
+    `training_metrics` into every training log line, beside `loss`: `balance_loss` (and per layer
+    `balance_loss/<layer>`), `expert_load_max_over_mean` (the least balanced layer; per layer
+    `expert_load_max_over_mean/<layer>`), each the mean over the steps since the previous log.
+
+    Example:
+        >>> trainer = DeepseekV3Trainer(model=model, args=TrainingArguments(...), train_dataset=data)
+        >>> trainer.train()
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.deepseek_v3 = find_deepseek_v3(self.model)
+        if not any(isinstance(cb, ExpertBalanceCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(ExpertBalanceCallback())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # merged before Trainer.log so that log_history, the integrations and the progress bar all see them
+        if "loss" in logs:
+            logs.update(self.deepseek_v3.training_metrics.pop())
+        super().log(logs, start_time)

@@ -1,0 +1,84 @@
+"""Data-parallel training with two CPU processes (gloo): the routing-bias update all-reduces the token counts, so
+every rank ends with the same biases, equal to one process training on the whole global batch."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from .utils import random_model, tiny_config
+
+STEPS, GLOBAL_BATCH, WORLD = 3, 8, 2
+
+
+def train(model, batches, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """SGD steps over `batches`, each split across `world` ranks, with the bias update after every step."""
+    module = model
+    if world > 1:
+        model = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    for ids in batches:
+        local = ids.chunk(world)[rank]
+        model(local, labels=local).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        module.update_routing_bias()
+    return [b.clone() for n, b in module.named_buffers() if n.endswith("e_score_correction_bias")]
+
+
+def make_model():
+    """A tiny model whose routing varies from token to token, so the ranks' local loads differ from the global one."""
+    torch.manual_seed(0)
+    model = random_model()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("e_score_correction_bias"):
+                tensor.zero_()
+            elif name.endswith("mlp.gate.weight"):
+                tensor.mul_(30)
+    return model
+
+
+def worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.save(train(make_model(), make_batches(), rank, WORLD), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def make_batches() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    vocab = tiny_config().vocab_size
+    return [torch.randint(3, vocab, (GLOBAL_BATCH, 6), generator=generator) for _ in range(STEPS)]
+
+
+def test_two_gloo_ranks_hold_the_biases_of_one_process(tmp_path):
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    model = make_model()
+    initial = [b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+    single = train(model, make_batches())
+    assert any(not torch.equal(a, b) for a, b in zip(single, initial))  # the biases did move
+    for biases in ranks:
+        assert all(torch.equal(a, b) for a, b in zip(biases, single))
+
+
+@pytest.mark.slow
+def test_torchrun_example_trains_with_two_ranks(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    example = root / "examples" / "finetune.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(example),
+               "--steps", "4", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checksums = re.findall(r"rank (\d): routing-bias checksum (\S+)", result.stdout)
+    assert sorted(rank for rank, _ in checksums) == ["0", "1"]
+    assert checksums[0][1] == checksums[1][1]

@@ -1,0 +1,126 @@
+"""Fine-tuning through the ecosystem: DeepseekV3Trainer (logging, bias update, checkpointing, accumulation, bf16),
+PEFT LoRA on MLA, shared and routed experts, and `device_map="auto"` loading."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, ExpertBalanceCallback
+
+from .utils import random_ids, random_model
+
+LORA_MODULES = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"]
+LORA_EXPERTS = ["mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"]
+
+
+def dataset(config, rows: int = 16, length: int = 12) -> list[dict]:
+    ids = random_ids(config, rows, length)
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def arguments(tmp_path, **overrides) -> TrainingArguments:
+    defaults = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
+                    learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    return TrainingArguments(**(defaults | overrides))
+
+
+def biases(model) -> list[torch.Tensor]:
+    return [b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+
+
+@pytest.mark.parametrize("options", [
+    dict(gradient_accumulation_steps=2),
+    dict(gradient_checkpointing=True, bf16=True),
+], ids=["accumulation", "checkpointing-bf16"])
+def test_trainer_logs_balance_metrics_and_updates_the_bias(tmp_path, options):
+    model = random_model()
+    before = biases(model)
+    trainer = DeepseekV3Trainer(model=model, args=arguments(tmp_path, **options), train_dataset=dataset(model.config))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [1, 2, 3]
+    layers = [f"model.layers.{i}" for i in range(1, model.config.num_hidden_layers)]
+    for entry in logs:
+        assert entry["balance_loss"] > 0 and entry["expert_load_max_over_mean"] >= 1
+        assert all(f"balance_loss/{layer}" in entry and f"expert_load_max_over_mean/{layer}" in entry
+                   for layer in layers)
+    for old, new in zip(before, biases(model)):
+        steps = (new - old) / model.config.routing_bias_update_speed  # 3 updates of ±γ or 0 each
+        assert torch.allclose(steps, steps.round(), atol=1e-3)
+        assert steps.abs().max() <= 3 + 1e-3 and steps.abs().sum() > 0
+
+
+def test_trainer_fine_tunes_a_saved_checkpoint(tmp_path):
+    random_model().save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    callback = ExpertBalanceCallback(keep_history=True)
+    trainer = DeepseekV3Trainer(model=model, args=arguments(tmp_path), train_dataset=dataset(model.config),
+                                callbacks=[callback])
+    trainer.train()
+    assert sum(isinstance(cb, ExpertBalanceCallback) for cb in trainer.callback_handler.callbacks) == 1
+    assert len(callback.history) == 3
+    trainer.save_model(tmp_path / "tuned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    assert all(torch.equal(a, b) for a, b in zip(biases(model), biases(reloaded)))
+
+
+def test_trainer_needs_a_deepseek_v3_model(tmp_path):
+    with pytest.raises(TypeError, match="containing a DeepseekV3ForCausalLM, got Linear"):
+        DeepseekV3Trainer(model=torch.nn.Linear(2, 2), args=arguments(tmp_path))
+
+
+def lora(model) -> PeftModel:
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                        target_modules=LORA_MODULES, target_parameters=LORA_EXPERTS)
+    return get_peft_model(model, config)
+
+
+def test_lora_on_mla_shared_and_routed_experts(tmp_path):
+    base = random_model()
+    ids = random_ids(base.config, 2, 8)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    frozen = {n: p.clone() for n, p in base.named_parameters()}
+    model = lora(base)
+    with torch.no_grad():
+        adapted = model(ids).logits
+    assert (adapted - base_logits).abs().max() > 1e-3
+
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(ids, labels=ids).loss.backward()
+    expert_grads = [p.grad for n, p in model.named_parameters() if "mlp.experts" in n and "lora_" in n]
+    assert len(expert_grads) == 6 * (base.config.num_hidden_layers - 1)  # A and B of 3 projections per MoE layer
+    assert all(g is not None and g.abs().sum() > 0 for g in expert_grads)
+    optimizer.step()
+    for name, param in model.get_base_model().named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, frozen[name.replace(".base_layer", "")]), name
+
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(random_model_like(base, frozen), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, trained, rtol=1e-5, atol=1e-5)
+        merged = model.merge_and_unload()
+        assert type(merged) is DeepseekV3ForCausalLM
+        torch.testing.assert_close(merged(ids).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+def random_model_like(base, state) -> DeepseekV3ForCausalLM:
+    fresh = DeepseekV3ForCausalLM(base.config).eval()
+    fresh.load_state_dict(state | {n: b for n, b in base.named_buffers() if n in fresh.state_dict()})
+    return fresh
+
+
+def test_device_map_auto_loads_the_model(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    ids = random_ids(model.config, 1, 6)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
