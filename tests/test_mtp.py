@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
+from transformers import TrainingArguments
 
-from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Model
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3Trainer
 from modeling_deepseek_v3.convert import convert_checkpoint
 from modeling_deepseek_v3.fp8 import FP8Linear
 
@@ -222,3 +223,22 @@ def test_fp8_folder_with_an_mtp_layer(mtp_model, saved_mtp, tmp_path):
         assert set(f.keys()) == set(original)
         for key, tensor in original.items():
             assert torch.equal(f.get_tensor(key).view(torch.uint8), tensor.view(torch.uint8)), key
+
+
+def test_trainer_trains_the_modules_and_logs_each_depth(tmp_path):
+    model = random_model(tiny_config(num_nextn_predict_layers=2))
+    ids = random_ids(model.config, 16, 12)
+    before = {name: p.clone() for name, p in model.mtp.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             max_steps=3, logging_steps=1, learning_rate=1e-3, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True)
+    trainer = DeepseekV3Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids])
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    for entry in logs:
+        for k in (1, 2):
+            assert 0 < entry[f"mtp_{k}_loss"] < 10 and 0 <= entry[f"mtp_{k}_accuracy"] <= 1
+        assert "expert_load_max_over_mean/mtp.0.block" in entry  # the blocks' experts are balanced too
+    for name, param in model.mtp.named_parameters():
+        assert not torch.equal(param, before[name]), name
