@@ -1,4 +1,5 @@
-"""DeepSeek-V3 for Hugging Face Transformers: MLA with a latent KV cache and absorbed decoding, DeepSeekMoE.
+"""DeepSeek-V3 for Hugging Face Transformers: MLA with a latent KV cache and absorbed decoding, DeepSeekMoE,
+Multi-Token Prediction (training objective and self-speculative decoding, `generate(use_mtp=True)`).
 
 Importing this package registers its classes with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM` for
 `model_type = "deepseek_v3"`, replacing transformers' built-in DeepSeek-V3 classes for the whole process. The
@@ -9,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache import LatentCacheLayer, MLACache, MLAStaticCache
 from .configuration import PRESET_NAMES, DeepseekV3Config, load_preset
+from .generation import SpeculativeStats
 from .metrics import TrainingMetrics
 from .model import DeepseekV3CausalLMOutput, DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
 from .trainer import DeepseekV3Trainer, ExpertBalanceCallback
@@ -29,6 +31,7 @@ __all__ = [
     "LatentCacheLayer",
     "MLACache",
     "MLAStaticCache",
+    "SpeculativeStats",
     "TrainingMetrics",
     "load_preset",
 ]
