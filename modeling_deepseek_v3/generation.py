@@ -114,7 +114,8 @@ def mtp_speculative_decoding(
     """
     _check_request(logits_processor, stopping_criteria, generation_config, model_kwargs)
     decoder = SelfSpeculativeDecoder(model, generation_config, logits_processor)
-    sequences = decoder.generate(input_ids, model_kwargs.get("attention_mask"))
+    # the loop runs in inference mode (its cache never leaves it); a copy made outside is an ordinary tensor
+    sequences = decoder.generate(input_ids, model_kwargs.get("attention_mask")).clone()
     model.last_speculative_stats = decoder.stats
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=sequences)
@@ -224,6 +225,8 @@ class SelfSpeculativeDecoder:
         self.holes = False  # whether main_mask has a False slot (else no mask is passed, as in plain decoding)
         self.next_position: torch.Tensor | None = None  # [b], position of each row's newest token
         self.stats = SpeculativeStats([0] * self.depth, [0] * self.depth)
+        self.accepted_histogram: torch.Tensor | None = None  # [D + 1]: row-steps that accepted 0..D drafts
+        self.tokens_kept: torch.Tensor | None = None  # tokens added by verification steps, all rows
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits `[..., V]` through the (position-wise) processors, in fp32."""
@@ -238,7 +241,7 @@ class SelfSpeculativeDecoder:
         probs = F.softmax(scores, dim=-1)
         return torch.multinomial(probs, num_samples=1).squeeze(1), probs
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
         """Decode until every row has hit EOS or `max_length`; returns prompt + new tokens `[b, w + new]`."""
         config, depth = self.generation_config, self.depth
@@ -268,6 +271,7 @@ class SelfSpeculativeDecoder:
             self._count(accepted, active, kept)
             widest = self._keep_accepted_slots(accepted)
             if sequences.done:
+                self._finish_stats()
                 return sequences.result(input_ids)
             # module 1 reads the verified positions N .. N + a of each row, right-aligned in widest + 1 columns
             shift = widest - accepted
@@ -326,11 +330,21 @@ class SelfSpeculativeDecoder:
         return widest
 
     def _count(self, accepted: torch.Tensor, active: torch.Tensor, kept: torch.Tensor) -> None:
-        for k in range(1, self.depth + 1):
-            self.stats.proposed[k - 1] += int(((accepted >= k - 1) & active).sum())
-            self.stats.accepted[k - 1] += int(((accepted >= k) & active).sum())
-        self.stats.row_steps += int(active.sum())
-        self.stats.tokens += int(kept.sum())
+        """Tally a step on the device (read back once, by `_finish_stats`)."""
+        histogram = torch.bincount(accepted[active], minlength=self.depth + 1)
+        first = self.accepted_histogram is None
+        self.accepted_histogram = histogram if first else self.accepted_histogram + histogram
+        self.tokens_kept = kept.sum() if first else self.tokens_kept + kept.sum()
+
+    def _finish_stats(self) -> None:
+        """Depth k was checked in the row-steps that accepted at least k - 1 drafts, and accepted in those with k."""
+        if self.accepted_histogram is None:
+            return
+        at_least = self.accepted_histogram.flip(0).cumsum(0).flip(0).tolist()  # [a]: row-steps accepting >= a drafts
+        self.stats.proposed = at_least[:-1]
+        self.stats.accepted = at_least[1:]
+        self.stats.row_steps = at_least[0]
+        self.stats.tokens = int(self.tokens_kept)
 
     def _draft(self, window: _Window) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the MTP chain; `window` holds module 1's new positions (after the prefill: the whole prompt).
