@@ -1,13 +1,15 @@
 """Self-speculative decoding with the MTP module: plain vs `generate(use_mtp=True)` greedy decoding on a trained model.
 
-Trains the `small` preset with one MTP module on the demo's Shakespeare corpus (the demo's tokenizer, data and
-optimiser settings), caches the trained folder, then generates 128 tokens greedily at batch 1 and 4 (left-padded
-prompts from held-out text) both ways, alternating runs, and prints the acceptance rate, the tokens per main-model
-forward and the tokens/s of both. The two outputs are checked to be identical.
+Trains the `small` preset with one MTP module on the demo's Shakespeare corpus (the demo's tokenizer, data,
+optimiser settings and `DeepseekV3Trainer`), caches the trained folder, then generates 128 tokens greedily at batch
+1 and 4 (left-padded prompts from held-out text) both ways, alternating runs, both under `torch.inference_mode()`,
+and prints the acceptance rate, the tokens per main-model forward and the tokens/s of both. The two outputs are
+checked to be identical.
 
     python benchmarks/speculative.py                      # trains once (cached in benchmarks/results/), then measures
     python benchmarks/speculative.py --threads 1 --repeats 5
     python benchmarks/speculative.py --retrain --steps 1000
+    python benchmarks/speculative.py --layers 12 --cache-dir benchmarks/results/speculative-model-12-layers
 """
 
 from __future__ import annotations
@@ -21,19 +23,12 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoTokenizer,
-    GenerationConfig,
-    Trainer,
-    TrainingArguments,
-    default_data_collator,
-    set_seed,
-)
+from transformers import AutoTokenizer, GenerationConfig, TrainingArguments, default_data_collator, set_seed
 
-from modeling_deepseek_v3 import DeepseekV3ForCausalLM, load_preset
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, load_preset
 from modeling_deepseek_v3.demo import BATCH_SIZE, BLOCK_SIZE, SPECIAL_TOKEN, make_datasets, train_tokenizer
 
-PROMPT_LENGTHS = (32, 20, 44, 12)  # row r of a batch of b takes the first b lengths
+PROMPT_LENGTHS = (32, 20, 44, 12)  # four held-out prompts, decoded in batches of 1, 2 or 4
 
 
 def corpus_ids(tokenizer) -> list[int]:
@@ -41,13 +36,16 @@ def corpus_ids(tokenizer) -> list[int]:
     return tokenizer.backend_tokenizer.encode(text).ids
 
 
-def train(folder: Path, steps: int, depth: int, seed: int) -> None:
-    """The demo's recipe (`deepseek-v3 demo`) with `num_nextn_predict_layers = depth`; saves model and tokenizer."""
+def train(folder: Path, steps: int, depth: int, layers: int | None, seed: int) -> None:
+    """The demo's recipe (`deepseek-v3 demo`) with `num_nextn_predict_layers = depth` (and `layers` decoder layers
+    instead of the preset's, if given); saves model and tokenizer."""
     text = resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_text(encoding="utf-8")
     tokenizer = train_tokenizer(text, load_preset("small").vocab_size)
     special = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
     config = load_preset("small", vocab_size=len(tokenizer), bos_token_id=special, eos_token_id=special,
                          pad_token_id=special, num_nextn_predict_layers=depth, use_cache=False)
+    if layers is not None:
+        config.num_hidden_layers = layers
     train_ds, _, _ = make_datasets(corpus_ids(tokenizer), BLOCK_SIZE)
     set_seed(seed)
     model = DeepseekV3ForCausalLM(config)
@@ -57,7 +55,7 @@ def train(folder: Path, steps: int, depth: int, seed: int) -> None:
         logging_steps=max(1, steps // 10), report_to="none", use_cpu=not torch.cuda.is_available(),
         save_strategy="no", eval_strategy="no", dataloader_num_workers=0, seed=seed,
     )  # fmt: skip
-    Trainer(model=model, args=args, train_dataset=train_ds, data_collator=default_data_collator).train()
+    DeepseekV3Trainer(model=model, args=args, train_dataset=train_ds, data_collator=default_data_collator).train()
     model.config.use_cache = True
     model.generation_config = GenerationConfig(bos_token_id=special, eos_token_id=special, pad_token_id=special)
     model.save_pretrained(folder)
@@ -76,21 +74,36 @@ def held_out_losses(model, blocks: torch.Tensor) -> dict[str, float]:
     return result
 
 
-def prompts(blocks: torch.Tensor, batch: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = PROMPT_LENGTHS[:batch]
-    width = max(lengths)
-    ids = torch.full((batch, width), pad, dtype=torch.long)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        ids[row, width - length :], mask[row, width - length :] = blocks[row, :length], 1
-    return ids, mask
+def prompt_batches(blocks: torch.Tensor, batch: int, pad: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The held-out prompts (the start of eval block r, `PROMPT_LENGTHS[r]` tokens) in left-padded batches."""
+    batches = []
+    for first in range(0, len(PROMPT_LENGTHS), batch):
+        lengths = PROMPT_LENGTHS[first : first + batch]
+        width = max(lengths)
+        ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(lengths), width, dtype=torch.long)
+        for row, length in enumerate(lengths):
+            ids[row, width - length :] = blocks[first + row, :length]
+            mask[row, width - length :] = 1
+        batches.append((ids, mask))
+    return batches
 
 
-def timed_generate(model, ids, mask, new_tokens: int, use_mtp: bool) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, use_mtp=use_mtp,
-                         eos_token_id=None)  # exactly `new_tokens` per row: comparable timings
-    return out, time.perf_counter() - start
+@torch.inference_mode()  # both ways alike: the speculative loop runs in inference mode anyway
+def timed_generate(model, batches, new_tokens: int, use_mtp: bool) -> tuple[list[torch.Tensor], float, list[int]]:
+    """Decode every batch; returns the outputs, the seconds taken and, speculatively, the summed statistics
+    `[accepted drafts, drafts, verification row-steps, tokens they added]`."""
+    outputs, seconds, totals = [], 0.0, [0, 0, 0, 0]
+    for ids, mask in batches:
+        start = time.perf_counter()
+        outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                      use_mtp=use_mtp, eos_token_id=None))  # exactly `new_tokens` per row
+        seconds += time.perf_counter() - start
+        if use_mtp:
+            stats = model.last_speculative_stats
+            counts = (sum(stats.accepted), len(stats.accepted) * stats.row_steps, stats.row_steps, stats.tokens)
+            totals = [a + b for a, b in zip(totals, counts)]
+    return outputs, seconds, totals
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,9 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retrain", action="store_true", help="train even if the cache folder holds a model")
     parser.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
     parser.add_argument("--depth", type=int, default=1, help="MTP modules to train (default: 1)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers instead of the preset's 4 (an MTP module costs about one layer)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4], choices=range(1, len(PROMPT_LENGTHS) + 1))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4], choices=[1, 2, 4],
+                        help="batch sizes; the four prompts are decoded in batches of this size (default: 1 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each kind (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
@@ -113,40 +129,41 @@ def main(argv: list[str] | None = None) -> None:
     folder = args.cache_dir
     if args.retrain or not (folder / "config.json").is_file():
         start = time.perf_counter()
-        train(folder, args.steps, args.depth, args.seed)
+        train(folder, args.steps, args.depth, args.layers, args.seed)
         print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f} s -> {folder}")
     model = DeepseekV3ForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     _, eval_ds, _ = make_datasets(corpus_ids(tokenizer), BLOCK_SIZE)
     blocks = eval_ds.blocks
     quality = held_out_losses(model, blocks)
-    print(f"model {folder}: {model.num_parameters() / 1e6:.2f} M parameters, {len(model.mtp)} MTP module(s); "
+    print(f"model {folder}: {model.num_parameters() / 1e6:.2f} M parameters, {model.config.num_hidden_layers} layers, "
+          f"{len(model.mtp)} MTP module(s); "
           f"held-out " + ", ".join(f"{k} {v:.3f}" for k, v in quality.items()))
-    print(f"greedy, {args.new_tokens} new tokens per row, torch threads {torch.get_num_threads()}, "
-          f"median of {args.repeats} alternating runs\n")
+    print(f"greedy, {len(PROMPT_LENGTHS)} prompts, {args.new_tokens} new tokens each, torch threads "
+          f"{torch.get_num_threads()}, median of {args.repeats} alternating runs\n")
 
     rows = []
     print("| batch | acceptance | tokens / main forward | plain tokens/s | speculative tokens/s | ratio |")
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in args.batches:
-        ids, mask = prompts(blocks, batch, model.config.pad_token_id)
-        timed_generate(model, ids, mask, 8, False)  # warm-up
-        timed_generate(model, ids, mask, 8, True)
+        batches = prompt_batches(blocks, batch, model.config.pad_token_id)
+        timed_generate(model, batches[:1], 8, False)  # warm-up
+        timed_generate(model, batches[:1], 8, True)
         plain_times, spec_times = [], []
         for _ in range(args.repeats):
-            plain, seconds = timed_generate(model, ids, mask, args.new_tokens, False)
+            plain, seconds, _ = timed_generate(model, batches, args.new_tokens, False)
             plain_times.append(seconds)
-            speculative, seconds = timed_generate(model, ids, mask, args.new_tokens, True)
+            speculative, seconds, (accepted, drafted, row_steps, added) = timed_generate(
+                model, batches, args.new_tokens, True
+            )
             spec_times.append(seconds)
-            if not torch.equal(plain, speculative):
+            if not all(torch.equal(a, b) for a, b in zip(plain, speculative)):
                 raise AssertionError(f"batch {batch}: speculative output differs from plain greedy")
-        stats = model.last_speculative_stats
-        tokens = batch * args.new_tokens
+        tokens = len(PROMPT_LENGTHS) * args.new_tokens
         row = {
             "batch": batch,
-            "acceptance": stats.acceptance_rate,
-            "acceptance_per_depth": stats.acceptance_rate_per_depth,
-            "tokens_per_forward": stats.tokens_per_forward,
+            "acceptance": accepted / drafted,
+            "tokens_per_forward": added / row_steps,
             "plain_tokens_per_s": tokens / statistics.median(plain_times),
             "speculative_tokens_per_s": tokens / statistics.median(spec_times),
         }
@@ -155,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {batch} | {row['acceptance']:.1%} | {row['tokens_per_forward']:.2f} | "
               f"{row['plain_tokens_per_s']:.1f} | {row['speculative_tokens_per_s']:.1f} | {row['ratio']:.2f}× |")
     print("\nidentical outputs: yes")
-    sample, _ = timed_generate(model, *prompts(blocks, 1, model.config.pad_token_id), 48, True)
-    print("sample (speculative, greedy):", tokenizer.decode(sample[0]))
+    sample, _, _ = timed_generate(model, prompt_batches(blocks, 1, model.config.pad_token_id)[:1], 48, True)
+    print("sample (speculative, greedy):", tokenizer.decode(sample[0][0]))
     if args.json:
         args.json.write_text(json.dumps({"quality": quality, "rows": rows}, indent=2))
 
