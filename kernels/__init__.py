@@ -18,6 +18,7 @@ from .reference import (
     act_quant_ref,
     fp8_gemm_ref,
     grouped_mm_ref,
+    mla_decode_ref,
     weight_dequant_ref,
     weight_quant_ref,
 )
@@ -70,6 +71,24 @@ def fp8_gemm(
     return fp8_gemm_ref(a, a_s, b, b_s, out_dtype=out_dtype)
 
 
+def mla_decode(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    mask: torch.Tensor | None,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Absorbed MLA attention of a few new queries over the latent cache: `q_lat` `[b, s, h, c]`, `q_pe`
+    `[b, s, h, r]`, `c_kv` `[b, t, c]`, `k_pe` `[b, t, r]`, `mask` `[b, s, t]` bool or None (causal) ->
+    `o_lat` `[b, s, h, c]` (see `mla_decode_ref`)."""
+    if q_lat.is_cuda:
+        from .latent_decode import mla_decode_triton
+
+        return mla_decode_triton(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
+    return mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
+
+
 __all__ = [
     "FP8_BLOCK",
     "FP8_E4M3_MAX",
@@ -81,6 +100,8 @@ __all__ = [
     "fp8_gemm_ref",
     "grouped_mm",
     "grouped_mm_ref",
+    "mla_decode",
+    "mla_decode_ref",
     "weight_dequant",
     "weight_dequant_ref",
     "weight_quant",
