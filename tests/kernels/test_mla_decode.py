@@ -1,4 +1,5 @@
-"""Latent-attention decode: the Triton kernel (in the interpreter) equals `mla_decode_ref`.
+"""Latent-attention decode: the Triton kernel (in the interpreter) equals `mla_decode_ref`, and the model's absorbed
+path gives the same logits through the kernel as through its torch code.
 
 bf16 is not tested here: the interpreter multiplies the raw bits of bf16 `tl.dot` operands (triton-lang/triton#11584);
 fp16 covers the low-precision casts, and `benchmarks/kernels_gpu.py` checks bf16 on a GPU.
@@ -7,7 +8,10 @@ fp16 covers the low-precision casts, and `benchmarks/kernels_gpu.py` checks bf16
 import pytest
 import torch
 
+from modeling_deepseek_v3 import MLACache, MLAStaticCache
 from modeling_deepseek_v3.kernels import mla_decode_ref
+
+from ..utils import random_ids, random_model, tiny_config
 
 pytest.importorskip("triton")
 from modeling_deepseek_v3.kernels.latent_decode import mla_decode_triton  # noqa: E402
@@ -91,3 +95,44 @@ def test_rejects_bad_input():
         mla_decode_ref(q_lat, q_pe, c_kv[:, :1], k_pe[:, :1], None, SCALE)
     with pytest.raises(ValueError, match="num_splits"):
         mla_decode_triton(q_lat, q_pe, c_kv, k_pe, None, SCALE, num_splits=0)
+
+
+def route_through_kernel(monkeypatch) -> None:
+    """Send the model's absorbed path through the Triton kernel (interpreted) although the tensors are on the CPU."""
+    from modeling_deepseek_v3 import attention
+
+    monkeypatch.setattr(attention.MultiHeadLatentAttention, "_use_decode_kernel", lambda self, *tensors: True)
+    monkeypatch.setattr(attention, "mla_decode", mla_decode_triton)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])  # boolean and additive masks
+@pytest.mark.parametrize("left_padding", [True, False], ids=["left-padded", "no-padding"])
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_model_absorbed_path_through_kernel(monkeypatch, attn_implementation, left_padding, new_tokens):
+    """Decode and speculative steps over a cache: the kernel branch reproduces the torch branch's logits."""
+    model = random_model(tiny_config(mla_attention_path="absorbed"))
+    model.set_attn_implementation(attn_implementation)
+    ids = random_ids(model.config, 2, 12)
+    mask = torch.ones_like(ids)
+    if left_padding:
+        mask[1, :4] = 0
+    logits = []
+    for use_kernel in (False, True):
+        if use_kernel:
+            route_through_kernel(monkeypatch)
+        cache = MLACache(model.config)
+        model(ids[:, :-new_tokens], attention_mask=mask[:, :-new_tokens], cache=cache, use_cache=True)
+        logits.append(model(ids[:, -new_tokens:], attention_mask=mask, cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_static_cache_without_mask_through_kernel(monkeypatch):
+    """No mask and a static cache: the empty slots after the filled ones stay invisible to the kernel."""
+    model = random_model(tiny_config(mla_attention_path="absorbed"))
+    ids = random_ids(model.config, 2, 8)
+    full = model(ids).logits
+    route_through_kernel(monkeypatch)
+    cache = MLAStaticCache(config=model.config, max_cache_len=32)
+    steps = [model(ids[:, :5], cache=cache, use_cache=True).logits]
+    steps += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(5, 8)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
