@@ -28,6 +28,34 @@ def grouped_mm_ref(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     return out
 
 
+def grouped_swiglu_ref(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """`silu(x·w_gate[e]) * (x·w_up[e])` for the rows of each group, in fp32 (the gate and up projections of
+    SwiGLU experts).
+
+    Args:
+        x: `[T, K]`, rows sorted by group; w_gate, w_up: `[E, K, N]`; offsets: `[E]` int32 cumulative row counts.
+
+    Returns:
+        `[T, N]` in the dtype of `x`.
+    """
+    gate = grouped_mm_ref(x.float(), w_gate.float(), offsets)
+    up = grouped_mm_ref(x.float(), w_up.float(), offsets)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+def check_grouped_mm_args(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, op: str = "grouped_mm") -> None:
+    """Shared argument checks of the grouped GEMMs: x `[T, K]`, w `[E, K, N]`, offsets int32 `[E]`."""
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"{op}: expected x [T, K] and w [E, K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if offsets.shape != (w.shape[0],) or offsets.dtype != torch.int32:
+        raise ValueError(f"{op}: offsets must be int32 of shape [{w.shape[0]}], got {offsets.dtype} "
+                         f"{tuple(offsets.shape)}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"{op}: x and w must share a dtype, got {x.dtype} and {w.dtype}")
+
+
 # ---- Latent attention decode (absorbed MLA), DESIGN.md §3 -----------------------------------------------------------
 
 
@@ -203,6 +231,48 @@ def fp8_gemm_ref(
         col_scale = b_s[:, kb] if per_row else b_s[:, kb].repeat_interleave(block)[:n]
         out += partial * a_s[:, kb, None] * col_scale[None, :]
     return out.to(out_dtype)
+
+
+def fp8_grouped_gemm_ref(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    w: torch.Tensor,
+    w_s: torch.Tensor,
+    offsets: torch.Tensor,
+    out_dtype=torch.bfloat16,
+) -> torch.Tensor:
+    """Block-scaled FP8 grouped GEMM: the rows of group e times `w[e]ᵀ`, each group exactly `fp8_gemm_ref`.
+
+    Args:
+        a: `[T, K]` fp8, rows sorted by group; a_s: `[T, ceil(K/128)]` fp32 (1×128 tiles, `act_quant`).
+        w: `[E, N, K]` fp8 (stacked expert weights); w_s: `[E, ceil(N/128), ceil(K/128)]` fp32 (128×128 blocks).
+        offsets: `[E]` int32 cumulative row counts; `offsets[-1] == T`.
+
+    Returns:
+        `[T, N]` in `out_dtype`.
+    """
+    check_fp8_grouped_gemm_args(a, a_s, w, w_s, offsets, out_dtype)
+    out = torch.empty(a.shape[0], w.shape[1], dtype=out_dtype, device=a.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        out[start:end] = fp8_gemm_ref(a[start:end], a_s[start:end], w[e], w_s[e], out_dtype=out_dtype)
+        start = end
+    return out
+
+
+def check_fp8_grouped_gemm_args(a, a_s, w, w_s, offsets, out_dtype) -> None:
+    """Shared argument checks of the FP8 grouped GEMM (reference and Triton)."""
+    if w.dim() != 3 or w_s.dim() != 3 or w.shape[0] == 0:
+        raise ValueError(f"fp8_grouped_gemm: expected w [E, N, K] (E >= 1) and w_s [E, ceil(N/128), ceil(K/128)], got "
+                         f"{tuple(w.shape)} and {tuple(w_s.shape)}")
+    e, n, k = w.shape
+    if tuple(w_s.shape) != (e, -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)):
+        raise ValueError(f"fp8_grouped_gemm: w_s must have shape {(e, -(-n // FP8_BLOCK), -(-k // FP8_BLOCK))} "
+                         f"(128x128 blocks), got {tuple(w_s.shape)}")
+    if offsets.shape != (e,) or offsets.dtype != torch.int32:
+        raise ValueError(f"fp8_grouped_gemm: offsets must be int32 of shape [{e}], got {offsets.dtype} "
+                         f"{tuple(offsets.shape)}")
+    check_fp8_gemm_args(a, a_s, w[0], w_s[0], out_dtype)
 
 
 def check_fp8_gemm_args(a, a_s, b, b_s, out_dtype) -> None:
