@@ -17,13 +17,13 @@ heads of a token per block); flash-decoding (Dao et al. 2023, split-KV with a lo
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .reference import check_mla_decode_args
+from .tuning import Tuned
 
 # Query rows per program: 64 fills a Hopper warpgroup MMA and keeps the fp32 accumulator [64, 512] in registers over 8
 # warps; fp32 inputs (no tensor cores, twice the operand bytes) use 16.
@@ -31,16 +31,13 @@ MAX_BLOCK_H = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}
 MIN_TOKENS_PER_SPLIT = 256  # below this a split writes nearly as many partial-output bytes as it reads cache bytes
 SPLIT_ALIGN = 64  # split boundaries on multiples of every BLOCK_N, so only the last tile of the last split is partial
 
-# Autotuned on the GPU. The interpreter cannot time configs, so it runs the first one.
+# Autotuned for CUDA tensors (`tuning.Tuned`); the Triton interpreter runs the first config of each list.
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
     for block_n, warps, stages in ((32, 8, 2), (64, 8, 2), (32, 4, 2), (16, 4, 3))
 ]
-if os.environ.get("TRITON_INTERPRET") == "1":
-    DECODE_CONFIGS = DECODE_CONFIGS[:1]
 
 
-@triton.autotune(configs=DECODE_CONFIGS, key=["M", "C", "R", "SPLIT_BUCKET"])
 @triton.jit
 def mla_decode_kernel(
     q_ptr, qpe_ptr, ckv_ptr, kpe_ptr, mask_ptr, o_ptr, lse_ptr,
@@ -129,6 +126,9 @@ def mla_decode_merge_kernel(
     tl.store(o_ptr + b * stride_ob + pid_m * C + offs_c, acc.to(o_ptr.dtype.element_ty), mask=mask_c)
 
 
+_mla_decode = Tuned(mla_decode_kernel, DECODE_CONFIGS, key=["M", "C", "R", "SPLIT_BUCKET"])
+
+
 def _num_splits(programs_per_split: int, t: int, device: torch.device) -> int:
     """Splits of the keys that bring the programs up to one per streaming multiprocessor (a program of 64 query rows
     fills an SM's registers) without splits shorter than MIN_TOKENS_PER_SPLIT."""
@@ -187,8 +187,8 @@ def mla_decode_triton(
     # keys per program in powers of two up to 4096: in the autotune key (the kernel does not read it), so a config
     # tuned on a short context is not reused for a long one, while a growing cache retunes only a few times
     split_bucket = min(triton.next_power_of_2(tokens_per_split), 4096)
-    mla_decode_kernel[(head_blocks, num_splits, b)](
-        q_lat, q_pe, c_kv, k_pe, mask_bytes, part, lse,
+    _mla_decode[(head_blocks, num_splits, b)](
+        q_lat.device, q_lat, q_pe, c_kv, k_pe, mask_bytes, part, lse,
         h, m, s, t, tokens_per_split, softmax_scale * math.log2(math.e), split_bucket,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         c_kv.stride(0), c_kv.stride(1), k_pe.stride(0), k_pe.stride(1), *mask_strides,

@@ -15,15 +15,14 @@ one expert); DeepSeek-V3 report §3.3 (fine-grained FP8 quantisation); Triton tu
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .reference import FP8_BLOCK, check_fp8_grouped_gemm_args, check_grouped_mm_args
+from .tuning import Tuned
 
-# Autotuned on the GPU; the interpreter cannot time configs, so it runs the first of each list.
+# Autotuned for CUDA tensors (`tuning.Tuned`); the Triton interpreter runs the first config of each list.
 GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
     for block_m, block_n, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 4), (32, 128, 4, 4))
@@ -37,9 +36,6 @@ WGRAD_CONFIGS = [
     triton.Config({"BLOCK_K": block_k, "BLOCK_N": block_n, "BLOCK_T": 64}, num_warps=warps, num_stages=stages)
     for block_k, block_n, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 4), (64, 64, 4, 3))
 ]
-if os.environ.get("TRITON_INTERPRET") == "1":
-    GEMM_CONFIGS, FP8_GEMM_CONFIGS, WGRAD_CONFIGS = GEMM_CONFIGS[:1], FP8_GEMM_CONFIGS[:1], WGRAD_CONFIGS[:1]
-GEMM_KEY = ["N", "K", "ROWS_BUCKET", "SWIGLU", "STORE_GATE_UP"]
 
 
 @triton.jit
@@ -109,7 +105,6 @@ def grouped_gemm_kernel(
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=WGRAD_CONFIGS, key=["N", "K"])
 @triton.jit
 def grouped_mm_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, offsets_ptr, K, N,
@@ -136,8 +131,10 @@ def grouped_mm_wgrad_kernel(
     tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
 
 
-_gemm = triton.autotune(configs=GEMM_CONFIGS, key=GEMM_KEY)(grouped_gemm_kernel)
-_fp8_gemm = triton.autotune(configs=FP8_GEMM_CONFIGS, key=GEMM_KEY)(grouped_gemm_kernel)
+GEMM_KEY = ["N", "K", "ROWS_BUCKET", "SWIGLU", "STORE_GATE_UP"]
+_gemm = Tuned(grouped_gemm_kernel, GEMM_CONFIGS, GEMM_KEY)
+_fp8_gemm = Tuned(grouped_gemm_kernel, FP8_GEMM_CONFIGS, GEMM_KEY)
+_wgrad = Tuned(grouped_mm_wgrad_kernel, WGRAD_CONFIGS, key=["N", "K"])
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -163,7 +160,7 @@ def _launch(x, w, offsets, out_dtype, w_up=None, store_gate_up=False, x_s=None, 
     # one tile per BLOCK_M rows, plus at most one partial tile per expert that has rows
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(t, meta["BLOCK_M"]) + min(e, t))  # noqa: E731
     kernel[grid](
-        x, w, w if w_up is None else w_up, out, gate, up, x_s if fp8 else x, w_s if fp8 else w, offsets,
+        x.device, x, w, w if w_up is None else w_up, out, gate, up, x_s if fp8 else x, w_s if fp8 else w, offsets,
         n, k, e, min(triton.next_power_of_2(max(1, t // e)), 256),  # rows per expert: the autotune key's row measure
         x.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
         x_s.stride(0) if fp8 else 0, w_s.stride(0) if fp8 else 0, w_s.stride(1) if fp8 else 0,
@@ -211,8 +208,8 @@ def grouped_mm_wgrad_triton(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Te
     k, n, e = x.shape[1], dy.shape[1], offsets.shape[0]
     dw = torch.empty(e, n, k, dtype=dy.dtype, device=dy.device).transpose(1, 2)
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]), e)  # noqa: E731
-    grouped_mm_wgrad_kernel[grid](
-        x, dy, dw, offsets, k, n, x.stride(0), dy.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
+    _wgrad[grid](
+        x.device, x, dy, dw, offsets, k, n, x.stride(0), dy.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
         DOT_PRECISION=_dot_precision(x.dtype),
     )  # fmt: skip
     return dw
