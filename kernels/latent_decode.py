@@ -34,11 +34,13 @@ SPLIT_ALIGN = 64  # split boundaries on multiples of every BLOCK_N, so only the 
 # Autotuned for CUDA tensors (`tuning.Tuned`); the Triton interpreter runs the first config of each list.
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-    for block_n, warps, stages in ((32, 8, 2), (64, 8, 2), (32, 4, 2), (16, 4, 3))
+    for block_n, warps, stages in ((32, 8, 2), (64, 8, 2), (32, 4, 3))
 ]
 
 
-@triton.jit
+# the key count, the split length and a [b, s, t] mask's strides change every decoding step: not specialised on (as
+# multiples of 16), so a growing cache does not recompile the kernel
+@triton.jit(do_not_specialize=["T", "tokens_per_split", "stride_mb", "stride_ms"])
 def mla_decode_kernel(
     q_ptr, qpe_ptr, ckv_ptr, kpe_ptr, mask_ptr, o_ptr, lse_ptr,
     H, M, S, T, tokens_per_split, scale_log2, SPLIT_BUCKET,

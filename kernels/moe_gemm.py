@@ -25,7 +25,7 @@ from .tuning import Tuned
 # Autotuned for CUDA tensors (`tuning.Tuned`); the Triton interpreter runs the first config of each list.
 GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
-    for block_m, block_n, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 4), (32, 128, 4, 4))
+    for block_m, block_n, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4))
 ]
 # FP8: BLOCK_K is the 128-wide quantisation block, so one activation scale per row and one weight scale per column
 FP8_GEMM_CONFIGS = [
@@ -34,7 +34,7 @@ FP8_GEMM_CONFIGS = [
 ]
 WGRAD_CONFIGS = [
     triton.Config({"BLOCK_K": block_k, "BLOCK_N": block_n, "BLOCK_T": 64}, num_warps=warps, num_stages=stages)
-    for block_k, block_n, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 4), (64, 64, 4, 3))
+    for block_k, block_n, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 4))
 ]
 
 

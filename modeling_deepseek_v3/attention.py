@@ -4,7 +4,8 @@
   through transformers' attention interface (sdpa / eager / flash).
 * absorbed (decoding, short queries over a cache): `kv_b_proj` is folded into the query and the output, so the
   cached latent is never expanded:  `q_lat = q_nope·W_UK`, `score = (q_lat·c_kv + q_pe·k_pe)·scale`,
-  `o = (P·c_kv)·W_UVᵀ`.
+  `o = (P·c_kv)·W_UVᵀ`. On CUDA, for up to 8 new tokens without gradients, the attention over the latent cache is
+  the Triton kernel `kernels.mla_decode`; elsewhere it is torch code.
 `MultiHeadLatentAttention.use_absorbed` picks, per call, the path with fewer multiply-adds.
 
 Dimension letters: b batch, s new tokens, t all keys (cached + new), h heads, d head dim (n nope, v value),
