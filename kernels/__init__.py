@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from .grouped_gemm import grouped_mm
+from .grouped_gemm import grouped_mm, grouped_swiglu
 from .reference import (
     FP8_BLOCK,
     FP8_E4M3_MAX,
     act_quant_colwise_ref,
     act_quant_ref,
     fp8_gemm_ref,
+    fp8_grouped_gemm_ref,
     grouped_mm_ref,
+    grouped_swiglu_ref,
+    mla_decode_ref,
     weight_dequant_ref,
     weight_quant_ref,
 )
@@ -70,6 +73,42 @@ def fp8_gemm(
     return fp8_gemm_ref(a, a_s, b, b_s, out_dtype=out_dtype)
 
 
+def fp8_grouped_gemm(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    w: torch.Tensor,
+    w_s: torch.Tensor,
+    offsets: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Block-scaled FP8 grouped GEMM for stacked experts: the rows of group e (`a` `[T, K]` e4m3 with 1×128 scales)
+    times `w[e]ᵀ` (`w` `[E, N, K]` e4m3 with 128×128 block scales `[E, ceil(N/128), ceil(K/128)]`), see
+    `fp8_grouped_gemm_ref`."""
+    if a.is_cuda:
+        from .moe_gemm import fp8_grouped_gemm_triton
+
+        return fp8_grouped_gemm_triton(a, a_s, w, w_s, offsets, out_dtype)
+    return fp8_grouped_gemm_ref(a, a_s, w, w_s, offsets, out_dtype=out_dtype)
+
+
+def mla_decode(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    mask: torch.Tensor | None,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Absorbed MLA attention of a few new queries over the latent cache: `q_lat` `[b, s, h, c]`, `q_pe`
+    `[b, s, h, r]`, `c_kv` `[b, t, c]`, `k_pe` `[b, t, r]`, `mask` `[b, s, t]` bool or None (causal) ->
+    `o_lat` `[b, s, h, c]` (see `mla_decode_ref`)."""
+    if q_lat.is_cuda:
+        from .latent_decode import mla_decode_triton
+
+        return mla_decode_triton(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
+    return mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
+
+
 __all__ = [
     "FP8_BLOCK",
     "FP8_E4M3_MAX",
@@ -79,8 +118,14 @@ __all__ = [
     "act_quant_ref",
     "fp8_gemm",
     "fp8_gemm_ref",
+    "fp8_grouped_gemm",
+    "fp8_grouped_gemm_ref",
     "grouped_mm",
     "grouped_mm_ref",
+    "grouped_swiglu",
+    "grouped_swiglu_ref",
+    "mla_decode",
+    "mla_decode_ref",
     "weight_dequant",
     "weight_dequant_ref",
     "weight_quant",

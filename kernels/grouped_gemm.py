@@ -1,5 +1,6 @@
-"""Grouped GEMM for the routed experts: one call multiplies every expert's token rows by that expert's weight.
+"""Grouped GEMMs for the routed experts: one call multiplies every expert's token rows by that expert's weight.
 
+Triton kernels (`moe_gemm.py`) for CUDA tensors, torch's `grouped_mm` elsewhere; both differentiable.
 Dimension letters: T tokens (sorted by expert), K contraction, N output features, E experts.
 References: DESIGN.md §4 (tokens sorted by expert, one grouped GEMM per projection).
 """
@@ -9,9 +10,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference import check_grouped_mm_args
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda:
+        from .moe_gemm import grouped_mm_triton
+
+        return grouped_mm_triton(x, w, offsets)
+    return F.grouped_mm(x, w, offs=offsets)
+
+
+def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`[E, K, N]`: per group `x_eᵀ · dy_e`."""
+    if x.is_cuda:
+        from .moe_gemm import grouped_mm_wgrad_triton
+
+        return grouped_mm_wgrad_triton(x, grad_out, offsets)
+    return F.grouped_mm(x.t(), grad_out, offs=offsets)
+
 
 class _GroupedMM(torch.autograd.Function):
-    """`torch.nn.functional.grouped_mm` with a backward that accepts any gradient layout.
+    """Grouped GEMM with a backward that accepts any gradient layout.
 
     torch's own backward rejects gradients with zero strides (e.g. from `y.sum().backward()`), so the gradient is
     made contiguous first and both gradients are computed as grouped GEMMs themselves.
@@ -20,7 +40,7 @@ class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, w, offsets)
-        return F.grouped_mm(x, w, offs=offsets)
+        return _matmul(x, w, offsets)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -28,9 +48,9 @@ class _GroupedMM(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.grouped_mm(grad_out, w.transpose(-2, -1), offs=offsets)  # [T, K]
+            grad_x = _matmul(grad_out, w.transpose(-2, -1), offsets)  # [T, K]
         if ctx.needs_input_grad[1]:
-            grad_w = F.grouped_mm(x.t(), grad_out, offs=offsets)  # [E, K, N]: per group x_e^T · dy_e
+            grad_w = _weight_grad(x, grad_out, offsets)  # [E, K, N]
         return grad_x, grad_w, None
 
 
@@ -51,11 +71,32 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     Example:
         >>> out = grouped_mm(x_sorted, experts.up_proj.transpose(1, 2), offsets)
     """
-    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"grouped_mm: expected x [T, K] and w [E, K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
-    if offsets.shape != (w.shape[0],) or offsets.dtype != torch.int32:
-        raise ValueError(f"grouped_mm: offsets must be int32 of shape [{w.shape[0]}], got {offsets.dtype} "
-                         f"{tuple(offsets.shape)}")
-    if x.dtype != w.dtype:
-        raise ValueError(f"grouped_mm: x and w must share a dtype, got {x.dtype} and {w.dtype}")
+    check_grouped_mm_args(x, w, offsets)
     return _GroupedMM.apply(x, w, offsets)
+
+
+def grouped_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The gate and up projections of SwiGLU experts, `silu(x·w_gate[e]) * (x·w_up[e])` per group, differentiable.
+    On CUDA one fused kernel computes both (x is read once, neither projection is written); elsewhere two grouped
+    GEMMs.
+
+    Args:
+        x: `[T, K]`, rows sorted by group.
+        w_gate, w_up: `[E, K, N]` with the same strides (e.g. transposed views of stacked `[E, N, K]` weights).
+        offsets: `[E]` int32 cumulative row counts; `offsets[-1] == T`.
+
+    Returns:
+        `[T, N]` in the dtype of `x`.
+
+    Raises:
+        ValueError: on mismatched shapes or dtypes.
+
+    Example:
+        >>> gate, up = experts.gate_proj.transpose(1, 2), experts.up_proj.transpose(1, 2)
+        >>> hidden = grouped_swiglu(x_sorted, gate, up, offsets)
+    """
+    if x.is_cuda:
+        from .moe_gemm import grouped_swiglu_triton
+
+        return grouped_swiglu_triton(x, w_gate, w_up, offsets)
+    return F.silu(grouped_mm(x, w_gate, offsets)) * grouped_mm(x, w_up, offsets)

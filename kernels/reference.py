@@ -1,6 +1,7 @@
 """Plain torch references for the ops in `kernels/`: the specification, the oracle of the tests, and the CPU path.
 
-Dimension letters: T tokens (sorted by group), K contraction, N output features, E groups (experts).
+Dimension letters: T tokens (sorted by group), K contraction, N output features, E groups (experts); for latent
+attention b batch, s new tokens, h heads, t keys, c kv_lora_rank, r rope dim.
 """
 
 from __future__ import annotations
@@ -25,6 +26,104 @@ def grouped_mm_ref(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
         out[start:end] = (x[start:end].float() @ w[e].float()).to(x.dtype)
         start = end
     return out
+
+
+def grouped_swiglu_ref(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """`silu(x·w_gate[e]) * (x·w_up[e])` for the rows of each group, in fp32 (the gate and up projections of
+    SwiGLU experts).
+
+    Args:
+        x: `[T, K]`, rows sorted by group; w_gate, w_up: `[E, K, N]`; offsets: `[E]` int32 cumulative row counts.
+
+    Returns:
+        `[T, N]` in the dtype of `x`.
+    """
+    gate = grouped_mm_ref(x.float(), w_gate.float(), offsets)
+    up = grouped_mm_ref(x.float(), w_up.float(), offsets)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+def check_grouped_mm_args(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, op: str = "grouped_mm") -> None:
+    """Shared argument checks of the grouped GEMMs: x `[T, K]`, w `[E, K, N]`, offsets int32 `[E]`."""
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"{op}: expected x [T, K] and w [E, K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if offsets.shape != (w.shape[0],) or offsets.dtype != torch.int32:
+        raise ValueError(f"{op}: offsets must be int32 of shape [{w.shape[0]}], got {offsets.dtype} "
+                         f"{tuple(offsets.shape)}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"{op}: x and w must share a dtype, got {x.dtype} and {w.dtype}")
+
+
+# ---- Latent attention decode (absorbed MLA), DESIGN.md §3 -----------------------------------------------------------
+
+
+def mla_decode_ref(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    mask: torch.Tensor | None,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Absorbed MLA attention of `s` new queries over the latent cache, in fp32:
+    `o_lat = softmax((q_lat·c_kvᵀ + q_pe·k_peᵀ)·scale) · c_kv`.
+
+    Args:
+        q_lat: `[b, s, h, c]`, the no-rope query already multiplied by W_UK.
+        q_pe: `[b, s, h, r]`, the rotated rope query.
+        c_kv: `[b, t, c]`, the normalised latent cache (keys and values at once).
+        k_pe: `[b, t, r]`, the rotated rope key shared by all heads.
+        mask: `[b, s, t]` bool, True = attend (left padding, speculative queries, empty static-cache slots), or None:
+            causal, query i sits at position `t - s + i`.
+        softmax_scale: the score scale.
+
+    Returns:
+        `o_lat` `[b, s, h, c]` in the dtype of `q_lat` (the caller multiplies by W_UV). A query that may attend to no
+        key gets zeros.
+
+    Raises:
+        ValueError: on shapes, dtypes or a scale that do not fit.
+    """
+    check_mla_decode_args(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
+    b, s, _, _ = q_lat.shape
+    t = c_kv.shape[1]
+    scores = torch.einsum("bshc,btc->bsht", q_lat.float(), c_kv.float())
+    scores = (scores + torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float())) * softmax_scale
+    if mask is None:
+        mask = torch.arange(t, device=c_kv.device) <= torch.arange(t - s, t, device=c_kv.device)[:, None]  # [s, t]
+    mask = mask.expand(b, s, t)[:, :, None, :]  # [b, s, 1, t]
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    probs = torch.where(mask.any(dim=-1, keepdim=True), probs, 0.0)  # a row without keys: 0, not NaN
+    return torch.einsum("bsht,btc->bshc", probs, c_kv.float()).to(q_lat.dtype)
+
+
+MLA_DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_mla_decode_args(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale) -> None:
+    """Shared argument checks of the latent decode attention (reference and Triton)."""
+    if q_lat.dim() != 4 or q_pe.dim() != 4 or c_kv.dim() != 3 or k_pe.dim() != 3:
+        raise ValueError(f"mla_decode: expected q_lat [b, s, h, c], q_pe [b, s, h, r], c_kv [b, t, c], k_pe [b, t, r], "
+                         f"got {tuple(q_lat.shape)}, {tuple(q_pe.shape)}, {tuple(c_kv.shape)}, {tuple(k_pe.shape)}")
+    b, s, h, c = q_lat.shape
+    t, r = c_kv.shape[1], k_pe.shape[-1]
+    if tuple(q_pe.shape) != (b, s, h, r) or tuple(c_kv.shape) != (b, t, c) or tuple(k_pe.shape) != (b, t, r):
+        raise ValueError(f"mla_decode: shapes disagree: q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, "
+                         f"c_kv {tuple(c_kv.shape)}, k_pe {tuple(k_pe.shape)} (b, s, h, c, t, r must match)")
+    if t == 0 or s == 0:
+        raise ValueError(f"mla_decode: needs at least one query and one key, got s={s}, t={t}")
+    dtypes = {q_lat.dtype, q_pe.dtype, c_kv.dtype, k_pe.dtype}
+    if len(dtypes) != 1 or q_lat.dtype not in MLA_DECODE_DTYPES:
+        raise ValueError(f"mla_decode: q_lat, q_pe, c_kv and k_pe must share one of {MLA_DECODE_DTYPES}, "
+                         f"got {q_lat.dtype}, {q_pe.dtype}, {c_kv.dtype}, {k_pe.dtype}")
+    if mask is None and s > t:
+        raise ValueError(f"mla_decode: without a mask the s={s} queries are the last of t={t} keys, so s <= t")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, s, t)):
+        raise ValueError(f"mla_decode: mask must be bool of shape {(b, s, t)}, got {mask.dtype} {tuple(mask.shape)}")
+    if not softmax_scale > 0:
+        raise ValueError(f"mla_decode: softmax_scale must be positive, got {softmax_scale}")
 
 
 # ---- FP8 (E4M3) block quantisation, DESIGN.md §6 --------------------------------------------------------------------
@@ -132,6 +231,48 @@ def fp8_gemm_ref(
         col_scale = b_s[:, kb] if per_row else b_s[:, kb].repeat_interleave(block)[:n]
         out += partial * a_s[:, kb, None] * col_scale[None, :]
     return out.to(out_dtype)
+
+
+def fp8_grouped_gemm_ref(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    w: torch.Tensor,
+    w_s: torch.Tensor,
+    offsets: torch.Tensor,
+    out_dtype=torch.bfloat16,
+) -> torch.Tensor:
+    """Block-scaled FP8 grouped GEMM: the rows of group e times `w[e]ᵀ`, each group exactly `fp8_gemm_ref`.
+
+    Args:
+        a: `[T, K]` fp8, rows sorted by group; a_s: `[T, ceil(K/128)]` fp32 (1×128 tiles, `act_quant`).
+        w: `[E, N, K]` fp8 (stacked expert weights); w_s: `[E, ceil(N/128), ceil(K/128)]` fp32 (128×128 blocks).
+        offsets: `[E]` int32 cumulative row counts; `offsets[-1] == T`.
+
+    Returns:
+        `[T, N]` in `out_dtype`.
+    """
+    check_fp8_grouped_gemm_args(a, a_s, w, w_s, offsets, out_dtype)
+    out = torch.empty(a.shape[0], w.shape[1], dtype=out_dtype, device=a.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        out[start:end] = fp8_gemm_ref(a[start:end], a_s[start:end], w[e], w_s[e], out_dtype=out_dtype)
+        start = end
+    return out
+
+
+def check_fp8_grouped_gemm_args(a, a_s, w, w_s, offsets, out_dtype) -> None:
+    """Shared argument checks of the FP8 grouped GEMM (reference and Triton)."""
+    if w.dim() != 3 or w_s.dim() != 3 or w.shape[0] == 0:
+        raise ValueError(f"fp8_grouped_gemm: expected w [E, N, K] (E >= 1) and w_s [E, ceil(N/128), ceil(K/128)], got "
+                         f"{tuple(w.shape)} and {tuple(w_s.shape)}")
+    e, n, k = w.shape
+    if tuple(w_s.shape) != (e, -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)):
+        raise ValueError(f"fp8_grouped_gemm: w_s must have shape {(e, -(-n // FP8_BLOCK), -(-k // FP8_BLOCK))} "
+                         f"(128x128 blocks), got {tuple(w_s.shape)}")
+    if offsets.shape != (e,) or offsets.dtype != torch.int32:
+        raise ValueError(f"fp8_grouped_gemm: offsets must be int32 of shape [{e}], got {offsets.dtype} "
+                         f"{tuple(offsets.shape)}")
+    check_fp8_gemm_args(a, a_s, w[0], w_s[0], out_dtype)
 
 
 def check_fp8_gemm_args(a, a_s, b, b_s, out_dtype) -> None:

@@ -4,7 +4,8 @@
   through transformers' attention interface (sdpa / eager / flash).
 * absorbed (decoding, short queries over a cache): `kv_b_proj` is folded into the query and the output, so the
   cached latent is never expanded:  `q_lat = q_nope·W_UK`, `score = (q_lat·c_kv + q_pe·k_pe)·scale`,
-  `o = (P·c_kv)·W_UVᵀ`.
+  `o = (P·c_kv)·W_UVᵀ`. On CUDA, for up to 8 new tokens without gradients, the attention over the latent cache is
+  the Triton kernel `kernels.mla_decode`; elsewhere it is torch code.
 `MultiHeadLatentAttention.use_absorbed` picks, per call, the path with fewer multiply-adds.
 
 Dimension letters: b batch, s new tokens, t all keys (cached + new), h heads, d head dim (n nope, v value),
@@ -23,8 +24,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration import DeepseekV3Config
 from .fp8 import FP8Linear, make_linear
+from .kernels import mla_decode
 from .layers import RMSNorm
 from .rope import apply_rope, softmax_scale
+
+MLA_DECODE_MAX_QUERIES = 8  # new tokens per step that the latent decode kernel serves (speculative verification)
 
 
 def eager_attention(
@@ -197,16 +201,42 @@ class MultiHeadLatentAttention(nn.Module):
         w_kv_b = weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, n, c], [h, v, c]
         q_lat = torch.matmul(q_nope.transpose(1, 2), w_uk)  # [b, h, s, c]
+        if attention_mask is None and (s > 1 or not isinstance(past, int)):
+            # no mask given: query i (at position past + i) sees keys 0..past + i; a static cache has empty slots after
+            positions = torch.arange(s, device=c_kv.device) + past
+            attention_mask = torch.arange(t, device=c_kv.device) <= positions[:, None]  # [s, t]
+        if self._use_decode_kernel(q_lat, q_pe, c_kv, k_pe):
+            # The kernel is called here with the mask transformers built for this layer (sdpa's boolean or eager's
+            # additive one, holding 0 where attended), not registered as an attention function, so it needs no
+            # AttentionMaskInterface entry of its own.
+            if attention_mask is not None and attention_mask.dtype != torch.bool:
+                attention_mask = attention_mask == 0
+            mask = None if attention_mask is None else attention_mask.expand(b, 1, s, t)[:, 0]  # [b, s, t]
+            o_lat = mla_decode(q_lat.transpose(1, 2), q_pe, c_kv, k_pe, mask, self.softmax_scale).transpose(1, 2)
+        else:
+            o_lat = self._latent_attention(q_lat, q_pe, c_kv, k_pe, attention_mask)  # [b, h, s, c]
+        return torch.matmul(o_lat, w_uv.transpose(1, 2)).transpose(1, 2)  # [b, s, h, v]
+
+    def _use_decode_kernel(self, q_lat, q_pe, c_kv, k_pe) -> bool:
+        """Whether the Triton latent decode kernel serves this call: CUDA tensors of one dtype, at most
+        MLA_DECODE_MAX_QUERIES new tokens, no attention dropout, no gradient (it has no backward)."""
+        tensors = (q_lat, q_pe, c_kv, k_pe)
+        return (
+            q_lat.is_cuda
+            and q_lat.shape[2] <= MLA_DECODE_MAX_QUERIES
+            and len({x.dtype for x in tensors}) == 1
+            and not (self.training and self.config.attention_dropout > 0)
+            and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+        )
+
+    def _latent_attention(self, q_lat, q_pe, c_kv, k_pe, attention_mask) -> torch.Tensor:
+        """Absorbed attention in torch (CPU, gradients, dropout): `[b, h, s, c]` latent output."""
+        b, h, s, _ = q_lat.shape
+        t = c_kv.shape[1]
         q_lat = (q_lat * self.softmax_scale).reshape(b, h * s, self.kv_lora_rank)
         q_pe = (q_pe.transpose(1, 2) * self.softmax_scale).reshape(b, h * s, self.qk_rope_head_dim)
         scores = torch.baddbmm(torch.bmm(q_pe, k_pe.transpose(1, 2)), q_lat, c_kv.transpose(1, 2))  # [b, h*s, t]
-        scores = scores.view(b, h, s, t)
-        if attention_mask is None and (s > 1 or not isinstance(past, int)):
-            # no mask given: query i (at position past + i) sees keys 0..past + i; a static cache has empty slots after
-            positions = torch.arange(s, device=scores.device) + past
-            attention_mask = torch.arange(t, device=scores.device) <= positions[:, None]  # [s, t]
-        scores = _mask_scores(scores, attention_mask)
+        scores = _mask_scores(scores.view(b, h, s, t), attention_mask)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(c_kv.dtype)
         probs = F.dropout(probs, p=self.config.attention_dropout, training=self.training)
-        o_lat = torch.bmm(probs.view(b, h * s, t), c_kv).view(b, h, s, self.kv_lora_rank)  # [b, h, s, c]
-        return torch.matmul(o_lat, w_uv.transpose(1, 2)).transpose(1, 2)  # [b, s, h, v]
+        return torch.bmm(probs.view(b, h * s, t), c_kv).view(b, h, s, self.kv_lora_rank)

@@ -20,7 +20,7 @@ from torch import nn
 from .configuration import DeepseekV3Config
 from .dtypes import KeepsTensorDtypes
 from .fp8 import fp8_block_size, fp8_grouped_mm
-from .kernels import grouped_mm, weight_dequant_ref
+from .kernels import FP8_BLOCK, act_quant, fp8_grouped_gemm, grouped_mm, grouped_swiglu, weight_dequant_ref
 from .layers import MLP
 from .metrics import in_backward_replay
 
@@ -138,7 +138,8 @@ class RoutedExperts(KeepsTensorDtypes):
     Gate and up stay separate tensors so that 128×128 FP8 blocks never straddle them. On disk they are the official
     per-expert keys `experts.{e}.{gate,up,down}_proj.weight` (see `checkpoint.py`). In an FP8 model the stacked
     weights are e4m3 with stacked block scales `{gate,up,down}_proj_scale_inv` `[E, ceil(rows/B), ceil(cols/B)]`
-    (on disk `experts.{e}.{name}.weight_scale_inv`), dequantised for the grouped GEMM.
+    (on disk `experts.{e}.{name}.weight_scale_inv`): on CUDA the FP8 grouped GEMM reads them as they are, elsewhere
+    the experts that received tokens are dequantised for the grouped GEMM.
     """
 
     PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -148,6 +149,7 @@ class RoutedExperts(KeepsTensorDtypes):
         e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.num_experts = e
         self.fp8_block_size = fp8_block_size(config)
+        self.fp8_scale_fmt = (config.fp8_quantization_config or {}).get("scale_fmt")  # of activations, on CUDA
         self.fp8_training = False  # set by `training.enable_fp8_training`
         for name, (rows, cols) in zip(self.PROJECTIONS, ((i, h), (i, h), (h, i))):
             if self.fp8_block_size is None:
@@ -171,11 +173,15 @@ class RoutedExperts(KeepsTensorDtypes):
             return fp8_grouped_mm(rows, weight, offsets)
         if self.fp8_block_size is None:
             return grouped_mm(rows, weight.transpose(1, 2), offsets)
+        scales = getattr(self, f"{name}_scale_inv")
+        if rows.is_cuda and self.fp8_block_size == (FP8_BLOCK, FP8_BLOCK):
+            # the FP8 grouped GEMM reads the e4m3 weights as they are, activations quantised in 1×128 tiles
+            q, s = act_quant(rows, self.fp8_scale_fmt)
+            return fp8_grouped_gemm(q, s, weight, scales, offsets, out_dtype=rows.dtype)
         # FP8 weights: dequantise only the experts that received tokens (a decode step uses K of E). Finding them
         # reads the counts back to the host, far cheaper than dequantising every expert of the layer.
         active = torch.diff(offsets, prepend=offsets.new_zeros(1)).nonzero().squeeze(1)
-        scales = getattr(self, f"{name}_scale_inv")[active]
-        dense = weight_dequant_ref(weight[active], scales, rows.dtype, block=self.fp8_block_size)
+        dense = weight_dequant_ref(weight[active], scales[active], rows.dtype, block=self.fp8_block_size)
         return grouped_mm(rows, dense.transpose(1, 2), offsets[active])  # the idle experts own no rows
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -194,7 +200,10 @@ class RoutedExperts(KeepsTensorDtypes):
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=flat.device)
         offsets = counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
         xs = x[token]  # [T·K, H], grouped by expert
-        hidden = F.silu(self._project("gate_proj", xs, offsets)) * self._project("up_proj", xs, offsets)  # [T·K, I]
+        if self.fp8_block_size is None and not self.fp8_training:  # gate and up in one fused kernel on CUDA
+            hidden = grouped_swiglu(xs, self.gate_proj.transpose(1, 2), self.up_proj.transpose(1, 2), offsets)
+        else:
+            hidden = F.silu(self._project("gate_proj", xs, offsets)) * self._project("up_proj", xs, offsets)  # [T·K, I]
         ys = self._project("down_proj", hidden, offsets)  # [T·K, H]
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)

@@ -1,0 +1,138 @@
+"""Latent-attention decode: the Triton kernel (in the interpreter) equals `mla_decode_ref`, and the model's absorbed
+path gives the same logits through the kernel as through its torch code.
+
+bf16 is not tested here: the interpreter multiplies the raw bits of bf16 `tl.dot` operands (triton-lang/triton#11584);
+fp16 covers the low-precision casts, and `benchmarks/kernels_gpu.py` checks bf16 on a GPU.
+"""
+
+import pytest
+import torch
+
+from modeling_deepseek_v3 import MLACache, MLAStaticCache
+from modeling_deepseek_v3.kernels import mla_decode_ref
+
+from ..utils import random_ids, random_model, tiny_config
+
+pytest.importorskip("triton")
+from modeling_deepseek_v3.kernels.latent_decode import mla_decode_triton  # noqa: E402
+
+SCALE = 0.125
+
+
+def inputs(b, s, h, c, r, t, dtype=torch.float32):
+    q_lat, q_pe = torch.randn(b, s, h, c), torch.randn(b, s, h, r)
+    c_kv, k_pe = torch.randn(b, t, c), torch.randn(b, t, r)
+    return [x.to(dtype) for x in (q_lat, q_pe, c_kv, k_pe)]
+
+
+def causal_mask(b, s, t, left_pad=()):
+    """Query i at position t - s + i; row j of the batch has its first left_pad[j] keys padded."""
+    mask = (torch.arange(t) <= torch.arange(t - s, t)[:, None]).expand(b, s, t).clone()
+    for row, pad in enumerate(left_pad):
+        mask[row, :, :pad] = False
+    return mask
+
+
+# b, s, h, c, r, t, splits, left padding (None: no mask, the kernel's own causal rule)
+CASES = [
+    (1, 1, 4, 32, 8, 37, 1, None),
+    (3, 1, 16, 64, 16, 300, 3, (0, 150, 7)),  # row 1: the first split is all padding
+    (2, 3, 4, 32, 8, 77, 2, None),
+    (2, 3, 24, 32, 8, 130, 1, (5, 0)),  # 72 query rows: two head blocks, the second partial
+    (2, 8, 4, 48, 8, 70, None, (0, 33)),  # c = 48: not a power of two
+]
+IDS = [f"b{b}-s{s}-h{h}-c{c}-t{t}-splits{n}-{'mask' if p else 'causal'}" for b, s, h, c, r, t, n, p in CASES]
+
+
+@pytest.mark.parametrize("b, s, h, c, r, t, splits, left_pad", CASES, ids=IDS)
+def test_kernel_equals_reference_fp32(b, s, h, c, r, t, splits, left_pad):
+    q_lat, q_pe, c_kv, k_pe = inputs(b, s, h, c, r, t)
+    mask = None if left_pad is None else causal_mask(b, s, t, left_pad)
+    out = mla_decode_triton(q_lat, q_pe, c_kv, k_pe, mask, SCALE, num_splits=splits)
+    ref = mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, SCALE)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_kernel_fp16_within_rounding():
+    q_lat, q_pe, c_kv, k_pe = inputs(2, 3, 8, 64, 16, 200, torch.float16)
+    mask = causal_mask(2, 3, 200, (0, 60))
+    out = mla_decode_triton(q_lat, q_pe, c_kv, k_pe, mask, SCALE, num_splits=3)
+    ref = mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, SCALE)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_strided_queries_and_broadcast_mask():
+    """The model passes q_lat as a transposed view and may pass an `expand`ed [s, t] mask: both read in place."""
+    q_lat, q_pe, c_kv, k_pe = inputs(2, 3, 4, 32, 8, 50)
+    q_lat = q_lat.transpose(1, 2).contiguous().transpose(1, 2)  # [b, s, h, c] with [b, h, s, c] storage
+    mask = (torch.arange(50) <= torch.arange(40, 43)[:, None]).expand(2, 3, 50)  # stride 0 along b
+    out = mla_decode_triton(q_lat, q_pe, c_kv, k_pe, mask, SCALE, num_splits=2)
+    ref = mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, SCALE)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-split", "three-splits"])
+def test_query_without_keys_gets_zeros(splits):
+    q_lat, q_pe, c_kv, k_pe = inputs(2, 2, 4, 32, 8, 200)
+    mask = causal_mask(2, 2, 200)
+    mask[1, 0] = False  # a padding query: nothing to attend to
+    out = mla_decode_triton(q_lat, q_pe, c_kv, k_pe, mask, SCALE, num_splits=splits)
+    assert torch.isfinite(out).all() and not out[1, 0].any()
+    ref = mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, SCALE)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_rejects_bad_input():
+    q_lat, q_pe, c_kv, k_pe = inputs(1, 2, 4, 32, 8, 10)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        mla_decode_triton(q_lat, q_pe, c_kv, k_pe, torch.ones(1, 2, 10), SCALE)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        mla_decode_ref(q_lat, q_pe, c_kv[:, :, :16], k_pe, None, SCALE)
+    with pytest.raises(ValueError, match="share one of"):
+        mla_decode_triton(q_lat.double(), q_pe, c_kv, k_pe, None, SCALE)
+    with pytest.raises(ValueError, match="s <= t"):
+        mla_decode_ref(q_lat, q_pe, c_kv[:, :1], k_pe[:, :1], None, SCALE)
+    with pytest.raises(ValueError, match="num_splits"):
+        mla_decode_triton(q_lat, q_pe, c_kv, k_pe, None, SCALE, num_splits=0)
+
+
+def route_through_kernel(monkeypatch) -> None:
+    """Send the model's absorbed path through the Triton kernel (interpreted) although the tensors are on the CPU."""
+    from modeling_deepseek_v3 import attention
+
+    monkeypatch.setattr(attention.MultiHeadLatentAttention, "_use_decode_kernel", lambda self, *tensors: True)
+    monkeypatch.setattr(attention, "mla_decode", mla_decode_triton)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])  # boolean and additive masks
+@pytest.mark.parametrize("left_padding", [True, False], ids=["left-padded", "no-padding"])
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_model_absorbed_path_through_kernel(monkeypatch, attn_implementation, left_padding, new_tokens):
+    """Decode and speculative steps over a cache: the kernel branch reproduces the torch branch's logits."""
+    model = random_model(tiny_config(mla_attention_path="absorbed"))
+    model.set_attn_implementation(attn_implementation)
+    ids = random_ids(model.config, 2, 12)
+    mask = torch.ones_like(ids)
+    if left_padding:
+        mask[1, :4] = 0
+    logits = []
+    for use_kernel in (False, True):
+        if use_kernel:
+            route_through_kernel(monkeypatch)
+        cache = MLACache(model.config)
+        model(ids[:, :-new_tokens], attention_mask=mask[:, :-new_tokens], cache=cache, use_cache=True)
+        logits.append(model(ids[:, -new_tokens:], attention_mask=mask, cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_static_cache_without_mask_through_kernel(monkeypatch):
+    """No mask and a static cache: the empty slots after the filled ones stay invisible to the kernel."""
+    model = random_model(tiny_config(mla_attention_path="absorbed"))
+    ids = random_ids(model.config, 2, 8)
+    full = model(ids).logits
+    route_through_kernel(monkeypatch)
+    cache = MLAStaticCache(config=model.config, max_cache_len=32)
+    steps = [model(ids[:, :5], cache=cache, use_cache=True).logits]
+    steps += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(5, 8)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
