@@ -381,7 +381,8 @@ class SelfSpeculativeDecoder:
         token one further ahead, the newest draft last."""
         columns = torch.arange(previous.valid.shape[1] + 1, device=shift.device)
         index = torch.where(columns > shift, columns, 0)  # into [carry, previous]; invalid columns copy the carry
-        valid = (columns > shift) | ((columns == shift) & carry.valid)
+        # a column is as valid as the one it copies (module k - 1's own carry may be invalid for a short prompt)
+        valid = torch.cat([carry.valid, previous.valid], 1).gather(1, index) & (columns >= shift)
         hidden = torch.cat([carry.hidden, hidden], 1).gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         positions = torch.cat([carry.positions, previous.positions], 1).gather(1, index)
         # column c + 1 holds previous column c's position; its token, one further ahead, is previous token c + 1

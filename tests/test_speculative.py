@@ -76,7 +76,10 @@ def test_eos_and_max_new_tokens_inside_a_draft(depth):
     assert plain.shape[1] > width + stop  # other rows went on
 
 
-@pytest.mark.parametrize("depth, lengths", [(2, PROMPT_LENGTHS), (3, (6, 1, 2))], ids=["D2", "D3-short-prompts"])
+@pytest.mark.parametrize(
+    "depth, lengths", [(2, PROMPT_LENGTHS), (3, (6, 1, 2)), (4, (6, 1, 2))], ids=["D2", "D3-short-prompts",
+                                                                                "D4-short-prompts"]
+)
 def test_drafts_equal_the_mtp_chain_on_the_accepted_tokens(monkeypatch, depth, lengths):
     """The incremental MTP state (cropped draft slots, carried hidden states, masked rejected slots, per-row
     positions) gives at every step the logits that the DESIGN §5 chain gives when recomputed from scratch on each
