@@ -483,15 +483,22 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         for k, module in enumerate(self.mtp, start=1):
             n = s - k - 1  # positions i whose target t_{i+k+1} exists
             positions = position_ids[:, :n]
+            # the module's queries and keys are the positions :n of the main sequence; a prepared 4-D mask
+            # [b, 1, s, s] is cut to them (and carries no per-token padding for the balancing)
+            padding = attention_mask is not None and attention_mask.dim() == 2
+            if attention_mask is None:
+                own_mask = None
+            else:
+                own_mask = attention_mask[:, :n] if padding else attention_mask[..., :n, :n]
             mask = create_causal_mask(
                 config=self.config,
                 inputs_embeds=hidden[:, :n],
-                attention_mask=None if attention_mask is None else attention_mask[:, :n],
+                attention_mask=own_mask,
                 cache=None,
                 position_ids=positions,
             )
             position_embeddings = self.model.rotary_emb(hidden, positions)
-            token_mask = None if attention_mask is None else attention_mask[:, :n].bool()
+            token_mask = own_mask.bool() if padding else None
             hidden = module(token_embeds[:, k : k + n], hidden[:, :n], position_embeddings, mask,
                             token_mask=token_mask, record_routing=record_routing)  # h^k [b, n, H]
             logits = module.shared_head(hidden, self.lm_head).float()  # [b, n, vocab]

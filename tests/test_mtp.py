@@ -63,6 +63,20 @@ def test_loss_is_main_plus_weighted_depth_losses(mtp_model):
     torch.testing.assert_close(out.loss, (main_sum + 0.3 / 2 * sum(summed)) / n_items, rtol=0, atol=1e-5)
 
 
+def test_a_prepared_4d_mask_gives_the_losses_of_its_2d_padding_mask(mtp_model):
+    model = mtp_model
+    ids = random_ids(model.config, 2, 10)
+    padding = torch.ones_like(ids)
+    padding[0, :3] = 0
+    labels = ids.masked_fill(padding == 0, -100)
+    four_d = padding[:, None, None, :].bool() & torch.ones(10, 10, dtype=torch.bool).tril()  # [b, 1, s, s]
+    with torch.no_grad():
+        want = model(ids, attention_mask=padding, labels=labels)
+        got = model(ids, attention_mask=four_d, labels=labels)
+    torch.testing.assert_close(got.mtp_losses, want.mtp_losses, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=1e-5)
+
+
 def test_gradients_reach_mtp_modules_and_shared_embedding_and_head(mtp_model):
     model = mtp_model
     model.zero_grad()
