@@ -583,6 +583,13 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             return 1.0
         return (labels[:, 1:] != -100).sum() / num_items_in_batch
 
+    def discard_routing_counts(self) -> None:
+        """Forget the tokens counted since the last bias update, e.g. after an optimizer step that fp16 loss scaling
+        skipped (the weights did not move, so neither does the bias)."""
+        for module in self.modules():
+            if isinstance(module, TopkRouter):
+                module.tokens_per_expert = None
+
     def update_routing_bias(self, group=None) -> dict[str, torch.Tensor]:
         """The auxiliary-loss-free balancing step (DESIGN §4): call it after every `optimizer.step()` of a custom
         training loop (`DeepseekV3Trainer` does so itself). Every MoE layer's `e_score_correction_bias` moves by

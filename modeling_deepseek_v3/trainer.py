@@ -28,8 +28,8 @@ def find_deepseek_v3(model: nn.Module) -> DeepseekV3ForCausalLM:
 
 class ExpertBalanceCallback(TrainerCallback):
     """Calls `DeepseekV3ForCausalLM.update_routing_bias()` after every optimizer step (once per gradient-accumulation
-    cycle, on every data-parallel rank). `DeepseekV3Trainer` adds it itself; give it to a plain `Trainer` through
-    `callbacks=[ExpertBalanceCallback()]`.
+    cycle, on every data-parallel rank); after a step that fp16 loss scaling skipped, it discards the counts instead.
+    `DeepseekV3Trainer` adds it itself; give it to a plain `Trainer` through `callbacks=[ExpertBalanceCallback()]`.
 
     Args:
         keep_history: keep each step's expert load in `history` (a list of `{layer: load [E]}`), e.g. for plots.
@@ -40,7 +40,11 @@ class ExpertBalanceCallback(TrainerCallback):
         self.history: list[dict[str, torch.Tensor]] = []
 
     def on_optimizer_step(self, args, state, control, model: nn.Module | None = None, **kwargs) -> None:
-        loads = find_deepseek_v3(model).update_routing_bias()
+        lm = find_deepseek_v3(model)
+        if getattr(kwargs.get("optimizer"), "step_was_skipped", False):
+            lm.discard_routing_counts()  # fp16 loss scaling found inf gradients and skipped the step on every rank
+            return
+        loads = lm.update_routing_bias()
         if self.keep_history:
             self.history.append({name: load.cpu() for name, load in loads.items()})
 

@@ -66,6 +66,18 @@ def test_trainer_fine_tunes_a_saved_checkpoint(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(biases(model), biases(reloaded)))
 
 
+def test_a_skipped_optimizer_step_leaves_the_bias_and_drops_the_counts():
+    model = random_model()
+    model.train()
+    ids = random_ids(model.config, 2, 6)
+    model(ids, labels=ids).loss.backward()
+    before = biases(model)
+    skipped = type("SkippedStep", (), {"step_was_skipped": True})()  # what accelerate's optimizer reports
+    ExpertBalanceCallback().on_optimizer_step(None, None, None, model=model, optimizer=skipped)
+    assert all(torch.equal(a, b) for a, b in zip(before, biases(model)))
+    assert all(load.sum() == 0 for load in model.update_routing_bias().values())
+
+
 def test_trainer_needs_a_deepseek_v3_model(tmp_path):
     with pytest.raises(TypeError, match="containing a DeepseekV3ForCausalLM, got Linear"):
         DeepseekV3Trainer(model=torch.nn.Linear(2, 2), args=arguments(tmp_path))
