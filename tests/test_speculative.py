@@ -231,3 +231,37 @@ def test_streamer_is_a_clear_error():
     model = random_model(tiny_config(num_nextn_predict_layers=1))
     with pytest.raises(ValueError, match="streamer is not supported"):
         model.generate(random_ids(model.config, 1, 4), max_new_tokens=4, use_mtp=True, streamer=TextStreamer(None))
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_later_steps_of_a_left_padded_batch_sample_the_plain_distribution(depth):
+    """The 4th generated token of the left-padded rows of a mixed batch (so carried MTP states, masked rejected
+    slots and per-row positions all take part) follows the exact plain-sampling distribution, enumerated over every
+    continuation of the unpadded prompt. Chi-square goodness of fit at significance level 0.001."""
+    torch.manual_seed(5)
+    model = random_model(tiny_config(vocab_size=16, num_nextn_predict_layers=depth, eos_token_id=None,
+                                     pad_token_id=0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6)  # peaked next-token distributions, so a wrong context shows in the counts
+    long, short = [7, 2, 9, 4, 11], [6, 13]
+    n = 3000
+    ids = torch.tensor([long, [0] * 3 + short] * n)
+    mask = torch.tensor([[1] * 5, [0] * 3 + [1] * 2] * n)
+    torch.manual_seed(1)
+    out = model.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=4, use_mtp=True, temperature=0.9)
+    assert 0.1 < model.last_speculative_stats.acceptance_rate < 0.9
+
+    processors = LogitsProcessorList([TemperatureLogitsWarper(0.9)])
+    def fourth_token(prompt: list[int]) -> torch.Tensor:
+        """P(4th generated token) after `prompt`: every continuation of 1, 2, 3 tokens with its probability."""
+        with torch.no_grad():
+            seqs, joint = torch.tensor([prompt]), torch.ones(1)
+            for _ in range(3):
+                probs = torch.softmax(processors(seqs, model(seqs).logits[:, -1]), -1)  # [rows, V]
+                joint = (joint[:, None] * probs).flatten()
+                seqs = torch.cat([seqs.repeat_interleave(16, 0), torch.arange(16).repeat(len(seqs))[:, None]], 1)
+            return (joint[:, None] * torch.softmax(processors(seqs, model(seqs).logits[:, -1]), -1)).sum(0).double()
+
+    counts = torch.bincount(out[1::2, -1], minlength=16).double()
+    assert _p_value(counts, fourth_token(short)) > 0.001
+    assert _p_value(counts, fourth_token([0] * 3 + short)) < 1e-6  # attending the padding would be caught
