@@ -1,4 +1,4 @@
-"""Expert balance with and without the auxiliary-loss-free routing-bias update (DESIGN §4).
+"""Expert balance with and without the auxiliary-loss-free routing-bias update (docs/design.md (DeepSeekMoE)).
 
 Trains the `small` preset on the packaged Shakespeare excerpt twice from the same seed, once with the bias update
 (γ from the config, 0.001) and once with it frozen (γ = 0); the sequence-wise balance loss (α = 1e-4) is on in both.

@@ -96,11 +96,12 @@ def timed_generate(model, batches, new_tokens: int, use_mtp: bool) -> tuple[list
     outputs, seconds, totals = [], 0.0, [0, 0, 0, 0]
     for ids, mask in batches:
         start = time.perf_counter()
-        outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                      use_mtp=use_mtp, eos_token_id=None))  # exactly `new_tokens` per row
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, use_mtp=use_mtp,
+                             eos_token_id=None, return_dict_in_generate=True)  # exactly `new_tokens` per row
         seconds += time.perf_counter() - start
+        outputs.append(out.sequences)
         if use_mtp:
-            stats = model.last_speculative_stats
+            stats = out.speculative_stats
             counts = (sum(stats.accepted), len(stats.accepted) * stats.row_steps, stats.row_steps, stats.tokens)
             totals = [a + b for a, b in zip(totals, counts)]
     return outputs, seconds, totals

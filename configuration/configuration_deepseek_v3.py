@@ -1,7 +1,7 @@
 """`DeepseekV3Config`: the official DeepSeek-V3 `config.json` keys, plus a few clearly named runtime knobs.
 
 References: DeepSeek-V3 technical report (arXiv 2412.19437) §2-3; the released `config.json` of
-deepseek-ai/DeepSeek-V3; DESIGN.md §2.
+deepseek-ai/DeepSeek-V3; docs/design.md (Configuration).
 """
 
 from __future__ import annotations
@@ -56,8 +56,11 @@ class DeepseekV3Config(PreTrainedConfig):
             loaded and saved (weights kept), but never computed: no MTP loss in training, and
             `generate(use_mtp=True)` is refused. It has no effect when `num_nextn_predict_layers` is 0.
         use_routing_bias (`bool`, defaults to True): add `e_score_correction_bias` when choosing experts.
+        routing_bias_auto_update (`bool`, defaults to True): move the routing biases after every `step()` of any
+            torch optimizer holding the model's parameters (Trainer, accelerate, a hand-written loop). False leaves
+            the update to explicit `model.update_routing_bias()` calls.
         mla_attention_path (`str`, defaults to "auto"): "auto" picks, per call, the cheaper of the expanded and
-            the absorbed MLA paths (DESIGN §3); "expanded" / "absorbed" force one (for tests and benchmarks).
+            the absorbed MLA paths (docs/design.md); "expanded" / "absorbed" force one (for tests and benchmarks).
 
     `quantization_config` (FP8) is kept in `fp8_quantization_config` so that transformers' own FP8 quantizer never
     sees it, and written back under its official name by `to_dict()`.
@@ -115,6 +118,7 @@ class DeepseekV3Config(PreTrainedConfig):
         mtp_loss_weight: float = 0.3,
         use_mtp_modules: bool = True,
         use_routing_bias: bool = True,
+        routing_bias_auto_update: bool = True,
         mla_attention_path: str = "auto",
         **kwargs: Any,
     ) -> None:
@@ -163,6 +167,7 @@ class DeepseekV3Config(PreTrainedConfig):
         self.mtp_loss_weight = mtp_loss_weight
         self.use_mtp_modules = use_mtp_modules
         self.use_routing_bias = use_routing_bias
+        self.routing_bias_auto_update = routing_bias_auto_update
         self.mla_attention_path = mla_attention_path
         # The one source of the RoPE settings, in transformers' `rope_parameters` form (its RoPE and MTP utilities
         # read it); `rope_theta` and `rope_scaling` are views of it in the official form.
@@ -195,7 +200,7 @@ class DeepseekV3Config(PreTrainedConfig):
         self.rope_parameters = _rope_parameters(self.rope_theta, value)
 
     def validate_fields(self) -> None:
-        """Check every rule of DESIGN §2; raise `ValueError` naming field, value and rule."""
+        """Check every rule of the configuration; raise `ValueError` naming field, value and rule."""
         positive = (
             "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
             "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
@@ -244,8 +249,9 @@ class DeepseekV3Config(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 _fail(name, value, "must be a non-negative number")
-        if not isinstance(self.use_mtp_modules, bool):
-            _fail("use_mtp_modules", self.use_mtp_modules, "must be True or False")
+        for name in ("use_mtp_modules", "use_routing_bias", "routing_bias_auto_update"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be True or False")
         if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
             _fail("routed_scaling_factor", self.routed_scaling_factor, "must be a positive number")
         if not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps <= 0:

@@ -91,6 +91,9 @@ def fp8_grouped_gemm(
     return fp8_grouped_gemm_ref(a, a_s, w, w_s, offsets, out_dtype=out_dtype)
 
 
+MLA_DECODE_MAX_QUERIES = 8  # new tokens per row that the latent decode kernel serves (speculative verification)
+
+
 def mla_decode(
     q_lat: torch.Tensor,
     q_pe: torch.Tensor,
@@ -99,10 +102,12 @@ def mla_decode(
     mask: torch.Tensor | None,
     softmax_scale: float,
 ) -> torch.Tensor:
-    """Absorbed MLA attention of a few new queries over the latent cache: `q_lat` `[b, s, h, c]`, `q_pe`
-    `[b, s, h, r]`, `c_kv` `[b, t, c]`, `k_pe` `[b, t, r]`, `mask` `[b, s, t]` bool or None (causal) ->
-    `o_lat` `[b, s, h, c]` (see `mla_decode_ref`)."""
-    if q_lat.is_cuda:
+    """Absorbed MLA attention of new queries over the latent cache: `q_lat` `[b, s, h, c]`, `q_pe` `[b, s, h, r]`,
+    `c_kv` `[b, t, c]`, `k_pe` `[b, t, r]`, `mask` `[b, s, t]` bool or None (causal) -> `o_lat` `[b, s, h, c]` (see
+    `mla_decode_ref`). The Triton kernel serves CUDA tensors of up to `MLA_DECODE_MAX_QUERIES` queries that need no
+    gradient (it has no backward); the reference serves everything else."""
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q_lat, q_pe, c_kv, k_pe))
+    if q_lat.is_cuda and q_lat.shape[1] <= MLA_DECODE_MAX_QUERIES and not needs_grad:
         from .latent_decode import mla_decode_triton
 
         return mla_decode_triton(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
@@ -112,6 +117,7 @@ def mla_decode(
 __all__ = [
     "FP8_BLOCK",
     "FP8_E4M3_MAX",
+    "MLA_DECODE_MAX_QUERIES",
     "act_quant",
     "act_quant_colwise",
     "act_quant_colwise_ref",

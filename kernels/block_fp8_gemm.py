@@ -4,7 +4,7 @@ Each 128-wide K block is multiplied in FP8 with fp32 accumulation, then scaled a
 the report's promotion to CUDA cores every N_C = 128. B's scales are either 128×128 blocks (weights) or 1×128 tiles
 per row (the weight gradient, whose B is an activation). Dimension letters: M, N output, K contraction.
 References: DeepSeek-V3 report §3.3.2 (increasing accumulation precision); DeepSeek-V3 `inference/kernel.py`
-(`fp8_gemm_kernel`); DESIGN.md §6-7.
+(`fp8_gemm_kernel`); docs/design.md (FP8, Kernels).
 """
 
 from __future__ import annotations

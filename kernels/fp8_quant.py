@@ -6,7 +6,7 @@ power of two, `ue8m0`), payload `x / scale` cast to e4m3, divided with IEEE roun
 default `/` on the GPU is an approximate division that changes a few payloads.
 Dimension letters: M rows, K columns, B = 128.
 References: DeepSeek-V3 report §3.3 (fine-grained quantisation); DeepSeek-V3 `inference/kernel.py`
-(`act_quant_kernel`, `weight_dequant_kernel`); DESIGN.md §6-7.
+(`act_quant_kernel`, `weight_dequant_kernel`); docs/design.md (FP8, Kernels).
 """
 
 from __future__ import annotations

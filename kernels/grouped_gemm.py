@@ -2,7 +2,7 @@
 
 Triton kernels (`moe_gemm.py`) for CUDA tensors, torch's `grouped_mm` elsewhere; both differentiable.
 Dimension letters: T tokens (sorted by expert), K contraction, N output features, E experts.
-References: DESIGN.md §4 (tokens sorted by expert, one grouped GEMM per projection).
+References: docs/design.md, DeepSeekMoE (tokens sorted by expert, one grouped GEMM per projection).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ writes the output directly.
 Dimension letters: b batch, s new tokens, h heads, m = s·h query rows (row m is query m // h of head m % h), t keys,
 c kv_lora_rank, r rope dim.
 References: DeepSeek-V2 report §2.1.2 (absorbing W_UK and W_UV); FlashMLA (deepseek-ai/FlashMLA, latent decode with all
-heads of a token per block); flash-decoding (Dao et al. 2023, split-KV with a log-sum-exp merge); DESIGN.md §3, §7.
+heads of a token per block); flash-decoding (Dao et al. 2023, split-KV with a log-sum-exp merge); docs/design.md
+(Multi-head Latent Attention, Kernels).
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ Row tiles never straddle two experts: every program finds its expert and rows fr
 count of row tiles per expert), so nothing is read back to the host and a decode step never synchronises.
 
 Dimension letters: T rows (tokens × top-k, sorted by expert), K contraction, N output features, E experts.
-References: DESIGN.md §4, §6, §7; MegaBlocks (Gale et al. 2022: grouped GEMM over expert-sorted tokens, tiles within
-one expert); DeepSeek-V3 report §3.3 (fine-grained FP8 quantisation); Triton tutorial 03 (blocked matmul).
+References: docs/design.md (DeepSeekMoE, FP8, Kernels); MegaBlocks (Gale et al. 2022: grouped GEMM over
+expert-sorted tokens, tiles within one expert); DeepSeek-V3 report §3.3 (fine-grained FP8 quantisation); Triton
+tutorial 03 (blocked matmul).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def check_grouped_mm_args(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tenso
         raise ValueError(f"{op}: x and w must share a dtype, got {x.dtype} and {w.dtype}")
 
 
-# ---- Latent attention decode (absorbed MLA), DESIGN.md §3 -----------------------------------------------------------
+# ---- Latent attention decode (absorbed MLA), docs/design.md ----------------------------------------------------------
 
 
 def mla_decode_ref(
@@ -126,7 +126,7 @@ def check_mla_decode_args(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale) -> None:
         raise ValueError(f"mla_decode: softmax_scale must be positive, got {softmax_scale}")
 
 
-# ---- FP8 (E4M3) block quantisation, DESIGN.md §6 --------------------------------------------------------------------
+# ---- FP8 (E4M3) block quantisation, docs/design.md -------------------------------------------------------------------
 # Dimension letters: M rows (tokens), N output features, K contraction; B = 128, the block size.
 
 FP8_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448

@@ -1,6 +1,6 @@
 """Autotuned launches that also run in the Triton interpreter.
 
-References: DESIGN.md §7 (kernels tested in the interpreter on CPU, timed only on a GPU).
+References: docs/design.md, Kernels (kernels tested in the interpreter on CPU, timed only on a GPU).
 """
 
 from __future__ import annotations

@@ -3,15 +3,15 @@
 * expanded (prefill, training): `kv_b_proj(c_kv)` gives per-head `k_nope` and `v`; K = [k_nope; k_pe], attention
   through transformers' attention interface (sdpa / eager / flash).
 * absorbed (decoding, short queries over a cache): `kv_b_proj` is folded into the query and the output, so the
-  cached latent is never expanded:  `q_lat = q_nope·W_UK`, `score = (q_lat·c_kv + q_pe·k_pe)·scale`,
-  `o = (P·c_kv)·W_UVᵀ`. On CUDA, for up to 8 new tokens without gradients, the attention over the latent cache is
-  the Triton kernel `kernels.mla_decode`; elsewhere it is torch code.
+  cached latent is never expanded:  `q_lat = q_nope·W_UK`, `o_lat = softmax((q_lat·c_kvᵀ + q_pe·k_peᵀ)·scale)·c_kv`,
+  `o = o_lat·W_UVᵀ`. The attention over the latent is `kernels.mla_decode` (a Triton kernel on CUDA, its torch
+  reference elsewhere).
 `MultiHeadLatentAttention.use_absorbed` picks, per call, the path with fewer multiply-adds.
 
 Dimension letters: b batch, s new tokens, t all keys (cached + new), h heads, d head dim (n nope, v value),
 c kv_lora_rank, r qk_rope_head_dim.
 References: DeepSeek-V2 report §2.1 (absorption); DeepSeek-V3 report §2.1.1; DeepSeek-V3 `inference/model.py`
-(`MLA`, `attn_impl="absorb"`); DESIGN.md §3.
+(`MLA`, `attn_impl="absorb"`); docs/design.md (Multi-head Latent Attention).
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration import DeepseekV3Config
-from .fp8 import FP8Linear, make_linear
+from .fp8 import FP8Linear, dense_weight, fp8_format, make_linear
 from .kernels import mla_decode
 from .layers import RMSNorm
+from .private_api import attention_implementation, has_forward_hooks
 from .rope import apply_rope, softmax_scale
-
-MLA_DECODE_MAX_QUERIES = 8  # new tokens per step that the latent decode kernel serves (speculative verification)
 
 
 def eager_attention(
@@ -65,13 +64,8 @@ def _absorbable(kv_b_proj: nn.Module) -> bool:
     """Absorption reads `kv_b_proj`'s weight directly, which is right only for a plain linear (or FP8 linear) whose
     forward is exactly `x · Wᵀ`: not a wrapper (a LoRA adds ΔW), not a module with hooks, not weights offloaded to
     meta by accelerate."""
-    return (
-        type(kv_b_proj) in (nn.Linear, FP8Linear)
-        and not kv_b_proj._forward_hooks
-        and not kv_b_proj._forward_pre_hooks
-        and not hasattr(kv_b_proj, "_hf_hook")
-        and not kv_b_proj.weight.is_meta
-    )
+    plain = type(kv_b_proj) in (nn.Linear, FP8Linear)
+    return plain and not has_forward_hooks(kv_b_proj) and not kv_b_proj.weight.is_meta
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -93,7 +87,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.num_key_value_groups = 1
         self.is_causal = True
 
-        hidden, h, fp8 = config.hidden_size, self.num_heads, config.fp8_quantization_config
+        hidden, h, fp8 = config.hidden_size, self.num_heads, fp8_format(config)
         if self.q_lora_rank is None:
             self.q_proj = make_linear(hidden, h * self.qk_head_dim, False, fp8)
         else:
@@ -151,17 +145,25 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(out.reshape(b, s, self.num_heads * self.v_head_dim))
 
     def use_absorbed(self, s: int, t: int) -> bool:
-        """Whether the absorbed path costs fewer multiply-adds for `s` queries over `t` keys (DESIGN §3)."""
+        """Whether the absorbed path costs fewer multiply-adds for `s` queries over `t` keys (docs/design.md)."""
         path = self.config.mla_attention_path
         exact = _absorbable(self.kv_b_proj)
+        dropout = self.training and self.config.attention_dropout > 0  # the absorbed path has no dropout
         if path == "absorbed" and not exact:
             kind = type(self.kv_b_proj)
             raise ValueError(
                 "mla_attention_path='absorbed' needs kv_b_proj to be a plain (FP8) linear with its weight in memory "
                 f"and no hooks, got {kind.__module__}.{kind.__qualname__} (merge adapters first, or use 'auto')"
             )
+        if path == "absorbed" and dropout:
+            raise ValueError(
+                f"mla_attention_path='absorbed' has no attention dropout, but attention_dropout="
+                f"{self.config.attention_dropout} in training; use 'auto' or 'expanded' to train with dropout"
+            )
         if path != "auto":
             return path == "absorbed"
+        if dropout:
+            return False
         h, c, r = self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim
         dn, dv = self.qk_nope_head_dim, self.v_head_dim
         expanded = t * c * h * (dn + dv) + s * t * h * (dn + r + dv)
@@ -175,11 +177,12 @@ class MultiHeadLatentAttention(nn.Module):
         key = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)  # [b, t, h, n+r]
         query = torch.cat((q_nope, q_pe), dim=-1)  # [b, s, h, n+r]
         pad = self.qk_head_dim - self.v_head_dim
-        if self.config._attn_implementation == "sdpa" and pad > 0 and value.device.type == "cpu":
+        implementation = attention_implementation(self.config)
+        if implementation == "sdpa" and pad > 0 and value.device.type == "cpu":
             # sdpa's fused CPU kernel needs equal q/k/v head dims (else its slow math path runs; CUDA's memory-efficient
             # kernel takes unequal ones): zero columns of V give zero output columns, cut off below
             value = F.pad(value, (0, pad))
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
         out, _ = attention(
             self,
             query.transpose(1, 2),
@@ -195,48 +198,26 @@ class MultiHeadLatentAttention(nn.Module):
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, attention_mask, past) -> torch.Tensor:
         b, s, h, _ = q_nope.shape
         t = c_kv.shape[1]
-        weight = self.kv_b_proj.weight
-        if self.config.fp8_quantization_config is not None:
-            weight = self.kv_b_proj.dequantize(c_kv.dtype)
-        w_kv_b = weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_kv_b = dense_weight(self.kv_b_proj, c_kv.dtype).view(h, self.qk_nope_head_dim + self.v_head_dim, -1)
         w_uk, w_uv = w_kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, n, c], [h, v, c]
-        q_lat = torch.matmul(q_nope.transpose(1, 2), w_uk)  # [b, h, s, c]
-        if attention_mask is None and (s > 1 or not isinstance(past, int)):
-            # no mask given: query i (at position past + i) sees keys 0..past + i; a static cache has empty slots after
-            positions = torch.arange(s, device=c_kv.device) + past
-            attention_mask = torch.arange(t, device=c_kv.device) <= positions[:, None]  # [s, t]
-        if self._use_decode_kernel(q_lat, q_pe, c_kv, k_pe):
-            # The kernel is called here with the mask transformers built for this layer (sdpa's boolean or eager's
-            # additive one, holding 0 where attended), not registered as an attention function, so it needs no
-            # AttentionMaskInterface entry of its own.
-            if attention_mask is not None and attention_mask.dtype != torch.bool:
-                attention_mask = attention_mask == 0
-            mask = None if attention_mask is None else attention_mask.expand(b, 1, s, t)[:, 0]  # [b, s, t]
-            o_lat = mla_decode(q_lat.transpose(1, 2), q_pe, c_kv, k_pe, mask, self.softmax_scale).transpose(1, 2)
-        else:
-            o_lat = self._latent_attention(q_lat, q_pe, c_kv, k_pe, attention_mask)  # [b, h, s, c]
-        return torch.matmul(o_lat, w_uv.transpose(1, 2)).transpose(1, 2)  # [b, s, h, v]
+        q_lat = torch.matmul(q_nope.transpose(1, 2), w_uk).transpose(1, 2)  # [b, s, h, c]
+        mask = latent_mask(attention_mask, b, s, t, past, c_kv.device)
+        o_lat = mla_decode(q_lat, q_pe, c_kv, k_pe, mask, self.softmax_scale)  # [b, s, h, c]
+        return torch.matmul(o_lat.transpose(1, 2), w_uv.transpose(1, 2)).transpose(1, 2)  # [b, s, h, v]
 
-    def _use_decode_kernel(self, q_lat, q_pe, c_kv, k_pe) -> bool:
-        """Whether the Triton latent decode kernel serves this call: CUDA tensors of one dtype, at most
-        MLA_DECODE_MAX_QUERIES new tokens, no attention dropout, no gradient (it has no backward)."""
-        tensors = (q_lat, q_pe, c_kv, k_pe)
-        return (
-            q_lat.is_cuda
-            and q_lat.shape[2] <= MLA_DECODE_MAX_QUERIES
-            and len({x.dtype for x in tensors}) == 1
-            and not (self.training and self.config.attention_dropout > 0)
-            and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
-        )
 
-    def _latent_attention(self, q_lat, q_pe, c_kv, k_pe, attention_mask) -> torch.Tensor:
-        """Absorbed attention in torch (CPU, gradients, dropout): `[b, h, s, c]` latent output."""
-        b, h, s, _ = q_lat.shape
-        t = c_kv.shape[1]
-        q_lat = (q_lat * self.softmax_scale).reshape(b, h * s, self.kv_lora_rank)
-        q_pe = (q_pe.transpose(1, 2) * self.softmax_scale).reshape(b, h * s, self.qk_rope_head_dim)
-        scores = torch.baddbmm(torch.bmm(q_pe, k_pe.transpose(1, 2)), q_lat, c_kv.transpose(1, 2))  # [b, h*s, t]
-        scores = _mask_scores(scores.view(b, h, s, t), attention_mask)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(c_kv.dtype)
-        probs = F.dropout(probs, p=self.config.attention_dropout, training=self.training)
-        return torch.bmm(probs.view(b, h * s, t), c_kv).view(b, h, s, self.kv_lora_rank)
+def latent_mask(
+    attention_mask: torch.Tensor | None, b: int, s: int, t: int, past: int | torch.Tensor, device: torch.device
+) -> torch.Tensor | None:
+    """The mask of the absorbed path, `[b, s, t]` bool (True = attend), from the one transformers built for this layer
+    (`[b, 1, s, t]` boolean from sdpa masks, or additive float holding 0 where attended), or None for plain causal
+    attention of the last s of t keys. A static cache has empty slots after the tokens (t > past + s): its causal
+    mask is built from the positions."""
+    if attention_mask is None:
+        if isinstance(past, int) and past + s == t:
+            return None
+        positions = torch.arange(s, device=device) + past  # query i sits at past + i
+        return (torch.arange(t, device=device) <= positions[:, None]).expand(b, s, t)
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0
+    return attention_mask.expand(b, 1, s, t)[:, 0]

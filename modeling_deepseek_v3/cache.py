@@ -5,7 +5,7 @@ layers, so everything `generate()` does with a cache (masks, beam reordering, cr
 unchanged. The dynamic layer grows into pre-allocated storage (capacity doubles), so a decode step writes one token
 instead of re-allocating the whole cache as `torch.cat` would.
 Dimension letters: b batch, t cached tokens, c kv_lora_rank, r qk_rope_head_dim.
-References: DeepSeek-V3 report §2.1.1 (only c_kv and k_pe are cached); DESIGN.md §3.
+References: DeepSeek-V3 report §2.1.1 (only c_kv and k_pe are cached); docs/design.md (Multi-head Latent Attention).
 """
 
 from __future__ import annotations

@@ -1,26 +1,41 @@
-"""The official checkpoint format: per-expert keys on disk, stacked expert tensors in memory, strict key checks.
+"""The official checkpoint format: per-expert keys on disk, stacked expert tensors in memory, the MTP layers'
+layout, strict key checks; `CheckpointMixin` holds every loading and saving hook of the model classes.
 
-On disk (DESIGN §8) routed experts are `model.layers.N.mlp.experts.{e}.{gate,up,down}_proj.weight`; in memory they
-are stacked `[E, ...]` parameters. The conversion is given to transformers' loader for our classes only (the
-registry is keyed by class name and model_type, which the built-in `DeepseekV3ForCausalLM` shares) and reversed
-by `save_pretrained`, so saved folders stay readable by the built-in class, vLLM, SGLang and DeepSeek's tools.
+On disk routed experts are `model.layers.N.mlp.experts.{e}.{gate,up,down}_proj.weight`; in memory they are stacked
+`[E, ...]` parameters. The conversion is given to transformers' loader for our classes only (its registry is keyed by
+class name and model_type, which the built-in `DeepseekV3ForCausalLM` shares) and reversed by `save_pretrained`, so
+saved folders stay readable by the built-in class, vLLM, SGLang and DeepSeek's tools.
 
-MTP module k is stored at `model.layers.{L + k - 1}.*` (L = num_hidden_layers) and lives in memory at `mtp.{k-1}.*`
-(its decoder block at `mtp.{k-1}.block.*`); the renaming is reversed on save as well. Each stored module also holds
-copies of the shared embedding and output head (`embed_tokens.weight`, `shared_head.head.weight`), which serving
-engines read: they are written on save and, on load, compared with the main tensors.
+MTP module k is stored as decoder layer `mtp_layer_index(L, k)` (`model.layers.{L + k - 1}.*`) and lives in memory at
+`mtp.{k-1}.*` (its decoder block at `mtp.{k-1}.block.*`); the renaming is reversed on save as well. Each stored
+module also holds copies of the shared embedding and output head (`embed_tokens.weight`, `shared_head.head.weight`),
+which serving engines read: they are written on save and, on load, compared with the main tensors.
 References: transformers `conversion_mapping.py`, `core_model_loading.py` (WeightConverter, MergeModulelist,
-WeightRenaming); DESIGN.md §8.
+WeightRenaming); docs/design.md (Checkpoint layout).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming
+from transformers.utils import logging
+
+from .mtp import mtp_layer_index
+from .private_api import (
+    finalize_model_loading,
+    ignore_unexpected_keys,
+    is_peft_adapter_model,
+    load_pretrained_model,
+    set_weight_conversions,
+    weight_conversions,
+)
+
+logger = logging.get_logger(__name__)
 
 # submodules of a stored MTP module that belong to its decoder block, and those of the module itself
 MTP_BLOCK_PARTS = r"(self_attn|mlp|input_layernorm|post_attention_layernorm)"
@@ -50,16 +65,21 @@ def expert_weight_conversions(config) -> list[WeightConverter]:
     ]
 
 
-def mtp_layer_patterns(num_hidden_layers: int, num_mtp_layers: int) -> list[str]:
-    """Regexes of the MTP modules' keys, stored after the decoder layers at `model.layers.{L + k - 1}`."""
-    return [rf"^model\.layers\.{num_hidden_layers + k}\." for k in range(num_mtp_layers)]
+def layer_prefix(layer_idx: int) -> str:
+    """The checkpoint key prefix of decoder layer `layer_idx` (MTP modules included), also its name in metrics."""
+    return f"model.layers.{layer_idx}"
+
+
+def mtp_layer_patterns(config) -> list[str]:
+    """Regexes of the MTP modules' keys, stored after the decoder layers."""
+    return [rf"^{re.escape(layer_prefix(mtp_layer_index(config.num_hidden_layers, k)))}\."
+            for k in range(1, config.num_nextn_predict_layers + 1)]
 
 
 def mtp_weight_renamings(config) -> list[WeightRenaming]:
     """`model.layers.{L + k}.X` on disk <-> `mtp.{k}.X` (module parts) or `mtp.{k}.block.X` (decoder block parts)."""
     renamings = []
-    for k in range(config.num_nextn_predict_layers):
-        on_disk = rf"^model\.layers\.{config.num_hidden_layers + k}\."
+    for k, on_disk in enumerate(mtp_layer_patterns(config)):
         renamings.append(WeightRenaming(on_disk + MTP_BLOCK_PARTS + r"\.", rf"mtp.{k}.block.\1."))
         renamings.append(WeightRenaming(on_disk + MTP_OWN_PARTS + r"\.", rf"mtp.{k}.\1."))
     return renamings
@@ -68,8 +88,8 @@ def mtp_weight_renamings(config) -> list[WeightRenaming]:
 def mtp_shared_copy_keys(config) -> dict[str, str]:
     """`{stored copy key: main model key}` for the shared embedding and head copies of every MTP module."""
     return {
-        f"model.layers.{config.num_hidden_layers + k}.{suffix}": main
-        for k in range(config.num_nextn_predict_layers)
+        f"{layer_prefix(mtp_layer_index(config.num_hidden_layers, k))}.{suffix}": main
+        for k in range(1, config.num_nextn_predict_layers + 1)
         for suffix, main in MTP_SHARED_COPIES
     }
 
@@ -125,3 +145,90 @@ def check_loading_info(
             + ". "
             + (hint or "Check that config.json belongs to these weights.")
         )
+
+
+class CheckpointMixin:
+    """Loading and saving hooks of the DeepSeek-V3 model classes (put before `PreTrainedModel` in the bases): the
+    official key layout in and out, the MTP copies, and strict key checks."""
+
+    def __init__(self, config, *inputs, **kwargs) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        # MTP modules stored after the decoder layers are not an error for a model without them; a model with them
+        # loads their keys (renamed) and checks that nothing else is left there (`_finalize_model_loading`)
+        ignore_unexpected_keys(self, mtp_layer_patterns(config))
+
+    @property
+    def has_mtp_modules(self) -> bool:
+        """Whether this model holds MTP modules (`mtp`), whose weights load and save with it."""
+        return len(getattr(self, "mtp", ())) > 0
+
+    def checkpoint_conversions(self) -> list:
+        """Official checkpoint keys <-> this model's parameters: the MTP layers <-> `mtp.{k}.*`, per-expert <-> stacked
+        experts."""
+        renamings = mtp_weight_renamings(self.config) if self.has_mtp_modules else []
+        return renamings + expert_weight_conversions(self.config)
+
+    def post_init(self) -> None:
+        super().post_init()
+        set_weight_conversions(self, self.checkpoint_conversions())  # save_pretrained reverses them
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        ours = model.checkpoint_conversions()
+        result = load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys, ours)
+        # transformers keeps the conversions that matched, for save_pretrained to reverse; ours always describe the
+        # in-memory layout (a checkpoint may be in the stacked layout already), so all of them are kept
+        kept = [c for c in weight_conversions(model) if all(c is not o for o in ours)]
+        set_weight_conversions(model, kept + ours)
+        if model.has_mtp_modules:
+            model._warn_about_differing_mtp_copies(state_dict, checkpoint_files)
+        return result
+
+    def _warn_about_differing_mtp_copies(self, state_dict: dict | None, checkpoint_files: list[str] | None) -> None:
+        """Warn when an MTP module's stored copy of the embedding or output head differs from the main tensor; the
+        main one is used either way (the modules share it)."""
+        copies = mtp_shared_copy_keys(self.config)
+        expected = {copy: self.get_parameter(main) for copy, main in copies.items()}
+        expected = {key: tensor for key, tensor in expected.items() if not tensor.is_meta}  # offloaded: not checked
+        for key, difference in stored_copy_differences(expected, state_dict, checkpoint_files).items():
+            if difference > 0:
+                logger.warning(
+                    f"The checkpoint's {key} differs from {copies[key]} (max |difference| = {difference:.3g}). The "
+                    f"MTP modules share the main model's tensor, so {copies[key]} is used and {key} is ignored; "
+                    "save_pretrained will write a copy of the main tensor."
+                )
+
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        # keys left in the MTP layers once their modules took theirs (the shared copies excepted) are unexpected
+        stray = set()
+        if model.has_mtp_modules:
+            patterns = [re.compile(p) for p in mtp_layer_patterns(model.config)]
+            copies = mtp_shared_copy_keys(model.config)
+            stray = {k for k in loading_info.unexpected_keys if any(p.match(k) for p in patterns) and k not in copies}
+        loading_info = finalize_model_loading(model, load_config, loading_info)
+        # ignore_mismatched_sizes relaxes shapes only: a missing tensor would otherwise be left uninitialised
+        mismatched = [] if load_config.ignore_mismatched_sizes else loading_info.mismatched_keys
+        hint = None
+        if loading_info.missing_keys and all(k.startswith("mtp.") for k in loading_info.missing_keys):
+            hint = (
+                f"The checkpoint lacks the weights of the MTP modules that num_nextn_predict_layers = "
+                f"{model.config.num_nextn_predict_layers} asks for; load it with num_nextn_predict_layers=0 to "
+                "leave the modules out."
+            )
+        check_loading_info(loading_info.missing_keys, set(loading_info.unexpected_keys) | stray, mismatched, hint)
+        return loading_info
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, writing the official MTP layout: every MTP module's
+        `model.layers.{L + k - 1}.embed_tokens.weight` and `.shared_head.head.weight` as copies of the main tensors."""
+        if self.has_mtp_modules and not is_peft_adapter_model(self):
+            state_dict = dict(self.state_dict() if state_dict is None else state_dict)
+            for copy, main in mtp_shared_copy_keys(self.config).items():
+                tensor = state_dict.get(main, self.get_parameter(main))
+                if tensor.is_meta:  # offloaded by accelerate: transformers cannot reload a tensor it does not own
+                    logger.warning(f"{main} is offloaded, so its MTP copy {copy} is not written")
+                    continue
+                # a copy, not a view: safetensors refuses tensors that share storage
+                state_dict[copy] = tensor.detach().clone()
+        return super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)

@@ -1,6 +1,6 @@
 """Console entry point `deepseek-v3`; argument parsing only, the work lives in the modules it calls.
 
-References: DESIGN.md (package layout), `modeling_deepseek_v3.demo.run_demo`.
+References: docs/design.md (The rooms), `modeling_deepseek_v3.demo.run_demo`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ weights survives fp8 -> bf16 -> fp8 bit for bit; one quantised from fp32 master 
 its scales move by at most one bf16 step (2^-8 relative), since the bf16 weights cannot carry them exactly.
 The result is written to a temporary folder beside the destination and renamed only when complete, so an
 interrupted run leaves no half-written checkpoint.
-References: DeepSeek-V3 `inference/fp8_cast_bf16.py` (the FP8 -> bf16 direction); DESIGN.md §6, §8.
+References: DeepSeek-V3 `inference/fp8_cast_bf16.py` (the FP8 -> bf16 direction); docs/design.md (FP8,
+Checkpoint layout).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Tensors whose dtype is part of their meaning and must survive `model.to(dtype)`.
 
 `nn.Module.to(torch.bfloat16)` casts every floating-point parameter and buffer, float8 included. The router's
-`e_score_correction_bias` moves in steps of γ = 0.001 and must stay fp32 (DESIGN §4); FP8 payloads must stay e4m3
-and their block scales fp32 (DESIGN §6). Modules holding such tensors list them in `dtype_kept_tensors()`.
+`e_score_correction_bias` moves in steps of γ = 0.001 and must stay fp32; FP8 payloads must stay e4m3 and their
+block scales fp32 (docs/design.md: Expert balancing, FP8). Modules holding such tensors list them in
+`dtype_kept_tensors()`.
 """
 
 from __future__ import annotations

@@ -1,25 +1,31 @@
-"""FP8 linear layers: `FP8Linear` serves official FP8 checkpoints, `FP8TrainingLinear` trains with the report's
-block-scaled FP8 recipe.
+"""FP8 in DeepSeek-V3, decided in one place: the stored format, which linear serves a projection, how the routed
+experts multiply, and the FP8 training recipe.
 
-* `FP8Linear` holds the checkpoint's e4m3 `weight` `[N, K]` and fp32 `weight_scale_inv` `[ceil(N/B), ceil(K/B)]`.
-  On CUDA it quantises activations in 1×128 tiles and runs the FP8 GEMM (DeepSeek's inference recipe); elsewhere it
-  computes `x · (q·s)ᵀ` exactly in the input dtype from the stored FP8 weights.
-* `FP8TrainingLinear` keeps a bf16/fp32 master weight and quantises it every step: Fprop `Y = X·Wᵀ` (X in 1×128
-  tiles, W in 128×128 blocks), Dgrad `dX = dY·W` (dY in 1×128 tiles along N), Wgrad `dW = dYᵀ·X` (dY and X in 128×1
-  tiles along the tokens), all through the block-scaled FP8 GEMM; the weight gradient is computed in fp32 and returned
-  in the master weight's dtype (keep fp32 master weights for fp32 gradients).
-Dimension letters: M tokens, N out features, K in features, B = 128.
+* `FP8Format` / `fp8_format`: what a checkpoint's `quantization_config` says (128×128 weight blocks by default).
+* `uses_fp8_kernels`: the Triton FP8 GEMMs serve CUDA tensors with 128×128 blocks; everything else computes exactly
+  from dequantised weights (`x · (q·s)ᵀ`).
+* `FP8Linear` holds a checkpoint's e4m3 `weight` `[N, K]` and fp32 `weight_scale_inv` `[ceil(N/B), ceil(K/B)]`; on
+  the kernels it quantises activations in 1×128 tiles and runs the FP8 GEMM (DeepSeek's inference recipe).
+* `expert_projection` / `expert_swiglu`: the four ways the stacked routed experts multiply (see there).
+* `FP8TrainingLinear` / `fp8_grouped_mm` keep bf16/fp32 master weights and quantise them every step: Fprop
+  `Y = X·Wᵀ` (X in 1×128 tiles, W in 128×128 blocks), Dgrad `dX = dY·W` (dY in 1×128 tiles along N), Wgrad
+  `dW = dYᵀ·X` (dY and X in 128×1 tiles along the tokens); the weight gradient is computed in fp32 and returned in the
+  master weight's dtype.
+Dimension letters: M (or T) tokens, N out features, K in features, E experts, B = 128.
 References: DeepSeek-V3 report §3.3 (FP8 training, Fig. 6-7); DeepSeek-V3 `inference/model.py` (`Linear`,
-`linear`); DESIGN.md §6.
+`linear`); docs/fp8.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 from .dtypes import KeepsTensorDtypes
 from .kernels import (
@@ -27,7 +33,9 @@ from .kernels import (
     act_quant,
     act_quant_colwise,
     fp8_gemm,
+    fp8_grouped_gemm,
     grouped_mm,
+    grouped_swiglu,
     weight_dequant,
     weight_dequant_ref,
     weight_quant,
@@ -35,19 +43,39 @@ from .kernels import (
 )
 
 
-def fp8_block_size(config) -> tuple[int, int] | None:
-    """The `weight_block_size` of the config's FP8 `quantization_config`, or None for an unquantised model."""
+@dataclasses.dataclass(frozen=True)
+class FP8Format:
+    """How a checkpoint stores its FP8 weights, from its `quantization_config`: the weight block size and the
+    activation scale format of the CUDA kernels (None, or "ue8m0" for power-of-two scales)."""
+
+    block_size: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)
+    scale_fmt: str | None = None
+
+
+def fp8_format(config) -> FP8Format | None:
+    """The FP8 format of the config's `quantization_config`, or None for a model with bf16/fp32 weights."""
     qc = config.fp8_quantization_config
-    return None if qc is None else tuple(qc.get("weight_block_size", (FP8_BLOCK, FP8_BLOCK)))
+    if qc is None:
+        return None
+    return FP8Format(tuple(qc.get("weight_block_size", (FP8_BLOCK, FP8_BLOCK))), qc.get("scale_fmt"))
 
 
-def make_linear(in_features: int, out_features: int, bias: bool, quantization: dict | None) -> nn.Module:
-    """`nn.Linear`, or `FP8Linear` for a projection stored in FP8 (`quantization`: the config's FP8
-    `quantization_config`, giving `weight_block_size` and the activation `scale_fmt`)."""
-    if quantization is None:
+def uses_fp8_kernels(x: torch.Tensor, block_size: tuple[int, int]) -> bool:
+    """Whether the Triton FP8 GEMMs serve `x`: CUDA tensors and 128×128 weight blocks (the kernels' tiles). Everything
+    else computes exactly from the dequantised weights."""
+    return x.is_cuda and tuple(block_size) == (FP8_BLOCK, FP8_BLOCK)
+
+
+def make_linear(in_features: int, out_features: int, bias: bool, fp8: FP8Format | None) -> nn.Module:
+    """`nn.Linear`, or `FP8Linear` for a projection a checkpoint stores in FP8 (`fp8` from `fp8_format`)."""
+    if fp8 is None:
         return nn.Linear(in_features, out_features, bias=bias)
-    block = tuple(quantization.get("weight_block_size", (FP8_BLOCK, FP8_BLOCK)))
-    return FP8Linear(in_features, out_features, bias=bias, block_size=block, scale_fmt=quantization.get("scale_fmt"))
+    return FP8Linear(in_features, out_features, bias=bias, block_size=fp8.block_size, scale_fmt=fp8.scale_fmt)
+
+
+def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The `[N, K]` weight of an `nn.Linear` as it is, or of an `FP8Linear` dequantised into `dtype`."""
+    return linear.dequantize(dtype) if isinstance(linear, FP8Linear) else linear.weight
 
 
 def weight_quant_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +83,26 @@ def weight_quant_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.
     if tuple(block) == (FP8_BLOCK, FP8_BLOCK) and w.dim() == 2:
         return weight_quant(w)
     return weight_quant_ref(w, block=tuple(block))
+
+
+def init_fp8_weight(
+    q: torch.Tensor, s: torch.Tensor, std: float, block: tuple[int, int], name: Callable[[], str]
+) -> None:
+    """Random init of an FP8 weight `q` and its scales `s`: N(0, std²) quantised into `block` blocks, skipped for
+    tensors loaded from a checkpoint (transformers marks them `_is_hf_initialized`).
+
+    Raises:
+        ValueError: if the checkpoint held only one of the two (`name()` names the weight in the message).
+    """
+    loaded = getattr(q, "_is_hf_initialized", False), getattr(s, "_is_hf_initialized", False)
+    if loaded[0] != loaded[1]:  # a payload without its scales (or the reverse) cannot be used
+        present, absent = ("weight", "weight_scale_inv") if loaded[0] else ("weight_scale_inv", "weight")
+        raise ValueError(f"the checkpoint has the FP8 {present} of {name()} but not its {absent}: it is incomplete")
+    if all(loaded):
+        return
+    w = torch.randn(q.shape, device=q.device) * std
+    for tensor, value in zip((q, s), weight_quant_blocks(w, block)):
+        init.copy_(tensor, value)
 
 
 class FP8Linear(KeepsTensorDtypes):
@@ -98,17 +146,15 @@ class FP8Linear(KeepsTensorDtypes):
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight `q · s` per block, `[N, K]` in `dtype`."""
-        if self.block_size != (FP8_BLOCK, FP8_BLOCK):  # the Triton kernel knows 128×128 blocks only
-            return weight_dequant_ref(self.weight, self.weight_scale_inv, dtype, block=self.block_size)
-        return weight_dequant(self.weight, self.weight_scale_inv, dtype)
+        if uses_fp8_kernels(self.weight, self.block_size):
+            return weight_dequant(self.weight, self.weight_scale_inv, dtype)
+        return weight_dequant_ref(self.weight, self.weight_scale_inv, dtype, block=self.block_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x` `[..., K]` (bf16/fp32) -> `[..., N]` in the dtype of `x`."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FP8Linear: expected {self.in_features} input features, got {x.shape[-1]}")
-        if x.is_cuda:
-            if self.block_size != (FP8_BLOCK, FP8_BLOCK):
-                raise ValueError(f"FP8Linear: the CUDA FP8 GEMM needs 128x128 weight blocks, got {self.block_size}")
+        if uses_fp8_kernels(x, self.block_size):
             q, s = act_quant(x.reshape(-1, self.in_features), self.scale_fmt)
             y = fp8_gemm(q, s, self.weight, self.weight_scale_inv, out_dtype=x.dtype)
             y = y.view(*x.shape[:-1], self.out_features)
@@ -122,7 +168,7 @@ class FP8Linear(KeepsTensorDtypes):
 
 
 class _FP8LinearFunction(torch.autograd.Function):
-    """`Y = X·Wᵀ` with all three GEMMs of the step in block-scaled FP8 (DESIGN §6)."""
+    """`Y = X·Wᵀ` with all three GEMMs of the step in block-scaled FP8 (docs/design.md, FP8)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -178,7 +224,8 @@ def _fake_quant_act(x: torch.Tensor, colwise: bool = False) -> torch.Tensor:
 
 class _FP8GroupedMMFunction(torch.autograd.Function):
     """Grouped `y_e = x_e · W_eᵀ` for stacked experts, with every operand of Fprop, Dgrad and Wgrad passed through
-    the FP8 quantisation of DESIGN §6 (the same tiles as `fp8_linear`) and the products taken by a grouped fp32 GEMM.
+    the FP8 quantisation of the training recipe (the same tiles as `fp8_linear`) and the products taken by a grouped
+    fp32 GEMM.
 
     Numerically this is the FP8 recipe (the same quantisation error; fp32 accumulation); it is not yet a grouped FP8
     kernel, so it is not faster. The 128-token tiles of Wgrad run along the expert-sorted tokens and may span the
@@ -212,3 +259,57 @@ def fp8_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     """FP8-recipe grouped matmul for training the routed experts: `x` `[T, K]` sorted by expert, `weight` the stacked
     master weight `[E, N, K]`, `offsets` `[E]` int32 cumulative rows; returns `[T, N]`."""
     return _FP8GroupedMMFunction.apply(x, weight, offsets)
+
+
+def expert_projection(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor | None,
+    offsets: torch.Tensor,
+    fp8: FP8Format | None,
+    fp8_training: bool = False,
+) -> torch.Tensor:
+    """Every routed expert's rows through its projection, `rows_e · W_eᵀ`, in one grouped GEMM; the one place that
+    decides how:
+
+    * `fp8_training`: master weights through the FP8 training recipe (`fp8_grouped_mm`);
+    * master weights (`fp8` None): the grouped GEMM in the rows' dtype;
+    * FP8 weights on CUDA with 128×128 blocks: the FP8 grouped GEMM reads the e4m3 experts as they are, activations
+      quantised in 1×128 tiles;
+    * FP8 weights elsewhere: the experts that received tokens are dequantised exactly for the grouped GEMM (a decode
+      step uses K of E; finding them reads the counts back to the host, far cheaper than dequantising all).
+
+    Args:
+        rows: `[T, K]` sorted by expert; weight: `[E, N, K]`; scale_inv: `[E, ceil(N/B), ceil(K/B)]` fp32 for FP8
+            weights, else None; offsets: `[E]` int32 cumulative rows.
+
+    Returns:
+        `[T, N]` in the dtype of `rows`.
+    """
+    if fp8_training:
+        return fp8_grouped_mm(rows, weight, offsets)
+    if fp8 is None:
+        return grouped_mm(rows, weight.transpose(1, 2), offsets)
+    if uses_fp8_kernels(rows, fp8.block_size):
+        q, s = act_quant(rows, fp8.scale_fmt)
+        return fp8_grouped_gemm(q, s, weight, scale_inv, offsets, out_dtype=rows.dtype)
+    active = torch.diff(offsets, prepend=offsets.new_zeros(1)).nonzero().squeeze(1)
+    dense = weight_dequant_ref(weight[active], scale_inv[active], rows.dtype, block=fp8.block_size)
+    return grouped_mm(rows, dense.transpose(1, 2), offsets[active])  # the idle experts own no rows
+
+
+def expert_swiglu(
+    rows: torch.Tensor,
+    gate: tuple[torch.Tensor, torch.Tensor | None],
+    up: tuple[torch.Tensor, torch.Tensor | None],
+    offsets: torch.Tensor,
+    fp8: FP8Format | None,
+    fp8_training: bool = False,
+) -> torch.Tensor:
+    """`silu(rows_e · G_eᵀ) * (rows_e · U_eᵀ)` for every expert; `gate` and `up` are `(weight, scale_inv)` pairs as for
+    `expert_projection`. Master weights run gate and up as one fused grouped kernel on CUDA."""
+    if fp8 is None and not fp8_training:
+        return grouped_swiglu(rows, gate[0].transpose(1, 2), up[0].transpose(1, 2), offsets)
+    return F.silu(expert_projection(rows, *gate, offsets, fp8, fp8_training)) * expert_projection(
+        rows, *up, offsets, fp8, fp8_training
+    )

@@ -12,12 +12,13 @@ Every step the MTP chain drafts D tokens (module k drafts the token k ahead), an
 Batches: rows accept different numbers of tokens, yet all rows share one cache length. A step appends its D + 1
 slots to the main cache, crops the slots that no row accepted, and masks the rejected slots of the other rows in the
 attention mask (positions are tracked per row), so no cache is ever copied or realigned. The MTP blocks keep their
-slots in the same `MLACache` (layer `L + k - 1` for module k) with attention masks of their own.
+slots in the same `MLACache` (layer `mtp_layer_index(L, k)` for module k) with attention masks of their own.
+The loop uses only public pieces of the model: its decoder, output head, MTP modules and `mtp.mtp_step`.
 
 Dimension letters: b batch, D MTP depth, V vocabulary, H hidden, n window columns, t cached slots.
 References: Leviathan et al. 2023 (arXiv 2211.17192) and Chen et al. 2023 (arXiv 2302.01318), speculative sampling;
 DeepSeek-V3 report §2.2 and §5.4.3 (MTP for speculative decoding); transformers `generation/utils.py`
-(`custom_generate`, `GenerationMixin._sample`); DESIGN.md §5.
+(`custom_generate`, `GenerationMixin._sample`); docs/mtp.md.
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
 from .cache import MLACache
+from .mtp import mtp_layer_index, mtp_step
+from .private_api import eos_and_pad_tensors, prepare_cache_for_generation
 
 # Processors that act on each row's scores alone, so they apply unchanged to every verified position of a step.
 # Those that read the generated ids (repetition penalty, n-gram bans, minimum lengths, ...) would see them only
@@ -56,7 +59,8 @@ STOPPING_CRITERIA = (MaxLengthCriteria, EosTokenCriteria)  # applied per row by 
 
 @dataclasses.dataclass
 class SpeculativeStats:
-    """Acceptance statistics of the last `generate(use_mtp=True)` call, in `model.last_speculative_stats`.
+    """Acceptance statistics of a `generate(use_mtp=True)` call (`output.speculative_stats` with
+    `return_dict_in_generate=True`).
 
     Counts cover the rows still generating at each step.
 
@@ -92,6 +96,14 @@ class SpeculativeStats:
         return self.tokens / self.row_steps if self.row_steps else 0.0
 
 
+@dataclasses.dataclass
+class SpeculativeDecoderOutput(GenerateDecoderOnlyOutput):
+    """What `generate(use_mtp=True, return_dict_in_generate=True)` returns: `sequences` and the call's
+    `speculative_stats` (`SpeculativeStats`)."""
+
+    speculative_stats: SpeculativeStats | None = None
+
+
 def mtp_speculative_decoding(
     model,
     input_ids: torch.LongTensor,
@@ -99,14 +111,14 @@ def mtp_speculative_decoding(
     stopping_criteria: StoppingCriteriaList,
     generation_config,
     **model_kwargs,
-) -> GenerateDecoderOnlyOutput | torch.LongTensor:
-    """The `custom_generate` loop that `DeepseekV3ForCausalLM.generate(use_mtp=True)` hands to transformers'
-    `generate`, which prepares `input_ids` `[b, w]` (left-padded), the attention mask, the logits processors and
-    the stopping criteria as for plain decoding. Sets `model.last_speculative_stats`.
+) -> SpeculativeDecoderOutput | torch.LongTensor:
+    """The `custom_generate` loop that `generate(use_mtp=True)` hands to transformers' `generate`, which prepares
+    `input_ids` `[b, w]` (left-padded), the attention mask, the logits processors and the stopping criteria as for
+    plain decoding.
 
     Returns:
         `[b, w + new]` token ids as plain `generate` returns them (finished rows padded with `pad_token_id`), or a
-        `GenerateDecoderOnlyOutput` with `sequences` when `return_dict_in_generate`.
+        `SpeculativeDecoderOutput` with `sequences` and `speculative_stats` when `return_dict_in_generate`.
 
     Raises:
         ValueError: for beam search, a static cache, requested scores / logits / attentions / hidden states,
@@ -116,10 +128,61 @@ def mtp_speculative_decoding(
     decoder = SelfSpeculativeDecoder(model, generation_config, logits_processor)
     # the loop runs in inference mode (its cache never leaves it); a copy made outside is an ordinary tensor
     sequences = decoder.generate(input_ids, model_kwargs.get("attention_mask")).clone()
-    model.last_speculative_stats = decoder.stats
     if generation_config.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(sequences=sequences)
+        return SpeculativeDecoderOutput(sequences=sequences, speculative_stats=decoder.stats)
     return sequences
+
+
+class MTPGenerationMixin(GenerationMixin):
+    """`generate()` of the causal LM: the latent `MLACache` by default, and self-speculative decoding with the MTP
+    modules when `use_mtp=True`."""
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate`, plus self-speculative decoding with the MTP modules when `use_mtp=True` (the
+        keyword, or `generation_config.use_mtp`): greedy output identical to plain greedy decoding, sampling with the
+        same output distribution as plain sampling, at any batch size (left padding), for any number of modules.
+        With `return_dict_in_generate=True` the output carries `speculative_stats` (`SpeculativeStats`).
+
+        Example:
+            >>> out = model.generate(**inputs, max_new_tokens=128, use_mtp=True, return_dict_in_generate=True)
+            >>> out.speculative_stats.acceptance_rate, out.speculative_stats.tokens_per_forward
+
+        Raises:
+            ValueError: with `use_mtp=True`, if the model has no active MTP modules (`num_nextn_predict_layers = 0`
+                or `use_mtp_modules = False`), with an assistant model, a streamer, a cache passed in, or
+                `custom_generate`; and for what the loop does not support (see `mtp_speculative_decoding`).
+        """
+        use_mtp = kwargs.pop("use_mtp", None)
+        if use_mtp is None:
+            use_mtp = getattr(generation_config or self.generation_config, "use_mtp", False)
+        # transformers' own `use_mtp` drafter (MTPCandidateGenerator) never runs: the flag is ours
+        if not use_mtp:
+            return super().generate(inputs, generation_config, use_mtp=False, **kwargs)
+        if not self.mtp_active:
+            raise ValueError(
+                "use_mtp=True drafts with the MTP modules, but this model has none active (num_nextn_predict_layers="
+                f"{self.config.num_nextn_predict_layers}, use_mtp_modules={self.config.use_mtp_modules})"
+            )
+        for name in ("assistant_model", "streamer", "custom_generate", "cache", "past_key_values"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"use_mtp=True runs its own decoding loop and cache; {name} is not supported with it")
+        # transformers prepares inputs, processors and stopping criteria as for plain decoding, then runs our loop
+        return super().generate(
+            inputs, generation_config, use_mtp=False, custom_generate=mtp_speculative_decoding, **kwargs
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length) -> None:
+        # The default cache of generate() becomes the latent MLACache (static and user-given caches are kept).
+        if (
+            model_kwargs.get("cache") is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation in (None, "dynamic")
+        ):
+            model_kwargs["cache"] = MLACache(self.config)
+            return
+        prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                     max_cache_length)
 
 
 def _check_request(logits_processor, stopping_criteria, generation_config, model_kwargs) -> None:
@@ -213,12 +276,13 @@ class SelfSpeculativeDecoder:
 
     def __init__(self, model, generation_config, logits_processor: LogitsProcessorList) -> None:
         self.model = model
+        self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         self.num_layers = model.config.num_hidden_layers
         self.depth = len(model.mtp)
         self.do_sample = generation_config.do_sample
         self.logits_processor = logits_processor
         self.generation_config = generation_config
-        self.cache = MLACache(model.config, num_layers=self.num_layers + self.depth)
+        self.cache = MLACache(model.config, num_layers=mtp_layer_index(self.num_layers, self.depth) + 1)
         self.mtp_masks: list[torch.Tensor | None] = [None] * self.depth  # [b, t_k] valid slots of module k's cache
         self.carries: list[_Window] | None = None  # per module k < D: module k's column that module k + 1 reads next
         self.main_mask: torch.Tensor | None = None  # [b, t] valid slots of the main layers' cache
@@ -250,12 +314,11 @@ class SelfSpeculativeDecoder:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         positions = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)  # as generate() numbers left padding
         # the prefill is exactly plain decoding's (no mask when nothing is padded), so its first token is the same
-        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                  cache=self.cache, use_cache=True).last_hidden_state
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                              cache=self.cache, use_cache=True).last_hidden_state
         self.stats.main_forwards += 1
-        newest, _ = self._choose(self.model.lm_head(hidden[:, -1:])[:, -1])
-        sequences = _Sequences(b, config.max_length - w, depth + 1, config._eos_token_tensor,
-                               config._pad_token_tensor, device)
+        newest, _ = self._choose(self.head(hidden[:, -1:])[:, -1])
+        sequences = _Sequences(b, config.max_length - w, depth + 1, *eos_and_pad_tensors(config), device)
         sequences.append(newest[:, None], torch.ones_like(newest))
         self.main_mask, self.holes = valid, attention_mask is not None
         self.next_position = valid.sum(-1)  # the position of `newest`
@@ -293,10 +356,10 @@ class SelfSpeculativeDecoder:
         ids = torch.cat([newest[:, None], drafts], dim=1)
         positions = self.next_position[:, None] + torch.arange(depth + 1, device=ids.device)
         self.main_mask = torch.cat([self.main_mask, torch.ones_like(ids, dtype=torch.bool)], dim=1)
-        hidden = self.model.model(input_ids=ids, attention_mask=self.main_mask.long() if self.holes else None,
-                                  position_ids=positions, cache=self.cache, use_cache=True).last_hidden_state
+        hidden = self.decoder(input_ids=ids, attention_mask=self.main_mask.long() if self.holes else None,
+                              position_ids=positions, cache=self.cache, use_cache=True).last_hidden_state
         self.stats.main_forwards += 1
-        scores = self._scores(self.model.lm_head(hidden))  # [b, D + 1, V]
+        scores = self._scores(self.head(hidden))  # [b, D + 1, V]
         if not self.do_sample:
             target = scores.argmax(-1)
             accepted = (drafts == target[:, :depth]).long().cumprod(-1).sum(-1)
@@ -356,7 +419,7 @@ class SelfSpeculativeDecoder:
         drafts, probs, carries = [], [], []
         hidden = window.hidden  # h^{k-1} of the window's positions
         shift = (~window.valid).sum(-1, keepdim=True)  # invalid columns left of each row's positions (steps)
-        for k, module in enumerate(self.model.mtp, start=1):
+        for k in range(1, self.depth + 1):
             if k > 1:
                 previous = window
                 if first:  # same positions, tokens one further ahead
@@ -364,8 +427,8 @@ class SelfSpeculativeDecoder:
                     window = _Window(hidden, tokens, previous.positions, previous.valid)
                 else:  # one more position, whose h^{k-1} module k - 1 computed a step ago, just left of the others
                     window = self._extend(previous, hidden, self.carries[k - 2], shift, drafts[-1])
-            hidden = self._run_module(k, module, window)
-            token, token_probs = self._choose(module.shared_head(hidden[:, -1:], self.model.lm_head)[:, -1])
+            hidden, logits = self._run_module(k, window)
+            token, token_probs = self._choose(logits[:, -1])
             drafts.append(token)
             probs.append(token_probs)
             if k < self.depth:  # position N' - k, the first that module k + 1 recomputes next step
@@ -389,9 +452,10 @@ class SelfSpeculativeDecoder:
         tokens = torch.cat([previous.tokens, draft[:, None]], 1)
         return _Window(hidden, tokens, positions, valid)
 
-    def _run_module(self, k: int, module, window: _Window) -> torch.Tensor:
-        """Module k over `window`, after dropping its slots computed from drafted tokens; returns `h^k` `[b, n, H]`."""
-        layer = self.cache.layers[self.num_layers + k - 1]
+    def _run_module(self, k: int, window: _Window) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module k over `window`, after dropping its slots computed from drafted tokens; returns `h^k` `[b, n, H]` and
+        the logits of the last column `[b, 1, V]`."""
+        layer = self.cache.layers[mtp_layer_index(self.num_layers, k)]
         past = self.mtp_masks[k - 1]
         if past is None:
             past = window.valid[:, :0]
@@ -405,6 +469,6 @@ class SelfSpeculativeDecoder:
         slots = torch.arange(t, device=keys.device)
         # causal over valid slots; a query always sees its own slot, so an invalid one never meets an empty row
         mask = ((keys[:, None, :] & (slots <= query_slot)) | (slots == query_slot))[:, None]  # [b, 1, n, t]
-        embeds = self.model.model.embed_tokens(window.tokens)
-        position_embeddings = self.model.model.rotary_emb(window.hidden, window.positions.clamp(min=0))
-        return module(embeds, window.hidden, position_embeddings, mask, cache=self.cache)
+        embeds = self.model.get_input_embeddings()(window.tokens)
+        return mtp_step(self.model, k, embeds, window.hidden, window.positions.clamp(min=0), mask, cache=self.cache,
+                        logits_to_keep=1)

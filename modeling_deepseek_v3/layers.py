@@ -1,6 +1,6 @@
 """Building blocks shared by attention, MoE and the decoder: RMSNorm and the SwiGLU MLP.
 
-References: DeepSeek-V3 report §2.1; DESIGN.md §4 (dense layers and shared experts are SwiGLU MLPs).
+References: DeepSeek-V3 report §2.1; docs/design.md (dense layers and shared experts are SwiGLU MLPs).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import make_linear
+from .fp8 import FP8Format, make_linear
 
 
 class RMSNorm(nn.Module):
@@ -32,13 +32,13 @@ class RMSNorm(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU: `down_proj(silu(gate_proj(x)) * up_proj(x))`; dense layers and the shared experts (FP8 projections
-    when `quantization`, the config's FP8 `quantization_config`, is given)."""
+    when `fp8`, the checkpoint's FP8 format, is given)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, quantization: dict | None = None) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, fp8: FP8Format | None = None) -> None:
         super().__init__()
-        self.gate_proj = make_linear(hidden_size, intermediate_size, False, quantization)
-        self.up_proj = make_linear(hidden_size, intermediate_size, False, quantization)
-        self.down_proj = make_linear(intermediate_size, hidden_size, False, quantization)
+        self.gate_proj = make_linear(hidden_size, intermediate_size, False, fp8)
+        self.up_proj = make_linear(hidden_size, intermediate_size, False, fp8)
+        self.down_proj = make_linear(intermediate_size, hidden_size, False, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

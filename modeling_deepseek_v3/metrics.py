@@ -1,18 +1,10 @@
 """Scalar training metrics recorded by the model during training forwards (balance losses, MTP losses, expert load)
 and read by `Trainer` logging or a custom loop.
-
-References: shared/docs/transformers-integration.md §7 (logging extra metrics, checkpoint replays).
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def in_backward_replay() -> bool:
-    """Whether this code runs inside a backward pass, i.e. an activation-checkpoint replay of a forward whose
-    side effects (token counts, recorded metrics) already happened."""
-    return torch._C._current_graph_task_id() != -1
 
 
 class TrainingMetrics:
@@ -28,13 +20,16 @@ class TrainingMetrics:
         self._counts: dict[str, int] = {}
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
-        """Record one value of `name`; ignored inside activation-checkpoint replays, so it counts once per forward."""
-        if in_backward_replay():
-            return
+        """Record one value of `name`."""
         value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
         # summed on the value's device: no host sync per step, one read back at `pop`
         self._sums[name] = self._sums[name] + value if name in self._sums else value
         self._counts[name] = self._counts.get(name, 0) + 1
+
+    def add_each(self, pattern: str, values: torch.Tensor) -> None:
+        """Record `values[i]` as `pattern.format(i + 1)`, e.g. one loss per MTP depth."""
+        for i, value in enumerate(values, start=1):
+            self.add(pattern.format(i), value)
 
     def pop(self) -> dict[str, float]:
         """The mean of every metric recorded since the last call, then forget them."""

@@ -1,47 +1,39 @@
 """DeepSeek-V3 decoder and causal LM as transformers models: `DeepseekV3Model`, `DeepseekV3ForCausalLM`.
 
 Decoder layer: `h = x + MLA(norm(x)); y = h + FFN(norm(h))`, FFN dense SwiGLU for the first
-`first_k_dense_replace` layers and DeepSeekMoE after. Dimension letters: b batch, s new tokens.
-References: DeepSeek-V3 report §2; DESIGN.md §2-4, §8; shared/docs/transformers-integration.md.
+`first_k_dense_replace` layers and DeepSeekMoE after. The causal LM adds the output head, the loss
+(`L_main + λ/D · Σ_k L_MTP,k + L_bal`) and the MTP modules; generation, checkpoints, MTP and expert balancing each
+live in their own module. Dimension letters: b batch, s new tokens.
+References: DeepSeek-V3 report §2-3; docs/design.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention import MultiHeadLatentAttention
+from .balancing import ExpertBalance, RoutingLog
 from .cache import MLACache
-from .checkpoint import (
-    check_loading_info,
-    expert_weight_conversions,
-    mtp_layer_patterns,
-    mtp_shared_copy_keys,
-    mtp_weight_renamings,
-    stored_copy_differences,
-)
+from .checkpoint import CheckpointMixin, layer_prefix
 from .configuration import DeepseekV3Config
-from .fp8 import FP8Linear, weight_quant_blocks
-from .generation import SpeculativeStats, mtp_speculative_decoding
+from .fp8 import FP8Linear, fp8_format, init_fp8_weight
+from .generation import MTPGenerationMixin
 from .layers import MLP, RMSNorm
-from .metrics import TrainingMetrics, in_backward_replay
-from .moe import MoE, RoutedExperts, TopkRouter, update_routing_biases
-from .mtp import MTPLayer
+from .metrics import TrainingMetrics
+from .moe import MoE, RoutedExperts, TopkRouter
+from .mtp import MTPLayer, mtp_layer_index, mtp_objective
+from .private_api import ignore_unexpected_keys
 from .rope import RotaryEmbedding, rope_frequencies
-
-logger = logging.get_logger(__name__)
 
 
 @dataclasses.dataclass
@@ -73,9 +65,9 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.self_attn = MultiHeadLatentAttention(config, layer_idx)
         if is_moe_layer(config, layer_idx):
-            self.mlp = MoE(config)
+            self.mlp = MoE(config, layer_idx)
         else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.fp8_quantization_config)
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, fp8_format(config))
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -86,34 +78,20 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         token_mask: torch.Tensor | None = None,
-        record_routing: bool = False,
+        routing_log: RoutingLog | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """`token_mask` `[b, s]` (False = padding) and `record_routing` reach a MoE layer's balancing (see `MoE`)."""
+        """`token_mask` `[b, s]` (False = padding) and the forward's `routing_log` reach a MoE layer (see `MoE`)."""
         h = hidden_states + self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
         )
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
-            return h + self.mlp(x, token_mask=token_mask, record_routing=record_routing)
+            return h + self.mlp(x, token_mask=token_mask, routing_log=routing_log)
         return h + self.mlp(x)
 
 
-def _init_fp8(q: torch.Tensor, s: torch.Tensor, std: float, block: tuple[int, int], name) -> None:
-    """Random init of an FP8 weight: quantise N(0, std²) into `block` blocks (skipped for loaded tensors).
-    `name()` gives the module's name for the error raised when only one of payload and scales was loaded."""
-    loaded = getattr(q, "_is_hf_initialized", False), getattr(s, "_is_hf_initialized", False)
-    if loaded[0] != loaded[1]:  # a payload without its scales (or the reverse) cannot be used
-        present, absent = ("weight", "weight_scale_inv") if loaded[0] else ("weight_scale_inv", "weight")
-        raise ValueError(f"the checkpoint has the FP8 {present} of {name()} but not its {absent}: it is incomplete")
-    if all(loaded):
-        return
-    w = torch.randn(q.shape, device=q.device) * std
-    for tensor, value in zip((q, s), weight_quant_blocks(w, block)):
-        init.copy_(tensor, value)
-
-
-class DeepseekV3PreTrainedModel(PreTrainedModel):
+class DeepseekV3PreTrainedModel(CheckpointMixin, PreTrainedModel):
     config_class = DeepseekV3Config
     config: DeepseekV3Config
     base_model_prefix = "model"
@@ -122,14 +100,6 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "scale_inv"]
-
-    def __init__(self, config: DeepseekV3Config, *inputs, **kwargs) -> None:
-        super().__init__(config, *inputs, **kwargs)
-        # MTP modules stored after the decoder layers are not an error for a model without them; a model with them
-        # loads their keys (renamed) and checks that nothing else is left there (`_finalize_model_loading`)
-        self._keys_to_ignore_on_load_unexpected = mtp_layer_patterns(
-            config.num_hidden_layers, config.num_nextn_predict_layers
-        )
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -143,81 +113,19 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, RoutedExperts):
             for proj in module.PROJECTIONS:
-                if module.fp8_block_size is None:
-                    init.normal_(getattr(module, proj), mean=0.0, std=std)
+                weight, scales = module.stored(proj)
+                if module.fp8 is None:
+                    init.normal_(weight, mean=0.0, std=std)
                 else:
-                    q, scales = getattr(module, proj), getattr(module, f"{proj}_scale_inv")
-                    _init_fp8(q, scales, std, module.fp8_block_size, lambda p=proj: f"{name()} ({p})")
+                    init_fp8_weight(weight, scales, std, module.fp8.block_size, lambda p=proj: f"{name()} ({p})")
         elif isinstance(module, FP8Linear):
-            _init_fp8(module.weight, module.weight_scale_inv, std, module.block_size, name)
+            init_fp8_weight(module.weight, module.weight_scale_inv, std, module.block_size, name)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, RotaryEmbedding):
             # non-persistent, so garbage after a meta-device load: recompute
             inv_freq, module.attention_factor = rope_frequencies(module.config)
             init.copy_(module.inv_freq, inv_freq)
-
-    def post_init(self) -> None:
-        super().post_init()
-        # save_pretrained reverses these conversions, writing the official keys
-        self._weight_conversions = self._checkpoint_conversions()
-
-    def _checkpoint_conversions(self) -> list:
-        """Official checkpoint keys <-> this model's parameters: per-expert <-> stacked experts."""
-        return expert_weight_conversions(self.config)
-
-    def _has_mtp_modules(self) -> bool:
-        return False
-
-    @staticmethod
-    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
-        # transformers keys conversions by class name / model_type, which the built-in class shares with ours,
-        # so ours are handed to the loader here instead of through the global registry.
-        ours = model._checkpoint_conversions()
-        load_config = dataclasses.replace(load_config, weight_mapping=list(load_config.weight_mapping or []) + ours)
-        result = PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
-        # transformers keeps the conversions that matched, for save_pretrained to reverse; ours always describe the
-        # in-memory layout (a checkpoint may be in the stacked layout already), so all of them are kept
-        model._weight_conversions = [c for c in model._weight_conversions if all(c is not o for o in ours)] + ours
-        if model._has_mtp_modules():
-            model._check_mtp_shared_copies(state_dict, checkpoint_files)
-        return result
-
-    def _check_mtp_shared_copies(self, state_dict: dict | None, checkpoint_files: list[str] | None) -> None:
-        """Warn when an MTP module's stored copy of the embedding or output head differs from the main tensor; the
-        main one is used either way (the modules share it)."""
-        expected = {copy: self.get_parameter(main) for copy, main in mtp_shared_copy_keys(self.config).items()}
-        expected = {key: tensor for key, tensor in expected.items() if not tensor.is_meta}  # offloaded: not checked
-        for key, difference in stored_copy_differences(expected, state_dict, checkpoint_files).items():
-            if difference > 0:
-                main = mtp_shared_copy_keys(self.config)[key]
-                logger.warning(
-                    f"The checkpoint's {key} differs from {main} (max |difference| = {difference:.3g}). The MTP "
-                    f"modules share the main model's tensor, so {main} is used and {key} is ignored; "
-                    "save_pretrained will write a copy of the main tensor."
-                )
-
-    @staticmethod
-    def _finalize_model_loading(model, load_config, loading_info):
-        # keys left in the MTP layers once their modules took theirs (the shared copies excepted) are unexpected
-        stray = set()
-        if model._has_mtp_modules():
-            patterns = [re.compile(p) for p in mtp_layer_patterns(model.config.num_hidden_layers,
-                                                                 model.config.num_nextn_predict_layers)]
-            copies = mtp_shared_copy_keys(model.config)
-            stray = {k for k in loading_info.unexpected_keys if any(p.match(k) for p in patterns) and k not in copies}
-        loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
-        # ignore_mismatched_sizes relaxes shapes only: a missing tensor would otherwise be left uninitialised
-        mismatched = [] if load_config.ignore_mismatched_sizes else loading_info.mismatched_keys
-        hint = None
-        if loading_info.missing_keys and all(k.startswith("mtp.") for k in loading_info.missing_keys):
-            hint = (
-                f"The checkpoint lacks the weights of the MTP modules that num_nextn_predict_layers = "
-                f"{model.config.num_nextn_predict_layers} asks for; load it with num_nextn_predict_layers=0 to "
-                "leave the modules out."
-            )
-        check_loading_info(loading_info.missing_keys, set(loading_info.unexpected_keys) | stray, mismatched, hint)
-        return loading_info
 
 
 class DeepseekV3Model(DeepseekV3PreTrainedModel):
@@ -231,7 +139,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
-        self._keys_to_ignore_on_load_unexpected.append(r"^lm_head\.")  # the head of a causal-LM checkpoint
+        ignore_unexpected_keys(self, [r"^lm_head\."])  # the head of a causal-LM checkpoint
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -244,6 +152,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        routing_log: RoutingLog | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -252,6 +161,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             attention_mask: `[b, past + s]` (1 = token, 0 = padding), or a prepared 4-D mask.
             position_ids: `[b, s]`; default: `past + arange(s)`.
             cache: an `MLACache` / static latent cache; created when `use_cache` and none is given.
+            routing_log: the forward's `RoutingLog`, to which every MoE layer adds its routing; or None.
 
         Raises:
             ValueError: on ids outside the vocabulary (on an accelerator: checked for prompts, not for one-token
@@ -286,15 +196,13 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        # a training forward that will produce gradients feeds the expert balancing (token counts, balance loss)
-        record_routing = self.training and torch.is_grad_enabled() and not in_backward_replay()
         token_mask = attention_mask[:, -s:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(
                 hidden_states, position_embeddings, mask, cache=cache, token_mask=token_mask,
-                record_routing=record_routing, **kwargs,
+                routing_log=routing_log, **kwargs,
             )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
@@ -337,12 +245,12 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             )
 
 
-class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
-    """DeepSeek-V3 with its output head and its `num_nextn_predict_layers` MTP modules (`mtp`, DESIGN §5);
-    `generate()` uses the latent `MLACache` by default.
+class DeepseekV3ForCausalLM(MTPGenerationMixin, DeepseekV3PreTrainedModel):
+    """DeepSeek-V3 with its output head and its `num_nextn_predict_layers` MTP modules (`mtp`, see `mtp.py`).
 
     The MTP modules are built whenever `num_nextn_predict_layers > 0`, so their weights load and save with the
     model; `config.use_mtp_modules` switches their computation (training loss, speculative decoding) on or off.
+    Training forwards feed `expert_balance`, which moves the routing biases after every optimizer step.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -351,41 +259,20 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = DeepseekV3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # MTP module k's block is decoder layer num_hidden_layers + k - 1: a MoE layer with a cache slot of its own.
-        # Kept apart from model.layers, which the main forward runs through.
+        # Module k's block is a MoE decoder layer with the index (and cache slot) mtp_layer_index(L, k); kept apart
+        # from model.layers, which the main forward runs through.
         self.mtp = nn.ModuleList(
-            MTPLayer(config, DeepseekV3DecoderLayer(config, config.num_hidden_layers + k))
-            for k in range(config.num_nextn_predict_layers)
+            MTPLayer(config, DeepseekV3DecoderLayer(config, mtp_layer_index(config.num_hidden_layers, k)))
+            for k in range(1, config.num_nextn_predict_layers + 1)
         )
         self.training_metrics = TrainingMetrics()  # read by DeepseekV3Trainer's logging, or by a custom loop
-        self.last_speculative_stats: SpeculativeStats | None = None  # set by generate(use_mtp=True)
+        self.expert_balance = ExpertBalance(self.training_metrics, layer_prefix)
         self.post_init()
-
-    def _has_mtp_modules(self) -> bool:
-        return len(self.mtp) > 0
-
-    def _checkpoint_conversions(self) -> list:
-        """Official keys <-> parameters: the MTP modules' `model.layers.{L + k}.*` <-> `mtp.{k}.*`, then the experts."""
-        return mtp_weight_renamings(self.config) + super()._checkpoint_conversions()
 
     @property
     def mtp_active(self) -> bool:
         """Whether the MTP modules are computed: built (`num_nextn_predict_layers > 0`) and `use_mtp_modules`."""
-        return self._has_mtp_modules() and self.config.use_mtp_modules
-
-    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None, **kwargs):
-        """`PreTrainedModel.save_pretrained`, writing the official MTP layout: every MTP module's
-        `model.layers.{L + k}.embed_tokens.weight` and `.shared_head.head.weight` as copies of the main tensors."""
-        if self._has_mtp_modules() and not getattr(self, "_hf_peft_config_loaded", False):
-            state_dict = dict(self.state_dict() if state_dict is None else state_dict)
-            for copy, main in mtp_shared_copy_keys(self.config).items():
-                tensor = state_dict.get(main, self.get_parameter(main))
-                if tensor.is_meta:  # offloaded by accelerate: transformers cannot reload a tensor it does not own
-                    logger.warning(f"{main} is offloaded, so its MTP copy {copy} is not written")
-                    continue
-                # a copy, not a view: safetensors refuses tensors that share storage
-                state_dict[copy] = tensor.detach().clone()
-        return super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+        return self.has_mtp_modules and self.config.use_mtp_modules
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -405,228 +292,65 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         Args:
             labels: `[b, s]` next-token targets (unshifted, -100 ignored); the loss is normalised by
                 `num_items_in_batch` when Trainer passes it. With active MTP modules (`mtp_active`) and
-                `s >= num_nextn_predict_layers + 2`, `loss = main + mtp_loss_weight / D · Σ_k CE_k`
-                (see `_mtp_objective`).
+                `s >= num_nextn_predict_layers + 2`, `loss = main + mtp_loss_weight / D · Σ_k CE_k` (`mtp_objective`).
             logits_to_keep: compute logits for the last `n` positions only (0 = all), or for the given indices.
 
         Returns:
-            `DeepseekV3CausalLMOutput` with `loss`, `logits` `[b, s', vocab]`, `cache`, `hidden_states`, and with
-            labels `mtp_losses` / `mtp_accuracies` `[D]`.
+            `DeepseekV3CausalLMOutput` with `loss`, `logits` `[b, s', vocab]`, `cache`, `hidden_states`, the
+            `balance_loss` of a training forward, and with labels `mtp_losses` / `mtp_accuracies` `[D]`.
         """
+        # a training forward that will produce gradients feeds the expert balancing (token counts, balance loss)
+        recording = self.training and torch.is_grad_enabled()
+        log = RoutingLog(recording, self.config.seq_balance_loss_alpha)
         outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            routing_log=log, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
+        loss = mtp = None
+        num_items = kwargs.get("num_items_in_batch")
         if labels is not None:
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError(f"labels cover {labels.shape[1]} positions but logits_to_keep={logits_to_keep!r} "
                                  f"keeps logits for {logits.shape[1]}; pass logits_to_keep=0 to train")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        mtp_losses = mtp_accuracies = None
-        if labels is not None and self.mtp_active and labels.shape[1] >= len(self.mtp) + 2:
-            token_embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-            mtp_loss, mtp_losses, mtp_accuracies = self._mtp_objective(
-                token_embeds, hidden_states, labels, attention_mask, position_ids, kwargs.get("num_items_in_batch")
-            )
-            loss = loss + self.config.mtp_loss_weight / len(self.mtp) * mtp_loss
-        balance_loss = self._pop_balance_loss()  # the MTP blocks' MoE layers included
+            if self.mtp_active and labels.shape[1] >= len(self.mtp) + 2:
+                embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+                mtp = mtp_objective(self, embeds, hidden_states, labels, attention_mask, position_ids, num_items, log)
+                loss = loss + self.config.mtp_loss_weight / len(self.mtp) * mtp.total
+        log.close()  # activation-checkpoint replays during backward add nothing more
+        balance_loss = None
+        if recording:
+            gradients_pending = any(p.grad is not None for p in self.parameters() if p.requires_grad)
+            balance_loss = self.expert_balance.end_forward(log, gradients_pending)
+            self.expert_balance.follow_optimizer_steps(self)
+            if mtp is not None:
+                self.training_metrics.add_each("mtp_{}_loss", mtp.losses)
+                self.training_metrics.add_each("mtp_{}_accuracy", mtp.accuracies)
         if balance_loss is not None and loss is not None:
-            loss = loss + balance_loss * self._balance_loss_share(labels, kwargs.get("num_items_in_batch"))
+            loss = loss + balance_loss * self.expert_balance.loss_share(labels, num_items)
         return DeepseekV3CausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
-            balance_loss=balance_loss, mtp_losses=mtp_losses, mtp_accuracies=mtp_accuracies,
+            balance_loss=balance_loss, mtp_losses=None if mtp is None else mtp.losses,
+            mtp_accuracies=None if mtp is None else mtp.accuracies,
         )
-
-    def _mtp_objective(
-        self,
-        token_embeds: torch.Tensor,
-        main_hidden: torch.Tensor,
-        labels: torch.LongTensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.LongTensor | None,
-        num_items_in_batch: torch.Tensor | int | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The MTP chain of DESIGN §5 over a training sequence and its per-depth cross-entropy.
-
-        Depth k at position i reads `Emb(t_{i+k})` (the input embeddings shifted by k) and `h^{k-1}_i`, and predicts
-        `labels[i + k + 1]`, so it runs on the positions `i < s - k - 1` that have such a target; -100 is ignored.
-
-        Normalisation: without `num_items_in_batch` each depth's term is its mean over its valid targets. With it
-        (Trainer, gradient accumulation), each depth's summed token loss is divided by the same `num_items_in_batch`
-        as the main loss (the batch's main-loss target count), so that summing micro-batches weights every token of
-        a depth alike, exactly as for the main loss; the term is then smaller than a per-depth mean by the share of
-        targets depth k lacks (k per sequence, plus padding). The reported `mtp_losses` are per-depth means.
-
-        Args:
-            token_embeds: `[b, s, H]` input embeddings; main_hidden: `[b, s, H]` `h^0` (after the final norm).
-            labels: `[b, s]`; attention_mask: `[b, s]` 2-D padding mask or None; position_ids: `[b, s]` or None.
-
-        Returns:
-            `(Σ_k term_k, mean CE per depth [D], accuracy per depth [D])`.
-        """
-        b, s, _ = main_hidden.shape
-        if position_ids is None:
-            position_ids = torch.arange(s, device=main_hidden.device).expand(b, -1)
-        # the blocks' MoE layers are balanced like the main ones: token counts and balance loss of training forwards
-        record_routing = self.training and torch.is_grad_enabled() and not in_backward_replay()
-        hidden, total, losses, accuracies = main_hidden, 0.0, [], []
-        for k, module in enumerate(self.mtp, start=1):
-            n = s - k - 1  # positions i whose target t_{i+k+1} exists
-            positions = position_ids[:, :n]
-            # the module's queries and keys are the positions :n of the main sequence; a prepared 4-D mask
-            # [b, 1, s, s] is cut to them (and carries no per-token padding for the balancing)
-            padding = attention_mask is not None and attention_mask.dim() == 2
-            if attention_mask is None:
-                own_mask = None
-            else:
-                own_mask = attention_mask[:, :n] if padding else attention_mask[..., :n, :n]
-            mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=hidden[:, :n],
-                attention_mask=own_mask,
-                cache=None,
-                position_ids=positions,
-            )
-            position_embeddings = self.model.rotary_emb(hidden, positions)
-            token_mask = own_mask.bool() if padding else None
-            hidden = module(token_embeds[:, k : k + n], hidden[:, :n], position_embeddings, mask,
-                            token_mask=token_mask, record_routing=record_routing)  # h^k [b, n, H]
-            logits = module.shared_head(hidden, self.lm_head).float()  # [b, n, vocab]
-            targets = labels[:, k + 1 :].to(logits.device)
-            valid = targets != -100
-            count = valid.sum().clamp(min=1)
-            summed = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-            total = total + (summed / count if num_items_in_batch is None else summed / num_items_in_batch)
-            losses.append(summed / count)
-            accuracies.append(((logits.argmax(-1) == targets) & valid).sum() / count)
-        losses, accuracies = torch.stack(losses), torch.stack(accuracies).detach()
-        if self.training:
-            for k, (loss, accuracy) in enumerate(zip(losses, accuracies), start=1):
-                self.training_metrics.add(f"mtp_{k}_loss", loss)
-                self.training_metrics.add(f"mtp_{k}_accuracy", accuracy)
-        return total, losses, accuracies
-
-    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
-        """`GenerationMixin.generate`, plus self-speculative decoding with the MTP modules when `use_mtp=True` (the
-        keyword, or `generation_config.use_mtp`): greedy output identical to plain greedy decoding, sampling with the
-        same output distribution as plain sampling, at any batch size (left padding), for any number of modules.
-        Afterwards `self.last_speculative_stats` (`SpeculativeStats`) holds the acceptance per depth and overall and
-        the tokens per main-model forward. See `generation.py`.
-
-        Example:
-            >>> out = model.generate(**inputs, max_new_tokens=128, use_mtp=True)
-            >>> model.last_speculative_stats.acceptance_rate, model.last_speculative_stats.tokens_per_forward
-
-        Raises:
-            ValueError: with `use_mtp=True`, if the model has no active MTP modules (`num_nextn_predict_layers = 0`
-                or `use_mtp_modules = False`), with an assistant model, a streamer, a cache passed in, or
-                `custom_generate`; and for what the loop does not support (see `mtp_speculative_decoding`).
-        """
-        use_mtp = kwargs.pop("use_mtp", None)
-        if use_mtp is None:
-            use_mtp = (generation_config or self.generation_config).use_mtp
-        if not use_mtp:
-            return super().generate(inputs, generation_config, **kwargs)
-        if not self.mtp_active:
-            raise ValueError(
-                "use_mtp=True drafts with the MTP modules, but this model has none active (num_nextn_predict_layers="
-                f"{self.config.num_nextn_predict_layers}, use_mtp_modules={self.config.use_mtp_modules})"
-            )
-        for name in ("assistant_model", "streamer", "custom_generate", "cache", "past_key_values"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"use_mtp=True runs its own decoding loop and cache; {name} is not supported with it")
-        # transformers prepares inputs, processors and stopping criteria as for plain decoding, then runs our loop
-        return super().generate(
-            inputs, generation_config, use_mtp=False, custom_generate=mtp_speculative_decoding, **kwargs
-        )
-
-    def _pop_balance_loss(self) -> torch.Tensor | None:
-        """The sequence-wise balance losses of this forward's MoE layers, summed; each is also recorded per layer."""
-        total, trainable_router = None, False
-        for name, module in self.named_modules():
-            if isinstance(module, MoE) and module.balance_loss is not None:
-                loss, module.balance_loss = module.balance_loss, None
-                self.training_metrics.add(f"balance_loss/{name.removesuffix('.mlp')}", loss)
-                total = loss if total is None else total + loss
-                trainable_router |= module.gate.weight.requires_grad
-        if total is None:
-            return None
-        self.training_metrics.add("balance_loss", total)
-        if torch.is_grad_enabled() and trainable_router and not total.requires_grad:
-            # reentrant activation checkpointing runs the first forward without autograd: the loss would get no
-            # gradient and the routers would silently not be balanced
-            raise ValueError(
-                "the sequence-wise balance loss (seq_balance_loss_alpha="
-                f"{self.config.seq_balance_loss_alpha}) got no gradient: reentrant activation checkpointing "
-                "(use_reentrant=True) does not support it. Use the default use_reentrant=False, or set "
-                "seq_balance_loss_alpha=0"
-            )
-        return total
-
-    @staticmethod
-    def _balance_loss_share(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | float:
-        """The part of the balance loss this micro-batch contributes. Under `Trainer` the main loss is a sum over
-        tokens divided by the tokens of the whole accumulated (and data-parallel) batch, `num_items_in_batch`, and the
-        micro-batch losses are added up; weighting each micro-batch's mean balance loss by its share of those
-        tokens adds up to the token-weighted mean over the batch."""
-        if num_items_in_batch is None:
-            return 1.0
-        return (labels[:, 1:] != -100).sum() / num_items_in_batch
-
-    def discard_routing_counts(self) -> None:
-        """Forget the tokens counted since the last bias update, e.g. after an optimizer step that fp16 loss scaling
-        skipped (the weights did not move, so neither does the bias)."""
-        for module in self.modules():
-            if isinstance(module, TopkRouter):
-                module.tokens_per_expert = None
 
     def update_routing_bias(self, group=None) -> dict[str, torch.Tensor]:
-        """The auxiliary-loss-free balancing step (DESIGN §4): call it after every `optimizer.step()` of a custom
-        training loop (`DeepseekV3Trainer` does so itself). Every MoE layer's `e_score_correction_bias` moves by
-        `±routing_bias_update_speed` towards balance, from the tokens routed since the last call in training
-        forwards (all gradient-accumulation micro-batches; all-reduced over `group` under `torch.distributed`, so
-        every rank must call it). Records the expert load into `training_metrics`.
+        """The auxiliary-loss-free balancing step: every MoE layer's `e_score_correction_bias` moves by
+        `±routing_bias_update_speed` towards balance, from the tokens routed in training forwards since the last
+        call (all-reduced over `group` under `torch.distributed`: every rank must call it). It runs by itself after
+        every optimizer step (`routing_bias_auto_update`); call it yourself only with that switched off.
 
         Returns:
             `{layer name: load [E] int64}`, the tokens each expert received during the step.
         """
-        named = [(name.removesuffix(".mlp.gate"), m) for name, m in self.named_modules() if isinstance(m, TopkRouter)]
-        if not self.config.use_routing_bias:
-            speed = 0.0  # the bias is not used to choose experts: keep it as loaded
-        else:
-            speed = self.config.routing_bias_update_speed
-        loads = update_routing_biases([m for _, m in named], speed, group)
-        result, worst = {}, None
-        for (name, _), load in zip(named, loads):
-            result[name] = load
-            if load.sum() > 0:  # a layer that routed no tokens (e.g. an unused MTP block) has no load to report
-                ratio = load.max() / load.float().mean()
-                self.training_metrics.add(f"expert_load_max_over_mean/{name}", ratio)
-                worst = ratio if worst is None else torch.maximum(worst, ratio)
-        if worst is not None:
-            self.training_metrics.add("expert_load_max_over_mean", worst)  # the least balanced layer
-        return result
+        speed = self.config.routing_bias_update_speed if self.config.use_routing_bias else 0.0
+        biases = {m.layer_idx: m.gate.e_score_correction_bias for m in self.modules() if isinstance(m, MoE)}
+        return self.expert_balance.update(biases, speed, group)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
-                                      max_cache_length):
-        # The default cache of generate() becomes the latent MLACache (static and user-given caches are kept).
-        if (
-            model_kwargs.get("cache") is None
-            and generation_config.use_cache is not False
-            and generation_config.cache_implementation in (None, "dynamic")
-        ):
-            model_kwargs["cache"] = MLACache(self.config)
-            return
-        super()._prepare_cache_for_generation(
-            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
-        )
+    def discard_routing_counts(self) -> None:
+        """Forget the tokens counted since the last bias update, e.g. after an optimizer step that did not happen."""
+        self.expert_balance.discard()

@@ -5,7 +5,7 @@ PEFT does not know `FP8Linear`, so a LoRA config must map it to a LoRA layer: `l
 bf16 update without requantising it; keep adapters unmerged, or convert the checkpoint to bf16 and merge there).
 A saved adapter reloads with `load_fp8_adapter`.
 References: PEFT `tuners/lora/layer.py` (`Linear`), `LoraConfig._register_custom_module`;
-shared/docs/transformers-integration.md §8.
+docs/fp8.md (LoRA over FP8 linears).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from .fp8 import FP8Linear
+from .private_api import register_lora_module
 
 
 class FP8LoraLinear(LoraLinear):
@@ -35,7 +36,7 @@ def lora_config_for_fp8(config: LoraConfig) -> LoraConfig:
         >>> config = lora_config_for_fp8(LoraConfig(r=8, target_modules=["q_b_proj", "o_proj"]))
         >>> model = get_peft_model(fp8_model, config)
     """
-    config._register_custom_module({FP8Linear: FP8LoraLinear})
+    register_lora_module(config, {FP8Linear: FP8LoraLinear})
     return config
 
 

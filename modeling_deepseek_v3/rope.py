@@ -3,7 +3,7 @@
 RoPE rotates the pairs (x[2i], x[2i+1]) of the rope part of q and k, the layout the checkpoints were trained with,
 so no weight permutation is needed. Dimension letters: b batch, s positions, r rope dim.
 References: DeepSeek-V3 report §2.1.1 and §4.3 (YaRN); DeepSeek-V3 `inference/model.py` (`precompute_freqs_cis`);
-YaRN paper (arXiv 2309.00071); DESIGN.md §3.
+YaRN paper (arXiv 2309.00071); docs/design.md (Multi-head Latent Attention).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""DeepSeek-V3's training recipe in `transformers.Trainer`: the auxiliary-loss-free routing-bias update after every
-optimizer step, and the model's training metrics (balance losses, expert load) in the regular log lines.
+"""DeepSeek-V3's training recipe in `transformers.Trainer`: the model's training metrics (balance losses, expert
+load, MTP losses) in the regular log lines, and steps that fp16 loss scaling skipped leaving the routing biases
+alone. (The bias update itself runs after every optimizer step in any loop, see `balancing.py`.)
 
-References: DeepSeek-V3 report §2.1.2; DESIGN.md §4; shared/docs/transformers-integration.md §7 (`on_optimizer_step`,
-logging through a `Trainer.log` override).
+References: DeepSeek-V3 report §2.1.2; transformers `Trainer.log`, `TrainerCallback.on_optimizer_step`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ def find_deepseek_v3(model: nn.Module) -> DeepseekV3ForCausalLM:
 
 
 class ExpertBalanceCallback(TrainerCallback):
-    """Calls `DeepseekV3ForCausalLM.update_routing_bias()` after every optimizer step (once per gradient-accumulation
-    cycle, on every data-parallel rank); after a step that fp16 loss scaling skipped, it discards the counts instead.
-    `DeepseekV3Trainer` adds it itself; give it to a plain `Trainer` through `callbacks=[ExpertBalanceCallback()]`.
+    """Discards the routing counts of an optimizer step that fp16 loss scaling skipped (the weights did not move, so
+    neither does the bias), and optionally keeps each step's expert load. `DeepseekV3Trainer` adds it itself; a plain
+    `Trainer` needs it only for `keep_history` (the model's gradients tell skipped steps apart there too).
 
     Args:
         keep_history: keep each step's expert load in `history` (a list of `{layer: load [E]}`), e.g. for plots.
@@ -42,18 +42,18 @@ class ExpertBalanceCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, model: nn.Module | None = None, **kwargs) -> None:
         lm = find_deepseek_v3(model)
         if getattr(kwargs.get("optimizer"), "step_was_skipped", False):
-            lm.discard_routing_counts()  # fp16 loss scaling found inf gradients and skipped the step on every rank
+            lm.discard_routing_counts()  # inf gradients: the step, and the bias update with it, did not happen
             return
-        loads = lm.update_routing_bias()
         if self.keep_history:
-            self.history.append({name: load.cpu() for name, load in loads.items()})
+            self.history.append({name: load.cpu() for name, load in lm.expert_balance.last_loads.items()})
 
 
 class DeepseekV3Trainer(Trainer):
     """`Trainer` with DeepSeek-V3's recipe: adds `ExpertBalanceCallback` (unless one is given) and merges the model's
     `training_metrics` into every training log line, beside `loss`: `balance_loss` (and per layer
     `balance_loss/<layer>`), `expert_load_max_over_mean` (the least balanced layer; per layer
-    `expert_load_max_over_mean/<layer>`), each the mean over the steps since the previous log.
+    `expert_load_max_over_mean/<layer>`), `mtp_<k>_loss` / `mtp_<k>_accuracy`, each the mean over the steps since
+    the previous log.
 
     Example:
         >>> trainer = DeepseekV3Trainer(model=model, args=TrainingArguments(...), train_dataset=data)

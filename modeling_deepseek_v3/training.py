@@ -1,10 +1,11 @@
 """Training recipes of DeepSeek-V3 on top of the model: FP8 training of the decoder layers.
 
-References: DeepSeek-V3 report §3.3 (FP8 mixed-precision training); DESIGN.md §6.
+References: DeepSeek-V3 report §3.3 (FP8 mixed-precision training); docs/fp8.md.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .fp8 import FP8TrainingLinear
@@ -13,9 +14,9 @@ from .moe import RoutedExperts
 
 
 def enable_fp8_training(model: DeepseekV3PreTrainedModel) -> DeepseekV3PreTrainedModel:
-    """Train every linear of the decoder layers in FP8: attention and MLP projections become `FP8TrainingLinear`
-    (same parameters, so optimizers and checkpoints are unaffected) and the routed experts use the FP8 grouped
-    matmul. Embeddings, the output head, norms and the router stay in full precision, as in the report.
+    """Train every linear of the decoder layers in FP8: attention and MLP projections become `FP8TrainingLinear` and
+    the routed experts run the FP8 grouped recipe, over the same parameters (optimizers and checkpoints see no
+    change). Embeddings, the output head, norms and the router stay in full precision, as in the report.
 
     Call it on a bf16/fp32 model before creating the optimizer; it returns the same model.
 
@@ -27,17 +28,24 @@ def enable_fp8_training(model: DeepseekV3PreTrainedModel) -> DeepseekV3PreTraine
                          "(quantization_config); convert it with `deepseek-v3 convert fp8-to-bf16` first")
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
     for layer in base.layers:
-        for module in layer.modules():
+        for module in list(layer.modules()):
             for name, child in module.named_children():
                 if type(child) is nn.Linear:
-                    setattr(module, name, _to_fp8_training(child))
-            if isinstance(module, RoutedExperts):
-                module.fp8_training = True
+                    setattr(module, name, _fp8_training_linear(child))
+                elif type(child) is RoutedExperts:
+                    setattr(module, name, _fp8_training_experts(child, model.config))
     return model
 
 
-def _to_fp8_training(linear: nn.Linear) -> FP8TrainingLinear:
-    fp8 = FP8TrainingLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                            device="meta")
+def _fp8_training_linear(linear: nn.Linear) -> FP8TrainingLinear:
+    fp8 = FP8TrainingLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
     fp8.weight, fp8.bias = linear.weight, linear.bias  # share the parameters
+    return fp8
+
+
+def _fp8_training_experts(experts: RoutedExperts, config) -> RoutedExperts:
+    with torch.device("meta"):  # the parameters are the existing ones
+        fp8 = RoutedExperts(config, fp8_training=True)
+    for name in RoutedExperts.PROJECTIONS:
+        setattr(fp8, name, getattr(experts, name))  # share the parameters
     return fp8

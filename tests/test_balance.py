@@ -1,48 +1,60 @@
-"""Training-time expert balancing (DESIGN §4): token counts, the routing-bias update, the sequence-wise balance
-loss, and their metrics."""
+"""Training-time expert balancing: token counts, the routing-bias update after every optimizer step in any training
+loop, the sequence-wise balance loss, their metrics, and that no routing state outlives its forward."""
 
 import pytest
 import torch
+from transformers import Trainer, TrainingArguments
 
-from modeling_deepseek_v3.moe import MoE, TopkRouter, sequence_balance_loss, update_routing_biases
+from modeling_deepseek_v3 import DeepseekV3Trainer
+from modeling_deepseek_v3.balancing import ExpertBalance, RoutingLog, sequence_balance_loss
+from modeling_deepseek_v3.metrics import TrainingMetrics
+from modeling_deepseek_v3.moe import MoE
 
 from .utils import random_ids, random_model, tiny_config
 
 GAMMA = 0.001
 
 
-def routers(model) -> list[TopkRouter]:
-    return [m for m in model.modules() if isinstance(m, TopkRouter)]
+def moe_layers(model) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def counts(model) -> list[torch.Tensor]:
-    return [r.tokens_per_expert.clone() for r in routers(model)]
+def biases(model) -> list[torch.Tensor]:
+    return [m.gate.e_score_correction_bias.clone() for m in moe_layers(model)]
 
 
-def hand_counts(model, ids, attention_mask=None) -> list[torch.Tensor]:
-    """Loads from the routers' own choices on the gate inputs, captured by hooks in an eval forward."""
-    inputs = []
-    hooks = [r.register_forward_hook(lambda mod, args, out: inputs.append(out[1])) for r in routers(model)]
+def counts(model) -> dict[int, torch.Tensor]:
+    return {layer: c.clone() for layer, c in model.expert_balance.pending.items()}
+
+
+def hand_counts(model, ids, attention_mask=None) -> dict[int, torch.Tensor]:
+    """Loads from the routers' own choices, captured by hooks in an eval forward."""
+    chosen = {}
+    hooks = [m.gate.register_forward_hook(lambda mod, args, out, layer=m.layer_idx: chosen.update({layer: out.indices}))
+             for m in moe_layers(model)]
     model.eval()
     with torch.no_grad():
         model(ids, attention_mask=attention_mask)
     for h in hooks:
         h.remove()
     keep = None if attention_mask is None else attention_mask.flatten().bool()
-    return [torch.bincount((idx if keep is None else idx[keep]).flatten(), minlength=model.config.n_routed_experts)
-            for idx in inputs]
+    return {layer: torch.bincount((idx if keep is None else idx[keep]).flatten(),
+                                  minlength=model.config.n_routed_experts) for layer, idx in chosen.items()}
 
 
 def test_update_moves_each_bias_by_gamma_towards_the_mean():
-    router = TopkRouter(tiny_config(n_routed_experts=8))
-    router.e_score_correction_bias.normal_()
-    before = router.e_score_correction_bias.clone()
-    router.tokens_per_expert = torch.tensor([4, 0, 2, 2, 1, 3, 2, 2])  # mean 2
-    (load,) = update_routing_biases([router], GAMMA)
+    balance = ExpertBalance(TrainingMetrics(), lambda layer: f"layer{layer}")
+    bias = torch.randn(8)
+    before = bias.clone()
+    log = RoutingLog(recording=True)
+    log.counts[3] = torch.tensor([4, 0, 2, 2, 1, 3, 2, 2])  # mean 2
+    log.close()
+    balance.end_forward(log, gradients_pending=False)
+    loads = balance.update({3: bias}, GAMMA)
     step = torch.tensor([-1.0, 1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0]) * GAMMA
-    assert torch.equal(router.e_score_correction_bias, before + step)
-    assert load.tolist() == [4, 0, 2, 2, 1, 3, 2, 2]
-    assert router.tokens_per_expert is None  # reset for the next step
+    assert torch.equal(bias, before + step)
+    assert loads["layer3"].tolist() == [4, 0, 2, 2, 1, 3, 2, 2]
+    assert balance.pending == {}  # reset for the next step
 
 
 def test_training_forward_counts_real_tokens_and_the_update_uses_them():
@@ -54,15 +66,16 @@ def test_training_forward_counts_real_tokens_and_the_update_uses_them():
     expected = hand_counts(model, ids, mask)
     model.train()
     model(ids, attention_mask=mask, labels=ids).loss.backward()
-    for got, want in zip(counts(model), expected):
-        assert torch.equal(got, want)
-        assert got.sum() == mask.sum() * model.config.num_experts_per_tok
-    before = [r.e_score_correction_bias.clone() for r in routers(model)]
+    got = counts(model)
+    assert got.keys() == expected.keys()
+    for layer, want in expected.items():
+        assert torch.equal(got[layer], want) and want.sum() == mask.sum() * model.config.num_experts_per_tok
+    before = biases(model)
     loads = model.update_routing_bias()
-    for router, b0, load in zip(routers(model), before, loads.values()):
-        load = load.float()
-        assert torch.equal(router.e_score_correction_bias, b0 + GAMMA * torch.sign(load.mean() - load))
     assert list(loads) == [f"model.layers.{i}" for i in range(1, model.config.num_hidden_layers)]
+    for b0, b1, load in zip(before, biases(model), loads.values()):
+        load = load.float()
+        assert torch.equal(b1, b0 + GAMMA * torch.sign(load.mean() - load))
 
 
 def test_gradient_accumulation_equals_one_large_batch():
@@ -74,11 +87,10 @@ def test_gradient_accumulation_equals_one_large_batch():
     for micro in ids.chunk(4):
         accumulated(micro, labels=micro).loss.backward()
     single(ids, labels=ids).loss.backward()
-    assert all(torch.equal(a, b) for a, b in zip(counts(accumulated), counts(single)))
+    assert all(torch.equal(a, b) for a, b in zip(counts(accumulated).values(), counts(single).values()))
     accumulated.update_routing_bias()
     single.update_routing_bias()
-    for a, b in zip(routers(accumulated), routers(single)):
-        assert torch.equal(a.e_score_correction_bias, b.e_score_correction_bias)
+    assert all(torch.equal(a, b) for a, b in zip(biases(accumulated), biases(single)))
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -88,11 +100,11 @@ def test_activation_checkpointing_counts_once(reentrant):
     model.train()
     model(ids, labels=ids).loss.backward()
     plain = counts(model)
-    for router in routers(model):
-        router.tokens_per_expert = None  # a bias update would change the routing
+    model.discard_routing_counts()
+    model.zero_grad(set_to_none=True)
     model.activation_checkpointing_enable({"use_reentrant": reentrant})
     model(ids, labels=ids).loss.backward()  # the backward replays every layer's forward
-    assert all(torch.equal(a, b) for a, b in zip(counts(model), plain))
+    assert all(torch.equal(a, b) for a, b in zip(counts(model).values(), plain.values()))
 
 
 def test_reentrant_checkpointing_with_balance_loss_is_an_error():
@@ -107,7 +119,7 @@ def test_reentrant_checkpointing_with_balance_loss_is_an_error():
 def test_eval_and_no_grad_forwards_leave_the_bias_unchanged():
     model = random_model()
     ids = random_ids(model.config, 2, 5)
-    before = [r.e_score_correction_bias.clone() for r in routers(model)]
+    before = biases(model)
     model.eval()
     model(ids, labels=ids)
     model.train()
@@ -116,22 +128,22 @@ def test_eval_and_no_grad_forwards_leave_the_bias_unchanged():
     model.generate(ids, max_new_tokens=3, do_sample=False)
     loads = model.update_routing_bias()
     assert all(load.sum() == 0 for load in loads.values())
-    assert all(torch.equal(r.e_score_correction_bias, b) for r, b in zip(routers(model), before))
+    assert all(torch.equal(a, b) for a, b in zip(biases(model), before))
 
 
 def test_zero_speed_freezes_the_bias_and_still_reports_the_load():
     model = random_model(routing_bias_update_speed=0.0)
-    before = [r.e_score_correction_bias.clone() for r in routers(model)]
+    before = biases(model)
     model.train()
     ids = random_ids(model.config, 2, 5)
     model(ids, labels=ids).loss.backward()
     loads = model.update_routing_bias()
     assert all(load.sum() == 10 * model.config.num_experts_per_tok for load in loads.values())
-    assert all(torch.equal(r.e_score_correction_bias, b) for r, b in zip(routers(model), before))
+    assert all(torch.equal(a, b) for a, b in zip(biases(model), before))
 
 
 def balance_loss_reference(scores, indices, mask, alpha):
-    """DESIGN §4 written out per sequence and expert, with loops."""
+    """The balance loss written out per sequence and expert, with loops."""
     b, s, e = scores.shape
     k = indices.shape[-1]
     per_sequence = []
@@ -172,8 +184,7 @@ def test_balance_loss_is_added_to_the_loss_and_reaches_the_router():
     out = model(ids, labels=ids)
     main = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(out.loss, main + out.balance_loss)
-    gate = next(m.gate for m in model.modules() if isinstance(m, MoE))
-    (grad,) = torch.autograd.grad(out.balance_loss, gate.weight)
+    (grad,) = torch.autograd.grad(out.balance_loss, moe_layers(model)[0].gate.weight)
     assert grad.abs().sum() > 0
     metrics = model.training_metrics.pop()
     per_layer = [v for name, v in metrics.items() if name.startswith("balance_loss/")]
@@ -193,3 +204,116 @@ def test_update_records_max_over_mean_load():
     for name, ratio in ratios.items():
         assert metrics[f"expert_load_max_over_mean/{name}"] == pytest.approx(ratio)
     assert metrics["expert_load_max_over_mean"] == pytest.approx(max(ratios.values()))
+
+
+def bias_steps(before: list[torch.Tensor], after: list[torch.Tensor]) -> torch.Tensor:
+    """How many ±γ steps each bias took, `[layers, E]`, checked to be whole."""
+    steps = (torch.stack(after) - torch.stack(before)) / GAMMA
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
+    return steps.round()
+
+
+def hand_loop(model, batches, accumulation: int, optimizer_class=torch.optim.SGD) -> None:
+    optimizer = optimizer_class(model.parameters(), lr=1e-3)
+    model.train()
+    for i, batch in enumerate(batches, start=1):
+        model(batch, labels=batch).loss.backward()
+        if i % accumulation == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def test_a_hand_written_loop_moves_the_bias_once_per_optimizer_step():
+    """No call to update_routing_bias: the optimizer step does it, once per accumulation cycle, exactly as one
+    explicit update per step after the same forwards."""
+    batches = random_ids(tiny_config(), 12, 6).chunk(6)
+    auto = random_model()
+    manual = random_model(routing_bias_auto_update=False)
+    manual.load_state_dict(auto.state_dict())
+    before = biases(auto)
+    hand_loop(auto, batches, accumulation=2)
+    optimizer = torch.optim.SGD(manual.parameters(), lr=1e-3)
+    manual.train()
+    for i, batch in enumerate(batches, start=1):
+        manual(batch, labels=batch).loss.backward()
+        if i % 2 == 0:
+            optimizer.step()
+            manual.update_routing_bias()
+            optimizer.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(biases(auto), biases(manual)))
+    steps = bias_steps(before, biases(auto))
+    assert steps.abs().max() == 3 and (steps.abs().sum(-1) > 0).all()  # 3 steps of ±γ (or 0) per expert
+
+
+def test_the_switch_leaves_the_update_to_the_user():
+    model = random_model(routing_bias_auto_update=False)
+    before = biases(model)
+    hand_loop(model, random_ids(model.config, 4, 6).chunk(2), accumulation=1)
+    assert all(torch.equal(a, b) for a, b in zip(biases(model), before))
+    assert sum(c.sum() for c in counts(model).values()) > 0  # counted, waiting for update_routing_bias()
+
+
+def test_an_optimizer_of_another_model_does_not_move_the_bias():
+    model, other = random_model(), torch.nn.Linear(2, 2)
+    model.train()
+    ids = random_ids(model.config, 2, 5)
+    model(ids, labels=ids).loss.backward()
+    before = biases(model)
+    other(torch.randn(1, 2)).sum().backward()
+    torch.optim.SGD(other.parameters(), lr=0.1).step()
+    assert all(torch.equal(a, b) for a, b in zip(biases(model), before))
+
+
+def test_a_step_skipped_by_loss_scaling_drops_its_counts():
+    """A step whose gradients were cleared without an optimizer step (GradScaler found inf) does not count: the
+    next step moves the bias by its own tokens only."""
+    batches = random_ids(tiny_config(), 8, 6).chunk(4)
+    skipping, clean = random_model(), random_model()
+    clean.load_state_dict(skipping.state_dict())
+    skipping.train()
+    skipping(batches[0], labels=batches[0]).loss.backward()
+    skipping.zero_grad()  # what a skipped step leaves: no optimizer.step(), gradients cleared
+    hand_loop(skipping, batches[1:3], accumulation=2)
+    hand_loop(clean, batches[1:3], accumulation=2)
+    assert all(torch.equal(a, b) for a, b in zip(biases(skipping), biases(clean)))
+
+
+def test_a_forward_that_raised_leaves_nothing_behind():
+    model, clean = random_model(), random_model()
+    clean.load_state_dict(model.state_dict())
+    ids = random_ids(model.config, 2, 6)
+    model.train()
+    last = model.model.layers[-1]
+    handle = last.register_forward_hook(lambda *args: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model(ids, labels=ids)
+    handle.remove()
+    assert counts(model) == {} and model.training_metrics.pop() == {}
+    model.eval()
+    clean.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids, labels=ids).loss, clean(ids, labels=ids).loss)
+    model.train()
+    clean.train()
+    model(ids, labels=ids).loss.backward()
+    clean(ids, labels=ids).loss.backward()
+    assert all(torch.equal(a, b) for a, b in zip(counts(model).values(), counts(clean).values()))
+
+
+def test_a_plain_trainer_moves_the_bias_as_deepseek_v3_trainer_does(tmp_path):
+    """Two optimizer steps of gradient accumulation 2: a plain Trainer (no callback) and DeepseekV3Trainer end with
+    the same biases, each moved by whole ±γ steps, at most one per optimizer step."""
+    ids = random_ids(tiny_config(), 8, 6)
+    results = []
+    for trainer_class in (Trainer, DeepseekV3Trainer):
+        torch.manual_seed(0)
+        model = random_model()
+        before = biases(model)
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                 max_steps=2, learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",
+                                 disable_tqdm=True, seed=0)
+        trainer_class(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids]).train()
+        steps = bias_steps(before, biases(model))
+        assert steps.abs().max() <= 2 and steps.abs().sum() > 0
+        results.append(biases(model))
+    assert all(torch.equal(a, b) for a, b in zip(*results))

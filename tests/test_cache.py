@@ -25,7 +25,7 @@ def test_stores_only_latents_and_reports_bytes():
 
 
 def test_671b_attention_shapes_cache_1152_bytes_per_token_per_layer():
-    # DESIGN §3: DeepSeek-V3's (512 + 64) latent values × 2 bytes in bf16 = 1,152 B per token per layer
+    # DeepSeek-V3's (512 + 64) latent values × 2 bytes in bf16 = 1,152 B per token per layer
     from modeling_deepseek_v3 import load_preset
 
     full = load_preset("deepseek-v3-671b")

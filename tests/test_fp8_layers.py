@@ -97,7 +97,7 @@ def _deq_weight(w):  # through 128×128 blocks
 
 
 def test_fp8_training_gemms_use_the_specified_tiles():
-    """Exactly the recipe (DESIGN §6): Fprop X(1×128)·W(128×128)ᵀ, Dgrad dY(1×128 along N)·W, Wgrad
+    """Exactly the recipe (docs/design.md, FP8): Fprop X(1×128)·W(128×128)ᵀ, Dgrad dY(1×128 along N)·W, Wgrad
     dY(128×1)ᵀ·X(128×1), each against an fp64 emulation with those tiles (a wrong tiling is ~5% off, not 1e-5)."""
     x = torch.randn(200, 320, requires_grad=True)
     w = (torch.randn(192, 320) * 0.05).requires_grad_()

@@ -13,7 +13,7 @@ from .utils import tiny_config
 
 
 def brute_force_route(scores, bias, cfg):
-    """Try every allowed set of groups; inside them take the top-k biased scores (the DESIGN §4 rule)."""
+    """Try every allowed set of groups; inside them take the top-k biased scores (the routing rule)."""
     per_group = cfg.n_routed_experts // cfg.n_group
     out = []
     for s, choice in zip(scores, scores + bias):
@@ -29,7 +29,7 @@ def brute_force_route(scores, bias, cfg):
 
 
 def make_moe(**overrides):
-    moe = MoE(tiny_config(**overrides))
+    moe = MoE(tiny_config(**overrides), layer_idx=1)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.1)
@@ -41,7 +41,8 @@ def test_router_matches_brute_force():
     moe = make_moe()
     cfg = moe.gate.config
     x = torch.randn(20, cfg.hidden_size)
-    weights, indices, scores = moe.gate(x)
+    weights, indices, scores, logits = moe.gate(x)
+    torch.testing.assert_close(logits, x @ moe.gate.weight.T)
     torch.testing.assert_close(scores, torch.sigmoid(x @ moe.gate.weight.T))
     for row, expected in enumerate(brute_force_route(scores, moe.gate.e_score_correction_bias, cfg)):
         got = dict(zip(indices[row].tolist(), weights[row].tolist()))
@@ -53,10 +54,10 @@ def test_router_matches_brute_force():
 def test_bias_changes_choice_not_weights():
     moe = make_moe()
     x = torch.randn(64, moe.gate.config.hidden_size)
-    w0, i0, s0 = moe.gate(x)
+    w0, i0, s0, _ = moe.gate(x)
     with torch.no_grad():
         moe.gate.e_score_correction_bias.add_(torch.linspace(-0.5, 0.5, moe.gate.config.n_routed_experts))
-    w1, i1, s1 = moe.gate(x)
+    w1, i1, s1, _ = moe.gate(x)
     assert not torch.equal(i0, i1)  # the choice moved
     torch.testing.assert_close(s0, s1)  # affinities untouched
     # the weights are always the normalised *unbiased* scores of the chosen experts
@@ -67,7 +68,7 @@ def test_bias_changes_choice_not_weights():
 def test_bias_ignored_when_disabled():
     moe = make_moe(use_routing_bias=False)
     x = torch.randn(16, moe.gate.config.hidden_size)
-    _, indices, scores = moe.gate(x)
+    _, indices, scores, _ = moe.gate(x)
     assert torch.equal(indices.sort(-1).values, brute_force_indices(scores, moe.gate.config))
 
 
@@ -80,7 +81,7 @@ def test_experts_match_per_expert_loop():
     moe = make_moe()
     ex = moe.experts
     x = torch.randn(30, moe.gate.config.hidden_size, requires_grad=True)
-    weights, indices, _ = moe.gate(x)
+    weights, indices, _, _ = moe.gate(x)
     out = ex(x, indices, weights)
     ref = torch.zeros_like(x)
     for t in range(x.shape[0]):

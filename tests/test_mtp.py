@@ -253,6 +253,7 @@ def test_trainer_trains_the_modules_and_logs_each_depth(tmp_path):
     for entry in logs:
         for k in (1, 2):
             assert 0 < entry[f"mtp_{k}_loss"] < 10 and 0 <= entry[f"mtp_{k}_accuracy"] <= 1
-        assert "expert_load_max_over_mean/mtp.0.block" in entry  # the blocks' experts are balanced too
+        # the blocks' experts are balanced too; a module is named by its checkpoint layer, model.layers.{L + k - 1}
+        assert "expert_load_max_over_mean/model.layers.3" in entry and "balance_loss/model.layers.4" in entry
     for name, param in model.mtp.named_parameters():
         assert not torch.equal(param, before[name]), name

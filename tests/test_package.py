@@ -1,4 +1,4 @@
-"""Package rules: the import direction of DESIGN §1 / style.md, the public API, and the Auto registration."""
+"""Package rules: the import direction of docs/design.md, the public API, and the Auto registration."""
 
 import ast
 from pathlib import Path
@@ -36,6 +36,36 @@ def test_configuration_knows_nothing_of_modules(path):
 
 def test_kernel_reference_needs_no_triton():
     assert imports_of(ROOT / "kernels" / "reference.py") <= {"__future__", "torch"}
+
+
+# Each room imports only rooms of a lower level (docs/design.md, "The rooms"); a new room must be placed here.
+LEVELS = {
+    "kernels": 0, "configuration": 0,
+    "private_api": 1, "dtypes": 1, "metrics": 1,
+    "fp8": 2, "rope": 2, "cache": 2,
+    "layers": 3, "balancing": 3,
+    "attention": 4, "moe": 4, "mtp": 4,
+    "checkpoint": 5, "generation": 5,
+    "model": 6,
+    "training": 7, "trainer": 7, "peft_fp8": 7, "convert": 7,
+    "demo": 8,
+    "cli": 9,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "modeling_deepseek_v3").glob("*.py")), ids=lambda p: p.name)
+def test_rooms_import_only_lower_rooms(path):
+    if path.name == "__init__.py":
+        return
+    room = path.stem
+    assert room in LEVELS, f"{path.name} is a new room: give it a level in LEVELS"
+    for name in imports_of(path):
+        if name.startswith("modeling_deepseek_v3."):
+            name = "." + name.split(".", 1)[1]
+        if not name.startswith(".") or name == ".":
+            continue
+        target = name.lstrip(".").split(".")[0]
+        assert LEVELS[target] < LEVELS[room], f"{room} (level {LEVELS[room]}) imports {target} ({LEVELS[target]})"
 
 
 def test_nothing_imports_the_cli():

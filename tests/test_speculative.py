@@ -12,8 +12,8 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from modeling_deepseek_v3 import generation
 from modeling_deepseek_v3.attention import MultiHeadLatentAttention
-from modeling_deepseek_v3.generation import SelfSpeculativeDecoder
 
 from .utils import agreeing_mtp_model, random_ids, random_model, reference_mtp_logits, tiny_config
 
@@ -28,10 +28,15 @@ def left_padded(config, lengths):
     return ids, mask
 
 
+def speculative(model, ids, **kwargs):
+    """`generate(use_mtp=True)`: the sequences and the call's `SpeculativeStats`."""
+    out = model.generate(ids, use_mtp=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences, out.speculative_stats
+
+
 def both(model, ids, mask, **kwargs):
     plain = model.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
-    speculative = model.generate(ids, attention_mask=mask, do_sample=False, use_mtp=True, **kwargs)
-    return plain, speculative
+    return plain, *speculative(model, ids, attention_mask=mask, do_sample=False, **kwargs)
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -43,10 +48,9 @@ def test_greedy_equals_plain_greedy(depth, batch, drafter):
     else:  # drafts (nearly) always rejected
         model = random_model(tiny_config(num_nextn_predict_layers=depth))
     ids, mask = left_padded(model.config, PROMPT_LENGTHS[:batch])
-    plain, speculative = both(model, ids, mask if batch > 1 else None, max_new_tokens=20)
+    plain, drafted, stats = both(model, ids, mask if batch > 1 else None, max_new_tokens=20)
     assert plain.shape == (batch, ids.shape[1] + 20)
-    assert torch.equal(speculative, plain)
-    stats = model.last_speculative_stats
+    assert torch.equal(drafted, plain)
     if batch == 1:
         assert stats.main_forwards == 1 + stats.row_steps and stats.tokens == 19
     if drafter == "agreeing":
@@ -62,15 +66,15 @@ def test_eos_and_max_new_tokens_inside_a_draft(depth):
     slot falls inside the accepted drafts, whose later tokens must be dropped."""
     model = agreeing_mtp_model(depth, context_weight=0.0)
     ids, mask = left_padded(model.config, PROMPT_LENGTHS)
-    plain, speculative = both(model, ids, mask, max_new_tokens=depth + 3)  # ends on slot 0 of the second step
-    assert torch.equal(speculative, plain) and model.last_speculative_stats.acceptance_rate == 1.0
+    plain, drafted, stats = both(model, ids, mask, max_new_tokens=depth + 3)  # ends on slot 0 of the second step
+    assert torch.equal(drafted, plain) and stats.acceptance_rate == 1.0
 
     width = ids.shape[1]
     row0 = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)[0, width:].tolist()
     eos = next(t for i, t in enumerate(row0, start=1)
                if i >= 2 and (i - 2) % (depth + 1) < depth and t not in row0[: i - 1])
-    plain, speculative = both(model, ids, mask, max_new_tokens=24, eos_token_id=eos)
-    assert torch.equal(speculative, plain)
+    plain, drafted, _ = both(model, ids, mask, max_new_tokens=24, eos_token_id=eos)
+    assert torch.equal(drafted, plain)
     stop = row0.index(eos) + 1
     assert plain[0, width + stop - 1] == eos and (plain[0, width + stop :] == model.config.pad_token_id).all()
     assert plain.shape[1] > width + stop  # other rows went on
@@ -82,63 +86,57 @@ def test_eos_and_max_new_tokens_inside_a_draft(depth):
 )
 def test_drafts_equal_the_mtp_chain_on_the_accepted_tokens(monkeypatch, depth, lengths):
     """The incremental MTP state (cropped draft slots, carried hidden states, masked rejected slots, per-row
-    positions) gives at every step the logits that the DESIGN §5 chain gives when recomputed from scratch on each
-    row's accepted tokens alone (no padding, no cache). Prompts shorter than D leave early carries empty."""
+    positions) gives at every step the logits that the MTP chain gives when recomputed from scratch on each row's
+    accepted tokens alone (no padding, no cache). Prompts shorter than D leave early carries empty."""
     model = agreeing_mtp_model(depth, context_weight=0.3, mtp_context_weight=0.3)
-    records = []
-    original = SelfSpeculativeDecoder._draft
+    calls = []  # (k, position of the last column [b], logits of the last column [b, V]) of every drafting call
 
-    def spy(self, window):
-        logits = []
-        hooks = [m.shared_head.register_forward_hook(lambda mod, args, out: logits.append(out[:, -1]))
-                 for m in self.model.mtp]
-        try:
-            drafts, probs = original(self, window)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        records.append((self.next_position.clone(), drafts.clone(), logits))
-        return drafts, probs
+    def spy(lm, k, token_embeds, previous_hidden, position_ids, *args, **kwargs):
+        hidden, logits = original(lm, k, token_embeds, previous_hidden, position_ids, *args, **kwargs)
+        calls.append((k, position_ids[:, -1].clone(), logits[:, -1].clone()))
+        return hidden, logits
 
-    monkeypatch.setattr(SelfSpeculativeDecoder, "_draft", spy)
+    original = generation.mtp_step
+    monkeypatch.setattr(generation, "mtp_step", spy)
     ids, mask = left_padded(model.config, lengths)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, use_mtp=True)
-    stats = model.last_speculative_stats
+    out, stats = speculative(model, ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
     assert 0 < stats.acceptance_rate_per_depth[0] < 1 and 0 < stats.acceptance_rate_per_depth[1] < 1
     assert torch.equal(out, model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False))
     rows = [torch.cat([ids[r, mask[r].bool()], out[r, ids.shape[1] :]]) for r in range(len(lengths))]
+    steps = [calls[i : i + depth] for i in range(0, len(calls), depth)]  # modules 1..D of each drafting step
     checked = 0
-    for newest, drafts, logits in records:
+    for step in steps:
+        assert [k for k, _, _ in step] == list(range(1, depth + 1))
+        newest = step[0][1] + 1  # module 1's last column reads the newest accepted token t_n at position n - 1
+        drafts = torch.stack([logits.argmax(-1) for _, _, logits in step], 1)  # greedy drafts [b, D]
         for r, row in enumerate(rows):
             n = int(newest[r])  # the row's tokens t_0 .. t_n are accepted
             if n + 1 > len(row):
                 continue  # the row had finished
             # depth k at position n - 1 reads t_{n+k-1}: the newest accepted token, then the drafts (the last draft
             # only as the dummy input that lets the reference run depth D at position n - 1)
-            seq = torch.cat([row[: n + 1], drafts[r]])[None]
-            reference = reference_mtp_logits(model, seq)
-            for k in range(depth):
-                torch.testing.assert_close(logits[k][r], reference[k][0, n - 1], rtol=1e-4, atol=1e-4)
+            reference = reference_mtp_logits(model, torch.cat([row[: n + 1], drafts[r]])[None])
+            for k, (_, _, logits) in enumerate(step):
+                torch.testing.assert_close(logits[r], reference[k][0, n - 1], rtol=1e-4, atol=1e-4)
             checked += 1
     assert checked > 10
 
 
 def test_verification_runs_the_absorbed_path(monkeypatch):
     model = agreeing_mtp_model(2, context_weight=0.3)
-    calls = []
-    for path in ("_absorbed", "_expanded"):
-        original = getattr(MultiHeadLatentAttention, path)
+    calls = []  # (layer, queries, absorbed) of every attention call
+    original = MultiHeadLatentAttention.use_absorbed
 
-        def spy(self, q_nope, *args, _path=path, _original=original):
-            calls.append((_path, self.layer_idx, q_nope.shape[1]))
-            return _original(self, q_nope, *args)
+    def spy(self, s, t):
+        absorbed = original(self, s, t)
+        calls.append((self.layer_idx, s, absorbed))
+        return absorbed
 
-        monkeypatch.setattr(MultiHeadLatentAttention, path, spy)
+    monkeypatch.setattr(MultiHeadLatentAttention, "use_absorbed", spy)
     ids, mask = left_padded(model.config, PROMPT_LENGTHS)
     model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_mtp=True)
-    main = [(path, s) for path, layer, s in calls if layer < model.config.num_hidden_layers]
-    verification = [path for path, s in main if s == 3]
-    assert verification and set(verification) == {"_absorbed"}
+    verification = [absorbed for layer, s, absorbed in calls if layer < model.config.num_hidden_layers and s == 3]
+    assert verification and all(verification)
 
 
 def test_generation_config_return_dict_and_stats():
@@ -148,7 +146,7 @@ def test_generation_config_return_dict_and_stats():
     model.generation_config.use_mtp = True  # the generation config's field routes there too
     out = model.generate(ids, max_new_tokens=16, do_sample=False, return_dict_in_generate=True)
     assert isinstance(out, GenerateDecoderOnlyOutput) and torch.equal(out.sequences, plain)
-    stats = model.last_speculative_stats
+    stats = out.speculative_stats
     assert stats.tokens == 15 and stats.row_steps == stats.main_forwards - 1
     assert stats.proposed == [stats.row_steps] and stats.tokens_per_forward == 15 / stats.row_steps
     assert stats.acceptance_rate == stats.accepted[0] / stats.row_steps
@@ -178,8 +176,7 @@ def test_sampling_matches_the_plain_sampling_distribution(depth):
     prompt = torch.tensor([[5, 9, 3, 12]])
     n = 6000
     torch.manual_seed(0)
-    out = model.generate(prompt.expand(n, -1), do_sample=True, max_new_tokens=3, use_mtp=True, **warp)
-    stats = model.last_speculative_stats
+    out, stats = speculative(model, prompt.expand(n, -1), do_sample=True, max_new_tokens=3, **warp)
     assert 0.1 < stats.acceptance_rate < 0.9  # both the accept and the reject branch ran many times
 
     # the warpers generate() builds for these settings, in its order
@@ -248,8 +245,8 @@ def test_later_steps_of_a_left_padded_batch_sample_the_plain_distribution(depth)
     ids = torch.tensor([long, [0] * 3 + short] * n)
     mask = torch.tensor([[1] * 5, [0] * 3 + [1] * 2] * n)
     torch.manual_seed(1)
-    out = model.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=4, use_mtp=True, temperature=0.9)
-    assert 0.1 < model.last_speculative_stats.acceptance_rate < 0.9
+    out, stats = speculative(model, ids, attention_mask=mask, do_sample=True, max_new_tokens=4, temperature=0.9)
+    assert 0.1 < stats.acceptance_rate < 0.9
 
     processors = LogitsProcessorList([TemperatureLogitsWarper(0.9)])
     def fourth_token(prompt: list[int]) -> torch.Tensor:
@@ -265,3 +262,18 @@ def test_later_steps_of_a_left_padded_batch_sample_the_plain_distribution(depth)
     counts = torch.bincount(out[1::2, -1], minlength=16).double()
     assert _p_value(counts, fourth_token(short)) > 0.001
     assert _p_value(counts, fourth_token([0] * 3 + short)) < 1e-6  # attending the padding would be caught
+
+
+def test_a_saved_use_mtp_flag_routes_to_this_loop_and_can_be_switched_off(tmp_path):
+    """`generation_config.use_mtp` is transformers' own flag too: saved in a folder, it must run this package's loop
+    (any batch size), and `use_mtp=False` must give plain decoding, never transformers' batch-1 MTP drafter."""
+    model = agreeing_mtp_model(1, context_weight=0.3)
+    model.generation_config.use_mtp = True
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert reloaded.generation_config.use_mtp
+    ids, mask = left_padded(model.config, PROMPT_LENGTHS)
+    plain = reloaded.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_mtp=False)
+    drafted = reloaded.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                return_dict_in_generate=True)
+    assert torch.equal(drafted.sequences, plain) and drafted.speculative_stats.row_steps > 0

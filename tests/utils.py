@@ -62,8 +62,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def reference_mtp_logits(model: DeepseekV3ForCausalLM, ids: torch.Tensor) -> list[torch.Tensor]:
-    """DESIGN §5 written out on the model's weights: depth k's logits `[b, s - k - 1, vocab]` (its positions with a
-    target), each depth's block fed `eh_proj(cat[enorm(Emb(t_{i+k})), hnorm(h^{k-1}_i)])` under a causal mask."""
+    """The MTP chain written out from its formula on the model's weights (the tests' oracle): depth k's logits
+    `[b, s - k - 1, vocab]` (its positions with a target), each depth's block fed
+    `eh_proj(cat[enorm(Emb(t_{i+k})), hnorm(h^{k-1}_i)])` under a causal mask."""
     eps = model.config.rms_norm_eps
     s = ids.shape[1]
     emb = model.model.embed_tokens.weight[ids]

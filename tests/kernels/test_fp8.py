@@ -1,7 +1,7 @@
 """FP8 kernels: each Triton kernel (in the interpreter) equals its torch reference; the reference GEMM is within
 the FP8 rounding bound of exact fp64 math.
 
-The interpreter's own casts are not those of a GPU (DESIGN §7), in ways measured here on 65k random values:
+The interpreter's own casts are not those of a GPU, in ways measured here on 65k random values:
 fp32 -> e4m3 loses the carry when a value rounds up across a binade edge (124.3 -> 64 instead of 128), lands one
 subnormal step (2^-9) off below 2^-6, and rounds exact ties away from zero instead of to even; fp32 -> bf16 truncates.
 Scales must be exactly equal. Payloads must be equal except at elements explained, one by one, by those casts of the

@@ -101,7 +101,6 @@ def route_through_kernel(monkeypatch) -> None:
     """Send the model's absorbed path through the Triton kernel (interpreted) although the tensors are on the CPU."""
     from modeling_deepseek_v3 import attention
 
-    monkeypatch.setattr(attention.MultiHeadLatentAttention, "_use_decode_kernel", lambda self, *tensors: True)
     monkeypatch.setattr(attention, "mla_decode", mla_decode_triton)
 
 

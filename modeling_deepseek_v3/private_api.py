@@ -1,0 +1,95 @@
+"""Every private API of transformers, PEFT, accelerate and torch that this package touches, named in one place.
+
+Private names can move in any release. Each contact is a function or a table entry here, and
+`tests/test_private_api.py` checks all of them against the installed libraries, so an upgrade that moves one fails
+one test with the name in it instead of breaking a code path silently. Our classes also override a few private
+hooks of transformers and torch (listed in `OVERRIDDEN_HOOKS`); the overrides live with the classes that need them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from peft import LoraConfig
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+
+# (owner, name, parameter names) of the private hooks our classes override; the test checks each signature
+OVERRIDDEN_HOOKS = (
+    # the loader of from_pretrained: our checkpoint conversions go in, the MTP copies are checked after
+    (PreTrainedModel, "_load_pretrained_model", ("model", "state_dict", "checkpoint_files", "load_config",
+                                                 "expected_keys")),
+    # the end of from_pretrained: missing / unexpected keys become errors instead of warnings
+    (PreTrainedModel, "_finalize_model_loading", ("model", "load_config", "loading_info")),
+    # generate()'s default cache becomes the latent MLACache
+    (GenerationMixin, "_prepare_cache_for_generation", ("self", "generation_config", "model_kwargs",
+                                                        "generation_mode", "batch_size", "max_cache_length")),
+    # model.to(dtype) keeps FP8 payloads, their scales and the routing bias in their dtypes
+    (nn.Module, "_apply", ("self", "fn", "recurse")),
+)
+# private attributes transformers reads from our classes or instances
+IGNORED_UNEXPECTED_KEYS = "_keys_to_ignore_on_load_unexpected"  # regexes of checkpoint keys loading may skip
+
+
+def ignore_unexpected_keys(model: PreTrainedModel, patterns: list[str]) -> None:
+    """Let `from_pretrained` skip checkpoint keys matching `patterns` (regexes) without reporting them. Call before
+    `post_init`."""
+    current = getattr(model, IGNORED_UNEXPECTED_KEYS, None) or []
+    setattr(model, IGNORED_UNEXPECTED_KEYS, list(current) + list(patterns))
+
+
+def load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys, extra_conversions: list):
+    """transformers' own loader, with `extra_conversions` (WeightConverter / WeightRenaming) added to the checkpoint
+    key mapping of this call. transformers keys its conversion registry by class name and model_type, which the
+    built-in DeepSeek-V3 class shares with ours, so ours are handed to the loader instead."""
+    mapping = list(load_config.weight_mapping or []) + extra_conversions
+    load_config = dataclasses.replace(load_config, weight_mapping=mapping)
+    return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
+
+
+def finalize_model_loading(model, load_config, loading_info):
+    """transformers' own end of `from_pretrained` (device moves, init of missing weights, tying, the load report)."""
+    return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+
+
+def weight_conversions(model: PreTrainedModel) -> list:
+    """The conversions `save_pretrained` reverses to write the checkpoint's own key layout."""
+    return list(getattr(model, "_weight_conversions", None) or [])
+
+
+def set_weight_conversions(model: PreTrainedModel, conversions: list) -> None:
+    model._weight_conversions = list(conversions)
+
+
+def prepare_cache_for_generation(model, generation_config, model_kwargs, generation_mode, batch_size,
+                                 max_cache_length) -> None:
+    """transformers' own choice of the cache `generate()` uses."""
+    GenerationMixin._prepare_cache_for_generation(
+        model, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+    )
+
+
+def eos_and_pad_tensors(generation_config: GenerationConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The EOS ids and the pad id as tensors on the model's device, as `generate()` prepared them for this call."""
+    return generation_config._eos_token_tensor, generation_config._pad_token_tensor
+
+
+def attention_implementation(config: PreTrainedConfig) -> str:
+    """The attention implementation transformers resolved for this model ("sdpa", "eager", ...)."""
+    return config._attn_implementation
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether anything wraps `module`'s forward: torch forward (pre-)hooks or an accelerate offload hook."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or hasattr(module, "_hf_hook")
+
+
+def is_peft_adapter_model(model: PreTrainedModel) -> bool:
+    """Whether transformers' PEFT integration loaded an adapter into `model` (its state dict is then the adapter's)."""
+    return bool(getattr(model, "_hf_peft_config_loaded", False))
+
+
+def register_lora_module(config: LoraConfig, mapping: dict[type, type]) -> None:
+    """Tell PEFT which LoRA layer wraps a module type it does not know (PEFT's experimental custom-module API)."""
+    config._register_custom_module(mapping)

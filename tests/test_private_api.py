@@ -1,0 +1,66 @@
+"""The private APIs of transformers, PEFT, accelerate and torch that the package touches still exist with the shape
+it relies on; an upgrade that moves one fails here, naming it."""
+
+import inspect
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import GenerationConfig
+
+from modeling_deepseek_v3 import private_api
+
+from .utils import random_model
+
+
+@pytest.mark.parametrize("owner, name, parameters", private_api.OVERRIDDEN_HOOKS,
+                         ids=[f"{o.__name__}.{n}" for o, n, _ in private_api.OVERRIDDEN_HOOKS])
+def test_overridden_hooks_keep_their_signature(owner, name, parameters):
+    hook = inspect.getattr_static(owner, name)
+    function = hook.__func__ if isinstance(hook, staticmethod) else hook
+    assert tuple(inspect.signature(function).parameters) == parameters
+
+
+def test_loader_hooks_are_called_by_from_pretrained(tmp_path):
+    """Our overrides of the loader hooks run (a checkpoint with an unexpected key is refused by ours, not warned
+    about by transformers')."""
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    assert private_api.weight_conversions(model)  # the experts' conversions, reversed by save_pretrained
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.0.surprise.weight"] = torch.zeros(1)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="unexpected keys"):
+        type(model).from_pretrained(tmp_path)
+
+
+def test_generate_prepares_eos_and_pad_tensors():
+    seen = {}
+
+    def capture(model, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
+        seen["tensors"] = private_api.eos_and_pad_tensors(generation_config)
+        return input_ids
+
+    model = random_model()
+    config = GenerationConfig(eos_token_id=2, pad_token_id=0, max_new_tokens=1)
+    model.generate(torch.tensor([[5, 6, 7]]), generation_config=config, custom_generate=capture)
+    eos, pad = seen["tensors"]
+    assert eos.tolist() == [2] and int(pad) == 0
+
+
+def test_module_attributes():
+    model = random_model()
+    assert private_api.attention_implementation(model.config) in ("sdpa", "eager")
+    linear = torch.nn.Linear(2, 2)
+    assert not private_api.has_forward_hooks(linear)
+    linear.register_forward_hook(lambda *args: None)
+    assert private_api.has_forward_hooks(linear)
+    assert not private_api.is_peft_adapter_model(model)
+
+
+def test_peft_custom_module_registration():
+    config = LoraConfig(r=2, target_modules=["q_b_proj"])
+    private_api.register_lora_module(config, {torch.nn.Identity: torch.nn.Identity})
+    assert torch.nn.Identity in config._custom_modules
