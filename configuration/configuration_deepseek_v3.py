@@ -18,9 +18,11 @@ TOPK_METHODS = ("noaux_tc",)
 MLA_PATHS = ("auto", "expanded", "absorbed")
 YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 # the settings each RoPE type reads besides `rope_theta`; any other key would be silently ignored, so it is refused
-ROPE_TYPE_KEYS = {"default": (), "yarn": YARN_KEYS}
+ROPE_TYPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",), "yarn": YARN_KEYS}
 ROPE_TYPES = tuple(ROPE_TYPE_KEYS)
-ROPE_REQUIRED_KEYS = {"yarn": ("factor", "original_max_position_embeddings")}
+ROPE_REQUIRED_KEYS = {
+    "linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor", "original_max_position_embeddings")
+}
 # torch's grouped GEMM (the routed experts on CPU, and FP8 training's weight gradient) needs every row stride to be a
 # multiple of 16 bytes: 8 elements in bf16/fp16, the narrowest dtype a model computes in (4 would do for fp32)
 GROUPED_GEMM_ROW_BYTES = 16
@@ -232,7 +234,7 @@ class DeepseekV3Config(PreTrainedConfig):
             value["rope_type"] = value.pop("type", "default")
         current = self.__dict__.get("_rope_parameters")
         value.setdefault("rope_theta", current["rope_theta"] if current else DEFAULT_ROPE_THETA)
-        _validate_rope_parameters(value)
+        self._validate_rope(value)
         self._rope_parameters = value
 
     @property
@@ -322,8 +324,15 @@ class DeepseekV3Config(PreTrainedConfig):
         for name in OPTIONAL_BOOLEAN_FIELDS:
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True, False or None")
-        _validate_rope_parameters(self.rope_parameters)
+        self._validate_rope(self.rope_parameters)
         self._validate_quantization()
+
+    def _validate_rope(self, params: dict) -> None:
+        _validate_rope_parameters(params)
+        rope_dim = self.qk_rope_head_dim  # its own rule (a positive even integer) is checked by validate_fields
+        if params["rope_type"] == "dynamic" and isinstance(rope_dim, int) and rope_dim <= 2:
+            _fail("qk_rope_head_dim", rope_dim,
+                  "dynamic RoPE raises the base to the power r / (r - 2), so it needs more than 2 rope dims")
 
     def _validate_quantization(self) -> None:
         qc = self.fp8_quantization_config
