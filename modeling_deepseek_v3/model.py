@@ -25,6 +25,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .attention import MultiHeadLatentAttention
 from .cache import MLACache
 from .checkpoint import (
+    check_checkpoint_files,
     check_loading_info,
     expert_weight_conversions,
     mtp_layer_patterns,
@@ -174,6 +175,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
         # transformers keys conversions by class name / model_type, which the built-in class shares with ours,
         # so ours are handed to the loader here instead of through the global registry.
+        check_checkpoint_files(state_dict, checkpoint_files)
         ours = model._checkpoint_conversions()
         load_config = dataclasses.replace(load_config, weight_mapping=list(load_config.weight_mapping or []) + ours)
         result = PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
@@ -190,7 +192,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         expected = {copy: self.get_parameter(main) for copy, main in mtp_shared_copy_keys(self.config).items()}
         expected = {key: tensor for key, tensor in expected.items() if not tensor.is_meta}  # offloaded: not checked
         for key, difference in stored_copy_differences(expected, state_dict, checkpoint_files).items():
-            if difference > 0:
+            if difference != 0:  # NaN included
                 main = mtp_shared_copy_keys(self.config)[key]
                 logger.warning(
                     f"The checkpoint's {key} differs from {main} (max |difference| = {difference:.3g}). The MTP "
