@@ -15,9 +15,10 @@ WeightRenaming); DESIGN.md §8.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -193,6 +194,55 @@ def check_single_or_sharded(folder: Path) -> None:
             f"{folder} holds both {SAFE_WEIGHTS_NAME} and {SAFE_INDEX_NAME}, so it is unclear which weights it "
             "holds; remove the one that does not belong to this checkpoint"
         )
+
+
+def read_weight_map(folder: Path) -> dict[str, str]:
+    """`{key: shard file}` of a safetensors checkpoint folder, after checking that its files agree: the index (if
+    any) is valid JSON naming existing shards inside the folder, every `.safetensors` file of the folder is listed,
+    and each shard holds exactly the keys the index maps to it.
+
+    Raises:
+        ValueError: naming the file or key, for each way the folder breaks these rules.
+    """
+    check_single_or_sharded(folder)
+    index_path = folder / SAFE_INDEX_NAME
+    if not index_path.is_file():
+        if not (folder / SAFE_WEIGHTS_NAME).is_file():
+            raise ValueError(f"{folder} has neither {SAFE_INDEX_NAME} nor {SAFE_WEIGHTS_NAME}")
+        return dict.fromkeys(safetensors_headers(folder / SAFE_WEIGHTS_NAME), SAFE_WEIGHTS_NAME)
+    weight_map = _read_index(index_path)
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if PurePosixPath(shard).is_absolute() or ".." in PurePosixPath(shard).parts:
+            raise ValueError(f"{index_path} lists the shard {shard!r}, which is not inside {folder}")
+        if not (folder / shard).is_file():
+            raise ValueError(f"{index_path} lists the shard {shard}, which does not exist in {folder}")
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name not in shards:
+            raise ValueError(f"{path} is not listed in {index_path}: its tensors would be left out; list it or move "
+                             "it away")
+    for shard in shards:
+        stored = safetensors_headers(folder / shard)
+        for key in stored:
+            if weight_map.get(key) != shard:
+                listed = f"maps it to {weight_map[key]}" if key in weight_map else "does not list it"
+                raise ValueError(f"{key} is stored in {shard} but {index_path.name} {listed}")
+        for key in (k for k, listed in weight_map.items() if listed == shard and k not in stored):
+            raise ValueError(f"{index_path.name} maps {key} to {shard}, which does not hold it")
+    return weight_map
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ValueError(f"{path} has no weight_map of tensor names to shard files")
+    return weight_map
 
 
 def check_loading_info(

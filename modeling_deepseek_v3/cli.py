@@ -10,6 +10,10 @@ import argparse
 from modeling_deepseek_v3.convert import DIRECTIONS, convert_checkpoint
 from modeling_deepseek_v3.demo import DEMO_PRESETS, DemoArgumentError, run_demo
 
+# The errors a user's input causes (an argument, file or folder), per command: reported in one line, no traceback.
+# Anything else is a bug and keeps its traceback.
+USER_ERRORS = {"demo": (DemoArgumentError, OSError), "convert": (ValueError, OSError)}
+
 
 def _positive_int(value: str) -> int:
     n = int(value)
@@ -48,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the `deepseek-v3` command line; returns the process exit status."""
+    """Run the `deepseek-v3` command line; returns the process exit status.
+
+    A user error (`USER_ERRORS`: a bad argument, file or folder) exits with status 2 and one line on stderr, an
+    interruption (Ctrl-C) with status 130; neither prints a traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        try:
+    try:
+        if args.command == "demo":
             run_demo(
                 steps=args.steps,
                 out=args.out,
@@ -62,14 +70,13 @@ def main(argv: list[str] | None = None) -> int:
                 prompt=args.prompt,
                 max_new_tokens=args.max_new_tokens,
             )
-        except DemoArgumentError as e:
-            parser.exit(2, f"deepseek-v3 demo: error: {e}\n")
-    elif args.command == "convert":
-        try:
+        elif args.command == "convert":
             convert_checkpoint(args.src, args.dst, args.direction)
-        except ValueError as e:
-            parser.exit(2, f"deepseek-v3 convert: error: {e}\n")
-        print(f"wrote {args.dst}")
+            print(f"wrote {args.dst}")
+    except USER_ERRORS[args.command] as e:
+        parser.exit(2, f"deepseek-v3 {args.command}: error: {' '.join(str(e).split())}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"deepseek-v3 {args.command}: interrupted\n")
     return 0
 
 
