@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a byte-level BPE tokenizer and a DeepSeek-V3 from scratch, save both, reload and sample.",
     )
     demo.add_argument("--steps", type=_positive_int, default=300, help="training steps (default: 300)")
-    demo.add_argument("--out", default="./deepseek-v3-demo", help="output folder (default: ./deepseek-v3-demo)")
+    demo.add_argument(
+        "--out",
+        default="./deepseek-v3-demo",
+        help="output folder (default: ./deepseek-v3-demo): new, empty, or the output of an earlier demo run, whose "
+        "saved files are replaced; any other non-empty folder is refused, so no checkpoint is overwritten",
+    )
     demo.add_argument("--preset", choices=DEMO_PRESETS, default="small", help="model preset (default: small)")
     demo.add_argument("--corpus", metavar="PATH", default=None, help="UTF-8 text file (default: packaged Shakespeare)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
