@@ -7,15 +7,34 @@ deepseek-ai/DeepSeek-V3; docs/design.md (Configuration).
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from transformers import PreTrainedConfig
 
 SCORING_FUNCS = ("sigmoid", "softmax")
+DEFAULT_ROPE_THETA = 10000.0
 TOPK_METHODS = ("noaux_tc",)
-ROPE_TYPES = ("default", "yarn")
 MLA_PATHS = ("auto", "expanded", "absorbed")
 YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+# the settings each RoPE type reads besides `rope_theta`; any other key would be silently ignored, so it is refused
+ROPE_TYPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",), "yarn": YARN_KEYS}
+ROPE_TYPES = tuple(ROPE_TYPE_KEYS)
+ROPE_REQUIRED_KEYS = {
+    "linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor", "original_max_position_embeddings")
+}
+# torch's grouped GEMM (the routed experts on CPU, and FP8 training's weight gradient) needs every row stride to be a
+# multiple of 16 bytes: 8 elements in bf16/fp16, the narrowest dtype a model computes in (4 would do for fp32)
+GROUPED_GEMM_ROW_BYTES = 16
+NARROWEST_COMPUTE_BYTES = 2
+BOOLEAN_FIELDS = ("norm_topk_prob", "use_cache", "tie_word_embeddings", "attention_bias", "use_mtp_modules",
+                  "use_routing_bias", "routing_bias_auto_update")
+OPTIONAL_BOOLEAN_FIELDS = ("output_hidden_states", "return_dict")  # transformers' own, None meaning "default"
+
+
+def _is_finite_number(value: Any) -> bool:
+    """An int or float that is neither NaN nor infinite (a bool is not a number here)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _rope_parameters(rope_theta: float, rope_scaling: dict | None) -> dict:
@@ -38,6 +57,29 @@ def _official_rope_scaling(rope_parameters: dict) -> dict | None:
 
 def _fail(field: str, value: Any, rule: str) -> None:
     raise ValueError(f"DeepseekV3Config: `{field}` = {value!r} is invalid: {rule}")
+
+
+def _validate_rope_parameters(params: dict) -> None:
+    """The rules of the RoPE settings (named by their official `rope_scaling` keys)."""
+    kind = params["rope_type"]
+    if kind not in ROPE_TYPES:
+        _fail("rope_scaling.type", kind, f"must be one of {ROPE_TYPES}")
+    theta = params["rope_theta"]
+    if not _is_finite_number(theta) or theta <= 0:
+        _fail("rope_theta", theta, "must be a finite positive number")
+    allowed = ROPE_TYPE_KEYS[kind]
+    for key in params.keys() - {"rope_type", "rope_theta"} - set(allowed):
+        _fail(f"rope_scaling.{key}", params[key],
+              f"is not a setting of {kind!r} RoPE, which reads {list(allowed) or 'none'}")
+    for key in ROPE_REQUIRED_KEYS.get(kind, ()):
+        if key not in params:
+            _fail(f"rope_scaling.{key}", None, f"is required for {kind!r} RoPE")
+    for key in allowed:
+        value = params.get(key)
+        if value is not None and (not _is_finite_number(value) or value <= 0):
+            _fail(f"rope_scaling.{key}", value, "must be a finite positive number")
+    if "factor" in allowed and params["factor"] < 1:
+        _fail("rope_scaling.factor", params["factor"], f"{kind!r} RoPE extends the context, so it must be >= 1")
 
 
 class DeepseekV3Config(PreTrainedConfig):
@@ -108,7 +150,7 @@ class DeepseekV3Config(PreTrainedConfig):
         bos_token_id: int | None = 0,
         eos_token_id: int | list[int] | None = 1,
         tie_word_embeddings: bool = False,
-        rope_theta: float = 10000.0,
+        rope_theta: float = DEFAULT_ROPE_THETA,
         rope_scaling: dict | None = None,
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
@@ -171,8 +213,7 @@ class DeepseekV3Config(PreTrainedConfig):
         self.mla_attention_path = mla_attention_path
         # The one source of the RoPE settings, in transformers' `rope_parameters` form (its RoPE and MTP utilities
         # read it); `rope_theta` and `rope_scaling` are views of it in the official form.
-        self.rope_parameters = _rope_parameters(rope_theta, rope_scaling)
-        self._validate_rope_scaling()  # before transformers' own RoPE standardisation fills in missing YaRN keys
+        self.rope_parameters = _rope_parameters(rope_theta, rope_scaling)  # validated by the setter
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -181,6 +222,25 @@ class DeepseekV3Config(PreTrainedConfig):
             **kwargs,
         )
         self.validate_fields()
+
+    @property
+    def rope_parameters(self) -> dict:
+        """RoPE settings in transformers' form: `{"rope_type", "rope_theta", **scaling}`."""
+        return self._rope_parameters
+
+    @rope_parameters.setter
+    def rope_parameters(self, value: dict) -> None:
+        # validated on every assignment, so a RoPE type set after construction cannot be silently ignored;
+        # a dict without `rope_theta` keeps the current base
+        if not isinstance(value, dict):
+            _fail("rope_parameters", value, "must be a dict with a `rope_type`")
+        value = dict(value)
+        if "rope_type" not in value:
+            value["rope_type"] = value.pop("type", "default")
+        current = self.__dict__.get("_rope_parameters")
+        value.setdefault("rope_theta", current["rope_theta"] if current else DEFAULT_ROPE_THETA)
+        self._validate_rope(value)
+        self._rope_parameters = value
 
     @property
     def rope_theta(self) -> float:
@@ -215,7 +275,8 @@ class DeepseekV3Config(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 _fail(name, value, "must be a non-negative integer")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+        q_rank = self.q_lora_rank
+        if q_rank is not None and (isinstance(q_rank, bool) or not isinstance(q_rank, int) or q_rank <= 0):
             _fail("q_lora_rank", self.q_lora_rank, "must be a positive integer, or None for no query compression")
         if self.num_key_value_heads != self.num_attention_heads:
             _fail("num_key_value_heads", self.num_key_value_heads,
@@ -245,40 +306,38 @@ class DeepseekV3Config(PreTrainedConfig):
             _fail("hidden_act", self.hidden_act, "DeepSeek-V3 MLPs are SwiGLU; must be 'silu'")
         if self.mla_attention_path not in MLA_PATHS:
             _fail("mla_attention_path", self.mla_attention_path, f"must be one of {MLA_PATHS}")
-        for name in ("routing_bias_update_speed", "seq_balance_loss_alpha", "mtp_loss_weight", "attention_dropout"):
+        for name in ("hidden_size", "moe_intermediate_size"):
+            row_elements = GROUPED_GEMM_ROW_BYTES // NARROWEST_COMPUTE_BYTES
+            if getattr(self, name) % row_elements:
+                _fail(name, getattr(self, name),
+                      f"must be a multiple of {row_elements}: the routed experts' grouped GEMM "
+                      f"(torch.nn.functional.grouped_mm) needs every row of its operands to span a multiple of "
+                      f"{GROUPED_GEMM_ROW_BYTES} bytes, i.e. {row_elements} elements in bf16/fp16")
+        for name in ("routing_bias_update_speed", "seq_balance_loss_alpha", "mtp_loss_weight", "initializer_range"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                _fail(name, value, "must be a non-negative number")
-        for name in ("use_mtp_modules", "use_routing_bias", "routing_bias_auto_update"):
+            if not _is_finite_number(value) or value < 0:
+                _fail(name, value, "must be a finite non-negative number")
+        if not _is_finite_number(self.attention_dropout) or not 0 <= self.attention_dropout <= 1:
+            _fail("attention_dropout", self.attention_dropout, "must be a probability in [0, 1]")
+        for name in ("routed_scaling_factor", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not _is_finite_number(value) or value <= 0:
+                _fail(name, value, "must be a finite positive number")
+        for name in BOOLEAN_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True or False")
-        if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
-            _fail("routed_scaling_factor", self.routed_scaling_factor, "must be a positive number")
-        if not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps <= 0:
-            _fail("rms_norm_eps", self.rms_norm_eps, "must be a positive number")
-        if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
-            _fail("rope_theta", self.rope_theta, "must be a positive number")
-        self._validate_rope_scaling()
+        for name in OPTIONAL_BOOLEAN_FIELDS:
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be True, False or None")
+        self._validate_rope(self.rope_parameters)
         self._validate_quantization()
 
-    def _validate_rope_scaling(self) -> None:
-        scaling = self.rope_scaling
-        if scaling is None:
-            return
-        kind = scaling["type"]
-        if kind not in ROPE_TYPES:
-            _fail("rope_scaling.type", kind, f"must be one of {ROPE_TYPES}")
-        if kind != "yarn":
-            return
-        for key in ("factor", "original_max_position_embeddings"):
-            if key not in scaling:
-                _fail(f"rope_scaling.{key}", None, "is required for YaRN")
-        for key in YARN_KEYS:
-            value = scaling.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                _fail(f"rope_scaling.{key}", value, "must be a positive number")
-        if scaling["factor"] < 1:
-            _fail("rope_scaling.factor", scaling["factor"], "YaRN extends the context, so it must be >= 1")
+    def _validate_rope(self, params: dict) -> None:
+        _validate_rope_parameters(params)
+        rope_dim = self.qk_rope_head_dim  # its own rule (a positive even integer) is checked by validate_fields
+        if params["rope_type"] == "dynamic" and isinstance(rope_dim, int) and rope_dim <= 2:
+            _fail("qk_rope_head_dim", rope_dim,
+                  "dynamic RoPE raises the base to the power r / (r - 2), so it needs more than 2 rope dims")
 
     def _validate_quantization(self) -> None:
         qc = self.fp8_quantization_config
@@ -308,7 +367,7 @@ class DeepseekV3Config(PreTrainedConfig):
     def to_dict(self) -> dict[str, Any]:
         """Serialise with the official key names (`rope_theta`, `rope_scaling`, `quantization_config`)."""
         out = super().to_dict()
-        for key in ("rope_parameters", "fp8_quantization_config", "qk_head_dim"):
+        for key in ("_rope_parameters", "rope_parameters", "fp8_quantization_config", "qk_head_dim"):
             out.pop(key, None)
         out["rope_theta"] = self.rope_theta
         out["rope_scaling"] = self.rope_scaling

@@ -82,7 +82,6 @@ class MultiHeadLatentAttention(nn.Module):
         self.qk_rope_head_dim = config.qk_rope_head_dim
         self.qk_head_dim = config.qk_head_dim
         self.v_head_dim = config.v_head_dim
-        self.softmax_scale = softmax_scale(config)
         # read by transformers' attention functions: K and V are expanded to every head before the call
         self.num_key_value_groups = 1
         self.is_causal = True
@@ -99,6 +98,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
         self.kv_b_proj = make_linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), False, fp8)
         self.o_proj = make_linear(h * self.v_head_dim, hidden, config.attention_bias, fp8)
+
+    @property
+    def softmax_scale(self) -> float:
+        # read from the config at each call, so that RoPE settings changed after construction (YaRN's mscale) apply
+        return softmax_scale(self.config)
 
     def forward(
         self,

@@ -16,12 +16,14 @@ WeightRenaming); docs/design.md (Checkpoint layout).
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming
 from transformers.utils import logging
 
@@ -46,6 +48,13 @@ MTP_SHARED_COPIES = (
     ("shared_head.head.weight", "lm_head.weight"),
 )
 ROWS_PER_READ = 8192  # copies are compared in slices of this many rows, never read whole
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+SCALE_SUFFIX = "_scale_inv"  # `X.weight_scale_inv` holds the block scales of the FP8 `X.weight`
+# safetensors' names of the dtypes an FP8 checkpoint holds (FP8 payloads must be e4m3, the official format)
+FP8_PAYLOAD_DTYPE = "F8_E4M3"
+TORCH_DTYPE_NAMES = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.bfloat16: "BF16",
+                     torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}
 
 
 def expert_weight_conversions(config) -> list[WeightConverter]:
@@ -97,15 +106,20 @@ def mtp_shared_copy_keys(config) -> dict[str, str]:
 def stored_copy_differences(
     expected: dict[str, torch.Tensor], state_dict: dict | None, checkpoint_files: Iterable[str] | None
 ) -> dict[str, float]:
-    """The largest `|stored - expected|` of every key of `expected` that the checkpoint holds (0.0: identical).
+    """The largest `|stored - expected|` of every key of `expected` that the checkpoint holds (0.0: identical; NaN:
+    the stored copy holds NaN).
 
     The stored tensor is cast to the expected one's dtype first, so a checkpoint loaded in another precision is
     compared as it was loaded. Keys the checkpoint lacks are left out.
+
+    Raises:
+        ValueError: if a stored copy's shape is not the expected tensor's (`check_copy_shape`).
     """
     differences = {}
     if state_dict is not None:
         for key, tensor in expected.items():
             if key in state_dict:
+                check_copy_shape(key, tuple(state_dict[key].shape), tensor)
                 differences[key] = _max_difference(lambda rows, key=key: state_dict[key][rows], tensor)
         return differences
     for path in checkpoint_files or []:
@@ -113,17 +127,142 @@ def stored_copy_differences(
             continue
         with safe_open(path, framework="pt") as f:
             for key in expected.keys() & set(f.keys()):
+                check_copy_shape(key, tuple(f.get_slice(key).get_shape()), expected[key])
                 differences[key] = _max_difference(f.get_slice(key).__getitem__, expected[key])
     return differences
 
 
+def check_copy_shape(key: str, stored_shape: tuple[int, ...], expected: torch.Tensor) -> None:
+    """A stored copy of a shared tensor must have the main tensor's shape (a bare broadcast error otherwise)."""
+    if tuple(stored_shape) != tuple(expected.shape):
+        raise ValueError(f"the checkpoint's {key} has shape {list(stored_shape)}, but it is a copy of a tensor of "
+                         f"shape {list(expected.shape)}: the checkpoint does not match the configuration")
+
+
 def _max_difference(read_rows, expected: torch.Tensor) -> float:
+    """The largest `|stored - expected|`, NaN as soon as a slice holds NaN (Python's `max` would drop it)."""
     worst = 0.0
     for start in range(0, expected.shape[0], ROWS_PER_READ):
         rows = slice(start, start + ROWS_PER_READ)
         stored = read_rows(rows).to(device=expected.device, dtype=expected.dtype)
-        worst = max(worst, (stored.float() - expected[rows].float()).abs().max().item())
+        difference = (stored.float() - expected[rows].float()).abs().max().item()
+        if math.isnan(difference):
+            return math.nan
+        worst = max(worst, difference)
     return worst
+
+
+def check_checkpoint_files(state_dict: dict | None, checkpoint_files: Iterable[str] | None) -> None:
+    """Load-time rules that transformers does not check, read from the safetensors headers (no tensor data):
+
+    * a folder holds `model.safetensors` or a sharded index, not both (`check_single_or_sharded`);
+    * no tensor is stored in two shards (transformers would silently load one of them);
+    * a weight stored with block scales (`X` and `X_scale_inv`) is an e4m3 FP8 payload: one in bf16 or another
+      format would be cast to FP8 and scaled a second time.
+
+    Raises:
+        ValueError: naming the key, file and rule.
+    """
+    if state_dict is not None:
+        tables = {"the state_dict": {key: TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)) for key, t in
+                                     state_dict.items()}}
+    else:
+        files = [Path(path) for path in checkpoint_files or [] if Path(path).suffix == ".safetensors"]
+        if files:
+            check_single_or_sharded(files[0].parent)
+        tables = {path.name: {key: dtype for key, (dtype, _) in safetensors_headers(path).items()} for path in files}
+    where: dict[str, str] = {}
+    for name, table in tables.items():
+        for key in table:
+            if key in where:
+                raise ValueError(f"{key} is stored in both {where[key]} and {name}; a checkpoint must hold each tensor "
+                                 "once (transformers would load one of them silently)")
+            where[key] = name
+    dtypes = {key: dtype for table in tables.values() for key, dtype in table.items()}
+    for key, dtype in dtypes.items():
+        if key + SCALE_SUFFIX in dtypes and dtype != FP8_PAYLOAD_DTYPE:
+            raise ValueError(
+                f"{key} (in {where[key]}) is stored as {dtype} next to its {key + SCALE_SUFFIX}, but a weight with "
+                f"block scales must be an e4m3 FP8 payload ({FP8_PAYLOAD_DTYPE}); loading it would cast it to FP8 and "
+                "scale it twice. Convert the checkpoint with `deepseek-v3 convert fp8-to-bf16`, or remove the scales "
+                "and quantization_config if the weights are already dequantised"
+            )
+
+
+def safetensors_headers(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """`{key: (safetensors dtype name, shape)}` from a file's header (no tensor data is read).
+
+    Raises:
+        ValueError: if the file is not a readable safetensors file.
+    """
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {key: (f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape())) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def check_single_or_sharded(folder: Path) -> None:
+    """A checkpoint folder holds one `model.safetensors` or a `model.safetensors.index.json` with its shards, not both:
+    transformers loads the single file and a converter would read the index, which may describe other weights.
+
+    Raises:
+        ValueError: if both are there.
+    """
+    if (folder / SAFE_WEIGHTS_NAME).is_file() and (folder / SAFE_INDEX_NAME).is_file():
+        raise ValueError(
+            f"{folder} holds both {SAFE_WEIGHTS_NAME} and {SAFE_INDEX_NAME}, so it is unclear which weights it "
+            "holds; remove the one that does not belong to this checkpoint"
+        )
+
+
+def read_weight_map(folder: Path) -> dict[str, str]:
+    """`{key: shard file}` of a safetensors checkpoint folder, after checking that its files agree: the index (if
+    any) is valid JSON naming existing shards inside the folder, every `.safetensors` file of the folder is listed,
+    and each shard holds exactly the keys the index maps to it.
+
+    Raises:
+        ValueError: naming the file or key, for each way the folder breaks these rules.
+    """
+    check_single_or_sharded(folder)
+    index_path = folder / SAFE_INDEX_NAME
+    if not index_path.is_file():
+        if not (folder / SAFE_WEIGHTS_NAME).is_file():
+            raise ValueError(f"{folder} has neither {SAFE_INDEX_NAME} nor {SAFE_WEIGHTS_NAME}")
+        return dict.fromkeys(safetensors_headers(folder / SAFE_WEIGHTS_NAME), SAFE_WEIGHTS_NAME)
+    weight_map = _read_index(index_path)
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if PurePosixPath(shard).is_absolute() or ".." in PurePosixPath(shard).parts:
+            raise ValueError(f"{index_path} lists the shard {shard!r}, which is not inside {folder}")
+        if not (folder / shard).is_file():
+            raise ValueError(f"{index_path} lists the shard {shard}, which does not exist in {folder}")
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name not in shards:
+            raise ValueError(f"{path} is not listed in {index_path}: its tensors would be left out; list it or move "
+                             "it away")
+    for shard in shards:
+        stored = safetensors_headers(folder / shard)
+        for key in stored:
+            if weight_map.get(key) != shard:
+                listed = f"maps it to {weight_map[key]}" if key in weight_map else "does not list it"
+                raise ValueError(f"{key} is stored in {shard} but {index_path.name} {listed}")
+        for key in (k for k, listed in weight_map.items() if listed == shard and k not in stored):
+            raise ValueError(f"{index_path.name} maps {key} to {shard}, which does not hold it")
+    return weight_map
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ValueError(f"{path} has no weight_map of tensor names to shard files")
+    return weight_map
 
 
 def check_loading_info(
@@ -174,6 +313,7 @@ class CheckpointMixin:
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        check_checkpoint_files(state_dict, checkpoint_files)
         ours = model.checkpoint_conversions()
         result = load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys, ours)
         # transformers keeps the conversions that matched, for save_pretrained to reverse; ours always describe the
@@ -191,7 +331,7 @@ class CheckpointMixin:
         expected = {copy: self.get_parameter(main) for copy, main in copies.items()}
         expected = {key: tensor for key, tensor in expected.items() if not tensor.is_meta}  # offloaded: not checked
         for key, difference in stored_copy_differences(expected, state_dict, checkpoint_files).items():
-            if difference > 0:
+            if difference != 0:  # NaN included
                 logger.warning(
                     f"The checkpoint's {key} differs from {copies[key]} (max |difference| = {difference:.3g}). The "
                     f"MTP modules share the main model's tensor, so {copies[key]} is used and {key} is ignored; "

@@ -10,6 +10,10 @@ import argparse
 from modeling_deepseek_v3.convert import DIRECTIONS, convert_checkpoint
 from modeling_deepseek_v3.demo import DEMO_PRESETS, DemoArgumentError, run_demo
 
+# The errors a user's input causes (an argument, file or folder), per command: reported in one line, no traceback.
+# Anything else is a bug and keeps its traceback.
+USER_ERRORS = {"demo": (DemoArgumentError, OSError), "convert": (ValueError, OSError)}
+
 
 def _positive_int(value: str) -> int:
     n = int(value)
@@ -28,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a byte-level BPE tokenizer and a DeepSeek-V3 from scratch, save both, reload and sample.",
     )
     demo.add_argument("--steps", type=_positive_int, default=300, help="training steps (default: 300)")
-    demo.add_argument("--out", default="./deepseek-v3-demo", help="output folder (default: ./deepseek-v3-demo)")
+    demo.add_argument(
+        "--out",
+        default="./deepseek-v3-demo",
+        help="output folder (default: ./deepseek-v3-demo): new, empty, or the output of an earlier demo run, whose "
+        "saved files are replaced; any other non-empty folder is refused, so no checkpoint is overwritten",
+    )
     demo.add_argument("--preset", choices=DEMO_PRESETS, default="small", help="model preset (default: small)")
     demo.add_argument("--corpus", metavar="PATH", default=None, help="UTF-8 text file (default: packaged Shakespeare)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -48,11 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the `deepseek-v3` command line; returns the process exit status."""
+    """Run the `deepseek-v3` command line; returns the process exit status.
+
+    A user error (`USER_ERRORS`: a bad argument, file or folder) exits with status 2 and one line on stderr, an
+    interruption (Ctrl-C) with status 130; neither prints a traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        try:
+    try:
+        if args.command == "demo":
             run_demo(
                 steps=args.steps,
                 out=args.out,
@@ -62,14 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                 prompt=args.prompt,
                 max_new_tokens=args.max_new_tokens,
             )
-        except DemoArgumentError as e:
-            parser.exit(2, f"deepseek-v3 demo: error: {e}\n")
-    elif args.command == "convert":
-        try:
+        elif args.command == "convert":
             convert_checkpoint(args.src, args.dst, args.direction)
-        except ValueError as e:
-            parser.exit(2, f"deepseek-v3 convert: error: {e}\n")
-        print(f"wrote {args.dst}")
+            print(f"wrote {args.dst}")
+    except USER_ERRORS[args.command] as e:
+        parser.exit(2, f"deepseek-v3 {args.command}: error: {' '.join(str(e).split())}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"deepseek-v3 {args.command}: interrupted\n")
     return 0
 
 

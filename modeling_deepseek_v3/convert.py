@@ -6,7 +6,10 @@
 weights survives fp8 -> bf16 -> fp8 bit for bit; one quantised from fp32 master weights keeps its payloads, while
 its scales move by at most one bf16 step (2^-8 relative), since the bf16 weights cannot carry them exactly.
 The result is written to a temporary folder beside the destination and renamed only when complete, so an
-interrupted run leaves no half-written checkpoint.
+interrupted run leaves no half-written checkpoint. Before anything is written the source is checked whole (its
+`config.json`, index and shards agree, see `checkpoint.read_weight_map`; it is a DeepSeek-V3 checkpoint; every FP8
+weight has block scales of the configured block size), and every violation is a `ValueError` naming the file or key.
+e4m3 and e5m2 FP8 payloads are both dequantised exactly (`q · s`).
 References: DeepSeek-V3 `inference/fp8_cast_bf16.py` (the FP8 -> bf16 direction); docs/design.md (FP8,
 Checkpoint layout).
 """
@@ -24,6 +27,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from .checkpoint import SAFE_INDEX_NAME, SCALE_SUFFIX, read_weight_map, safetensors_headers
+from .configuration import DeepseekV3Config
 from .kernels import FP8_BLOCK, weight_dequant_ref, weight_quant_ref
 
 DIRECTIONS = ("fp8-to-bf16", "bf16-to-fp8")
@@ -33,23 +38,26 @@ OFFICIAL_QUANTIZATION = {
     "quant_method": "fp8",
     "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
 }
-INDEX = "model.safetensors.index.json"
+MODEL_TYPE = "deepseek_v3"
+FP8_PAYLOADS = ("F8_E4M3", "F8_E5M2")  # safetensors' names of the FP8 formats `fp8-to-bf16` dequantises
+UNQUANTISED = ("BF16", "F16", "F32")  # the formats `bf16-to-fp8` quantises
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 logger = logging.get_logger(__name__)
 # bf16 tensors of the decoder layers that the official release does not quantise (MTP modules included)
 KEPT_IN_BF16 = ("mlp.gate.weight", "embed_tokens.weight", "shared_head.head.weight", "eh_proj.weight")
 
 
-def is_fp8_projection(key: str, tensor: torch.Tensor) -> bool:
-    """Whether the official release stores this tensor in FP8: a decoder layer's projection matrix."""
-    return key.startswith("model.layers.") and tensor.dim() == 2 and not key.endswith(KEPT_IN_BF16)
+def is_fp8_projection(key: str, ndim: int) -> bool:
+    """Whether the official release stores this tensor (of `ndim` dims) in FP8: a decoder layer's projection matrix."""
+    return key.startswith("model.layers.") and ndim == 2 and not key.endswith(KEPT_IN_BF16)
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, direction: str) -> Path:
     """Convert the checkpoint folder `src` into a new folder `dst` (`direction` in `DIRECTIONS`).
 
     Raises:
-        ValueError: unknown direction, `src` not a safetensors checkpoint of the expected format, `dst` existing.
+        ValueError: unknown direction; `src` not a consistent safetensors DeepSeek-V3 checkpoint in the expected
+            format (see the module docstring); `dst` existing or impossible to create.
     """
     src, dst = Path(src), Path(dst)
     if direction not in DIRECTIONS:
@@ -58,10 +66,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, direction: str) -> Path
         raise ValueError(f"{src} is not a checkpoint folder: it has no config.json")
     if dst.exists():
         raise ValueError(f"{dst} already exists; choose a new destination")
-    config = json.loads((src / "config.json").read_text())
+    config = _read_config(src / "config.json")
     quantization = config.get("quantization_config")
     if direction == "fp8-to-bf16":
-        if not quantization or quantization.get("quant_method") != "fp8":
+        if not isinstance(quantization, dict) or quantization.get("quant_method") != "fp8":
             raise ValueError(f"{src}/config.json has no FP8 quantization_config; nothing to dequantise")
         block = tuple(quantization.get("weight_block_size", (FP8_BLOCK, FP8_BLOCK)))
         del config["quantization_config"]
@@ -73,28 +81,31 @@ def convert_checkpoint(src: str | Path, dst: str | Path, direction: str) -> Path
     config["torch_dtype"] = "bfloat16"
     config.pop("dtype", None)
 
-    weight_map = _weight_map(src)
+    weight_map = read_weight_map(src)
+    _check_tensors(src, weight_map, direction, block)
     for stale in dst.parent.glob(f".{dst.name}.partial-*"):
         logger.warning(f"{stale} is left from an interrupted conversion to {dst}; delete it to free its space")
     partial = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
-    partial.mkdir(parents=True)
+    try:
+        partial.mkdir(parents=True)
+    except OSError as e:
+        raise ValueError(f"cannot create {dst}: {e.strerror or e}") from e
     try:
         new_map, total_bytes = {}, 0
         for shard in tqdm(sorted(set(weight_map.values())), desc=direction, unit="shard"):
             tensors = _convert_shard(src, shard, weight_map, direction, block)
             if not tensors:  # a shard that held only scales
                 continue
+            (partial / shard).parent.mkdir(parents=True, exist_ok=True)  # an index may keep shards in subfolders
             save_file(tensors, partial / shard, metadata={"format": "pt"})
             new_map.update(dict.fromkeys(tensors, shard))
             total_bytes += sum(t.nbytes for t in tensors.values())
             del tensors
-        if (src / INDEX).is_file():
+        if (src / SAFE_INDEX_NAME).is_file():
             index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(new_map.items()))}
-            (partial / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            (partial / SAFE_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for path in src.iterdir():  # tokenizer, generation config, code, ...: everything that is not weights
-            if path.is_file() and not _is_weight_file(path) and path.name not in (INDEX, "config.json"):
-                shutil.copy2(path, partial / path.name)
+        _copy_other_files(src, partial)
         partial.rename(dst)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -102,18 +113,70 @@ def convert_checkpoint(src: str | Path, dst: str | Path, direction: str) -> Path
     return dst
 
 
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    if config.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{path} has model_type {config.get('model_type')!r}; only DeepSeek-V3 checkpoints "
+                         f"(model_type {MODEL_TYPE!r}) are converted")
+    try:  # the rules the model applies when it loads the folder (quantization_config included)
+        DeepseekV3Config(**config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from e
+    return config
+
+
+def _check_tensors(src: Path, weight_map: dict[str, str], direction: str, block: tuple[int, int]) -> None:
+    """Check every tensor's dtype and shape from the shard headers, before anything is written."""
+    headers = {}
+    for shard in sorted(set(weight_map.values())):
+        headers.update(safetensors_headers(src / shard))
+    if direction == "bf16-to-fp8":
+        projections = [key for key, (_, shape) in headers.items() if is_fp8_projection(key, len(shape))]
+        if not projections:
+            raise ValueError(f"{src} holds no decoder projection (model.layers.N.*.weight) to quantise")
+        for key in projections:
+            if headers[key][0] not in UNQUANTISED:
+                raise ValueError(f"{key} is stored as {headers[key][0]}; bf16-to-fp8 quantises {UNQUANTISED} weights")
+        return
+    for key, (dtype, shape) in headers.items():
+        scale_key = key + SCALE_SUFFIX
+        if dtype in FP8_PAYLOADS and scale_key not in headers:
+            raise ValueError(f"{key} is FP8 ({dtype}) but the checkpoint has no {scale_key}")
+        if scale_key not in headers:
+            continue
+        if dtype not in FP8_PAYLOADS:
+            raise ValueError(f"{key} is stored as {dtype} next to its {scale_key}; a weight with block scales must be "
+                             f"an FP8 payload ({' or '.join(FP8_PAYLOADS)})")
+        expected = (*shape[:-2], -(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
+        if headers[scale_key][1] != expected:
+            raise ValueError(
+                f"{scale_key} has shape {list(headers[scale_key][1])}, but {key} {list(shape)} in the "
+                f"weight_block_size {list(block)} of config.json needs {list(expected)}: the block size does not "
+                "match the checkpoint"
+            )
+
+
+def _copy_other_files(src: Path, dst: Path) -> None:
+    """Copy everything that is not weights (tokenizer, generation config, code, subfolders of them), leaving out hidden
+    entries (`.git`, `.cache`, unfinished conversions)."""
+    for path in sorted(src.rglob("*")):
+        relative = path.relative_to(src)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file() or _is_weight_file(path):
+            continue
+        if relative.as_posix() in (SAFE_INDEX_NAME, "config.json"):
+            continue
+        (dst / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dst / relative)
+
+
 def _is_weight_file(path: Path) -> bool:
     """Weights in any format (safetensors shards, PyTorch .bin / .pt files and their index) are never copied."""
     return path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".bin.index.json")
-
-
-def _weight_map(src: Path) -> dict[str, str]:
-    if (src / INDEX).is_file():
-        return json.loads((src / INDEX).read_text())["weight_map"]
-    if (src / "model.safetensors").is_file():
-        with safe_open(src / "model.safetensors", "pt") as f:
-            return dict.fromkeys(f.keys(), "model.safetensors")
-    raise ValueError(f"{src} has neither {INDEX} nor model.safetensors")
 
 
 def _convert_shard(src: Path, shard: str, weight_map: dict, direction: str, block) -> dict[str, torch.Tensor]:
@@ -122,17 +185,15 @@ def _convert_shard(src: Path, shard: str, weight_map: dict, direction: str, bloc
         for key in f.keys():
             tensor = f.get_tensor(key)
             if direction == "fp8-to-bf16":
-                if key.endswith("_scale_inv"):
+                if key.endswith(SCALE_SUFFIX):
                     continue
-                if tensor.dtype == torch.float8_e4m3fn:
-                    scale_key = f"{key}_scale_inv"
-                    if scale_key not in weight_map:
-                        raise ValueError(f"{key} is FP8 but the checkpoint has no {scale_key}")
+                scale_key = key + SCALE_SUFFIX
+                if scale_key in weight_map:  # an FP8 payload (checked in `_check_tensors`)
                     scale = _read(src, weight_map[scale_key], scale_key, f)
                     tensor = weight_dequant_ref(tensor, scale, torch.bfloat16, block=block)
                 out[key] = tensor
-            elif is_fp8_projection(key, tensor):
-                out[key], out[f"{key}_scale_inv"] = weight_quant_ref(tensor, block=block)
+            elif is_fp8_projection(key, tensor.dim()):
+                out[key], out[key + SCALE_SUFFIX] = weight_quant_ref(tensor, block=block)
             else:
                 out[key] = tensor
     return out

@@ -8,6 +8,7 @@ References: karpathy/nanoGPT `data/shakespeare_char` (the corpus idea); transfor
 
 from __future__ import annotations
 
+import json
 import math
 from importlib import resources
 from pathlib import Path
@@ -31,6 +32,8 @@ EVAL_FRACTION = 0.05
 BATCH_SIZE = 8
 # The presets small enough to train from scratch in fp32 on one device (not the 671B one).
 DEMO_PRESETS = ("tiny", "small", "bench")
+# Written into the output folder, listing the files the run saved: a later run may replace exactly those.
+DEMO_RECORD = "demo-output.json"
 
 
 class DemoArgumentError(ValueError):
@@ -63,6 +66,48 @@ def _read_corpus(corpus: str | Path | None) -> str:
     if not text.strip():
         raise DemoArgumentError(f"corpus: {path} is empty")
     return text
+
+
+def _previous_demo_files(out: Path) -> list[str]:
+    """The files an earlier demo run saved in `out` (empty for a new or empty folder).
+
+    Raises:
+        DemoArgumentError: if `out` is a file, or a non-empty folder that is not an earlier demo output: the demo would
+            overwrite (or, for a sharded checkpoint, half replace) what it holds.
+    """
+    if out.exists() and not out.is_dir():
+        raise DemoArgumentError(f"out: {out} is a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return []
+    record = out / DEMO_RECORD
+    if not record.is_file():
+        raise DemoArgumentError(
+            f"out: {out} is not empty and is not the output of an earlier demo run (it has no {DEMO_RECORD}); the "
+            "demo would overwrite its files. Choose a new or empty folder"
+        )
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise DemoArgumentError(f"out: {record} is not a demo record ({e!r}); choose another folder") from e
+    if not isinstance(files, list) or not all(isinstance(f, str) and Path(f).name == f for f in files):
+        raise DemoArgumentError(f"out: {record} must list plain file names under 'files'")
+    return files
+
+
+def _save_replacing(out: Path, previous: list[str], *saved) -> None:
+    """Save `saved` (objects with `save_pretrained`) into `out` after removing the previous demo run's files, so no
+    stale shard or index survives, and record what was written."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in previous:
+        (out / name).unlink(missing_ok=True)
+    others = _file_names(out)  # files of the user's, kept and never recorded
+    for obj in saved:
+        obj.save_pretrained(out)
+    (out / DEMO_RECORD).write_text(json.dumps({"files": sorted(_file_names(out) - others)}, indent=2) + "\n")
+
+
+def _file_names(folder: Path) -> set[str]:
+    return {path.name for path in folder.iterdir() if path.is_file() and path.name != DEMO_RECORD}
 
 
 def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
@@ -115,7 +160,8 @@ def run_demo(
 
     Args:
         steps: optimizer steps (>= 1).
-        out: folder for the model, tokenizer and generation config; created if missing.
+        out: folder for the model, tokenizer and generation config: a new or empty folder, or the output of an
+            earlier run, whose saved files (listed in its `demo-output.json`) are replaced; created if missing.
         preset: name of a trainable configuration preset (`DEMO_PRESETS`).
         corpus: UTF-8 text file; None uses the packaged ~1 MB Shakespeare excerpt.
         seed: seeds weights, data order and sampling.
@@ -127,7 +173,8 @@ def run_demo(
 
     Raises:
         DemoArgumentError (a ValueError): on a bad argument, a missing or empty corpus, a preset not in
-            `DEMO_PRESETS`, or a corpus too short for two blocks.
+            `DEMO_PRESETS`, a corpus too short for two blocks, or an `out` that is a file or a non-empty folder
+            other than an earlier demo output.
     """
     if steps < 1:
         raise DemoArgumentError(f"steps must be >= 1, got {steps}")
@@ -139,6 +186,7 @@ def run_demo(
         raise DemoArgumentError("prompt must be non-empty")
     text = _read_corpus(corpus)
     out = Path(out)
+    previous = _previous_demo_files(out)
 
     target_vocab = load_preset(preset).vocab_size
     print(f"[demo] corpus: {len(text.encode('utf-8')):,} bytes; training byte-level BPE (target vocab {target_vocab})")
@@ -195,8 +243,7 @@ def run_demo(
     model.generation_config = GenerationConfig(
         bos_token_id=special_id, eos_token_id=special_id, pad_token_id=special_id
     )
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_replacing(out, previous, model, tokenizer)
     print(f"[demo] saved model and tokenizer to {out}")
 
     # Reload from disk, as a user would: this exercises the Auto registration and the saved tokenizer.

@@ -28,6 +28,7 @@ from .checkpoint import CheckpointMixin, layer_prefix
 from .configuration import DeepseekV3Config
 from .fp8 import FP8Linear, fp8_format, init_fp8_weight
 from .generation import MTPGenerationMixin
+from .inputs import IGNORE_INDEX, check_causal_lm_inputs, check_model_inputs
 from .layers import MLP, RMSNorm
 from .metrics import TrainingMetrics
 from .moe import MoE, RoutedExperts, TopkRouter
@@ -164,19 +165,17 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             routing_log: the forward's `RoutingLog`, to which every MoE layer adds its routing; or None.
 
         Raises:
-            ValueError: on ids outside the vocabulary (on an accelerator: checked for prompts, not for one-token
-                decode steps), empty inputs, a mask of the wrong shape, or more tokens than a static cache holds.
+            ValueError, TypeError: on any argument breaking the rules of `inputs.check_model_inputs` (values are
+                checked on an accelerator for prompts, not for one-token decode steps).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        check_model_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, cache,
+                           self.embed_tokens.weight.dtype)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # checkpointed layers are replayed: a cache would be written twice
         if use_cache and cache is None:
             cache = MLACache(self.config)
         past = cache.get_seq_length() if cache is not None else 0
-        if not torch.compiler.is_compiling():  # the checks read values back, which a compiled graph cannot
-            self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, past)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if kwargs.get("output_attentions"):
@@ -212,37 +211,6 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states, cache=cache if use_cache else None, hidden_states=all_hidden_states
         )
-
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, cache, past) -> None:
-        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-        if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
-            raise ValueError(f"inputs must be [batch, seq] with batch, seq >= 1, got shape {tuple(shape)}")
-        b, s = shape
-        # Reading values back stalls an accelerator's queue, so on GPU the checks that need it run for prompts
-        # (s > 1) but not for one-token decode steps, whose ids the model itself produced; on CPU they always run.
-        read_back = s > 1 or (input_ids if input_ids is not None else inputs_embeds).device.type == "cpu"
-        if input_ids is not None and read_back:
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                bad = low if low < 0 else high
-                raise ValueError(
-                    f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})"
-                )
-        if not isinstance(past, int):  # a static cache counts its tokens in a tensor
-            if not read_back:
-                return
-            past = int(past)
-        if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != (b, past + s):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected [batch, cached + new tokens] = "
-                f"{(b, past + s)}"
-            )
-        capacity = max((layer.get_max_length() for layer in cache.layers), default=-1) if cache is not None else -1
-        if capacity > 0 and past + s > capacity:
-            raise ValueError(
-                f"the cache holds at most {capacity} tokens; it has {past} and {s} more were given. Allocate a "
-                "larger static cache (max_cache_len) or use the default dynamic MLACache"
-            )
 
 
 class DeepseekV3ForCausalLM(MTPGenerationMixin, DeepseekV3PreTrainedModel):
@@ -299,6 +267,7 @@ class DeepseekV3ForCausalLM(MTPGenerationMixin, DeepseekV3PreTrainedModel):
             `DeepseekV3CausalLMOutput` with `loss`, `logits` `[b, s', vocab]`, `cache`, `hidden_states`, the
             `balance_loss` of a training forward, and with labels `mtp_losses` / `mtp_accuracies` `[D]`.
         """
+        check_causal_lm_inputs(input_ids, inputs_embeds, labels, logits_to_keep, self.config.vocab_size)
         # a training forward that will produce gradients feeds the expert balancing (token counts, balance loss)
         recording = self.training and torch.is_grad_enabled()
         log = RoutingLog(recording, self.config.seq_balance_loss_alpha)
@@ -313,10 +282,12 @@ class DeepseekV3ForCausalLM(MTPGenerationMixin, DeepseekV3PreTrainedModel):
         loss = mtp = None
         num_items = kwargs.get("num_items_in_batch")
         if labels is not None:
-            if logits.shape[1] != labels.shape[1]:
-                raise ValueError(f"labels cover {labels.shape[1]} positions but logits_to_keep={logits_to_keep!r} "
-                                 f"keeps logits for {logits.shape[1]}; pass logits_to_keep=0 to train")
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss_kwargs = dict(kwargs)
+            if loss_kwargs.get("num_items_in_batch") is None:
+                # the mean over the targets, taken as sum / count so that a batch without any target has loss 0
+                # (transformers' mean over nothing is NaN)
+                loss_kwargs["num_items_in_batch"] = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
             if self.mtp_active and labels.shape[1] >= len(self.mtp) + 2:
                 embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
                 mtp = mtp_objective(self, embeds, hidden_states, labels, attention_mask, position_ids, num_items, log)

@@ -1,13 +1,17 @@
-"""Rotary position embedding of DeepSeek-V3: interleaved pairs, YaRN frequencies and the YaRN softmax-scale factor.
+"""Rotary position embedding of DeepSeek-V3: interleaved pairs; default, linear, dynamic (NTK) and YaRN frequencies;
+the YaRN softmax-scale factor.
 
 RoPE rotates the pairs (x[2i], x[2i+1]) of the rope part of q and k, the layout the checkpoints were trained with,
-so no weight permutation is needed. Dimension letters: b batch, s positions, r rope dim.
+so no weight permutation is needed. The frequencies follow `config.rope_parameters`, also when it is changed after
+the model was built. Dimension letters: b batch, s positions, r rope dim.
 References: DeepSeek-V3 report §2.1.1 and §4.3 (YaRN); DeepSeek-V3 `inference/model.py` (`precompute_freqs_cis`);
-YaRN paper (arXiv 2309.00071); docs/design.md (Multi-head Latent Attention).
+YaRN paper (arXiv 2309.00071); transformers `modeling_rope_utils.py` (`_compute_linear_scaling_rope_parameters`,
+`_compute_dynamic_ntk_parameters`); docs/design.md (Multi-head Latent Attention).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -33,12 +37,32 @@ def softmax_scale(config: DeepseekV3Config) -> float:
     return scale
 
 
+def inverse_frequencies(dim: int, base: float | torch.Tensor) -> torch.Tensor:
+    """`base^(-2i/r)` for the `r/2` pairs, fp32; `base` may be a 0-d tensor (dynamic RoPE's, on the device)."""
+    device = base.device if isinstance(base, torch.Tensor) else None
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+
+
+def dynamic_ntk_base(config: DeepseekV3Config, seq_len: torch.Tensor) -> torch.Tensor:
+    """Dynamic (NTK-aware) RoPE's base for `seq_len` positions: `θ·(f·L/M − (f − 1))^(r/(r−2))` with
+    `L = max(seq_len, M)`, M = `max_position_embeddings`, f = `factor`: the plain base up to M, larger beyond.
+
+    A tensor operation, so a decode step on an accelerator reads nothing back to the host.
+    """
+    m, factor, r = config.max_position_embeddings, config.rope_parameters["factor"], config.qk_rope_head_dim
+    length = seq_len.clamp(min=m).float()
+    return config.rope_theta * (factor * length / m - (factor - 1)) ** (r / (r - 2))
+
+
 def rope_frequencies(config: DeepseekV3Config) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies `[r/2]` (YaRN-blended when configured) and the factor applied to cos/sin."""
+    """Inverse frequencies `[r/2]` and the factor applied to cos/sin: plain, divided by `factor` (linear),
+    YaRN-blended (yarn); dynamic RoPE starts from the plain ones and rescales longer inputs in `RotaryEmbedding`."""
     dim, base = config.qk_rope_head_dim, config.rope_theta
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = inverse_frequencies(dim, base)
     params = config.rope_parameters
-    if params.get("rope_type") != "yarn":
+    if params["rope_type"] == "linear":
+        return inv_freq / params["factor"], 1.0
+    if params["rope_type"] != "yarn":
         return inv_freq, 1.0
     factor = params["factor"]
     original = params["original_max_position_embeddings"]
@@ -67,12 +91,27 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__()
         self.config = config
-        inv_freq, self.attention_factor = rope_frequencies(config)
-        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.inv_freq = nn.Buffer(torch.empty(config.qk_rope_head_dim // 2), persistent=False)
+        self.reset_frequencies()
+
+    @torch.no_grad()
+    def reset_frequencies(self) -> None:
+        """Recompute the table from `config.rope_parameters` (done by `forward` when they changed)."""
+        inv_freq, self.attention_factor = rope_frequencies(self.config)
+        self.inv_freq.copy_(inv_freq)
+        self.computed_for = copy.deepcopy(self.config.rope_parameters)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = position_ids[..., None].float() * self.inv_freq.float()  # [b, s, r/2]
+        """`position_ids` `[b, s]` (or `[1, s]`) -> `(cos, sin)` `[b, s, r/2]` in the dtype of `x`."""
+        if self.config.rope_parameters != self.computed_for:  # set after the model was built: follow the config
+            self.reset_frequencies()
+        inv_freq = self.inv_freq.float()
+        if self.config.rope_parameters["rope_type"] == "dynamic":
+            # the base grows with the longest position of this call
+            inv_freq = inverse_frequencies(self.config.qk_rope_head_dim,
+                                           dynamic_ntk_base(self.config, position_ids.max() + 1))
+        angles = position_ids[..., None].float() * inv_freq  # [b, s, r/2]
         cos = angles.cos() * self.attention_factor
         sin = angles.sin() * self.attention_factor
         return cos.to(x.dtype), sin.to(x.dtype)

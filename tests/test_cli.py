@@ -109,3 +109,41 @@ def test_demo_custom_corpus(tmp_path: Path) -> None:
     text = run_demo(steps=3, out=out, preset="tiny", corpus=corpus, prompt="JULIET:", max_new_tokens=10)
     assert isinstance(text, str) and text.startswith("JULIET:")
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_demo_refuses_a_folder_that_is_not_its_own_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint folder given as --out is left as it is: the demo would delete its shards and leave its index."""
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    files = {"model.safetensors.index.json": '{"weight_map": {}}', "model-00001-of-00002.safetensors": "shard",
+             "config.json": "{}"}
+    for name, text in files.items():
+        (checkpoint / name).write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--out", str(checkpoint), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "is not empty and is not the output of an earlier demo run" in err
+    assert {p.name: p.read_text() for p in checkpoint.iterdir()} == files
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        run_demo(out=tmp_path / "a-file")
+
+
+@pytest.mark.slow
+def test_demo_replaces_its_own_earlier_output(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SMALL_CORPUS * 16, encoding="utf-8")
+    out = tmp_path / "demo"
+    run_demo(steps=1, out=out, preset="tiny", corpus=corpus, max_new_tokens=2)
+    record = json.loads((out / "demo-output.json").read_text())
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(record["files"])
+    # as if the earlier run had saved a sharded checkpoint: its index must not outlive the new single file
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {"x": "model-00001-of-00002.safetensors"}}')
+    (out / "demo-output.json").write_text(json.dumps({"files": record["files"] + ["model.safetensors.index.json"]}))
+    (out / "notes.txt").write_text("mine")  # not the demo's: kept
+    run_demo(steps=1, out=out, preset="tiny", corpus=corpus, max_new_tokens=2, seed=1)
+    assert not (out / "model.safetensors.index.json").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "demo-output.json").read_text())["files"] == record["files"]
+    AutoTokenizer.from_pretrained(out)

@@ -107,7 +107,7 @@ RULES = [
     ({"routed_scaling_factor": 0}, "routed_scaling_factor", "positive"),
     ({"rms_norm_eps": 0}, "rms_norm_eps", "positive"),
     ({"rope_theta": -1}, "rope_theta", "positive"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.type", "one of"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling.type", "one of"),
     ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling.original_max_position_embeddings", "required"),
     ({"rope_scaling": {**YARN, "beta_fast": -1}}, "rope_scaling.beta_fast", "positive"),
     ({"rope_scaling": {**YARN, "factor": 0.5}}, "rope_scaling.factor", ">= 1"),

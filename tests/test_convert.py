@@ -1,16 +1,21 @@
-"""`deepseek-v3 convert`: FP8 <-> bf16 checkpoint conversion, shard by shard, all or nothing."""
+"""`deepseek-v3 convert`: FP8 <-> bf16 checkpoint conversion, shard by shard, all or nothing; every flaw of the
+source folder is a clear error before anything is written, and the CLI reports it in one line."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3 import convert as convert_module
 from modeling_deepseek_v3.cli import main
+from modeling_deepseek_v3.convert import OFFICIAL_QUANTIZATION as QUANTIZATION
 from modeling_deepseek_v3.convert import convert_checkpoint
+from modeling_deepseek_v3.kernels import weight_dequant_ref
 
 from .test_fp8_checkpoint import SHAPE
 from .utils import random_ids, random_model, tiny_config
@@ -101,8 +106,6 @@ def test_cli_convert(bf16_folder, tmp_path, capsys):
 def test_fp8_from_fp32_weights_keeps_payloads_through_bf16(tmp_path):
     """A checkpoint quantised from fp32 master weights: bf16 cannot carry its scales exactly, so payloads come back
     bit for bit and scales within one bf16 rounding (documented in convert.py)."""
-    from safetensors.torch import save_file
-
     from modeling_deepseek_v3.kernels import weight_quant_ref
 
     torch.manual_seed(5)
@@ -111,7 +114,8 @@ def test_fp8_from_fp32_weights_keeps_payloads_through_bf16(tmp_path):
     q, s = weight_quant_ref(torch.randn(256, 384) * 0.02)  # fp32 amax: scales not derived from bf16 values
     save_file({"model.layers.0.mlp.down_proj.weight": q, "model.layers.0.mlp.down_proj.weight_scale_inv": s},
               src / "model.safetensors", metadata={"format": "pt"})
-    (src / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8",
+    (src / "config.json").write_text(json.dumps({"model_type": "deepseek_v3",
+                                                 "quantization_config": {"quant_method": "fp8",
                                                                          "weight_block_size": [128, 128]}}))
     (src / "pytorch_model.bin").write_bytes(b"stale weights in another format")
     back = convert_checkpoint(src, tmp_path / "bf16", "fp8-to-bf16")
@@ -120,3 +124,169 @@ def test_fp8_from_fp32_weights_keeps_payloads_through_bf16(tmp_path):
     key = "model.layers.0.mlp.down_proj.weight"
     assert torch.equal(again[key].view(torch.uint8), q.view(torch.uint8))
     assert ((again[f"{key}_scale_inv"] - s).abs() <= s * 2**-8).all()  # one bf16 step
+
+
+@pytest.fixture(scope="module")
+def fp8_folder(bf16_folder, tmp_path_factory):
+    return convert_checkpoint(bf16_folder, tmp_path_factory.mktemp("fp8-source") / "fp8", "bf16-to-fp8")
+
+
+def shard_of(folder, key: str):
+    return folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][key]
+
+
+def edit_tensors(path, edit) -> None:
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def edit_json(path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+PROJECTION = "model.layers.1.self_attn.q_b_proj.weight"
+
+
+def bf16_payload(src):
+    def edit(state):
+        state[PROJECTION] = weight_dequant_ref(state[PROJECTION], load_file(shard_of(src, PROJECTION + "_scale_inv"))[
+            PROJECTION + "_scale_inv"], torch.bfloat16)
+    edit_tensors(shard_of(src, PROJECTION), edit)
+
+
+def gpt2_folder(src):
+    shutil.rmtree(src)
+    src.mkdir()
+    save_file({"h.0.attn.c_attn.weight": torch.randn(64, 192), "wte.weight": torch.randn(100, 64)},
+              src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 1}))
+
+
+def another_models_single_file(src):
+    save_file({"other.weight": torch.zeros(2)}, src / "model.safetensors", metadata={"format": "pt"})
+
+
+def deleted_shard(src):
+    shard_of(src, PROJECTION).unlink()
+
+
+def unlisted_shard(src):
+    save_file({"extra.weight": torch.zeros(2)}, src / "model-00099-of-00099.safetensors", metadata={"format": "pt"})
+
+
+def key_missing_from_index(src):
+    edit_json(src / "model.safetensors.index.json", lambda index: index["weight_map"].pop(PROJECTION))
+
+
+def shard_outside_folder(src):
+    edit_json(src / "model.safetensors.index.json",
+              lambda index: index["weight_map"].update({PROJECTION: "../elsewhere.safetensors"}))
+
+
+def missing_scale(src):
+    edit_tensors(shard_of(src, PROJECTION + "_scale_inv"), lambda state: state.pop(PROJECTION + "_scale_inv"))
+    edit_json(src / "model.safetensors.index.json", lambda index: index["weight_map"].pop(PROJECTION + "_scale_inv"))
+
+
+def block_size_mismatch(src):
+    edit_json(src / "config.json", lambda config: config["quantization_config"].update(weight_block_size=[64, 64]))
+
+
+def e5m2_format_in_config(src):
+    edit_json(src / "config.json", lambda config: config["quantization_config"].update(fmt="e5m2"))
+
+
+def config_not_json(src):
+    (src / "config.json").write_text("{'model_type': deepseek_v3")
+
+
+BROKEN_SOURCES = [
+    # (how the copy of a good source is broken, source, direction, error message pattern)
+    (bf16_payload, "fp8", "fp8-to-bf16", rf"{PROJECTION} is stored as BF16 next to its {PROJECTION}_scale_inv"),
+    (gpt2_folder, "bf16", "bf16-to-fp8", r"config.json has model_type 'gpt2'; only DeepSeek-V3 checkpoints"),
+    (gpt2_folder, "bf16", "fp8-to-bf16", r"config.json has model_type 'gpt2'"),
+    (another_models_single_file, "bf16", "bf16-to-fp8", r"holds both model.safetensors and model.safetensors.index"),
+    (deleted_shard, "bf16", "bf16-to-fp8", r"lists the shard model-0000\d-of-0000\d.safetensors, which does not exist"),
+    (unlisted_shard, "bf16", "bf16-to-fp8", r"model-00099-of-00099.safetensors is not listed in .*index.json"),
+    (key_missing_from_index, "bf16", "bf16-to-fp8", rf"{PROJECTION} is stored in model-\d+-of-\d+.safetensors but "
+                                                    r"model.safetensors.index.json does not list it"),
+    (shard_outside_folder, "bf16", "bf16-to-fp8", r"lists the shard '../elsewhere.safetensors', which is not inside"),
+    (missing_scale, "fp8", "fp8-to-bf16", rf"{PROJECTION} is FP8 \(F8_E4M3\) but the checkpoint has no "
+                                          rf"{PROJECTION}_scale_inv"),
+    (block_size_mismatch, "fp8", "fp8-to-bf16", r"_scale_inv has shape \[\d+, \d+\], but .* in the "
+                                                r"weight_block_size \[64, 64\] of config.json needs \[\d+, \d+\]"),
+    (e5m2_format_in_config, "fp8", "fp8-to-bf16", r"config.json: DeepseekV3Config: `quantization_config.fmt` = 'e5m2'"),
+    (config_not_json, "bf16", "bf16-to-fp8", r"config.json is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("break_source, source, direction, match", BROKEN_SOURCES,
+                         ids=[f"{case[0].__name__}-{case[2]}" for case in BROKEN_SOURCES])
+def test_a_flawed_source_is_a_clear_error_and_one_cli_line(
+    break_source, source, direction, match, bf16_folder, fp8_folder, tmp_path, capsys
+):
+    src = tmp_path / "src"
+    shutil.copytree(bf16_folder if source == "bf16" else fp8_folder, src)
+    break_source(src)
+    with pytest.raises(ValueError, match=match):
+        convert_checkpoint(src, tmp_path / "out", direction)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", direction, str(src), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("deepseek-v3 convert: error: ") and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written
+
+
+def test_an_uncreatable_destination_is_one_cli_line(bf16_folder, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=r"cannot create .*a-file/out"):
+        convert_checkpoint(bf16_folder, tmp_path / "a-file" / "out", "bf16-to-fp8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "bf16-to-fp8", str(bf16_folder), str(tmp_path / "a-file" / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "cannot create" in err
+
+
+def test_e5m2_payloads_are_dequantised_exactly(tmp_path):
+    """A weight stored in e5m2 with its block scales: `q · s` in bf16, and the scale is not left behind."""
+    torch.manual_seed(6)
+    src = tmp_path / "fp8"
+    src.mkdir()
+    key = "model.layers.0.mlp.down_proj.weight"
+    q = (torch.randn(256, 200) * 4).to(torch.float8_e5m2)
+    s = torch.rand(2, 2) + 0.5
+    save_file({key: q, f"{key}_scale_inv": s}, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "quantization_config": QUANTIZATION}))
+    out = tensors(convert_checkpoint(src, tmp_path / "bf16", "fp8-to-bf16"))
+    assert set(out) == {key}
+    assert torch.equal(out[key].float(), (q.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:, :200])
+                       .to(torch.bfloat16).float())
+
+
+def test_shards_and_files_in_subfolders(bf16_folder, tmp_path):
+    """An index may keep its shards in a subfolder (transformers loads them); other subfolders (code, figures) are
+    copied, hidden ones are not."""
+    src = tmp_path / "src"
+    shutil.copytree(bf16_folder, src)
+    (src / "weights").mkdir()
+    for shard in src.glob("*.safetensors"):
+        shard.rename(src / "weights" / shard.name)
+    edit_json(src / "model.safetensors.index.json",
+              lambda index: index.update(weight_map={k: f"weights/{v}" for k, v in index["weight_map"].items()}))
+    (src / "inference").mkdir()
+    (src / "inference" / "model.py").write_text("# reference code\n")
+    (src / ".cache").mkdir()
+    (src / ".cache" / "download.lock").write_text("")
+    out = convert_checkpoint(src, tmp_path / "fp8", "bf16-to-fp8")
+    assert (out / "inference" / "model.py").read_text() == "# reference code\n"
+    assert not (out / ".cache").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert all(shard.startswith("weights/") and (out / shard).is_file() for shard in index["weight_map"].values())
+    ids = random_ids(tiny_config(**SHAPE), 1, 6)
+    direct = DeepseekV3ForCausalLM.from_pretrained(convert_checkpoint(bf16_folder, tmp_path / "direct", "bf16-to-fp8"))
+    torch.testing.assert_close(DeepseekV3ForCausalLM.from_pretrained(out)(ids).logits, direct(ids).logits,
+                               rtol=0, atol=0)

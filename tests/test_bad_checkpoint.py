@@ -1,0 +1,122 @@
+"""Checkpoints that load silently wrong or fail without naming the key: refused (or warned about) at load time."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
+
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM
+from modeling_deepseek_v3.kernels import weight_dequant_ref, weight_quant_ref
+
+from .utils import random_model, tiny_config
+
+QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+PROJECTION = "model.layers.0.self_attn.q_b_proj.weight"
+
+
+def write(folder, state: dict, config: dict, name="model.safetensors") -> None:
+    folder.mkdir(exist_ok=True)
+    save_file(state, folder / name, metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny model saved in one file, its state and config."""
+    torch.manual_seed(7)
+    folder = tmp_path_factory.mktemp("plain")
+    random_model().save_pretrained(folder)
+    return folder, load_file(folder / "model.safetensors"), json.loads((folder / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def fp8_state(saved):
+    """The same model as an official-format FP8 state: decoder projections in e4m3 with 128x128 block scales."""
+    _, state, _ = saved
+    fp8 = {}
+    for key, tensor in state.items():
+        if key.startswith("model.layers.") and tensor.dim() == 2 and not key.endswith("mlp.gate.weight"):
+            fp8[key], fp8[f"{key}_scale_inv"] = weight_quant_ref(tensor)
+        else:
+            fp8[key] = tensor
+    return fp8
+
+
+def test_an_fp8_weight_stored_in_bf16_is_refused(saved, fp8_state, tmp_path):
+    """The payload replaced by its dequantised bf16 values, scales and quantization_config kept: loading used to
+    cast it back to FP8 and multiply by the scales a second time."""
+    _, _, config = saved
+    state = dict(fp8_state)
+    state[PROJECTION] = weight_dequant_ref(state[PROJECTION], state[f"{PROJECTION}_scale_inv"], torch.bfloat16)
+    write(tmp_path / "ok", fp8_state, {**config, "quantization_config": QUANTIZATION})
+    write(tmp_path / "bf16", state, {**config, "quantization_config": QUANTIZATION})
+    DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ok")  # the intact FP8 checkpoint loads
+    with pytest.raises(ValueError, match=rf"{PROJECTION} \(in model.safetensors\) is stored as BF16 next to its "
+                                         rf"{PROJECTION}_scale_inv, but a weight with block scales must be an e4m3"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path / "bf16")
+
+
+def test_an_e5m2_payload_is_refused(saved, fp8_state, tmp_path):
+    _, _, config = saved
+    state = dict(fp8_state)
+    state[PROJECTION] = state[PROJECTION].float().to(torch.float8_e5m2)
+    write(tmp_path, state, {**config, "quantization_config": QUANTIZATION})
+    with pytest.raises(ValueError, match=rf"{PROJECTION} .* is stored as F8_E5M2 .*convert fp8-to-bf16"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_tensor_in_two_shards_is_refused_where_transformers_loads_one(saved, tmp_path):
+    folder, state, config = saved
+    key = "model.norm.weight"
+    first = {k: v for k, v in state.items() if k != key}
+    index = {"metadata": {}, "weight_map": {**dict.fromkeys(first, "model-00001-of-00002.safetensors"),
+                                            key: "model-00002-of-00002.safetensors"}}
+    write(tmp_path, {**first, key: state[key] * 2}, config, "model-00001-of-00002.safetensors")
+    save_file({key: state[key]}, tmp_path / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    BuiltinDeepseekV3ForCausalLM.from_pretrained(tmp_path)  # loads one of the two copies, without a word
+    with pytest.raises(ValueError, match=rf"{key} is stored in both model-0000[12]-of-00002.safetensors and "
+                                         r"model-0000[12]-of-00002.safetensors"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_single_file_beside_an_index_is_refused(saved, tmp_path):
+    """transformers loads model.safetensors and ignores the index, which may describe other weights; the converter
+    refuses the same folder (tests/test_convert.py)."""
+    folder, state, config = saved
+    write(tmp_path, state, config)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "other.safetensors"}}))
+    with pytest.raises(ValueError, match="holds both model.safetensors and model.safetensors.index.json"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def saved_mtp(tmp_path_factory):
+    torch.manual_seed(8)
+    folder = tmp_path_factory.mktemp("mtp")
+    model = random_model(tiny_config(num_nextn_predict_layers=1))
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_a_stored_copy_holding_nan_warns(saved_mtp, tmp_path, caplog):
+    model, folder = saved_mtp
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.3.shared_head.head.weight"][2, 5] = float("nan")
+    write(tmp_path, state, json.loads((folder / "config.json").read_text()))
+    with caplog.at_level("WARNING"):
+        back = DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+    assert "model.layers.3.shared_head.head.weight differs from lm_head.weight (max |difference| = nan)" in caplog.text
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight)  # the main tensor is used
+
+
+def test_a_stored_copy_of_the_wrong_shape_names_the_key(saved_mtp, tmp_path):
+    _, folder = saved_mtp
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.3.embed_tokens.weight"] = state["model.layers.3.embed_tokens.weight"][:-1].clone()
+    write(tmp_path, state, json.loads((folder / "config.json").read_text()))
+    with pytest.raises(ValueError, match=r"the checkpoint's model.layers.3.embed_tokens.weight has shape \[511, 64\], "
+                                         r"but it is a copy of a tensor of shape \[512, 64\]"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path)

@@ -1,0 +1,118 @@
+"""Linear and dynamic (NTK) RoPE scaling as transformers' built-in DeepSeek-V3 computes them; RoPE settings the model
+would ignore are refused, also when assigned after construction; settings changed on the config of a built model take
+effect."""
+
+import math
+
+import pytest
+import torch
+from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
+
+from modeling_deepseek_v3 import DeepseekV3Config
+
+from .utils import random_ids, random_model, tiny_config
+
+MAX_POSITIONS = 32  # short enough that the long inputs below go past it
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def same_weights(model, **config_overrides):
+    """A model with `model`'s weights and a config differing by `config_overrides`."""
+    other = random_model(tiny_config(max_position_embeddings=MAX_POSITIONS, **config_overrides))
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic"])
+def test_scaled_rope_equals_builtin(kind, tmp_path):
+    ours = random_model(tiny_config(max_position_embeddings=MAX_POSITIONS, rope_scaling={"type": kind, "factor": 4.0}))
+    ours.save_pretrained(tmp_path)
+    builtin = BuiltinDeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert builtin.config.rope_parameters["rope_type"] == kind
+    for length in (10, 3 * MAX_POSITIONS):  # within and past max_position_embeddings
+        ids = random_ids(ours.config, 2, length)
+        torch.testing.assert_close(ours(ids).logits, builtin(ids).logits, rtol=0, atol=1e-5)
+    # decoding past max_position_embeddings: dynamic RoPE grows its base at every step, in both
+    prompt = random_ids(ours.config, 1, MAX_POSITIONS - 4)
+    expected = builtin.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=12, do_sample=False), expected)
+
+
+def test_dynamic_rope_changes_only_inputs_past_max_positions():
+    scaled = random_model(tiny_config(max_position_embeddings=MAX_POSITIONS,
+                                      rope_scaling={"type": "dynamic", "factor": 4.0}))
+    plain = same_weights(scaled, rope_scaling=None)
+    short, long = random_ids(scaled.config, 1, MAX_POSITIONS), random_ids(scaled.config, 1, 2 * MAX_POSITIONS)
+    assert torch.equal(scaled(short).logits, plain(short).logits)
+    assert not torch.allclose(scaled(long).logits, plain(long).logits, atol=1e-4)
+
+
+def test_linear_rope_changes_every_position():
+    scaled = random_model(tiny_config(max_position_embeddings=MAX_POSITIONS,
+                                      rope_scaling={"type": "linear", "factor": 4.0}))
+    plain = same_weights(scaled, rope_scaling=None)
+    ids = random_ids(scaled.config, 1, 10)
+    assert not torch.allclose(scaled(ids).logits, plain(ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "new_settings",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "dynamic", "factor": 4.0},
+        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "mscale": 1.0,
+         "mscale_all_dim": 0.5},  # also changes the softmax scale
+        {"rope_type": "default", "rope_theta": 500.0},
+    ],
+    ids=["linear", "dynamic", "yarn", "theta"],
+)
+def test_rope_settings_changed_on_a_built_model_take_effect(new_settings):
+    model = random_model(tiny_config(max_position_embeddings=MAX_POSITIONS))
+    ids = random_ids(model.config, 2, 2 * MAX_POSITIONS)
+    before = model(ids).logits
+    model.config.rope_parameters = new_settings
+    after = model(ids).logits
+    built_with_them = random_model(DeepseekV3Config(**model.config.to_dict()))
+    built_with_them.load_state_dict(model.state_dict())
+    assert not torch.allclose(after, before, atol=1e-4)
+    torch.testing.assert_close(after, built_with_them(ids).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "rope_scaling, field, rule",
+    [
+        ({"type": "linear"}, "rope_scaling.factor", "is required for 'linear'"),
+        ({"type": "dynamic", "factor": 0.5}, "rope_scaling.factor", ">= 1"),
+        ({"type": "linear", "factor": 2.0, "original_max_position_embeddings": 64},
+         "rope_scaling.original_max_position_embeddings", "not a setting of 'linear' RoPE"),
+        ({**YARN, "attention_factor": 2.0}, "rope_scaling.attention_factor", "not a setting of 'yarn' RoPE"),
+    ],
+    ids=["linear-no-factor", "dynamic-factor-below-1", "linear-unused-key", "yarn-unused-key"],
+)
+def test_rope_settings_that_would_be_ignored_are_refused(rope_scaling, field, rule):
+    with pytest.raises(ValueError, match=rf"`{field}` = .* is invalid: .*{rule}"):
+        tiny_config(rope_scaling=rope_scaling)
+
+
+def test_dynamic_rope_needs_more_than_two_rope_dims():
+    with pytest.raises(ValueError, match=r"`qk_rope_head_dim` = 2 is invalid: .*r / \(r - 2\)"):
+        tiny_config(qk_rope_head_dim=2, rope_scaling={"type": "dynamic", "factor": 2.0})
+
+
+def test_rope_settings_assigned_after_construction_are_validated():
+    config = tiny_config()
+    for assign, field in (
+        (lambda: setattr(config, "rope_parameters", {"rope_type": "longrope", "factor": 2.0}), "rope_scaling.type"),
+        (lambda: setattr(config, "rope_scaling", {"type": "yarn", "factor": 2.0}),
+         "rope_scaling.original_max_position_embeddings"),
+        (lambda: setattr(config, "rope_parameters", {"rope_type": "linear", "factor": math.nan}),
+         "rope_scaling.factor"),
+        (lambda: setattr(config, "rope_theta", -1.0), "rope_theta"),
+    ):
+        before = dict(config.rope_parameters)
+        with pytest.raises(ValueError, match=rf"`{field}`"):
+            assign()
+        assert config.rope_parameters == before  # nothing of the refused value was kept
+    config.rope_parameters = {"rope_type": "linear", "factor": 2.0}  # rope_theta kept from before
+    assert config.rope_scaling == {"type": "linear", "factor": 2.0} and config.rope_theta == 10000.0
