@@ -48,7 +48,7 @@ LEVELS = {
     "checkpoint": 5, "generation": 5,
     "model": 6,
     "training": 7, "trainer": 7, "peft_fp8": 7, "convert": 7,
-    "demo": 8,
+    "demo": 8, "plots": 1,
     "cli": 9,
 }  # fmt: skip
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM, load_preset
+from modeling_deepseek_v3.kernels import act_quant_colwise_ref, act_quant_ref, weight_quant_ref
 
 
 def tiny_config(**overrides) -> DeepseekV3Config:
@@ -79,3 +80,28 @@ def reference_mtp_logits(model: DeepseekV3ForCausalLM, ids: torch.Tensor) -> lis
         hidden = module.block(x, model.model.rotary_emb(x, positions), causal)
         all_logits.append(rms_norm(hidden, module.shared_head.norm.weight, eps) @ model.lm_head.weight.T)
     return all_logits
+
+
+# An FP8 checkpoint of the official format, and a tiny shape whose dims pass 128 so that full and partial blocks mix
+QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+# dims past 128 so that full and partial blocks mix: kv_a_proj_with_mqa has 136 + 8 = 144 rows (the 576-row case)
+SHAPE = dict(hidden_size=192, q_lora_rank=160, kv_lora_rank=136, qk_rope_head_dim=8, qk_nope_head_dim=16,
+             v_head_dim=16, num_attention_heads=2, intermediate_size=200, moe_intermediate_size=136,
+             n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, num_hidden_layers=2,
+             first_k_dense_replace=1)
+
+
+def through_row_tiles(x):  # through 1×128 tiles along the last dim, back in fp64
+    q, s = act_quant_ref(x)
+    return q.double() * s.double().repeat_interleave(128, dim=-1)[..., : x.shape[-1]]
+
+
+def through_column_tiles(x):  # through 128×1 tiles along the first dim
+    q, s = act_quant_colwise_ref(x)
+    return q.double() * s.double().repeat_interleave(128, dim=0)[: x.shape[0]]
+
+
+def through_weight_blocks(w):  # through 128×128 blocks
+    q, s = weight_quant_ref(w)
+    n, k = w.shape[-2:]
+    return q.double() * s.double().repeat_interleave(128, dim=-2)[..., :n, :].repeat_interleave(128, dim=-1)[..., :k]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from modeling_deepseek_v3.kernels import grouped_mm, grouped_mm_ref
 from modeling_deepseek_v3.moe import MoE
 
-from .utils import tiny_config
+from ..utils import tiny_config
 
 
 def brute_force_route(scores, bias, cfg):

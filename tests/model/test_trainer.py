@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, ExpertBalanceCallback
 
-from .utils import random_ids, random_model
+from ..utils import random_ids, random_model
 
 LORA_MODULES = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                 "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"]

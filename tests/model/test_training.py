@@ -12,8 +12,7 @@ from modeling_deepseek_v3.fp8 import FP8TrainingLinear, fp8_grouped_mm
 from modeling_deepseek_v3.kernels import grouped_mm_ref
 from modeling_deepseek_v3.training import enable_fp8_training
 
-from .test_fp8_checkpoint import QUANTIZATION
-from .utils import tiny_config
+from ..utils import QUANTIZATION, SHAPE, through_column_tiles, through_row_tiles, through_weight_blocks, tiny_config
 
 
 def rel_err(a, b):
@@ -51,7 +50,6 @@ def test_switch_replaces_decoder_linears_and_keeps_parameters():
 
 
 def test_switch_refuses_fp8_weights():
-    from .test_fp8_checkpoint import SHAPE
 
     with pytest.raises(ValueError, match="master weights"):
         enable_fp8_training(DeepseekV3ForCausalLM(tiny_config(**SHAPE, quantization_config=QUANTIZATION)))
@@ -105,7 +103,6 @@ def test_fp8_training_tracks_full_precision_training():
 def test_fp8_grouped_mm_uses_the_specified_tiles():
     """Each expert's GEMMs equal an fp64 emulation of the recipe's tiles (activations 1×128, weights 128×128 per
     expert, Wgrad 128×1 along the expert-sorted tokens)."""
-    from .test_fp8_layers import _deq_cols, _deq_rows, _deq_weight
 
     counts = [40, 0, 150, 66]
     offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
@@ -114,8 +111,8 @@ def test_fp8_grouped_mm_uses_the_specified_tiles():
     dy = torch.randn(x.shape[0], 96)
     y = fp8_grouped_mm(x, w, offsets)
     dx, dw = torch.autograd.grad(y, (x, w), dy)
-    xq, wq, dyq = _deq_rows(x.detach()), _deq_weight(w.detach()), _deq_rows(dy)
-    dy_cols, x_cols = _deq_cols(dy), _deq_cols(x.detach())
+    xq, wq, dyq = through_row_tiles(x.detach()), through_weight_blocks(w.detach()), through_row_tiles(dy)
+    dy_cols, x_cols = through_column_tiles(dy), through_column_tiles(x.detach())
     start = 0
     for e, count in enumerate(counts):
         rows = slice(start, start + count)

@@ -7,8 +7,7 @@ from peft import LoraConfig, get_peft_model
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3.peft_fp8 import FP8LoraLinear, load_fp8_adapter, lora_config_for_fp8
 
-from .test_fp8_checkpoint import QUANTIZATION, SHAPE
-from .utils import random_ids, tiny_config
+from ..utils import QUANTIZATION, SHAPE, random_ids, tiny_config
 
 
 def test_lora_wraps_fp8_linear_trains_and_refuses_to_merge(tmp_path):

@@ -10,7 +10,7 @@ from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV3Model
 
-from .utils import random_ids, random_model, tiny_config
+from ..utils import random_ids, random_model, tiny_config
 
 
 @pytest.fixture(scope="module")

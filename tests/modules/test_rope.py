@@ -1,6 +1,6 @@
-"""Linear and dynamic (NTK) RoPE scaling as transformers' built-in DeepSeek-V3 computes them; RoPE settings the model
-would ignore are refused, also when assigned after construction; settings changed on the config of a built model take
-effect."""
+"""RoPE: the interleaved rotation, the YaRN softmax scale, linear and dynamic (NTK) scaling as transformers' built-in
+DeepSeek-V3 computes them; RoPE settings the model would ignore are refused, also when assigned after construction;
+settings changed on the config of a built model take effect."""
 
 import math
 
@@ -9,8 +9,9 @@ import torch
 from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3Config
+from modeling_deepseek_v3.rope import apply_rope, softmax_scale
 
-from .utils import random_ids, random_model, tiny_config
+from ..utils import random_ids, random_model, tiny_config
 
 MAX_POSITIONS = 32  # short enough that the long inputs below go past it
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
@@ -22,6 +23,22 @@ def same_weights(model, **config_overrides):
     other = random_model(tiny_config(max_position_embeddings=MAX_POSITIONS, **config_overrides))
     other.load_state_dict(model.state_dict())
     return other
+
+
+def test_apply_rope_matches_complex_rotation():
+    x = torch.randn(2, 5, 3, 8)
+    angles = torch.randn(2, 5, 4)
+    out = apply_rope(x, angles.cos(), angles.sin())
+    rotation = torch.polar(torch.ones_like(angles), angles)[:, :, None]  # e^{iθ} per pair
+    ref = torch.view_as_real(torch.view_as_complex(x.view(2, 5, 3, 4, 2)) * rotation)
+    torch.testing.assert_close(out, ref.flatten(-2), rtol=1e-6, atol=1e-6)
+
+
+def test_yarn_softmax_scale():
+    cfg = tiny_config()
+    m = 0.1 * cfg.rope_scaling["mscale_all_dim"] * math.log(cfg.rope_scaling["factor"]) + 1
+    assert softmax_scale(cfg) == pytest.approx(cfg.qk_head_dim**-0.5 * m * m)
+    assert softmax_scale(tiny_config(rope_scaling=None)) == pytest.approx(cfg.qk_head_dim**-0.5)
 
 
 @pytest.mark.parametrize("kind", ["linear", "dynamic"])

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from modeling_deepseek_v3.fp8 import FP8Linear, FP8TrainingLinear, fp8_linear
-from modeling_deepseek_v3.kernels import act_quant_colwise_ref, act_quant_ref, weight_dequant_ref, weight_quant_ref
+from modeling_deepseek_v3.kernels import weight_dequant_ref, weight_quant_ref
+
+from ..utils import through_column_tiles, through_row_tiles, through_weight_blocks
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -80,22 +82,6 @@ def test_fp8_training_linear_module_trains():
     assert loss.item() < 0.2 * first
 
 
-def _deq_rows(x):  # through 1×128 tiles along the last dim, back in fp64
-    q, s = act_quant_ref(x)
-    return q.double() * s.double().repeat_interleave(128, dim=-1)[..., : x.shape[-1]]
-
-
-def _deq_cols(x):  # through 128×1 tiles along the first dim
-    q, s = act_quant_colwise_ref(x)
-    return q.double() * s.double().repeat_interleave(128, dim=0)[: x.shape[0]]
-
-
-def _deq_weight(w):  # through 128×128 blocks
-    q, s = weight_quant_ref(w)
-    n, k = w.shape[-2:]
-    return q.double() * s.double().repeat_interleave(128, dim=-2)[..., :n, :].repeat_interleave(128, dim=-1)[..., :k]
-
-
 def test_fp8_training_gemms_use_the_specified_tiles():
     """Exactly the recipe (docs/design.md, FP8): Fprop X(1×128)·W(128×128)ᵀ, Dgrad dY(1×128 along N)·W, Wgrad
     dY(128×1)ᵀ·X(128×1), each against an fp64 emulation with those tiles (a wrong tiling is ~5% off, not 1e-5)."""
@@ -104,6 +90,6 @@ def test_fp8_training_gemms_use_the_specified_tiles():
     dy = torch.randn(200, 192)
     y = fp8_linear(x, w)
     dx, dw = torch.autograd.grad(y, (x, w), dy)
-    assert rel_err(y, _deq_rows(x.detach()) @ _deq_weight(w.detach()).t()) < 1e-5
-    assert rel_err(dx, _deq_rows(dy) @ _deq_weight(w.detach())) < 1e-5
-    assert rel_err(dw, _deq_cols(dy).t() @ _deq_cols(x.detach())) < 1e-5
+    assert rel_err(y, through_row_tiles(x.detach()) @ through_weight_blocks(w.detach()).t()) < 1e-5
+    assert rel_err(dx, through_row_tiles(dy) @ through_weight_blocks(w.detach())) < 1e-5
+    assert rel_err(dw, through_column_tiles(dy).t() @ through_column_tiles(x.detach())) < 1e-5

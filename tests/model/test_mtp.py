@@ -14,7 +14,7 @@ from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Model, Deepsee
 from modeling_deepseek_v3.convert import convert_checkpoint
 from modeling_deepseek_v3.fp8 import FP8Linear
 
-from .utils import random_ids, random_model, reference_mtp_logits, rms_norm, tiny_config
+from ..utils import random_ids, random_model, reference_mtp_logits, rms_norm, tiny_config
 
 
 @pytest.fixture(scope="module")

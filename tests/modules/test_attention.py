@@ -1,30 +1,11 @@
-"""MLA: absorbed path = expanded path; interleaved RoPE; the cost rule; YaRN scale."""
-
-import math
+"""MLA: absorbed path = expanded path, and the cost rule that picks between them."""
 
 import pytest
 import torch
 
 from modeling_deepseek_v3 import MLACache
-from modeling_deepseek_v3.rope import apply_rope, softmax_scale
 
-from .utils import random_ids, random_model, tiny_config
-
-
-def test_apply_rope_matches_complex_rotation():
-    x = torch.randn(2, 5, 3, 8)
-    angles = torch.randn(2, 5, 4)
-    out = apply_rope(x, angles.cos(), angles.sin())
-    rotation = torch.polar(torch.ones_like(angles), angles)[:, :, None]  # e^{iθ} per pair
-    ref = torch.view_as_real(torch.view_as_complex(x.view(2, 5, 3, 4, 2)) * rotation)
-    torch.testing.assert_close(out, ref.flatten(-2), rtol=1e-6, atol=1e-6)
-
-
-def test_yarn_softmax_scale():
-    cfg = tiny_config()
-    m = 0.1 * cfg.rope_scaling["mscale_all_dim"] * math.log(cfg.rope_scaling["factor"]) + 1
-    assert softmax_scale(cfg) == pytest.approx(cfg.qk_head_dim**-0.5 * m * m)
-    assert softmax_scale(tiny_config(rope_scaling=None)) == pytest.approx(cfg.qk_head_dim**-0.5)
+from ..utils import random_ids, random_model, tiny_config
 
 
 @pytest.mark.parametrize("q_lora_rank", [32, None])

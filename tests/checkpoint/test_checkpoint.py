@@ -10,9 +10,8 @@ from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3.kernels import weight_dequant_ref, weight_quant_ref
 
-from .utils import random_model, tiny_config
+from ..utils import QUANTIZATION, random_model, tiny_config
 
-QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 PROJECTION = "model.layers.0.self_attn.q_b_proj.weight"
 
 
@@ -120,3 +119,4 @@ def test_a_stored_copy_of_the_wrong_shape_names_the_key(saved_mtp, tmp_path):
     with pytest.raises(ValueError, match=r"the checkpoint's model.layers.3.embed_tokens.weight has shape \[511, 64\], "
                                          r"but it is a copy of a tensor of shape \[512, 64\]"):
         DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+

@@ -12,14 +12,7 @@ from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3.fp8 import FP8Linear
 from modeling_deepseek_v3.kernels import weight_dequant_ref, weight_quant_ref
 
-from .utils import random_ids, random_model, tiny_config
-
-QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
-# dims past 128 so that full and partial blocks mix: kv_a_proj_with_mqa has 136 + 8 = 144 rows (the 576-row case)
-SHAPE = dict(hidden_size=192, q_lora_rank=160, kv_lora_rank=136, qk_rope_head_dim=8, qk_nope_head_dim=16,
-             v_head_dim=16, num_attention_heads=2, intermediate_size=200, moe_intermediate_size=136,
-             n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, num_hidden_layers=2,
-             first_k_dense_replace=1)
+from ..utils import QUANTIZATION, SHAPE, random_ids, random_model, tiny_config
 
 
 def is_quantized(key: str, tensor: torch.Tensor) -> bool:

@@ -10,7 +10,7 @@ from modeling_deepseek_v3.balancing import ExpertBalance, RoutingLog, sequence_b
 from modeling_deepseek_v3.metrics import TrainingMetrics
 from modeling_deepseek_v3.moe import MoE
 
-from .utils import random_ids, random_model, tiny_config
+from ..utils import random_ids, random_model, tiny_config
 
 GAMMA = 0.001
 

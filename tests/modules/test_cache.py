@@ -5,7 +5,7 @@ import torch
 
 from modeling_deepseek_v3 import MLACache, MLAStaticCache
 
-from .utils import random_ids, random_model, tiny_config
+from ..utils import random_ids, random_model, tiny_config
 
 
 def test_stores_only_latents_and_reports_bytes():

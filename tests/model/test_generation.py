@@ -15,7 +15,7 @@ from transformers.generation import (
 from modeling_deepseek_v3 import generation
 from modeling_deepseek_v3.attention import MultiHeadLatentAttention
 
-from .utils import agreeing_mtp_model, random_ids, random_model, reference_mtp_logits, tiny_config
+from ..utils import agreeing_mtp_model, random_ids, random_model, reference_mtp_logits, tiny_config
 
 PROMPT_LENGTHS = (7, 3, 5)
 

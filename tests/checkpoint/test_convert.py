@@ -17,8 +17,7 @@ from modeling_deepseek_v3.convert import OFFICIAL_QUANTIZATION as QUANTIZATION
 from modeling_deepseek_v3.convert import convert_checkpoint
 from modeling_deepseek_v3.kernels import weight_dequant_ref
 
-from .test_fp8_checkpoint import SHAPE
-from .utils import random_ids, random_model, tiny_config
+from ..utils import SHAPE, random_ids, random_model, tiny_config
 
 
 def tensors(folder) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 from modeling_deepseek_v3 import MLACache
 from modeling_deepseek_v3.inputs import reads_back
 
-from .utils import random_ids, random_model
+from ..utils import random_ids, random_model
 
 B, S, H = 2, 6, 64  # the tiny preset's hidden size
 
