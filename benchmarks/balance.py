@@ -1,4 +1,4 @@
-"""Expert balance with and without the auxiliary-loss-free routing-bias update (docs/design.md (DeepSeekMoE)).
+"""Expert balance with and without the auxiliary-loss-free routing-bias update (docs/design.md, Expert balancing).
 
 Trains the `small` preset on the packaged Shakespeare excerpt twice from the same seed, once with the bias update
 (γ from the config, 0.001) and once with it frozen (γ = 0); the sequence-wise balance loss (α = 1e-4) is on in both.
@@ -24,6 +24,7 @@ from transformers import TrainingArguments, default_data_collator, set_seed
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, ExpertBalanceCallback, load_preset
 from modeling_deepseek_v3.demo import make_datasets, train_tokenizer
+from modeling_deepseek_v3.plots import plot_expert_load
 
 TAIL = 20  # steps averaged for the "end of training" load
 
@@ -53,31 +54,6 @@ def train(gamma: float, steps: int, seed: int, vocab: int, special: int, train_d
             "loads": {layer: load.tolist() for layer, load in loads.items()}}
 
 
-def plot(run: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    layers = list(run["loads"])
-    figure, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), sharey=True, squeeze=False)
-    for ax, layer in zip(axes[0], layers):
-        load = torch.tensor(run["loads"][layer])
-        share = load / load.sum(dim=1, keepdim=True)  # [steps, E]
-        kernel = min(10, len(share))
-        smooth = share.T.unsqueeze(1)
-        smooth = torch.nn.functional.avg_pool1d(smooth, kernel, stride=1).squeeze(1).T  # moving average
-        ax.plot(range(kernel, len(share) + 1), smooth.numpy())
-        ax.axhline(1 / load.shape[1], color="black", linestyle="--", linewidth=1)
-        ax.set_title(f"{layer}: max/mean at end {run['max_over_mean_end'][layer]:.2f}")
-        ax.set_xlabel("optimizer step")
-    axes[0][0].set_ylabel("share of routed tokens per expert")
-    figure.suptitle(f"expert load, routing_bias_update_speed γ = {run['gamma']}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -87,10 +63,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < TAIL:
         parser.error(f"--steps must be >= {TAIL}, got {args.steps}")
-    try:
-        import matplotlib  # noqa: F401  (checked before training, not after minutes of it)
-    except ImportError:
-        parser.error('the plots need matplotlib: pip install -e ".[bench]"')
     args.out.mkdir(parents=True, exist_ok=True)
 
     text = resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_text(encoding="utf-8")
@@ -101,7 +73,9 @@ def main() -> None:
     runs = [train(gamma, args.steps, args.seed, len(tokenizer), special, train_ds, eval_ds)
             for gamma in (args.gamma, 0.0)]
     for run in runs:
-        plot(run, args.out / f"expert_load_gamma_{run['gamma']:g}.png")
+        loads = {layer: torch.tensor(load) for layer, load in run["loads"].items()}
+        plot_expert_load(loads, args.out / f"expert_load_gamma_{run['gamma']:g}.png",
+                         f"expert load, routing_bias_update_speed γ = {run['gamma']}")
     (args.out / "balance.json").write_text(json.dumps(runs))
 
     updated, frozen = runs

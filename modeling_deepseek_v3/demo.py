@@ -1,4 +1,6 @@
-"""End-to-end demo: train a byte-level BPE tokenizer and a small DeepSeek-V3 on Shakespeare, then sample from it.
+"""End-to-end demo of the whole recipe: train a byte-level BPE tokenizer and a small DeepSeek-V3 with one MTP module
+and the routing-bias update on Shakespeare, then sample from it, decode speculatively with the MTP module against
+plain decoding, and plot the loss and the expert load.
 
 Everything runs offline: the corpus ships in `modeling_deepseek_v3/data`, and the trained model is reloaded from disk
 through `pipeline("text-generation")`, i.e. through the Auto classes this package registers for `deepseek_v3`.
@@ -8,8 +10,11 @@ References: karpathy/nanoGPT `data/shakespeare_char` (the corpus idea); transfor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -24,7 +29,10 @@ from transformers import (
     set_seed,
 )
 
-from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, load_preset
+from .configuration import load_preset
+from .model import DeepseekV3ForCausalLM
+from .plots import plot_expert_load, plot_losses
+from .trainer import DeepseekV3Trainer, ExpertBalanceCallback
 
 SPECIAL_TOKEN = "<|endoftext|>"
 BLOCK_SIZE = 256
@@ -34,6 +42,11 @@ BATCH_SIZE = 8
 DEMO_PRESETS = ("tiny", "small", "bench")
 # Written into the output folder, listing the files the run saved: a later run may replace exactly those.
 DEMO_RECORD = "demo-output.json"
+MTP_MODULES = 1  # as in DeepSeek-V3
+SPECULATIVE_PROMPTS = 4  # held-out prompts decoded both ways
+PROMPT_TOKENS = 32
+SPECULATIVE_NEW_TOKENS = 64
+LOG_POINTS = 20  # logged training steps, for the loss plot
 
 
 class DemoArgumentError(ValueError):
@@ -94,15 +107,15 @@ def _previous_demo_files(out: Path) -> list[str]:
     return files
 
 
-def _save_replacing(out: Path, previous: list[str], *saved) -> None:
-    """Save `saved` (objects with `save_pretrained`) into `out` after removing the previous demo run's files, so no
-    stale shard or index survives, and record what was written."""
+def _save_replacing(out: Path, previous: list[str], writers: list[Callable[[Path], object]]) -> None:
+    """Write into `out` with `writers` (each called with the folder) after removing the previous demo run's files, so
+    no stale shard or index survives, and record what was written."""
     out.mkdir(parents=True, exist_ok=True)
     for name in previous:
         (out / name).unlink(missing_ok=True)
     others = _file_names(out)  # files of the user's, kept and never recorded
-    for obj in saved:
-        obj.save_pretrained(out)
+    for write in writers:
+        write(out)
     (out / DEMO_RECORD).write_text(json.dumps({"files": sorted(_file_names(out) - others)}, indent=2) + "\n")
 
 
@@ -147,6 +160,47 @@ def make_datasets(ids: list[int], block_size: int) -> tuple[BlockDataset, BlockD
     return BlockDataset(blocks[:-n_eval]), BlockDataset(blocks[-n_eval:]), block_size
 
 
+@dataclasses.dataclass
+class DemoReport:
+    """What `run_demo` measured."""
+
+    sample: str  # the sampled continuation, prompt included
+    eval_loss: float
+    perplexity: float
+    acceptance_rate: float  # of the MTP drafts in greedy speculative decoding
+    tokens_per_forward: float  # tokens per main-model forward in speculative decoding
+    speedup: float  # plain decoding time / speculative decoding time, same prompts
+    identical: bool  # greedy speculative output equals plain greedy output
+    plots: list[Path]
+
+
+def compare_decoding(model, prompts: list[torch.Tensor], new_tokens: int) -> tuple[float, float, float, bool]:
+    """Greedy decoding of each prompt (`[1, w]`) plainly and with `use_mtp=True`, alternating, `new_tokens` each.
+
+    Returns:
+        `(speed-up, acceptance rate, tokens per main forward, outputs identical)`.
+    """
+    plain_seconds = speculative_seconds = 0.0
+    accepted = drafted = row_steps = tokens = 0
+    identical = True
+    greedy = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)  # exactly new_tokens per prompt
+    with torch.inference_mode():
+        for ids in prompts:
+            start = time.perf_counter()
+            plain = model.generate(ids, **greedy)
+            plain_seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            out = model.generate(ids, use_mtp=True, return_dict_in_generate=True, **greedy)
+            speculative_seconds += time.perf_counter() - start
+            identical &= torch.equal(out.sequences, plain)
+            stats = out.speculative_stats
+            accepted += sum(stats.accepted)
+            drafted += len(stats.accepted) * stats.row_steps
+            row_steps += stats.row_steps
+            tokens += stats.tokens
+    return plain_seconds / speculative_seconds, accepted / drafted, tokens / row_steps, identical
+
+
 def run_demo(
     steps: int = 300,
     out: str | Path = "deepseek-v3-demo",
@@ -155,13 +209,15 @@ def run_demo(
     seed: int = 0,
     prompt: str = "ROMEO:",
     max_new_tokens: int = 60,
-) -> str:
-    """Train a tokenizer and a DeepSeek-V3 from scratch on a text corpus, save both, reload them and sample.
+) -> DemoReport:
+    """Train a tokenizer and a DeepSeek-V3 with one MTP module from scratch on a text corpus (the routing biases
+    train too), save both with PNG plots of the loss and the expert load, reload them, sample, and compare greedy
+    self-speculative decoding with plain greedy decoding on held-out prompts.
 
     Args:
         steps: optimizer steps (>= 1).
-        out: folder for the model, tokenizer and generation config: a new or empty folder, or the output of an
-            earlier run, whose saved files (listed in its `demo-output.json`) are replaced; created if missing.
+        out: folder for the model, tokenizer, generation config and plots: a new or empty folder, or the output of
+            an earlier run, whose saved files (listed in its `demo-output.json`) are replaced; created if missing.
         preset: name of a trainable configuration preset (`DEMO_PRESETS`).
         corpus: UTF-8 text file; None uses the packaged ~1 MB Shakespeare excerpt.
         seed: seeds weights, data order and sampling.
@@ -169,7 +225,7 @@ def run_demo(
         max_new_tokens: length of the sample in tokens (>= 1).
 
     Returns:
-        The generated text, prompt included.
+        A `DemoReport`.
 
     Raises:
         DemoArgumentError (a ValueError): on a bad argument, a missing or empty corpus, a preset not in
@@ -198,6 +254,7 @@ def run_demo(
         bos_token_id=special_id,
         eos_token_id=special_id,
         pad_token_id=special_id,
+        num_nextn_predict_layers=MTP_MODULES,
     )
     ids = tokenizer.backend_tokenizer.encode(text).ids
     train_ds, eval_ds, block_size = make_datasets(ids, min(BLOCK_SIZE, config.max_position_embeddings))
@@ -210,7 +267,8 @@ def run_demo(
     model = DeepseekV3ForCausalLM(config)
     model.config.use_cache = False  # a cache is useless in training and costs memory every forward
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"[demo] model: preset {preset!r}, {n_params / 1e6:.2f} M parameters; training {steps} steps")
+    print(f"[demo] model: preset {preset!r} with {MTP_MODULES} MTP module, {n_params / 1e6:.2f} M parameters; "
+          f"training {steps} steps (MTP loss, routing-bias update, balance loss)")
 
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
@@ -222,7 +280,7 @@ def run_demo(
         lr_scheduler_type="cosine",
         warmup_steps=0.1,  # a float below 1 is a fraction of max_steps
         weight_decay=0.1,
-        logging_steps=max(1, steps // 10),
+        logging_steps=max(1, steps // LOG_POINTS),
         report_to="none",
         use_cpu=use_cpu,
         save_strategy="no",
@@ -231,19 +289,31 @@ def run_demo(
         dataloader_num_workers=0,
         seed=seed,
     )
-    trainer = DeepseekV3Trainer(  # Trainer plus the routing-bias update and the balance metrics in its logs
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=default_data_collator
+    balance = ExpertBalanceCallback(keep_history=True)  # every step's expert load, for the plot
+    trainer = DeepseekV3Trainer(  # Trainer plus the balance and MTP metrics in its logs
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=default_data_collator,
+        callbacks=[balance],
     )
     trainer.train()
 
     eval_loss = trainer.evaluate()["eval_loss"]
-    print(f"[demo] eval loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 50.0)):.2f}")
+    perplexity = math.exp(min(eval_loss, 50.0))
+    print(f"[demo] eval loss {eval_loss:.4f}, perplexity {perplexity:.2f}")
 
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    loads = {layer: torch.stack([step[layer] for step in balance.history]) for layer in balance.history[0]}
+    plots = [out / "loss.png", out / "expert_load.png"]
     model.config.use_cache = True
     model.generation_config = GenerationConfig(
         bos_token_id=special_id, eos_token_id=special_id, pad_token_id=special_id
     )
-    _save_replacing(out, previous, model, tokenizer)
+    _save_replacing(out, previous, [
+        model.save_pretrained,
+        tokenizer.save_pretrained,
+        lambda _: plot_losses([e["step"] for e in logged], [e["loss"] for e in logged], eval_loss, plots[0]),
+        lambda _: plot_expert_load(loads, plots[1], f"expert load per MoE layer, {steps} steps, routing-bias update "
+                                   f"γ = {config.routing_bias_update_speed}"),
+    ])
     print(f"[demo] saved model and tokenizer to {out}")
 
     # Reload from disk, as a user would: this exercises the Auto registration and the saved tokenizer.
@@ -252,4 +322,13 @@ def run_demo(
     sample = generator(prompt, do_sample=True, top_k=50, temperature=0.8, max_new_tokens=max_new_tokens)
     generated = sample[0]["generated_text"]
     print(f"[demo] sample ({max_new_tokens} new tokens max):\n{generated}")
-    return generated
+
+    prompts = [eval_ds[i]["input_ids"][None, :PROMPT_TOKENS].to(generator.model.device)
+               for i in range(min(SPECULATIVE_PROMPTS, len(eval_ds)))]
+    speedup, acceptance, per_forward, identical = compare_decoding(generator.model, prompts, SPECULATIVE_NEW_TOKENS)
+    print(f"[demo] speculative decoding with the MTP module, {len(prompts)} held-out prompts x "
+          f"{SPECULATIVE_NEW_TOKENS} new tokens, greedy: acceptance {acceptance:.1%}, {per_forward:.2f} tokens per "
+          f"main-model forward, {speedup:.2f}x the speed of plain decoding; outputs identical: "
+          f"{'yes' if identical else 'NO'}")
+    print(f"[demo] plots: {plots[0]}, {plots[1]}")
+    return DemoReport(generated, eval_loss, perplexity, acceptance, per_forward, speedup, identical, plots)

@@ -90,14 +90,18 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = tmp_path / "demo"
     # exactly the command, default preset `small` and the packaged corpus (~20 s on two CPU cores)
     assert main(["demo", "--steps", "20", "--out", str(out), "--max-new-tokens", "20"]) == 0
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "loss.png",
+                 "expert_load.png"):
         assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "deepseek_v3"
+    assert config["model_type"] == "deepseek_v3" and config["num_nextn_predict_layers"] == 1
     assert config["vocab_size"] == len(AutoTokenizer.from_pretrained(out))  # embedding rows == tokenizer size
     printed = capsys.readouterr().out
     assert "eval loss" in printed
     assert "\nROMEO:" in printed  # the sample is printed, and it continues the default prompt
+    assert "tokens per main-model forward" in printed and "outputs identical: yes" in printed
+    assert f"plots: {out / 'loss.png'}, {out / 'expert_load.png'}" in printed
 
 
 @pytest.mark.slow
@@ -106,8 +110,10 @@ def test_demo_custom_corpus(tmp_path: Path) -> None:
     corpus.write_text(SMALL_CORPUS * 16, encoding="utf-8")  # ~4 KB
     assert 3_000 < corpus.stat().st_size < 8_000
     out = tmp_path / "demo"
-    text = run_demo(steps=3, out=out, preset="tiny", corpus=corpus, prompt="JULIET:", max_new_tokens=10)
-    assert isinstance(text, str) and text.startswith("JULIET:")
+    report = run_demo(steps=3, out=out, preset="tiny", corpus=corpus, prompt="JULIET:", max_new_tokens=10)
+    assert isinstance(report.sample, str) and report.sample.startswith("JULIET:")
+    assert report.identical and 0 <= report.acceptance_rate <= 1 and 1 <= report.tokens_per_forward <= 2
+    assert all(path.is_file() for path in report.plots)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
 
