@@ -286,6 +286,66 @@ def check_loading_info(
         )
 
 
+# `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` without importing the package first:
+# config.json names these classes in `auto_map`, defined in a small file next to the weights that imports the
+# installed package.
+# They are thin subclasses because transformers marks the classes it loads as remote code (and copies their file
+# into every folder they are saved to): the marks land on them, never on the package's own classes.
+REMOTE_CODE_MODULE = "modeling_deepseek_v3_remote"
+REMOTE_CODE = '''"""Loads this checkpoint with the modeling_deepseek_v3 package (pip install modeling-deepseek-v3),
+so that AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) works in a process that never
+imported it."""
+
+import modeling_deepseek_v3
+
+
+class DeepseekV3Config(modeling_deepseek_v3.DeepseekV3Config):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+
+
+class DeepseekV3Model(modeling_deepseek_v3.DeepseekV3Model):
+    config_class = DeepseekV3Config
+
+
+class DeepseekV3ForCausalLM(modeling_deepseek_v3.DeepseekV3ForCausalLM):
+    config_class = DeepseekV3Config
+'''
+REMOTE_AUTO_MAP = {
+    "AutoConfig": "DeepseekV3Config",
+    "AutoModel": "DeepseekV3Model",
+    "AutoModelForCausalLM": "DeepseekV3ForCausalLM",
+}
+
+
+def write_remote_code(folder: str | Path) -> Path:
+    """Make a saved DeepSeek-V3 folder loadable with `trust_remote_code=True` by processes that do not import this
+    package: writes `auto_map` into its `config.json` and the small `modeling_deepseek_v3_remote.py` beside it.
+
+    Returns:
+        The path of the code file.
+
+    Raises:
+        ValueError: if `folder` has no `config.json`, or one that is not JSON of a `deepseek_v3` model.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{folder} is not a checkpoint folder: it has no config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not JSON ({e})") from e
+    if not isinstance(config, dict) or config.get("model_type") != "deepseek_v3":
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise ValueError(f"{config_path} has model_type {kind!r}; remote code is written for 'deepseek_v3' only")
+    config["auto_map"] = {auto: f"{REMOTE_CODE_MODULE}.{name}" for auto, name in REMOTE_AUTO_MAP.items()}
+    code_path = folder / f"{REMOTE_CODE_MODULE}.py"
+    code_path.write_text(REMOTE_CODE)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return code_path
+
+
 class CheckpointMixin:
     """Loading and saving hooks of the DeepSeek-V3 model classes (put before `PreTrainedModel` in the bases): the
     official key layout in and out, the MTP copies, and strict key checks."""
@@ -359,9 +419,18 @@ class CheckpointMixin:
         check_loading_info(loading_info.missing_keys, set(loading_info.unexpected_keys) | stray, mismatched, hint)
         return loading_info
 
-    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None, **kwargs):
+    def save_pretrained(
+        self,
+        save_directory,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        remote_code: bool = False,
+        **kwargs,
+    ):
         """`PreTrainedModel.save_pretrained`, writing the official MTP layout: every MTP module's
-        `model.layers.{L + k - 1}.embed_tokens.weight` and `.shared_head.head.weight` as copies of the main tensors."""
+        `model.layers.{L + k - 1}.embed_tokens.weight` and `.shared_head.head.weight` as copies of the main tensors.
+        With `remote_code=True` the folder also loads with `trust_remote_code=True` in a process that never imported
+        this package (`write_remote_code`)."""
         if self.has_mtp_modules and not is_peft_adapter_model(self):
             state_dict = dict(self.state_dict() if state_dict is None else state_dict)
             for copy, main in mtp_shared_copy_keys(self.config).items():
@@ -371,4 +440,8 @@ class CheckpointMixin:
                     continue
                 # a copy, not a view: safetensors refuses tensors that share storage
                 state_dict[copy] = tensor.detach().clone()
-        return super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+        result = super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict,
+                                         **kwargs)
+        if remote_code and is_main_process:
+            write_remote_code(save_directory)
+        return result

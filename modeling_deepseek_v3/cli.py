@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import argparse
 
+from modeling_deepseek_v3.checkpoint import write_remote_code
 from modeling_deepseek_v3.convert import DIRECTIONS, convert_checkpoint
 from modeling_deepseek_v3.demo import DEMO_PRESETS, DemoArgumentError, run_demo
 
 # The errors a user's input causes (an argument, file or folder), per command: reported in one line, no traceback.
 # Anything else is a bug and keeps its traceback.
-USER_ERRORS = {"demo": (DemoArgumentError, OSError), "convert": (ValueError, OSError)}
+USER_ERRORS = {
+    "demo": (DemoArgumentError, OSError),
+    "convert": (ValueError, OSError),
+    "remote-code": (ValueError, OSError),
+}
 
 
 def _positive_int(value: str) -> int:
@@ -53,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("direction", choices=DIRECTIONS)
     convert.add_argument("src", help="checkpoint folder (config.json + safetensors)")
     convert.add_argument("dst", help="new folder to create")
+
+    remote = sub.add_parser(
+        "remote-code",
+        help="make a saved folder load with trust_remote_code=True in processes that never import this package",
+        description="Write auto_map into FOLDER/config.json and a small code file beside it, so that "
+        "AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True) returns this package's classes "
+        "(installed) without `import modeling_deepseek_v3` first. Same as save_pretrained(..., remote_code=True).",
+    )
+    remote.add_argument("folder", help="a saved DeepSeek-V3 checkpoint folder")
     return parser
 
 
@@ -78,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "convert":
             convert_checkpoint(args.src, args.dst, args.direction)
             print(f"wrote {args.dst}")
+        elif args.command == "remote-code":
+            print(f"wrote {write_remote_code(args.folder)} and auto_map in {args.folder}/config.json")
     except USER_ERRORS[args.command] as e:
         parser.exit(2, f"deepseek-v3 {args.command}: error: {' '.join(str(e).split())}\n")
     except KeyboardInterrupt:

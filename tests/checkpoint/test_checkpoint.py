@@ -1,6 +1,10 @@
-"""Checkpoints that load silently wrong or fail without naming the key: refused (or warned about) at load time."""
+"""Checkpoints that load silently wrong or fail without naming the key: refused (or warned about) at load time; and
+folders made loadable with trust_remote_code by processes that never imported the package."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,9 +12,10 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
+from modeling_deepseek_v3.cli import main
 from modeling_deepseek_v3.kernels import weight_dequant_ref, weight_quant_ref
 
-from ..utils import QUANTIZATION, random_model, tiny_config
+from ..utils import QUANTIZATION, random_ids, random_model, tiny_config
 
 PROJECTION = "model.layers.0.self_attn.q_b_proj.weight"
 
@@ -120,3 +125,47 @@ def test_a_stored_copy_of_the_wrong_shape_names_the_key(saved_mtp, tmp_path):
                                          r"but it is a copy of a tensor of shape \[512, 64\]"):
         DeepseekV3ForCausalLM.from_pretrained(tmp_path)
 
+
+FRESH_PROCESS_LOAD = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM
+folder, ids_path = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+import modeling_deepseek_v3  # only now, to check the class: the load above did not need it
+assert isinstance(model, modeling_deepseek_v3.DeepseekV3ForCausalLM), type(model)
+with torch.no_grad():
+    torch.save(model(torch.load(ids_path)).logits, ids_path + ".logits")
+print(type(model).__module__)
+"""
+
+
+@pytest.mark.parametrize("route", ["save_pretrained", "cli"])
+def test_remote_code_loads_in_a_process_that_never_imported_the_package(tmp_path, route):
+    model = random_model(tiny_config(num_nextn_predict_layers=1))
+    folder = tmp_path / "model"
+    if route == "save_pretrained":
+        model.save_pretrained(folder, remote_code=True)
+    else:
+        model.save_pretrained(folder)
+        assert main(["remote-code", str(folder)]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_deepseek_v3_remote.DeepseekV3ForCausalLM"
+    ids = random_ids(model.config, 2, 7)
+    torch.save(ids, tmp_path / "ids.pt")
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    script = "import sys; assert 'modeling_deepseek_v3' not in sys.modules\n" + FRESH_PROCESS_LOAD
+    done = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "ids.pt")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("modeling_deepseek_v3_remote")  # the thin subclass of the package's class
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "ids.pt.logits"), model(ids).logits, rtol=0, atol=0)
+
+
+def test_remote_code_refuses_a_folder_of_another_model(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(SystemExit) as exc:
+        main(["remote-code", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "model_type 'gpt2'" in err and err.count("\n") == 1
