@@ -88,7 +88,7 @@ def test_run_demo_rejects_the_full_size_preset(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    # exactly the command, default preset `small` and the packaged corpus (~20 s on two CPU cores)
+    # the README's command with fewer steps: default preset `small` and the packaged corpus
     assert main(["demo", "--steps", "20", "--out", str(out), "--max-new-tokens", "20"]) == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "loss.png",
                  "expert_load.png"):

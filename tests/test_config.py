@@ -37,7 +37,7 @@ def test_official_config_loads_unchanged_and_saves_the_same_meaning(tmp_path):
     assert builtin.rope_parameters["factor"] == 40 and builtin.rope_parameters["rope_type"] == "yarn"
 
 
-def test_bench_preset_is_exactly_the_issue_shape():
+def test_bench_preset_has_its_documented_shape():
     c = load_preset("bench")
     got = {k: getattr(c, k) for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "first_k_dense_replace",
