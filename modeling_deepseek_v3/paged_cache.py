@@ -9,7 +9,7 @@ Sectors, blocks per request, admission, prefix sharing and freeing stay transfor
 Pool layout (one block = one page per layer, L layers): `[L0 rows | L1 rows | ... ]` per block, a row `[c_kv | k_pe]`;
 the row of token n of a request is `block_table[n // P] · P·L + layer · P + n % P`.
 Dimension letters: T tokens of the flat batch, P page size, c kv_lora_rank, r qk_rope_head_dim.
-References: DESIGN.md §11; PagedAttention (Kwon et al. 2023); transformers
+References: docs/design.md (Continuous batching); PagedAttention (Kwon et al. 2023); transformers
 `generation/continuous_batching/cache.py` and `cache_allocators/full_attention.py`.
 """
 
@@ -22,6 +22,7 @@ from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
 
 from .configuration import DeepseekV3Config
+from .private_api import init_cache_allocator, register_allocator_tensor
 
 
 class LatentPageAllocator(FullAttentionCacheAllocator):
@@ -38,21 +39,14 @@ class LatentPageAllocator(FullAttentionCacheAllocator):
         self.latent_dim = config.kv_lora_rank + config.qk_rope_head_dim
         self.cache_dtype = cache_dtype
         self.peak_blocks = 0
-        # the initialisation protocol of transformers' CacheAllocator (its subclasses call these two halves)
-        self._before_cache_tensor_init(
-            index=index,
-            layer_indices=layer_indices,
-            tokens_per_page=page_size,
-            bytes_per_page=self.latent_dim * cache_dtype.itemsize * page_size,
-            allow_block_sharing=allow_block_sharing,
-        )
+        bytes_per_page = self.latent_dim * cache_dtype.itemsize * page_size
+        init_cache_allocator(self, index, layer_indices, page_size, bytes_per_page, allow_block_sharing)
 
     def register_cache_tensor(self, bytes_per_sector: int, non_trash_bytes: int, cache_tensor: torch.Tensor, pool):
         self.bytes_per_sector = bytes_per_sector
-        self._copy_view = cache_tensor.view(-1, self.bytes_per_block)  # whole blocks, copied when requests fork
         total_rows = (non_trash_bytes + 2 * bytes_per_sector) // (self.latent_dim * self.cache_dtype.itemsize)
         rows = cache_tensor.view(self.cache_dtype)[: total_rows * self.latent_dim].view(total_rows, self.latent_dim)
-        self._after_cache_tensor_init(non_trash_bytes, bytes_per_sector, rows, pool)
+        register_allocator_tensor(self, cache_tensor, rows, non_trash_bytes, bytes_per_sector, pool)
         # layer i's rows start at its page of block 0, so row `block · P·L + n % P` is token n of that block's page
         page = self.tokens_per_page
         self.layer_rows = {layer: rows[i * page :] for i, layer in enumerate(self.layer_indices)}
