@@ -208,3 +208,23 @@ def test_paged_rejects_bad_input():
         mla_decode_paged_ref(q_lat, q_pe, c_pages, pe_pages, bad_table, lens, SCALE)
     with pytest.raises(ValueError, match="shapes disagree"):
         mla_decode_paged_ref(q_lat[..., :16], q_pe, c_pages, pe_pages, block_table, lens, SCALE)
+
+
+def test_continuous_batching_through_paged_kernel(monkeypatch):
+    """generate_batch with the decode groups' latent attention in the Triton kernel (interpreted) reading the pool
+    through the block tables the model builds: the same tokens as through the torch reference."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from modeling_deepseek_v3 import paged_attention
+
+    model = random_model()
+    prompts = [random_ids(model.config, 1, n)[0].tolist() for n in (3, 40, 17)]
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=model.config.eos_token_id)
+    cb_config = ContinuousBatchingConfig(num_blocks=12, page_size=16, max_batch_tokens=32)
+    tokens = []
+    for use_kernel in (False, True):
+        if use_kernel:
+            monkeypatch.setattr(paged_attention, "mla_decode_paged", mla_decode_paged_triton)
+        outputs = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb_config)
+        tokens.append([output.generated_tokens for output in outputs.values()])
+    assert tokens[1] == tokens[0]
