@@ -5,10 +5,11 @@ transformers' scheduler hands the model the flat batch with cumulative query / k
 rows to write and to read (`cu_seq_lens_q`, `cu_seq_lens_k`, `write_index`, `read_index`). `PagedBatch` turns them,
 once per forward, into groups of requests:
 * requests with at most `DECODE_MAX_QUERIES` new tokens (decoding) share one group, their queries left-padded to the
-  longest; on the absorbed path they attend through `kernels.mla_decode_paged`, which reads each request's pages
-  through its block table (Triton on CUDA, the torch reference elsewhere);
-* every longer chunk (prefill) is a group of its own, its keys gathered from the pages, through the module's own
-  `attend` (expanded or absorbed, whichever costs less).
+  longest; on CUDA, on the absorbed path, they attend through `kernels.mla_decode_paged`, the Triton kernel reading
+  each request's pages through its block table;
+* every longer chunk (prefill) is a group of its own;
+* elsewhere, a group's keys are gathered from the pages and it goes through the module's own `attend` (expanded or
+  absorbed, whichever costs less; torch on the CPU).
 The MLA math stays in `attention.py` and `kernels/`: this module only arranges queries and pages.
 
 Dimension letters: T tokens of the flat batch, b requests of a group, s query slots, t key slots, h heads,
@@ -28,6 +29,13 @@ from .kernels import mla_decode_paged
 from .paged_cache import PagedLatentCache
 
 DECODE_MAX_QUERIES = 8  # new tokens per request up to which requests share a padded group (decoding, short chunks)
+
+
+def reads_pages_in_place(x: torch.Tensor) -> bool:
+    """Whether decode groups attend with `mla_decode_paged`, whose Triton kernel reads each request's pages in place
+    (CUDA), rather than through the module's torch path over keys gathered from the pages (elsewhere; the reference
+    of `mla_decode_paged` computes in fp32 over whole pages and is slower there)."""
+    return x.is_cuda
 
 
 @dataclass
@@ -124,7 +132,7 @@ class PagedBatch:
         for group in self.groups:
             group_q_nope, group_q_pe = q_nope[0, group.query_rows], q_pe[0, group.query_rows]  # [b, s, h, *]
             s, t = group.query_rows.shape[1], group.token_rows.shape[1]
-            if group.block_table is not None and mla.use_absorbed(s, t):
+            if group.block_table is not None and reads_pages_in_place(q_nope) and mla.use_absorbed(s, t):
                 group_out = self._attend_pages(mla, group, group_q_nope, group_q_pe)
             else:
                 latents = allocator.rows(layer)[group.token_rows]  # [b, t, c + r]

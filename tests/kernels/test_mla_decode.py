@@ -212,7 +212,8 @@ def test_paged_rejects_bad_input():
 
 def test_continuous_batching_through_paged_kernel(monkeypatch):
     """generate_batch with the decode groups' latent attention in the Triton kernel (interpreted) reading the pool
-    through the block tables the model builds: the same tokens as through the torch reference."""
+    through the block tables the model builds, as on CUDA: the same tokens as through the torch path over gathered
+    keys."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     from modeling_deepseek_v3 import paged_attention
@@ -223,7 +224,8 @@ def test_continuous_batching_through_paged_kernel(monkeypatch):
     cb_config = ContinuousBatchingConfig(num_blocks=12, page_size=16, max_batch_tokens=32)
     tokens = []
     for use_kernel in (False, True):
-        if use_kernel:
+        if use_kernel:  # as on CUDA
+            monkeypatch.setattr(paged_attention, "reads_pages_in_place", lambda tensor: True)
             monkeypatch.setattr(paged_attention, "mla_decode_paged", mla_decode_paged_triton)
         outputs = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb_config)
         tokens.append([output.generated_tokens for output in outputs.values()])
