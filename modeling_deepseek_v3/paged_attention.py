@@ -130,14 +130,17 @@ class PagedBatch:
         c = allocator.kv_lora_rank
         out = q_nope.new_empty(*q_nope.shape[:3], mla.v_head_dim)[0]  # [T, h, v]
         for group in self.groups:
-            group_q_nope, group_q_pe = q_nope[0, group.query_rows], q_pe[0, group.query_rows]  # [b, s, h, *]
-            s, t = group.query_rows.shape[1], group.token_rows.shape[1]
+            (b, s), t = group.query_rows.shape, group.token_rows.shape[1]
+            # index_select, not indexing with [b, s] tensors: several times faster on the CPU
+            group_q_nope, group_q_pe = (x[0].index_select(0, group.query_rows.flatten()).unflatten(0, (b, s))
+                                        for x in (q_nope, q_pe))  # [b, s, h, *]  # fmt: skip
             if group.block_table is not None and reads_pages_in_place(q_nope) and mla.use_absorbed(s, t):
                 group_out = self._attend_pages(mla, group, group_q_nope, group_q_pe)
             else:
-                latents = allocator.rows(layer)[group.token_rows]  # [b, t, c + r]
+                latents = allocator.rows(layer).index_select(0, group.token_rows.flatten()).view(b, t, -1)
                 group_out = mla.attend(group_q_nope, group_q_pe, latents[..., :c], latents[..., c:], group.mask)
-            out[group.query_rows[group.real]] = group_out[group.real]
+            real = group.real.flatten()
+            out.index_copy_(0, group.query_rows.flatten()[real], group_out.flatten(0, 1)[real])
         return out[None]
 
     def _attend_pages(self, mla: nn.Module, group: RequestGroup, q_nope: torch.Tensor, q_pe: torch.Tensor):
