@@ -128,11 +128,18 @@ def test_sampling_runs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pages_hold_only_the_latent(dtype):
-    """Per token and layer the pool holds kv_lora_rank + qk_rope_head_dim values, and its bytes are the blocks asked
-    for (plus transformers' two padding sectors)."""
+    """Per token and layer the pool holds kv_lora_rank + qk_rope_head_dim values in the model's dtype, and its bytes
+    are the blocks asked for (plus transformers' two padding sectors); a request runs through it."""
     config = tiny_config()
     model = random_model(config).to(dtype)
-    with model.continuous_batching_context_manager(continuous_batching_config=batching_config(10)) as manager:
+    generation = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=config.eos_token_id)
+    cb_config = batching_config(10)
+    with model.continuous_batching_context_manager(
+        generation_config=generation, continuous_batching_config=cb_config
+    ) as manager:
+        request = manager.add_request(prompts_of([40], config.vocab_size)[0])
+        output = manager.get_result(request_id=request, timeout=60)
+        assert output.error is None and 1 <= len(output.generated_tokens) <= 3
         cache = manager.batch_processor.cache
         latent = config.kv_lora_rank + config.qk_rope_head_dim
         assert cache.bytes_per_token() == config.num_hidden_layers * latent * dtype.itemsize
