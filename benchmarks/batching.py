@@ -9,10 +9,11 @@
 `gc.collect()`, about 0.5 s here). Continuous batching runs with a pool holding every request at once, and with a
 pool of `--small-pool` (a quarter) of the padded cache's token slots (requests then wait for pages others free).
 Tokens/s count the requested tokens only; cache bytes are the padded `MLACache` after `generate` against the pool
-allocated up front (and the most bytes live requests held). Runs alternate (continuous, padded, ...) and the median
-of `--repeats` is printed. Every request's tokens are checked to equal the padded batch's (left-padded greedy
-decoding equals per-request decoding). transformers' built-in `DeepseekV3ForCausalLM` (same weights; it caches the
-latent too) is timed on the padded batch, and its own `generate_batch` tried.
+allocated up front (and the most bytes live requests held). Beside the pool, transformers' batch inputs allocate a
+dense attention mask for sdpa / eager that this model does not read: printed too. Runs alternate (continuous,
+padded, ...) and the median of `--repeats` is printed. Every request's tokens are checked to equal the padded
+batch's (left-padded greedy decoding equals per-request decoding). transformers' built-in `DeepseekV3ForCausalLM`
+(same weights; it caches the latent too) is timed on the padded batch, and its own `generate_batch` tried.
 
     python benchmarks/batching.py                           # preset small, 64 requests, one thread
     python benchmarks/batching.py --preset tiny --requests 16 --repeats 1 --no-builtin
@@ -79,8 +80,8 @@ def generate_batch(model, prompts, max_new_tokens: int, cb_config) -> tuple[list
     return [output.generated_tokens for output in outputs.values()], seconds
 
 
-def manager_run(model, prompts, new_tokens, cb_config) -> tuple[list[list[int]], float, int, int]:
-    """Each request with its own max_new_tokens: (tokens, seconds, pool bytes, most bytes held by live requests)."""
+def manager_run(model, prompts, new_tokens, cb_config) -> tuple[list[list[int]], float, int]:
+    """Each request with its own max_new_tokens: (tokens, seconds, most bytes held by live requests)."""
     config = GenerationConfig(do_sample=False, eos_token_id=-1)
     with model.continuous_batching_context_manager(generation_config=config,
                                                    continuous_batching_config=cb_config) as manager:  # fmt: skip
@@ -91,17 +92,21 @@ def manager_run(model, prompts, new_tokens, cb_config) -> tuple[list[list[int]],
             output = manager.get_result(timeout=600)
             outputs[output.request_id] = output
         seconds = time.perf_counter() - start
-        cache = manager.batch_processor.cache
-        pool, peak = cache.allocated_bytes(), cache.peak_used_bytes()
-    return [outputs[rid].generated_tokens for rid in ids], seconds, pool, peak
+        peak = manager.batch_processor.cache.peak_used_bytes()
+    return [outputs[rid].generated_tokens for rid in ids], seconds, peak
 
 
-def pool_bytes(model, cb_config) -> int:
+def pool_and_mask_bytes(model, cb_config) -> tuple[int, int]:
+    """The pool a manager allocates for `cb_config`, and the attention mask transformers' batch inputs allocate beside
+    it for sdpa / eager ([max_batch_tokens, pool tokens + max_batch_tokens]; this model does not read it)."""
     manager = model.init_continuous_batching(continuous_batching_config=cb_config)
-    nbytes = manager.batch_processor.cache.allocated_bytes()
+    processor = manager.batch_processor
+    masks = processor.inputs_and_outputs.attention_mask
+    mask_bytes = sum(mask.nbytes for mask in masks.values()) if isinstance(masks, dict) else getattr(masks, "nbytes", 0)
+    pool = processor.cache.allocated_bytes()
     manager.batch_processor = None
     manager.destroy()
-    return nbytes
+    return pool, mask_bytes
 
 
 def median_runs(fns: dict, repeats: int) -> dict:
@@ -177,9 +182,10 @@ def main() -> None:
         print(f"  {'':36s} {'tokens/s':>9s} {'vs padded':>9s} {'cache MiB':>10s} {'padded/this':>11s}  same tokens")
         for name, ((tokens, _, *extra), seconds) in results.items():
             if name.startswith("continuous"):
-                blocks = pools[name.removeprefix("continuous, ")]
-                nbytes = extra[0] if extra else pool_bytes(model, batching_config(args, blocks))
-                note = f"  (live requests held at most {extra[1] / 2**20:.2f} MiB)" if len(extra) > 1 else ""
+                cb_config = batching_config(args, pools[name.removeprefix("continuous, ")])
+                nbytes, mask = pool_and_mask_bytes(model, cb_config)
+                note = f"  (batch mask {mask / 2**20:.2f} MiB"
+                note += f"; live requests held at most {extra[0] / 2**20:.2f} MiB)" if extra else ")"
             else:
                 nbytes, note = extra[0], ""
             same = [t[:n] for t, n in zip(tokens, lengths)] == reference
