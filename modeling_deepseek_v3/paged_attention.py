@@ -33,8 +33,8 @@ DECODE_MAX_QUERIES = 8  # new tokens per request up to which requests share a pa
 
 def reads_pages_in_place(x: torch.Tensor) -> bool:
     """Whether decode groups attend with `mla_decode_paged`, whose Triton kernel reads each request's pages in place
-    (CUDA), rather than through the module's torch path over keys gathered from the pages (elsewhere; the reference
-    of `mla_decode_paged` computes in fp32 over whole pages and is slower there)."""
+    (CUDA), rather than through the module's own absorbed path over keys gathered from the pages (elsewhere: the
+    reference of `mla_decode_paged` gathers whole pages and checks the block table, which costs more there)."""
     return x.is_cuda
 
 
