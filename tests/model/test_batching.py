@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
-from .utils import random_model, tiny_config
+from ..utils import random_model, tiny_config
 
 PAGE = 16
 
