@@ -1,7 +1,8 @@
 """GPU check of the decode and MoE kernels: each against its torch reference, then timings at DeepSeek-V3's shapes.
 
 1. Checks, on fresh random inputs: latent-attention decode (fp32 and bf16; left padding, speculative queries,
-   forced splits) against `mla_decode_ref`; grouped matmul and fused SwiGLU, forward and every gradient, against
+   forced splits) against `mla_decode_ref`, and over a paged pool (rows of different lengths) against
+   `mla_decode_paged_ref`; grouped matmul and fused SwiGLU, forward and every gradient, against
    autograd through their references; the FP8 grouped GEMM against `fp8_grouped_gemm_ref`.
 2. Latent decode at DeepSeek-V3's head shapes (128 heads, c 512, r 64, one new token, bf16), batch {1, 16, 64} ×
    context {1k, 8k, 32k}: median of CUDA-event timings, L2 flushed before each run. Achieved GB/s counts the bytes
@@ -40,6 +41,8 @@ from modeling_deepseek_v3.kernels import (
     grouped_swiglu,
     grouped_swiglu_ref,
     mla_decode,
+    mla_decode_paged,
+    mla_decode_paged_ref,
     mla_decode_ref,
     weight_quant,
     weight_quant_ref,
@@ -94,6 +97,21 @@ def check_decode(device: str, shapes, dtypes) -> None:
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         name = f"mla_decode b{b} s{s} h{h} t{t} {'padded' if pad else 'causal'} splits {splits or 'auto'} {dtype}"
         record(name, rel_err(got, ref), tol)
+
+
+def check_paged_decode(device: str, shapes, dtypes) -> None:
+    """The paged decode (continuous batching) on rows of different lengths whose pages are scattered over one
+    interleaved [pages, P, c + r] pool, against its reference."""
+    for (seq_lens, s, h, c, r, page), dtype in ((shape, dtype) for shape in shapes for dtype in dtypes):
+        b, width = len(seq_lens), max(-(-n // page) for n in seq_lens)
+        pool = torch.randn(2 * b * width, page, c + r, device=device).to(dtype)
+        block_table = torch.randperm(pool.shape[0], device=device)[: b * width].view(b, width).to(torch.int32)
+        lens = torch.tensor(seq_lens, device=device, dtype=torch.int32)
+        q_lat, q_pe = (torch.randn(b, s, h, d, device=device).to(dtype) for d in (c, r))
+        args = (q_lat, q_pe, pool[..., :c], pool[..., c:], block_table, lens, (c // 4) ** -0.5)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        name = f"mla_decode_paged rows {seq_lens} s{s} h{h} page {page} {dtype}"
+        record(name, rel_err(mla_decode_paged(*args), mla_decode_paged_ref(*args)), tol)
 
 
 def autograd_pair(fn, ref_fn, dy: torch.Tensor, *inputs):
@@ -267,16 +285,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         # (b, s, h, c, r, t, left padding per row, forced splits); dry-run decode runs the reference (no Triton)
         decode_shapes = [(2, 1, 8, 64, 16, 100, 7, None), (2, 3, 8, 64, 16, 77, 0, None)]
+        paged_shapes = [((37, 100, 5), 1, 8, 64, 16, 16)]
         moe_shape, moe_counts = (40, 64), [5, 0, 17, 3]
         batches, contexts, heads, c, r = (1, 2), (64, 256), 8, 64, 16
         moe_timing = (16, 256, 128, 8, 2)
     else:
         decode_shapes = [(3, 1, 128, 512, 64, 1000, 300, None), (2, 3, 128, 512, 64, 777, 0, None),
                          (4, 2, 16, 512, 64, 4099, 1000, 7), (2, 8, 16, 512, 64, 300, 0, 1)]
+        paged_shapes = [((1000, 37, 4099, 256, 2), 1, 128, 512, 64, 64), ((300, 5000), 3, 16, 512, 64, 256)]
         moe_shape, moe_counts = (2048, 1536), [300, 0, 129, 1, 700, 12, 0, 64]
         batches, contexts, heads, c, r = (1, 16, 64), (1024, 8192, 32768), 128, 512, 64
         moe_timing = (4096, 7168, 2048, 256, 8)
     guarded("decode checks", check_decode, device, decode_shapes, (torch.float32, torch.bfloat16))
+    guarded("paged decode checks", check_paged_decode, device, paged_shapes, (torch.float32, torch.bfloat16))
     guarded("moe checks", check_moe, device, *moe_shape, moe_counts, (torch.float32, torch.bfloat16))
     guarded("decode timings", time_decode, device, batches, contexts, heads, c, r, args.runs)
     guarded("moe timings", time_moe, device, *moe_timing, args.runs)

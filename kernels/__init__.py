@@ -20,6 +20,7 @@ from .reference import (
     fp8_grouped_gemm_ref,
     grouped_mm_ref,
     grouped_swiglu_ref,
+    mla_decode_paged_ref,
     mla_decode_ref,
     weight_dequant_ref,
     weight_quant_ref,
@@ -114,6 +115,25 @@ def mla_decode(
     return mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
 
 
+def mla_decode_paged(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv_pages: torch.Tensor,
+    k_pe_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """`mla_decode` over a paged latent pool: `c_kv_pages` `[num_pages, P, c]`, `k_pe_pages` `[num_pages, P, r]`,
+    row b's keys in the pages `block_table[b]` (int32 `[b, m]`), `seq_lens` (int32 `[b]`) keys per row, query i of row
+    b at position `seq_lens[b] - s + i` -> `o_lat` `[b, s, h, c]` (see `mla_decode_paged_ref`)."""
+    if q_lat.is_cuda:
+        from .latent_decode import mla_decode_paged_triton
+
+        return mla_decode_paged_triton(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table, seq_lens, softmax_scale)
+    return mla_decode_paged_ref(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table, seq_lens, softmax_scale)
+
+
 __all__ = [
     "FP8_BLOCK",
     "FP8_E4M3_MAX",
@@ -131,6 +151,8 @@ __all__ = [
     "grouped_swiglu",
     "grouped_swiglu_ref",
     "mla_decode",
+    "mla_decode_paged",
+    "mla_decode_paged_ref",
     "mla_decode_ref",
     "weight_dequant",
     "weight_dequant_ref",

@@ -6,13 +6,14 @@ one split of the keys. Each `c_kv` tile [BLOCK_N, c] is loaded once and used twi
 as the values (`P · c_kv`), for every head of the block: the point of MLA decoding, where all heads share one latent.
 Scores and the softmax are fp32 in base 2 (log2(e) folded into the scale, so exponentials are `exp2`). Every split
 writes its normalised output and its log-sum-exp; a second kernel merges the splits. With one split the first kernel
-writes the output directly.
+writes the output directly. The same kernel reads paged keys (continuous batching): each row's keys lie in pages of
+a shared latent pool, found through the row's block table, and each row has its own key count.
 
 Dimension letters: b batch, s new tokens, h heads, m = s·h query rows (row m is query m // h of head m % h), t keys,
 c kv_lora_rank, r rope dim.
 References: DeepSeek-V2 report §2.1.2 (absorbing W_UK and W_UV); FlashMLA (deepseek-ai/FlashMLA, latent decode with all
-heads of a token per block); flash-decoding (Dao et al. 2023, split-KV with a log-sum-exp merge); docs/design.md
-(Multi-head Latent Attention, Kernels).
+heads of a token per block, paged cache); PagedAttention (Kwon et al. 2023, block tables); flash-decoding (Dao et al.
+2023, split-KV with a log-sum-exp merge); docs/design.md (Multi-head Latent Attention, Kernels).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_mla_decode_args
+from .reference import check_mla_decode_args, check_mla_decode_paged_args
 from .tuning import Tuned
 
 # Query rows per program: 64 fills a Hopper warpgroup MMA and keeps the fp32 accumulator [64, 512] in registers over 8
@@ -43,14 +44,16 @@ DECODE_CONFIGS = [
 # multiples of 16), so a growing cache does not recompile the kernel
 @triton.jit(do_not_specialize=["T", "tokens_per_split", "stride_mb", "stride_ms"])
 def mla_decode_kernel(
-    q_ptr, qpe_ptr, ckv_ptr, kpe_ptr, mask_ptr, o_ptr, lse_ptr,
+    q_ptr, qpe_ptr, ckv_ptr, kpe_ptr, mask_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     H, M, S, T, tokens_per_split, scale_log2, SPLIT_BUCKET,
     stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph,
-    stride_cb, stride_ct, stride_kb, stride_kt, stride_mb, stride_ms, stride_mt,
+    stride_cb, stride_ct, stride_kb, stride_kt, stride_mb, stride_ms, stride_mt, stride_btb,
     stride_ob, stride_osplit, stride_lb, stride_lsplit,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    # PAGE_SIZE > 0: the keys of row b are paged, key j at token j % PAGE_SIZE of page block_table[b, j // PAGE_SIZE]
+    # (c_kv / k_pe are [pages, PAGE_SIZE, c / r], "b" strides are the page strides), and row b has seq_lens[b] keys
     # head blocks vary fastest, so the programs that read the same c_kv tiles run together and share them in L2
     pid_h, pid_split, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = pid_b.to(tl.int64)  # int64: b × stride passes 2^31 for long caches
@@ -63,10 +66,12 @@ def mla_decode_kernel(
     q = tl.load(q_ptr + q_rows[:, None] + offs_c[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
     pe_rows = b * stride_pb + query * stride_ps + head * stride_ph
     q_pe = tl.load(qpe_ptr + pe_rows[:, None] + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    if PAGE_SIZE > 0:
+        T = tl.load(seq_lens_ptr + b)
     last_key = T - S + query  # without a mask: causal, query i sits at position t - s + i
 
     start = pid_split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, T)
+    end = tl.minimum(start + tokens_per_split, T)  # a paged row shorter than the longest may leave a split empty
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max of the base-2 scores
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
@@ -74,9 +79,16 @@ def mla_decode_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         keys = offs_n.to(tl.int64)
-        kv = tl.load(ckv_ptr + b * stride_cb + keys[:, None] * stride_ct + offs_c[None, :],
+        if PAGE_SIZE > 0:
+            page = tl.load(block_table_ptr + b * stride_btb + keys // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+            c_rows = page * stride_cb + (keys % PAGE_SIZE) * stride_ct  # [BLOCK_N]
+            k_rows = page * stride_kb + (keys % PAGE_SIZE) * stride_kt
+        else:
+            c_rows = b * stride_cb + keys * stride_ct
+            k_rows = b * stride_kb + keys * stride_kt
+        kv = tl.load(ckv_ptr + c_rows[:, None] + offs_c[None, :],
                      mask=mask_n[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_N, BLOCK_C]: keys and values
-        k_pe = tl.load(kpe_ptr + b * stride_kb + keys[:, None] * stride_kt + offs_r[None, :],
+        k_pe = tl.load(kpe_ptr + k_rows[:, None] + offs_r[None, :],
                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
         scores = tl.dot(q, tl.trans(kv), input_precision=DOT_PRECISION)
         scores = tl.dot(q_pe, tl.trans(k_pe), scores, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
@@ -129,7 +141,7 @@ def mla_decode_merge_kernel(
     tl.store(o_ptr + b * stride_ob + pid_m * C + offs_c, acc.to(o_ptr.dtype.element_ty), mask=mask_c)
 
 
-_mla_decode = Tuned(mla_decode_kernel, DECODE_CONFIGS, key=["M", "C", "R", "SPLIT_BUCKET"])
+_mla_decode = Tuned(mla_decode_kernel, DECODE_CONFIGS, key=["M", "C", "R", "SPLIT_BUCKET", "PAGE_SIZE"])
 
 
 def _num_splits(programs_per_split: int, t: int, device: torch.device) -> int:
@@ -168,18 +180,61 @@ def mla_decode_triton(
         >>> o_lat = mla_decode_triton(q_lat, q_pe, cache_c_kv, cache_k_pe, None, softmax_scale)
     """
     check_mla_decode_args(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
+    return _launch(q_lat, q_pe, c_kv, k_pe, c_kv.shape[1], mask, None, softmax_scale, num_splits)
+
+
+def mla_decode_paged_triton(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv_pages: torch.Tensor,
+    k_pe_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Absorbed MLA decode attention over a paged latent pool (continuous batching); same contract as
+    `mla_decode_paged_ref`. Each program reads its row's pages through the block table: nothing is gathered.
+
+    Args:
+        q_lat: `[b, s, h, c]`; q_pe: `[b, s, h, r]`; query i of row b sits at position `seq_lens[b] - s + i`.
+        c_kv_pages: `[num_pages, P, c]`; k_pe_pages: `[num_pages, P, r]` (contiguous last dims; views of one
+            interleaved pool are read in place).
+        block_table: `[b, m]` int32 page ids; seq_lens: `[b]` int32 keys per row (at most `m · P`, not checked here:
+            reading them back would stall the GPU).
+        softmax_scale: the score scale.
+        num_splits: how many parts the longest row's keys are split into (None: enough to fill the GPU).
+
+    Returns:
+        `o_lat` `[b, s, h, c]` in the dtype of `q_lat`.
+
+    Raises:
+        ValueError: on shapes, dtypes, a scale or a split count that do not fit.
+
+    Example:
+        >>> o_lat = mla_decode_paged_triton(q_lat, q_pe, pages[..., :c], pages[..., c:], block_table, seq_lens, scale)
+    """
+    check_mla_decode_paged_args(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table, seq_lens, softmax_scale)
+    max_keys = block_table.shape[1] * c_kv_pages.shape[1]
+    return _launch(q_lat, q_pe, c_kv_pages, k_pe_pages, max_keys, None, (block_table, seq_lens), softmax_scale,
+                   num_splits)
+
+
+def _launch(q_lat, q_pe, c_kv, k_pe, t, mask, paging, softmax_scale, num_splits) -> torch.Tensor:
+    """Launches the split kernel (and the merge) over dense `[b, t, *]` keys, or paged keys when `paging` is
+    `(block_table, seq_lens)`, with `t` the longest row's key count."""
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"mla_decode: num_splits must be a positive integer or None, got {num_splits}")
     q_lat, q_pe, c_kv, k_pe = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_lat, q_pe, c_kv, k_pe))
     b, s, h, c = q_lat.shape
-    t, r = c_kv.shape[1], k_pe.shape[-1]
+    r = k_pe.shape[-1]
     m = s * h
     block_h = min(MAX_BLOCK_H[q_lat.dtype], max(16, triton.next_power_of_2(m)))  # tl.dot needs at least 16 rows
     head_blocks = triton.cdiv(m, block_h)
     if num_splits is None:
         num_splits = _num_splits(b * head_blocks, t, q_lat.device)
     tokens_per_split = triton.cdiv(triton.cdiv(t, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
-    num_splits = triton.cdiv(t, tokens_per_split)  # no empty split
+    num_splits = triton.cdiv(t, tokens_per_split)  # no empty split (for the longest row)
 
     out = torch.empty(b, s, h, c, dtype=q_lat.dtype, device=q_lat.device)
     lse = torch.empty(b, num_splits, m, dtype=torch.float32, device=q_lat.device)
@@ -187,17 +242,21 @@ def mla_decode_triton(
     # a bool mask is read as bytes; `view` keeps its strides, so a broadcast [s, t] -> [b, s, t] mask is not copied
     mask_bytes = mask.view(torch.uint8) if mask is not None else q_lat
     mask_strides = mask_bytes.stride() if mask is not None else (0, 0, 0)
+    block_table, seq_lens = paging if paging is not None else (q_lat, q_lat)  # unread placeholders when dense
+    page_size = c_kv.shape[1] if paging is not None else 0
     # keys per program in powers of two up to 4096: in the autotune key (the kernel does not read it), so a config
     # tuned on a short context is not reused for a long one, while a growing cache retunes only a few times
     split_bucket = min(triton.next_power_of_2(tokens_per_split), 4096)
     _mla_decode[(head_blocks, num_splits, b)](
-        q_lat.device, q_lat, q_pe, c_kv, k_pe, mask_bytes, part, lse,
+        q_lat.device, q_lat, q_pe, c_kv, k_pe, mask_bytes, block_table, seq_lens, part, lse,
         h, m, s, t, tokens_per_split, softmax_scale * math.log2(math.e), split_bucket,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         c_kv.stride(0), c_kv.stride(1), k_pe.stride(0), k_pe.stride(1), *mask_strides,
+        block_table.stride(0) if paging is not None else 0,
         part.stride(0), 0 if num_splits == 1 else part.stride(1), lse.stride(0), lse.stride(1),
         C=c, R=r, BLOCK_C=max(16, triton.next_power_of_2(c)), BLOCK_R=max(16, triton.next_power_of_2(r)),
-        HAS_MASK=mask is not None, DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32", BLOCK_H=block_h,
+        HAS_MASK=mask is not None, PAGE_SIZE=page_size, BLOCK_H=block_h,
+        DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     if num_splits > 1:
         mla_decode_merge_kernel[(m, b)](

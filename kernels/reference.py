@@ -126,6 +126,69 @@ def check_mla_decode_args(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale) -> None:
         raise ValueError(f"mla_decode: softmax_scale must be positive, got {softmax_scale}")
 
 
+def mla_decode_paged_ref(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv_pages: torch.Tensor,
+    k_pe_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """`mla_decode_ref` for rows whose latent cache lies in fixed-size pages of a shared pool (continuous batching):
+    row b's key j is token `j % P` of page `block_table[b, j // P]`.
+
+    Args:
+        q_lat: `[b, s, h, c]`; q_pe: `[b, s, h, r]` (see `mla_decode_ref`). Query i of row b sits at position
+            `seq_lens[b] - s + i`: a row with fewer new tokens than `s` has its first query slots as padding (they see
+            fewer keys, or none, and get zeros then).
+        c_kv_pages: `[num_pages, P, c]`; k_pe_pages: `[num_pages, P, r]` (views of one latent pool may interleave).
+        block_table: `[b, m]` int32 page ids; entries past `ceil(seq_lens[b] / P)` are not read.
+        seq_lens: `[b]` int32 keys of each row (cached + new), at most `m · P`.
+        softmax_scale: the score scale.
+
+    Returns:
+        `o_lat` `[b, s, h, c]` in the dtype of `q_lat`.
+
+    Raises:
+        ValueError: on shapes, dtypes, page ids or key counts that do not fit.
+    """
+    check_mla_decode_paged_args(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table, seq_lens, softmax_scale)
+    b, s = q_lat.shape[:2]
+    page_size = c_kv_pages.shape[1]
+    t = block_table.shape[1] * page_size
+    if (seq_lens > t).any() or (seq_lens < 0).any():
+        raise ValueError(f"mla_decode_paged: seq_lens must lie in [0, {t}] (the block table's pages × {page_size})")
+    pages_read = torch.arange(block_table.shape[1], device=block_table.device) * page_size < seq_lens[:, None]
+    if (block_table[pages_read] < 0).any() or (block_table[pages_read] >= c_kv_pages.shape[0]).any():
+        raise ValueError(f"mla_decode_paged: block_table holds page ids outside [0, {c_kv_pages.shape[0]})")
+    pages = block_table.masked_fill(~pages_read, 0).long()  # unread entries may hold anything
+    c_kv, k_pe = c_kv_pages[pages].flatten(1, 2), k_pe_pages[pages].flatten(1, 2)  # [b, t, c], [b, t, r]
+    positions = seq_lens[:, None].long() - s + torch.arange(s, device=seq_lens.device)  # [b, s]
+    mask = torch.arange(t, device=seq_lens.device) <= positions[:, :, None]  # [b, s, t]
+    return mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
+
+
+def check_mla_decode_paged_args(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table, seq_lens, softmax_scale) -> None:
+    """Argument checks of the paged latent decode attention (reference and Triton) that need no read-back."""
+    pages_agree = c_kv_pages.dim() == k_pe_pages.dim() == 3 and c_kv_pages.shape[:2] == k_pe_pages.shape[:2]
+    if q_lat.dim() != 4 or not pages_agree:
+        raise ValueError(f"mla_decode_paged: expected q_lat [b, s, h, c], c_kv_pages [num_pages, P, c] and k_pe_pages "
+                         f"[num_pages, P, r], got {tuple(q_lat.shape)}, {tuple(c_kv_pages.shape)} and "
+                         f"{tuple(k_pe_pages.shape)}")
+    b, s = q_lat.shape[:2]
+    if block_table.dim() != 2 or block_table.shape[0] != b or block_table.dtype != torch.int32:
+        raise ValueError(f"mla_decode_paged: block_table must be int32 [b={b}, pages], got {block_table.dtype} "
+                         f"{tuple(block_table.shape)}")
+    if tuple(seq_lens.shape) != (b,) or seq_lens.dtype != torch.int32:
+        raise ValueError(f"mla_decode_paged: seq_lens must be int32 [b={b}], got {seq_lens.dtype} "
+                         f"{tuple(seq_lens.shape)}")
+    # the dense checks, run on one-element stand-ins expanded to the shapes the pages are read into (no copy)
+    t = block_table.shape[1] * c_kv_pages.shape[1]
+    c_kv, k_pe = (x.new_empty(1, 1, 1).expand(b, t, x.shape[2]) for x in (c_kv_pages, k_pe_pages))
+    check_mla_decode_args(q_lat, q_pe, c_kv, k_pe, torch.ones(1, 1, 1, dtype=torch.bool).expand(b, s, t), softmax_scale)
+
+
 # ---- FP8 (E4M3) block quantisation, docs/design.md -------------------------------------------------------------------
 # Dimension letters: M rows (tokens), N output features, K contraction; B = 128, the block size.
 

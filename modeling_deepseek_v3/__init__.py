@@ -1,5 +1,6 @@
 """DeepSeek-V3 for Hugging Face Transformers: MLA with a latent KV cache and absorbed decoding, DeepSeekMoE,
-Multi-Token Prediction (training objective and self-speculative decoding, `generate(use_mtp=True)`).
+Multi-Token Prediction (training objective and self-speculative decoding, `generate(use_mtp=True)`), continuous
+batching over a paged latent cache (`generate_batch`).
 
 Importing this package registers its classes with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM` for
 `model_type = "deepseek_v3"`, replacing transformers' built-in DeepSeek-V3 classes for the whole process. The
@@ -13,6 +14,7 @@ from .configuration import PRESET_NAMES, DeepseekV3Config, load_preset
 from .generation import SpeculativeStats
 from .metrics import TrainingMetrics
 from .model import DeepseekV3CausalLMOutput, DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
+from .paged_cache import PagedLatentCache
 from .trainer import DeepseekV3Trainer, ExpertBalanceCallback
 
 AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
@@ -31,6 +33,7 @@ __all__ = [
     "LatentCacheLayer",
     "MLACache",
     "MLAStaticCache",
+    "PagedLatentCache",
     "SpeculativeStats",
     "TrainingMetrics",
     "load_preset",

@@ -16,6 +16,9 @@ References: DeepSeek-V2 report §2.1 (absorption); DeepSeek-V3 report §2.1.1; D
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +31,9 @@ from .kernels import mla_decode
 from .layers import RMSNorm
 from .private_api import attention_implementation, has_forward_hooks
 from .rope import apply_rope, softmax_scale
+
+if TYPE_CHECKING:
+    from .paged_attention import PagedBatch
 
 
 def eager_attention(
@@ -110,6 +116,7 @@ class MultiHeadLatentAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        paged_batch: PagedBatch | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """
@@ -118,6 +125,8 @@ class MultiHeadLatentAttention(nn.Module):
             position_embeddings: `(cos, sin)`, each `[b, s, r/2]`.
             attention_mask: `[b, 1, s, t]` boolean (True = attend) or additive float, or None (causal, no padding).
             cache: a cache holding `c_kv` / `k_pe` per layer; updated in place.
+            paged_batch: under continuous batching, the layout of the flat batch (`b = 1`, `s` tokens of many
+                requests) over the paged latent cache; `attention_mask` and `cache` are then not read.
 
         Returns:
             `[b, s, hidden]`.
@@ -135,18 +144,41 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe, cos, sin)  # ONE rope key shared by all heads
+        if paged_batch is not None:
+            out = paged_batch.attend(self, q_nope, q_pe, c_kv, k_pe)
+            return self.o_proj(out.reshape(b, s, self.num_heads * self.v_head_dim))
         c_kv, k_pe = c_kv.unsqueeze(1), k_pe.unsqueeze(1)  # [b, 1, s, c], [b, 1, s, r]: one "head" for the cache
         past = 0  # tokens cached before this call (a tensor for static caches)
         if cache is not None:
             past = cache.get_seq_length(self.layer_idx)
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
         c_kv, k_pe = c_kv[:, 0], k_pe[:, 0]  # [b, t, c], [b, t, r]
-
-        if self.use_absorbed(s, c_kv.shape[1]):
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask, past)
-        else:
-            out = self._expanded(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
+        out = self.attend(q_nope, q_pe, c_kv, k_pe, attention_mask, past, **kwargs)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.v_head_dim))
+
+    def attend(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Attention of `s` new queries over `t` latent keys, by the cheaper path (`use_absorbed`).
+
+        Args:
+            q_nope: `[b, s, h, n]`; q_pe: `[b, s, h, r]` (rotated); c_kv: `[b, t, c]`; k_pe: `[b, t, r]` (rotated).
+            attention_mask: as in `forward`, or None: causal, query i at position `past + i`.
+            past: keys before the first query (a tensor for static caches).
+
+        Returns:
+            `[b, s, h, v]`, before `o_proj`.
+        """
+        if self.use_absorbed(q_nope.shape[1], c_kv.shape[1]):
+            return self._absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask, past)
+        return self._expanded(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
 
     def use_absorbed(self, s: int, t: int) -> bool:
         """Whether the absorbed path costs fewer multiply-adds for `s` queries over `t` keys (docs/design.md)."""
@@ -200,13 +232,26 @@ class MultiHeadLatentAttention(nn.Module):
         return out[..., : self.v_head_dim]  # [b, s, h, v]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, attention_mask, past) -> torch.Tensor:
-        b, s, h, _ = q_nope.shape
+        b, s, _, _ = q_nope.shape
         t = c_kv.shape[1]
-        w_kv_b = dense_weight(self.kv_b_proj, c_kv.dtype).view(h, self.qk_nope_head_dim + self.v_head_dim, -1)
+        mask = latent_mask(attention_mask, b, s, t, past, c_kv.device)
+        return self.absorbed(q_nope, lambda q_lat: mla_decode(q_lat, q_pe, c_kv, k_pe, mask, self.softmax_scale))
+
+    def absorbed(self, q_nope: torch.Tensor, latent_attention: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The absorbed path around an attention over the latents: `o = latent_attention(q_nope·W_UK)·W_UVᵀ`.
+
+        Args:
+            q_nope: `[b, s, h, n]`.
+            latent_attention: maps `q_lat` `[b, s, h, c]` to `o_lat` `[b, s, h, c]` (`kernels.mla_decode` over a
+                cache, or `kernels.mla_decode_paged` over pages).
+
+        Returns:
+            `[b, s, h, v]`, before `o_proj`.
+        """
+        w_kv_b = dense_weight(self.kv_b_proj, q_nope.dtype).view(self.num_heads, -1, self.kv_lora_rank)
         w_uk, w_uv = w_kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, n, c], [h, v, c]
         q_lat = torch.matmul(q_nope.transpose(1, 2), w_uk).transpose(1, 2)  # [b, s, h, c]
-        mask = latent_mask(attention_mask, b, s, t, past, c_kv.device)
-        o_lat = mla_decode(q_lat, q_pe, c_kv, k_pe, mask, self.softmax_scale)  # [b, s, h, c]
+        o_lat = latent_attention(q_lat)  # [b, s, h, c]
         return torch.matmul(o_lat.transpose(1, 2), w_uv.transpose(1, 2)).transpose(1, 2)  # [b, s, h, v]
 
 

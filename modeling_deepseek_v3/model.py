@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -26,6 +27,7 @@ from .balancing import ExpertBalance, RoutingLog
 from .cache import MLACache
 from .checkpoint import CheckpointMixin, layer_prefix
 from .configuration import DeepseekV3Config
+from .continuous_batching import ContinuousBatchingMixin, paged_batch
 from .fp8 import FP8Linear, fp8_format, init_fp8_weight
 from .generation import MTPGenerationMixin
 from .inputs import IGNORE_INDEX, check_causal_lm_inputs, check_model_inputs
@@ -168,14 +170,17 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             ValueError, TypeError: on any argument breaking the rules of `inputs.check_model_inputs` (values are
                 checked on an accelerator for prompts, not for one-token decode steps).
         """
-        check_model_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, cache,
-                           self.embed_tokens.weight.dtype)
+        # continuous batching: transformers' scheduler lays out a flat batch of many requests over the paged cache; its
+        # positions are given and its mask and page indices are its own (the mask is not read, see paged_attention.py)
+        paged = isinstance(cache, PagedAttentionCache)
+        check_model_inputs(self.config, input_ids, inputs_embeds, None if paged else attention_mask, position_ids,
+                           None if paged else cache, self.embed_tokens.weight.dtype)  # fmt: skip
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # checkpointed layers are replayed: a cache would be written twice
         if use_cache and cache is None:
             cache = MLACache(self.config)
-        past = cache.get_seq_length() if cache is not None else 0
+        past = cache.get_seq_length() if cache is not None and not paged else 0
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if kwargs.get("output_attentions"):
@@ -195,6 +200,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        if paged:
+            kwargs["paged_batch"] = paged_batch(cache, kwargs, inputs_embeds.dtype)
         token_mask = attention_mask[:, -s:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
@@ -213,7 +220,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         )
 
 
-class DeepseekV3ForCausalLM(MTPGenerationMixin, DeepseekV3PreTrainedModel):
+class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, DeepseekV3PreTrainedModel):
     """DeepSeek-V3 with its output head and its `num_nextn_predict_layers` MTP modules (`mtp`, see `mtp.py`).
 
     The MTP modules are built whenever `num_nextn_predict_layers > 0`, so their weights load and save with the

@@ -9,11 +9,14 @@ hooks of transformers and torch (listed in `OVERRIDDEN_HOOKS`); the overrides li
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import torch
 from peft import LoraConfig
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.generation.continuous_batching import ContinuousBatchingManager
+from transformers.generation.continuous_batching.cache_allocators import CacheAllocator
 
 # (owner, name, parameter names) of the private hooks our classes override; the test checks each signature
 OVERRIDDEN_HOOKS = (
@@ -93,3 +96,52 @@ def is_peft_adapter_model(model: PreTrainedModel) -> bool:
 def register_lora_module(config: LoraConfig, mapping: dict[type, type]) -> None:
     """Tell PEFT which LoRA layer wraps a module type it does not know (PEFT's experimental custom-module API)."""
     config._register_custom_module(mapping)
+
+
+# ---- continuous batching (transformers' generation/continuous_batching) ---------------------------------------------
+
+# the names `ContinuousBatchingManager._create_batch_processor` reads from its module for the cache and the schedulers
+MANAGER_CACHE_NAME, MANAGER_SCHEDULERS_NAME = "PagedAttentionCache", "SCHEDULER_MAPPING"
+
+
+def scheduler_classes() -> dict[str, type]:
+    """transformers' schedulers by the `scheduler_type` names of `ContinuousBatchingConfig`."""
+    return dict(ContinuousBatchingManager._create_batch_processor.__globals__[MANAGER_SCHEDULERS_NAME])
+
+
+def batch_processor_with(manager: ContinuousBatchingManager, cache_class: type, scheduler_classes: dict[str, type]):
+    """transformers' `ContinuousBatchingManager._create_batch_processor` for `manager`, run with `cache_class` where it
+    names its paged cache class and `scheduler_classes` where it names its scheduler table: the manager offers no hook
+    for either, and this reuses its own code rather than a copy. The rebinding holds for this call only: transformers'
+    module is untouched."""
+    create = ContinuousBatchingManager._create_batch_processor
+    names = dict(create.__globals__, **{MANAGER_CACHE_NAME: cache_class, MANAGER_SCHEDULERS_NAME: scheduler_classes})
+    return types.FunctionType(create.__code__, names, create.__name__, create.__defaults__, create.__closure__)(manager)
+
+
+def discard_unstarted_manager(manager: ContinuousBatchingManager) -> None:
+    """Undoes what building a manager did, for one never started: its batch processor, and the attention
+    implementation transformers switched the model to (kept in its private `_original_attn_impl`; `stop` restores it
+    only for a started manager)."""
+    manager.batch_processor = None
+    if manager._original_attn_impl is not None:
+        manager.model.set_attn_implementation(manager._original_attn_impl)
+        manager._original_attn_impl = None
+    manager.destroy()
+
+
+def init_cache_allocator(allocator: CacheAllocator, index: int, layer_indices: list[int], tokens_per_page: int,
+                         bytes_per_page: int, allow_block_sharing: bool) -> None:  # fmt: skip
+    """The first half of transformers' `CacheAllocator` initialisation, which its subclasses call in `__init__`."""
+    allocator._before_cache_tensor_init(
+        index=index, layer_indices=layer_indices, tokens_per_page=tokens_per_page, bytes_per_page=bytes_per_page,
+        allow_block_sharing=allow_block_sharing,
+    )  # fmt: skip
+
+
+def register_allocator_tensor(allocator: CacheAllocator, cache_tensor: torch.Tensor, view: torch.Tensor,
+                              non_trash_bytes: int, bytes_per_sector: int, pool) -> None:  # fmt: skip
+    """The second half, in `register_cache_tensor`: `view` is the allocator's typed view of the byte pool
+    `cache_tensor`; the allocator also keeps the pool as whole blocks, which `copy_blocks` copies when requests fork."""
+    allocator._copy_view = cache_tensor.view(-1, allocator.bytes_per_block)
+    allocator._after_cache_tensor_init(non_trash_bytes, bytes_per_sector, view, pool)

@@ -64,3 +64,27 @@ def test_peft_custom_module_registration():
     config = LoraConfig(r=2, target_modules=["q_b_proj"])
     private_api.register_lora_module(config, {torch.nn.Identity: torch.nn.Identity})
     assert torch.nn.Identity in config._custom_modules
+
+
+def test_continuous_batching_contacts():
+    """The manager still builds its batch processor from the names we rebind, keeps the attention implementation it
+    switched from, and the cache allocators still initialise in two halves."""
+    from transformers import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching import ContinuousBatchingManager
+    from transformers.generation.continuous_batching.cache_allocators import CacheAllocator
+
+    from modeling_deepseek_v3 import PagedLatentCache
+
+    names = ContinuousBatchingManager._create_batch_processor.__code__.co_names
+    assert {private_api.MANAGER_CACHE_NAME, private_api.MANAGER_SCHEDULERS_NAME} <= set(names)
+    assert "fifo" in private_api.scheduler_classes()
+    for hook in ("_before_cache_tensor_init", "_after_cache_tensor_init"):
+        assert callable(getattr(CacheAllocator, hook))
+    model = random_model()
+    model.set_attn_implementation("eager")
+    config = ContinuousBatchingConfig(num_blocks=4, page_size=16, max_batch_tokens=32)
+    manager = model.init_continuous_batching(continuous_batching_config=config)
+    assert isinstance(manager.batch_processor.cache, PagedLatentCache)
+    assert manager._original_attn_impl == "eager" and model.config._attn_implementation == "paged|eager"
+    private_api.discard_unstarted_manager(manager)
+    assert model.config._attn_implementation == "eager" and manager.batch_processor is None

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from modeling_deepseek_v3 import MLACache, MLAStaticCache
-from modeling_deepseek_v3.kernels import mla_decode_ref
+from modeling_deepseek_v3.kernels import mla_decode_paged_ref, mla_decode_ref
 
 from ..utils import random_ids, random_model, tiny_config
 
 pytest.importorskip("triton")
-from modeling_deepseek_v3.kernels.latent_decode import mla_decode_triton  # noqa: E402
+from modeling_deepseek_v3.kernels.latent_decode import mla_decode_paged_triton, mla_decode_triton  # noqa: E402
 
 SCALE = 0.125
 
@@ -135,3 +135,98 @@ def test_static_cache_without_mask_through_kernel(monkeypatch):
     steps = [model(ids[:, :5], cache=cache, use_cache=True).logits]
     steps += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(5, 8)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def paged_inputs(seq_lens, s, h, c, r, page_size, dtype=torch.float32):
+    """Rows of `seq_lens` keys scattered over shuffled pages of one interleaved `[pages, P, c + r]` pool (the layout of
+    the paged latent cache), with spare pages in between; returns queries, the pool's c_kv / k_pe views, the block
+    table and the dense per-row keys for `mla_decode_ref`."""
+    b = len(seq_lens)
+    width = max(-(-n // page_size) for n in seq_lens)
+    num_pages = 2 * b * width + 3
+    pool = torch.randn(num_pages, page_size, c + r).to(dtype)
+    order = torch.randperm(num_pages).to(torch.int32)
+    block_table = torch.full((b, width), -7, dtype=torch.int32)  # unread entries hold garbage on purpose
+    c_kv, k_pe = torch.zeros(b, max(seq_lens), c, dtype=dtype), torch.zeros(b, max(seq_lens), r, dtype=dtype)
+    for row, n in enumerate(seq_lens):
+        pages = order[row * width : row * width + -(-n // page_size)]
+        block_table[row, : len(pages)] = pages
+        keys = pool[pages.long()].flatten(0, 1)[:n]
+        c_kv[row, :n], k_pe[row, :n] = keys[:, :c], keys[:, c:]
+    q_lat, q_pe = torch.randn(b, s, h, c).to(dtype), torch.randn(b, s, h, r).to(dtype)
+    seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
+    return q_lat, q_pe, pool[..., :c], pool[..., c:], block_table, seq_lens, c_kv, k_pe
+
+
+def paged_causal_mask(seq_lens, s, t):
+    """Query i of row b at position seq_lens[b] - s + i."""
+    positions = seq_lens[:, None].long() - s + torch.arange(s)
+    return torch.arange(t) <= positions[:, :, None]
+
+
+# row key counts, s, h, c, r, page size, splits
+PAGED_CASES = [
+    ((37,), 1, 4, 32, 8, 16, 1),
+    ((5, 300, 64, 129), 1, 16, 64, 16, 64, 3),  # rows end mid-page and on a page boundary; short rows skip splits
+    ((40, 9), 3, 4, 48, 8, 16, None),  # c = 48 (not a power of two); three new tokens per row
+    ((2, 70), 4, 24, 32, 8, 32, 2),  # row 0: 4 query slots over 2 keys, the first two see nothing (padding)
+]
+PAGED_IDS = [f"rows{len(n)}-s{s}-h{h}-c{c}-P{p}-splits{k}" for n, s, h, c, r, p, k in PAGED_CASES]
+
+
+@pytest.mark.parametrize("seq_lens, s, h, c, r, page_size, splits", PAGED_CASES, ids=PAGED_IDS)
+def test_paged_kernel_equals_reference_fp32(seq_lens, s, h, c, r, page_size, splits):
+    q_lat, q_pe, c_pages, pe_pages, block_table, lens, c_kv, k_pe = paged_inputs(seq_lens, s, h, c, r, page_size)
+    out = mla_decode_paged_triton(q_lat, q_pe, c_pages, pe_pages, block_table, lens, SCALE, num_splits=splits)
+    ref = mla_decode_paged_ref(q_lat, q_pe, c_pages, pe_pages, block_table, lens, SCALE)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    # the paged reference is the dense one on each row's own keys (up to the order of the fp32 sums)
+    dense = mla_decode_ref(q_lat, q_pe, c_kv, k_pe, paged_causal_mask(lens, s, c_kv.shape[1]), SCALE)
+    torch.testing.assert_close(ref, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_paged_kernel_fp16_within_rounding():
+    inputs = paged_inputs((100, 31, 64), 2, 8, 64, 16, 16, torch.float16)
+    q_lat, q_pe, c_pages, pe_pages, block_table, lens, _, _ = inputs
+    out = mla_decode_paged_triton(q_lat, q_pe, c_pages, pe_pages, block_table, lens, SCALE, num_splits=2)
+    ref = mla_decode_paged_ref(q_lat, q_pe, c_pages, pe_pages, block_table, lens, SCALE)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_paged_rejects_bad_input():
+    q_lat, q_pe, c_pages, pe_pages, block_table, lens, _, _ = paged_inputs((20, 9), 1, 4, 32, 8, 8)
+    with pytest.raises(ValueError, match="block_table must be int32"):
+        mla_decode_paged_triton(q_lat, q_pe, c_pages, pe_pages, block_table.long(), lens, SCALE)
+    with pytest.raises(ValueError, match="seq_lens must be int32"):
+        mla_decode_paged_ref(q_lat, q_pe, c_pages, pe_pages, block_table, lens[:1], SCALE)
+    with pytest.raises(ValueError, match="seq_lens must lie in"):
+        mla_decode_paged_ref(q_lat, q_pe, c_pages, pe_pages, block_table, lens + 100, SCALE)
+    bad_table = block_table.clone()
+    bad_table[0, 0] = c_pages.shape[0]
+    with pytest.raises(ValueError, match="page ids outside"):
+        mla_decode_paged_ref(q_lat, q_pe, c_pages, pe_pages, bad_table, lens, SCALE)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        mla_decode_paged_ref(q_lat[..., :16], q_pe, c_pages, pe_pages, block_table, lens, SCALE)
+
+
+def test_continuous_batching_through_paged_kernel(monkeypatch):
+    """generate_batch with the decode groups' latent attention in the Triton kernel (interpreted) reading the pool
+    through the block tables the model builds, as on CUDA: the same tokens as through the torch path over gathered
+    keys."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from modeling_deepseek_v3 import paged_attention
+
+    model = random_model()
+    prompts = [random_ids(model.config, 1, n)[0].tolist() for n in (3, 40, 17)]
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=model.config.eos_token_id)
+    cb_config = ContinuousBatchingConfig(num_blocks=12, page_size=16, max_batch_tokens=32)
+    tokens = []
+    for use_kernel in (False, True):
+        if use_kernel:  # as on CUDA
+            monkeypatch.setattr(paged_attention, "reads_pages_in_place", lambda tensor: True)
+            monkeypatch.setattr(paged_attention, "mla_decode_paged", mla_decode_paged_triton)
+        outputs = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb_config)
+        tokens.append([output.generated_tokens for output in outputs.values()])
+    assert tokens[1] == tokens[0]

@@ -1,0 +1,145 @@
+"""Paged latent cache for continuous batching: transformers' scheduler hands out fixed-size pages per request, and a
+page holds, for `P` tokens of one layer, only MLA's normalised `c_kv` and rotated `k_pe` (`kv_lora_rank +
+qk_rope_head_dim` values per token), never per-head keys and values.
+
+transformers' `PagedAttentionCache` sizes its pool for `num_key_value_heads × head_dim` keys and as many values per
+token; `PagedLatentCache` sizes it for one latent row per token and lays the pool out with `LatentPageAllocator`.
+Sectors, blocks per request, admission, prefix sharing and freeing stay transformers' own.
+
+Pool layout (one block = one page per layer, L layers): `[L0 rows | L1 rows | ... ]` per block, a row `[c_kv | k_pe]`;
+the row of token n of a request is `block_table[n // P] · P·L + layer · P + n % P`.
+Dimension letters: T tokens of the flat batch, P page size, c kv_lora_rank, r qk_rope_head_dim.
+References: docs/design.md (Continuous batching); PagedAttention (Kwon et al. 2023); transformers
+`generation/continuous_batching/cache.py` and `cache_allocators/full_attention.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers.generation.continuous_batching import PagedAttentionCache
+from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
+
+from .configuration import DeepseekV3Config
+from .private_api import init_cache_allocator, register_allocator_tensor
+
+
+class LatentPageAllocator(FullAttentionCacheAllocator):
+    """transformers' full-attention allocator (blocks per request, read/write indices, prefix sharing) over pages of
+    one latent row per token instead of a key row and a value row."""
+
+    rows_per_token = 1
+
+    def __init__(
+        self, index: int, config: DeepseekV3Config, cache_dtype: torch.dtype, page_size: int, layer_indices: list[int],
+        allow_block_sharing: bool,
+    ) -> None:  # fmt: skip
+        self.kv_lora_rank = config.kv_lora_rank
+        self.latent_dim = config.kv_lora_rank + config.qk_rope_head_dim
+        self.cache_dtype = cache_dtype
+        self.peak_blocks = 0
+        bytes_per_page = self.latent_dim * cache_dtype.itemsize * page_size
+        init_cache_allocator(self, index, layer_indices, page_size, bytes_per_page, allow_block_sharing)
+
+    def register_cache_tensor(self, bytes_per_sector: int, non_trash_bytes: int, cache_tensor: torch.Tensor, pool):
+        self.bytes_per_sector = bytes_per_sector
+        total_rows = (non_trash_bytes + 2 * bytes_per_sector) // (self.latent_dim * self.cache_dtype.itemsize)
+        rows = cache_tensor.view(self.cache_dtype)[: total_rows * self.latent_dim].view(total_rows, self.latent_dim)
+        register_allocator_tensor(self, cache_tensor, rows, non_trash_bytes, bytes_per_sector, pool)
+        # layer i's rows start at its page of block 0, so row `block · P·L + n % P` is token n of that block's page
+        page = self.tokens_per_page
+        self.layer_rows = {layer: rows[i * page :] for i, layer in enumerate(self.layer_indices)}
+
+    def rows(self, layer_idx: int) -> torch.Tensor:
+        """`[rows, c + r]`: layer `layer_idx`'s view of the pool, indexed by transformers' read / write indices."""
+        return self.layer_rows[layer_idx]
+
+    def pages(self, layer_idx: int) -> torch.Tensor:
+        """`[pages, P, c + r]`: the same view by whole pages; page `block · L` is the block's page of this layer."""
+        rows = self.layer_rows[layer_idx]
+        page = self.tokens_per_page
+        return rows[: rows.shape[0] // page * page].view(-1, page, self.latent_dim)
+
+    def write(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, write_index: torch.Tensor) -> None:
+        """Stores `c_kv` `[T, c]` and `k_pe` `[T, r]` at the rows `write_index` `[T]`."""
+        self.layer_rows[layer_idx].index_copy_(0, write_index, torch.cat([c_kv, k_pe], dim=-1).to(self.cache_dtype))
+
+    def used_blocks(self) -> int:
+        """Blocks held by live requests (shared ones once); blocks kept only for prefix reuse are not counted."""
+        sectors = self.pool.num_sectors - self.pool.num_free_sectors  # one allocator: every taken sector is ours
+        free = self.pool.count_free_blocks(self.index) + len(self.ledger.cached_blocks)
+        return sectors * self.blocks_per_sector - free
+
+    def allocate_cache_to_request(self, request_id: str, past_length: int, query_length: int) -> None:
+        super().allocate_cache_to_request(request_id, past_length, query_length)
+        self.peak_blocks = max(self.peak_blocks, self.used_blocks())
+
+
+def latent_sizing_config(config: DeepseekV3Config) -> DeepseekV3Config:
+    """A copy of `config` through which transformers sizes pages for the latent: its page holds keys and values of
+    `num_key_value_heads × head_dim` each per token, so one "head" of `(c + r) / 2` gives exactly `c + r` values."""
+    latent_dim = config.kv_lora_rank + config.qk_rope_head_dim
+    if latent_dim % 2:
+        raise ValueError(
+            f"continuous batching: kv_lora_rank + qk_rope_head_dim = {latent_dim} must be even (transformers sizes "
+            "cache pages as keys and values of one width, here half the latent each)"
+        )
+    sizing = copy.copy(config)
+    sizing.num_key_value_heads, sizing.head_dim = 1, latent_dim // 2
+    return sizing
+
+
+class PagedLatentCache(PagedAttentionCache):
+    """transformers' paged cache whose pages hold the MLA latent (`c_kv`, `k_pe`) of each token and layer.
+
+    Built by `generate_batch` / `init_continuous_batching` of `DeepseekV3ForCausalLM` (same arguments as
+    `PagedAttentionCache`); the attention writes and reads it through `paged_attention.PagedBatch`.
+
+    Example:
+        >>> with model.continuous_batching_context_manager(continuous_batching_config=cb_config) as manager:
+        ...     cache = manager.batch_processor.cache
+        ...     cache.allocated_bytes(), cache.used_bytes(), cache.bytes_per_token()
+    """
+
+    def __init__(self, config: DeepseekV3Config, continuous_batching_config, device, distributed_helper,
+                 dtype: torch.dtype = torch.float16, model_supports_logits_to_keep: bool = False) -> None:  # fmt: skip
+        super().__init__(latent_sizing_config(config), continuous_batching_config, device, distributed_helper, dtype,
+                         model_supports_logits_to_keep)  # fmt: skip
+        self.config = config
+        # transformers laid the pool out for key and value rows; the same bytes become latent rows
+        (name, sized), *others = self.cache_allocators.items()
+        if others:
+            raise ValueError(f"continuous batching: expected one attention type, got {list(self.cache_allocators)}")
+        allocator = LatentPageAllocator(
+            sized.index, config, dtype, sized.tokens_per_page, sized.layer_indices, self.allow_block_sharing
+        )
+        if allocator.bytes_per_block != sized.bytes_per_block:
+            raise RuntimeError(f"latent block of {allocator.bytes_per_block} bytes where transformers sized "
+                               f"{sized.bytes_per_block}: its cache sizing changed")  # fmt: skip
+        allocator.register_cache_tensor(
+            self.bytes_per_sector, self.num_sectors * self.bytes_per_sector, self.cache_tensor, self.pool
+        )
+        self.cache_allocators[name] = allocator
+        self.layer_to_allocator = dict.fromkeys(allocator.layer_indices, allocator)
+        self.allocator = allocator
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies over all layers: `L · (kv_lora_rank + qk_rope_head_dim) · element size`."""
+        return self.allocator.bytes_per_block // self.allocator.tokens_per_page
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the whole pool, reserved up front (two never-allocated padding sectors included)."""
+        return self.cache_tensor.nbytes
+
+    def used_bytes(self) -> int:
+        """Bytes of the blocks held by live requests now."""
+        return self.allocator.used_blocks() * self.allocator.bytes_per_block
+
+    def peak_used_bytes(self) -> int:
+        """The most bytes live requests held at once since the cache was built."""
+        return self.allocator.peak_blocks * self.allocator.bytes_per_block
+
+    def max_request_tokens(self) -> int:
+        """The longest request (prompt + new tokens) the pool can hold: every block of it."""
+        return self.allocator.num_blocks * self.allocator.tokens_per_page
