@@ -23,6 +23,7 @@ DeepSeek-V3 report §2.2 and §5.4.3 (MTP for speculative decoding); transformer
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -155,9 +156,15 @@ class MTPGenerationMixin(GenerationMixin):
         use_mtp = kwargs.pop("use_mtp", None)
         if use_mtp is None:
             use_mtp = getattr(generation_config or self.generation_config, "use_mtp", False)
-        # transformers' own `use_mtp` drafter (MTPCandidateGenerator) never runs: the flag is ours
+        # transformers' own `use_mtp` drafter (MTPCandidateGenerator) never runs: the flag is ours. It is switched off
+        # in a copy of a given generation config (transformers deprecates passing one together with its fields).
+        if generation_config is None:
+            kwargs["use_mtp"] = False
+        else:
+            generation_config = copy.deepcopy(generation_config)
+            generation_config.use_mtp = False
         if not use_mtp:
-            return super().generate(inputs, generation_config, use_mtp=False, **kwargs)
+            return super().generate(inputs, generation_config, **kwargs)
         if not self.mtp_active:
             raise ValueError(
                 "use_mtp=True drafts with the MTP modules, but this model has none active (num_nextn_predict_layers="
@@ -167,9 +174,7 @@ class MTPGenerationMixin(GenerationMixin):
             if kwargs.get(name) is not None:
                 raise ValueError(f"use_mtp=True runs its own decoding loop and cache; {name} is not supported with it")
         # transformers prepares inputs, processors and stopping criteria as for plain decoding, then runs our loop
-        return super().generate(
-            inputs, generation_config, use_mtp=False, custom_generate=mtp_speculative_decoding, **kwargs
-        )
+        return super().generate(inputs, generation_config, custom_generate=mtp_speculative_decoding, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length) -> None:
