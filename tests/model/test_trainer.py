@@ -4,11 +4,11 @@ PEFT LoRA on MLA, shared and routed experts, and `device_map="auto"` loading."""
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, ExpertBalanceCallback
 
-from ..utils import random_ids, random_model
+from ..utils import random_ids, random_model, tiny_config
 
 LORA_MODULES = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                 "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"]
@@ -76,6 +76,39 @@ def test_a_skipped_optimizer_step_leaves_the_bias_and_drops_the_counts():
     ExpertBalanceCallback().on_optimizer_step(None, None, None, model=model, optimizer=skipped)
     assert all(torch.equal(a, b) for a, b in zip(before, biases(model)))
     assert all(load.sum() == 0 for load in model.update_routing_bias().values())
+
+
+def smoothed_loss(outputs, labels, num_items_in_batch=None):
+    """A loss computed outside the model, as a `compute_loss_func`."""
+    logits = outputs.logits[:, :-1].flatten(0, 1)
+    return torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("trainer_class, options", [
+    (Trainer, dict(args=dict(label_smoothing_factor=0.1))),
+    (DeepseekV3Trainer, dict(args=dict(label_smoothing_factor=0.1))),
+    (Trainer, dict(compute_loss_func=smoothed_loss)),
+], ids=["label-smoothing-Trainer", "label-smoothing-DeepseekV3Trainer", "compute_loss_func"])
+def test_a_loss_computed_by_trainer_that_would_drop_mtp_and_balance_is_refused(tmp_path, trainer_class, options):
+    """Trainer then calls the model without labels: the MTP modules would never train and the balance loss would be
+    left out, so training stops with the reason instead."""
+    model = random_model(tiny_config(num_nextn_predict_layers=1))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    trainer = trainer_class(model=model, args=arguments(tmp_path, **options.get("args", {})),
+                            train_dataset=dataset(model.config), compute_loss_func=options.get("compute_loss_func"))
+    with pytest.raises(ValueError, match=r"label_smoothing_factor > 0 or a compute_loss_func\), which would leave out "
+                                         r"the MTP loss .* and the sequence-wise balance loss"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_label_smoothing_trains_when_the_objective_has_no_mtp_or_balance_term(tmp_path):
+    model = random_model(tiny_config(num_nextn_predict_layers=1, use_mtp_modules=False, seq_balance_loss_alpha=0.0))
+    before = model.model.embed_tokens.weight.clone()
+    trainer = Trainer(model=model, args=arguments(tmp_path, label_smoothing_factor=0.1, max_steps=1),
+                      train_dataset=dataset(model.config))
+    trainer.train()
+    assert not torch.equal(model.model.embed_tokens.weight, before)
 
 
 def test_trainer_needs_a_deepseek_v3_model(tmp_path):
