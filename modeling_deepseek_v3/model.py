@@ -346,12 +346,18 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
         call (all-reduced over `group` under `torch.distributed`: every rank must call it). It runs by itself after
         every optimizer step (`routing_bias_auto_update`); call it yourself only with that switched off.
 
+        The bias belongs to its router: a layer whose router weight is frozen (`requires_grad=False`, as in the base
+        model of a LoRA run) keeps its bias, with a warning, so that the frozen base model plus what was trained
+        reproduce the trained model.
+
         Returns:
             `{layer name: load [E] int64}`, the tokens each expert received during the step.
         """
         speed = self.config.routing_bias_update_speed if self.config.use_routing_bias else 0.0
-        biases = {m.layer_idx: m.gate.e_score_correction_bias for m in self.modules() if isinstance(m, MoE)}
-        return self.expert_balance.update(biases, speed, group)
+        layers = [m for m in self.modules() if isinstance(m, MoE)]
+        biases = {m.layer_idx: m.gate.e_score_correction_bias for m in layers}
+        frozen = {m.layer_idx for m in layers if not m.gate.weight.requires_grad}
+        return self.expert_balance.update(biases, speed, group, frozen)
 
     def discard_routing_counts(self) -> None:
         """Forget the tokens counted since the last bias update, e.g. after an optimizer step that did not happen."""

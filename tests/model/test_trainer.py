@@ -156,6 +156,29 @@ def test_lora_on_mla_shared_and_routed_experts(tmp_path):
         torch.testing.assert_close(merged(ids).logits, trained, rtol=1e-4, atol=1e-4)
 
 
+def test_a_lora_run_is_reproduced_by_the_base_model_and_the_saved_adapter(tmp_path, caplog):
+    """The base model's routers are frozen, so its routing biases stay as they were (with a warning): the fresh base
+    model plus the saved adapter give the trained model's logits."""
+    random_model().save_pretrained(tmp_path / "base")
+    model = lora(DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base"))
+    trainer = DeepseekV3Trainer(model=model, args=arguments(tmp_path, learning_rate=1e-2),
+                                train_dataset=dataset(model.config))
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "routers of ['model.layers.1', 'model.layers.2'] are frozen" in caplog.text
+    assert trainer.state.log_history[0]["expert_load_max_over_mean"] >= 1  # the load is still measured
+    trainer.save_model(tmp_path / "adapter")
+    ids = random_ids(model.config, 2, 8)
+    model.eval()
+    reloaded = PeftModel.from_pretrained(DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    with torch.no_grad():
+        trained, fresh = model(ids).logits, reloaded.eval()(ids).logits
+        base = reloaded.get_base_model()
+        with reloaded.disable_adapter():
+            assert (base(ids).logits - trained).abs().max() > 1e-2  # the adapter did train
+    assert (fresh - trained).abs().max() <= 1e-6
+
+
 def random_model_like(base, state) -> DeepseekV3ForCausalLM:
     fresh = DeepseekV3ForCausalLM(base.config).eval()
     fresh.load_state_dict(state | {n: b for n, b in base.named_buffers() if n in fresh.state_dict()})

@@ -253,6 +253,19 @@ def test_the_switch_leaves_the_update_to_the_user():
     assert sum(c.sum() for c in counts(model).values()) > 0  # counted, waiting for update_routing_bias()
 
 
+def test_a_frozen_router_keeps_its_bias_and_the_others_move(caplog):
+    model = random_model()
+    router = moe_layers(model)[0].gate
+    router.weight.requires_grad_(False)
+    before = biases(model)
+    with caplog.at_level("WARNING"):
+        hand_loop(model, random_ids(model.config, 4, 6).chunk(2), accumulation=1)
+    assert "routers of ['model.layers.1'] are frozen" in caplog.text
+    after = biases(model)
+    assert torch.equal(after[0], before[0])
+    assert bias_steps(before[1:], after[1:]).abs().sum() > 0
+
+
 def test_an_optimizer_of_another_model_does_not_move_the_bias():
     model, other = random_model(), torch.nn.Linear(2, 2)
     model.train()
