@@ -13,8 +13,7 @@ from transformers.trainer_utils import load_sharded_checkpoint
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer
 from modeling_deepseek_v3.training import enable_fp8_training
 
-from .test_fp8_checkpoint import QUANTIZATION, SHAPE
-from .utils import random_ids, random_model, tiny_config
+from ..utils import QUANTIZATION, SHAPE, random_ids, random_model, tiny_config
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
