@@ -37,11 +37,15 @@ def _is_finite_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _rope_parameters(rope_theta: float, rope_scaling: dict | None) -> dict:
-    """transformers' form: `{"rope_type", "rope_theta", **scaling}` from the official `rope_theta` + `rope_scaling`."""
+def _rope_parameters(rope_theta: float | None, rope_scaling: dict | None) -> dict:
+    """transformers' form: `{"rope_type", "rope_theta", **scaling}` from the official `rope_theta` + `rope_scaling`
+    (which may hold `rope_theta` itself, as the configs this class saves do; None: the default base)."""
     if rope_scaling is not None and not isinstance(rope_scaling, dict):
         _fail("rope_scaling", rope_scaling, "must be a dict or None")
-    params = {"rope_type": "default", "rope_theta": rope_theta}
+    inner_theta = (rope_scaling or {}).get("rope_theta")
+    if rope_theta is not None and inner_theta is not None and inner_theta != rope_theta:
+        _fail("rope_theta", rope_theta, f"differs from rope_scaling.rope_theta = {inner_theta!r}; give the base once")
+    params = {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA if rope_theta is None else rope_theta}
     if rope_scaling:
         params.update(copy.deepcopy({k: v for k, v in rope_scaling.items() if k not in ("type", "rope_type")}))
         params["rope_type"] = rope_scaling.get("type", rope_scaling.get("rope_type"))
@@ -150,7 +154,7 @@ class DeepseekV3Config(PreTrainedConfig):
         bos_token_id: int | None = 0,
         eos_token_id: int | list[int] | None = 1,
         tie_word_embeddings: bool = False,
-        rope_theta: float = DEFAULT_ROPE_THETA,
+        rope_theta: float | None = None,
         rope_scaling: dict | None = None,
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
@@ -365,12 +369,23 @@ class DeepseekV3Config(PreTrainedConfig):
             _fail("quantization_config.activation_scheme", qc.get("activation_scheme"), "only 'dynamic' is supported")
 
     def to_dict(self) -> dict[str, Any]:
-        """Serialise with the official key names (`rope_theta`, `rope_scaling`, `quantization_config`)."""
+        """Serialise with the official key names (`rope_theta`, `rope_scaling`, `quantization_config`).
+
+        With RoPE scaling, `rope_theta` is written inside `rope_scaling` (as transformers >= 5 writes it in
+        `rope_parameters`) rather than beside it: transformers' generic `PreTrainedConfig`, which `Trainer` reads when
+        it resumes from a checkpoint, fails on a top-level `rope_theta` next to a YaRN `rope_scaling`
+        (`standardize_rope_params` reads `max_position_embeddings` before the config has it). The built-in
+        DeepSeek-V3 config class reads both forms alike.
+        """
         out = super().to_dict()
         for key in ("_rope_parameters", "rope_parameters", "fp8_quantization_config", "qk_head_dim"):
             out.pop(key, None)
-        out["rope_theta"] = self.rope_theta
-        out["rope_scaling"] = self.rope_scaling
+        out.pop("rope_theta", None)
+        if self.rope_scaling is None:
+            out["rope_theta"] = self.rope_theta
+            out["rope_scaling"] = None
+        else:
+            out["rope_scaling"] = {**self.rope_scaling, "rope_theta": self.rope_theta}
         if self.fp8_quantization_config is not None:
             out["quantization_config"] = copy.deepcopy(self.fp8_quantization_config)
         return out

@@ -22,6 +22,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 def sequence_balance_loss(
@@ -137,6 +140,7 @@ class ExpertBalance:
         self.layer_name = layer_name
         self.pending: dict[int, torch.Tensor] = {}  # layer index -> [E] tokens per expert
         self.last_loads: dict[str, torch.Tensor] = {}  # of the last update, e.g. for plots
+        self.warned_about_frozen_routers = False
         self._hook = None
 
     def end_forward(self, log: RoutingLog, gradients_pending: bool) -> torch.Tensor | None:
@@ -183,9 +187,12 @@ class ExpertBalance:
         """Forget the counts since the last update (the optimizer step did not happen)."""
         self.pending.clear()
 
-    def update(self, biases: dict[int, torch.Tensor], speed: float, group=None) -> dict[str, torch.Tensor]:
+    def update(
+        self, biases: dict[int, torch.Tensor], speed: float, group=None, frozen: set[int] | frozenset = frozenset()
+    ) -> dict[str, torch.Tensor]:
         """Move `biases` (`{layer index: e_score_correction_bias}`) by the pending counts, record the load metrics and
-        reset the counts.
+        reset the counts. The layers in `frozen` (their routers are not trained) keep their biases; a warning says so
+        once.
 
         Under `torch.distributed` the counts are summed over `group` in one all-reduce, so every rank of the group
         must call this, and all end with the same biases.
@@ -204,8 +211,17 @@ class ExpertBalance:
         ])  # [layers, E]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(loads, group=group)  # one collective for all layers
-        if speed:
-            update_routing_biases([biases[layer] for layer in layers], loads, speed)
+        moving = [i for i, layer in enumerate(layers) if layer not in frozen]
+        if speed and moving:
+            update_routing_biases([biases[layers[i]] for i in moving], loads[moving], speed)
+        if speed and frozen and not self.warned_about_frozen_routers:
+            self.warned_about_frozen_routers = True
+            names = [self.layer_name(layer) for layer in sorted(frozen)]
+            logger.warning(
+                f"The routers of {names} are frozen (requires_grad=False, e.g. the base model of a LoRA run), so their "
+                "routing biases are not updated: the frozen base model and what was trained reproduce the trained "
+                "model. Train the routers to have their biases balanced."
+            )
         self.pending.clear()
         self.last_loads = {self.layer_name(layer): load for layer, load in zip(layers, loads)}
         self._record_loads()

@@ -19,14 +19,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming
 from transformers.utils import logging
 
+from .moe import RoutedExperts
 from .mtp import mtp_layer_index
 from .private_api import (
     finalize_model_loading,
@@ -57,20 +59,24 @@ TORCH_DTYPE_NAMES = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2
                      torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}
 
 
+def expert_key_suffixes(config) -> list[tuple[str, str]]:
+    """(checkpoint key suffix, in-memory suffix) of a routed expert's tensors: the weight, and in an FP8 model its
+    block scales (listed first: the weight's pattern also matches the start of their keys)."""
+    suffixes = [(".weight_scale_inv", "_scale_inv")] if config.fp8_quantization_config is not None else []
+    return suffixes + [(".weight", "")]
+
+
 def expert_weight_conversions(config) -> list[WeightConverter]:
     """Per-expert checkpoint keys -> stacked `experts.{gate,up,down}_proj` parameters (and back on save); in an FP8
     model also their `weight_scale_inv` -> stacked `experts.{name}_scale_inv`."""
-    # (checkpoint key suffix, in-memory suffix); scales first: the weight pattern also matches the start of their keys
-    suffixes = [(".weight_scale_inv", "_scale_inv")] if config.fp8_quantization_config is not None else []
-    suffixes.append((".weight", ""))
     return [
         WeightConverter(
             source_patterns=f"mlp.experts.*.{name}{on_disk}",
             target_patterns=f"mlp.experts.{name}{in_memory}",
             operations=[MergeModulelist(dim=0)],
         )
-        for on_disk, in_memory in suffixes
-        for name in ("gate_proj", "up_proj", "down_proj")
+        for on_disk, in_memory in expert_key_suffixes(config)
+        for name in RoutedExperts.PROJECTIONS
     ]
 
 
@@ -85,13 +91,19 @@ def mtp_layer_patterns(config) -> list[str]:
             for k in range(1, config.num_nextn_predict_layers + 1)]
 
 
-def mtp_weight_renamings(config) -> list[WeightRenaming]:
-    """`model.layers.{L + k}.X` on disk <-> `mtp.{k}.X` (module parts) or `mtp.{k}.block.X` (decoder block parts)."""
-    renamings = []
+def mtp_key_renames(config) -> list[tuple[str, str]]:
+    """`(regex of a stored key, replacement)`: `model.layers.{L + k}.X` on disk -> `mtp.{k}.X` (module parts) or
+    `mtp.{k}.block.X` (decoder block parts)."""
+    renames = []
     for k, on_disk in enumerate(mtp_layer_patterns(config)):
-        renamings.append(WeightRenaming(on_disk + MTP_BLOCK_PARTS + r"\.", rf"mtp.{k}.block.\1."))
-        renamings.append(WeightRenaming(on_disk + MTP_OWN_PARTS + r"\.", rf"mtp.{k}.\1."))
-    return renamings
+        renames.append((on_disk + MTP_BLOCK_PARTS + r"\.", rf"mtp.{k}.block.\1."))
+        renames.append((on_disk + MTP_OWN_PARTS + r"\.", rf"mtp.{k}.\1."))
+    return renames
+
+
+def mtp_weight_renamings(config) -> list[WeightRenaming]:
+    """`mtp_key_renames` for transformers' loader (and reversed by `save_pretrained`)."""
+    return [WeightRenaming(pattern, replacement) for pattern, replacement in mtp_key_renames(config)]
 
 
 def mtp_shared_copy_keys(config) -> dict[str, str]:
@@ -101,6 +113,57 @@ def mtp_shared_copy_keys(config) -> dict[str, str]:
         for k in range(1, config.num_nextn_predict_layers + 1)
         for suffix, main in MTP_SHARED_COPIES
     }
+
+
+class MemoryLayout(NamedTuple):
+    """A state dict in the official layout, sorted into what `load_state_dict` does with each tensor."""
+
+    tensors: dict[str, torch.Tensor]  # by in-memory key: loaded as they are
+    expert_parts: dict[str, dict[int, torch.Tensor]]  # stacked key -> {expert: tensor}, for stacks given in part
+    shared_copies: dict[str, torch.Tensor]  # the MTP layers' copies of the embedding and head, by stored key
+
+
+def to_memory_layout(config, state_dict: dict[str, torch.Tensor], has_mtp_modules: bool) -> MemoryLayout:
+    """Sort a state dict in the official layout (what `save_pretrained` writes) into in-memory keys: MTP layers renamed
+    to `mtp.{k}` (`mtp_key_renames`), per-expert tensors stacked in expert order. Keys in the in-memory layout pass
+    unchanged, so a state dict in either layout (or a mix of both) comes out in the in-memory one. A model without
+    MTP modules leaves the stored MTP layers out, as `from_pretrained` does.
+
+    Raises:
+        ValueError: if a tensor is given in both layouts.
+    """
+    renames = [(re.compile(pattern), replacement) for pattern, replacement in mtp_key_renames(config)]
+    mtp_layers = [re.compile(pattern) for pattern in mtp_layer_patterns(config)]
+    copy_keys = mtp_shared_copy_keys(config)
+    suffixes = dict(expert_key_suffixes(config))
+    expert_key = re.compile(
+        rf"^(?P<experts>.+\.mlp\.experts)\.(?P<index>\d+)\.(?P<name>{'|'.join(RoutedExperts.PROJECTIONS)})"
+        rf"(?P<suffix>{'|'.join(re.escape(s) for s in suffixes)})$"
+    )
+    tensors, experts, shared_copies = {}, {}, {}
+    for key, tensor in state_dict.items():
+        if key in copy_keys:
+            shared_copies[key] = tensor
+            continue
+        if not has_mtp_modules and any(p.match(key) for p in mtp_layers):
+            continue
+        for pattern, replacement in renames:
+            key = pattern.sub(replacement, key)
+        match = expert_key.match(key)
+        if match is None or int(match["index"]) >= config.n_routed_experts:  # no expert: reported as unexpected
+            tensors[key] = tensor
+            continue
+        stacked = f"{match['experts']}.{match['name']}{suffixes[match['suffix']]}"
+        experts.setdefault(stacked, {})[int(match["index"])] = tensor
+    expert_parts = {}
+    for stacked, parts in experts.items():
+        if stacked in tensors:
+            raise ValueError(f"the state dict holds {stacked} both stacked and as per-expert tensors; give it once")
+        if sorted(parts) == list(range(config.n_routed_experts)):
+            tensors[stacked] = torch.stack([parts[e] for e in range(config.n_routed_experts)])
+        else:
+            expert_parts[stacked] = parts
+    return MemoryLayout(tensors, expert_parts, shared_copies)
 
 
 def stored_copy_differences(
@@ -384,11 +447,15 @@ class CheckpointMixin:
             model._warn_about_differing_mtp_copies(state_dict, checkpoint_files)
         return result
 
-    def _warn_about_differing_mtp_copies(self, state_dict: dict | None, checkpoint_files: list[str] | None) -> None:
-        """Warn when an MTP module's stored copy of the embedding or output head differs from the main tensor; the
-        main one is used either way (the modules share it)."""
+    def _warn_about_differing_mtp_copies(
+        self, state_dict: dict | None, checkpoint_files: list[str] | None, loading: dict | None = None
+    ) -> None:
+        """Warn when an MTP module's stored copy of the embedding or output head differs from the main tensor (the
+        one in `loading`, the tensors being loaded by in-memory key, else the model's own); the main one is used
+        either way (the modules share it)."""
         copies = mtp_shared_copy_keys(self.config)
-        expected = {copy: self.get_parameter(main) for copy, main in copies.items()}
+        loading = loading or {}
+        expected = {copy: loading.get(main, self.get_parameter(main)) for copy, main in copies.items()}
         expected = {key: tensor for key, tensor in expected.items() if not tensor.is_meta}  # offloaded: not checked
         for key, difference in stored_copy_differences(expected, state_dict, checkpoint_files).items():
             if difference != 0:  # NaN included
@@ -397,6 +464,33 @@ class CheckpointMixin:
                     f"MTP modules share the main model's tensor, so {copies[key]} is used and {key} is ignored; "
                     "save_pretrained will write a copy of the main tensor."
                 )
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict`, also for a state dict in the official layout: what `save_pretrained` writes
+        and what `Trainer` reads back with this method when it resumes (`resume_from_checkpoint`) or loads its best
+        checkpoint. Per-expert tensors are stacked, the MTP layers go to `mtp.{k}`, and the MTP layers' copies of the
+        embedding and head are compared with the main tensors (a differing copy is named in a warning) and left out
+        (`to_memory_layout`). Missing and unexpected keys are reported by in-memory key, as torch does.
+
+        A state dict holding only some experts of a stack (one shard of a sharded checkpoint, which transformers'
+        `load_sharded_checkpoint` loads shard by shard) fills those experts; the stack is reported missing from that
+        call.
+        """
+        layout = to_memory_layout(self.config, state_dict, self.has_mtp_modules)
+        if self.has_mtp_modules and layout.shared_copies:
+            self._warn_about_differing_mtp_copies(layout.shared_copies, None, loading=layout.tensors)
+        parameters = dict(self.named_parameters())
+        with torch.no_grad():
+            for key, parts in layout.expert_parts.items():
+                if key not in parameters:
+                    raise ValueError(f"the state dict holds experts {sorted(parts)} of {key}, which this model lacks")
+                for expert, tensor in parts.items():
+                    target = parameters[key][expert]
+                    if tensor.shape != target.shape:
+                        raise ValueError(f"expert {expert} of {key} has shape {list(tensor.shape)} in the state dict, "
+                                         f"but {list(target.shape)} in the model")
+                    target.copy_(tensor)
+        return super().load_state_dict(layout.tensors, strict=strict, assign=assign)
 
     @staticmethod
     def _finalize_model_loading(model, load_config, loading_info):

@@ -273,10 +273,17 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
         Returns:
             `DeepseekV3CausalLMOutput` with `loss`, `logits` `[b, s', vocab]`, `cache`, `hidden_states`, the
             `balance_loss` of a training forward, and with labels `mtp_losses` / `mtp_accuracies` `[D]`.
+
+        Raises:
+            ValueError: on bad inputs (`check_causal_lm_inputs`), and for a training forward given
+                `num_items_in_batch` without `labels` while the objective has MTP or balance terms: the caller computes
+                the loss itself (Trainer with `label_smoothing_factor` or `compute_loss_func`) and would drop them.
         """
         check_causal_lm_inputs(input_ids, inputs_embeds, labels, logits_to_keep, self.config.vocab_size)
         # a training forward that will produce gradients feeds the expert balancing (token counts, balance loss)
         recording = self.training and torch.is_grad_enabled()
+        if recording and labels is None and kwargs.get("num_items_in_batch") is not None:
+            self._refuse_a_loss_computed_elsewhere()
         log = RoutingLog(recording, self.config.seq_balance_loss_alpha)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
@@ -316,18 +323,41 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
             mtp_accuracies=None if mtp is None else mtp.accuracies,
         )
 
+    def _refuse_a_loss_computed_elsewhere(self) -> None:
+        """A loss normaliser without labels: Trainer calls the model that way when it computes the loss from the
+        logits itself. The terms only the model can compute would silently leave the objective."""
+        dropped = []
+        if self.mtp_active:
+            dropped.append(f"the MTP loss (use_mtp_modules, num_nextn_predict_layers={len(self.mtp)})")
+        if self.config.seq_balance_loss_alpha > 0:
+            alpha = self.config.seq_balance_loss_alpha
+            dropped.append(f"the sequence-wise balance loss (seq_balance_loss_alpha={alpha})")
+        if dropped:
+            raise ValueError(
+                "this training forward got num_items_in_batch but no labels: the loss is computed outside the model "
+                "(Trainer does so with label_smoothing_factor > 0 or a compute_loss_func), which would leave out "
+                + " and ".join(dropped) + ". Train with label_smoothing_factor=0 and without compute_loss_func, or "
+                "switch those terms off (use_mtp_modules=False, seq_balance_loss_alpha=0)"
+            )
+
     def update_routing_bias(self, group=None) -> dict[str, torch.Tensor]:
         """The auxiliary-loss-free balancing step: every MoE layer's `e_score_correction_bias` moves by
         `±routing_bias_update_speed` towards balance, from the tokens routed in training forwards since the last
         call (all-reduced over `group` under `torch.distributed`: every rank must call it). It runs by itself after
         every optimizer step (`routing_bias_auto_update`); call it yourself only with that switched off.
 
+        The bias belongs to its router: a layer whose router weight is frozen (`requires_grad=False`, as in the base
+        model of a LoRA run) keeps its bias, with a warning, so that the frozen base model plus what was trained
+        reproduce the trained model.
+
         Returns:
             `{layer name: load [E] int64}`, the tokens each expert received during the step.
         """
         speed = self.config.routing_bias_update_speed if self.config.use_routing_bias else 0.0
-        biases = {m.layer_idx: m.gate.e_score_correction_bias for m in self.modules() if isinstance(m, MoE)}
-        return self.expert_balance.update(biases, speed, group)
+        layers = [m for m in self.modules() if isinstance(m, MoE)]
+        biases = {m.layer_idx: m.gate.e_score_correction_bias for m in layers}
+        frozen = {m.layer_idx for m in layers if not m.gate.weight.requires_grad}
+        return self.expert_balance.update(biases, speed, group, frozen)
 
     def discard_routing_counts(self) -> None:
         """Forget the tokens counted since the last bias update, e.g. after an optimizer step that did not happen."""

@@ -4,7 +4,7 @@ import json
 from importlib import resources
 
 import pytest
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedConfig
 from transformers import DeepseekV3Config as BuiltinDeepseekV3Config
 
 from modeling_deepseek_v3 import PRESET_NAMES, DeepseekV3Config, load_preset
@@ -27,10 +27,13 @@ def test_official_config_loads_unchanged_and_saves_the_same_meaning(tmp_path):
     assert not hasattr(config, "quantization_config")  # hidden from transformers' FineGrainedFP8 quantizer
     config.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
-    ignored = {"torch_dtype", "dtype", "transformers_version"}
+    ignored = {"torch_dtype", "dtype", "transformers_version", "rope_theta", "rope_scaling"}
     for key, value in original.items():
         if key not in ignored:
             assert saved[key] == value, key
+    # the base moves inside rope_scaling: transformers' generic config class cannot read it beside YaRN settings
+    assert "rope_theta" not in saved
+    assert saved["rope_scaling"] == {**original["rope_scaling"], "rope_theta": original["rope_theta"]}
     assert saved["dtype"] == "bfloat16"
     # the built-in config class (and so vLLM / SGLang style readers of rope_scaling) reads it the same way
     builtin = BuiltinDeepseekV3Config.from_pretrained(tmp_path / "saved")
@@ -59,6 +62,30 @@ def test_presets_load_and_round_trip(name, tmp_path):
     assert back.to_dict() == config.to_dict()
 
 
+@pytest.mark.parametrize("overrides", [{}, {"rope_scaling": None, "rope_theta": 5e4},
+                                       {"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 5e4}],
+                         ids=["yarn", "no-scaling", "linear"])
+def test_saved_config_is_read_by_the_generic_config_class(tmp_path, overrides):
+    """Trainer reads a checkpoint's config.json with `PreTrainedConfig.from_json_file` when it resumes; a top-level
+    `rope_theta` next to YaRN settings made that fail (AttributeError on max_position_embeddings)."""
+    config = tiny_config(**overrides)
+    config.save_pretrained(tmp_path)
+    generic = PreTrainedConfig.from_json_file(tmp_path / "config.json")
+    assert generic.max_position_embeddings == config.max_position_embeddings
+    builtin = BuiltinDeepseekV3Config.from_pretrained(tmp_path)
+    assert builtin.rope_parameters["rope_theta"] == config.rope_theta
+    assert builtin.rope_parameters["rope_type"] == config.rope_parameters["rope_type"]
+    assert DeepseekV3Config.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
+
+
+def test_rope_theta_given_twice_must_agree():
+    scaling = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    assert tiny_config(rope_theta=None, rope_scaling={**scaling, "rope_theta": 500.0}).rope_theta == 500.0
+    assert tiny_config(rope_theta=500.0, rope_scaling={**scaling, "rope_theta": 500.0}).rope_theta == 500.0
+    with pytest.raises(ValueError, match=r"`rope_theta` = 4.0 is invalid: differs from rope_scaling.rope_theta = 3.0"):
+        tiny_config(rope_theta=4.0, rope_scaling={**scaling, "rope_theta": 3.0})
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="preset 'huge' is unknown"):
         load_preset("huge")
@@ -75,9 +102,10 @@ def test_transformers_rope_parameters_form_is_read():
 def test_rope_settings_have_one_source():
     c = tiny_config()
     c.rope_theta = 5e4
-    assert c.rope_parameters["rope_theta"] == 5e4 and c.to_dict()["rope_theta"] == 5e4
+    assert c.rope_parameters["rope_theta"] == 5e4 and c.to_dict()["rope_scaling"]["rope_theta"] == 5e4
     c.rope_scaling = None
-    assert c.rope_parameters == {"rope_type": "default", "rope_theta": 5e4} and c.to_dict()["rope_scaling"] is None
+    assert c.rope_parameters == {"rope_type": "default", "rope_theta": 5e4}
+    assert c.to_dict()["rope_scaling"] is None and c.to_dict()["rope_theta"] == 5e4
 
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}

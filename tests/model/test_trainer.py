@@ -4,11 +4,11 @@ PEFT LoRA on MLA, shared and routed experts, and `device_map="auto"` loading."""
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, ExpertBalanceCallback
 
-from ..utils import random_ids, random_model
+from ..utils import random_ids, random_model, tiny_config
 
 LORA_MODULES = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                 "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"]
@@ -78,6 +78,39 @@ def test_a_skipped_optimizer_step_leaves_the_bias_and_drops_the_counts():
     assert all(load.sum() == 0 for load in model.update_routing_bias().values())
 
 
+def smoothed_loss(outputs, labels, num_items_in_batch=None):
+    """A loss computed outside the model, as a `compute_loss_func`."""
+    logits = outputs.logits[:, :-1].flatten(0, 1)
+    return torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("trainer_class, options", [
+    (Trainer, dict(args=dict(label_smoothing_factor=0.1))),
+    (DeepseekV3Trainer, dict(args=dict(label_smoothing_factor=0.1))),
+    (Trainer, dict(compute_loss_func=smoothed_loss)),
+], ids=["label-smoothing-Trainer", "label-smoothing-DeepseekV3Trainer", "compute_loss_func"])
+def test_a_loss_computed_by_trainer_that_would_drop_mtp_and_balance_is_refused(tmp_path, trainer_class, options):
+    """Trainer then calls the model without labels: the MTP modules would never train and the balance loss would be
+    left out, so training stops with the reason instead."""
+    model = random_model(tiny_config(num_nextn_predict_layers=1))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    trainer = trainer_class(model=model, args=arguments(tmp_path, **options.get("args", {})),
+                            train_dataset=dataset(model.config), compute_loss_func=options.get("compute_loss_func"))
+    with pytest.raises(ValueError, match=r"label_smoothing_factor > 0 or a compute_loss_func\), which would leave out "
+                                         r"the MTP loss .* and the sequence-wise balance loss"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_label_smoothing_trains_when_the_objective_has_no_mtp_or_balance_term(tmp_path):
+    model = random_model(tiny_config(num_nextn_predict_layers=1, use_mtp_modules=False, seq_balance_loss_alpha=0.0))
+    before = model.model.embed_tokens.weight.clone()
+    trainer = Trainer(model=model, args=arguments(tmp_path, label_smoothing_factor=0.1, max_steps=1),
+                      train_dataset=dataset(model.config))
+    trainer.train()
+    assert not torch.equal(model.model.embed_tokens.weight, before)
+
+
 def test_trainer_needs_a_deepseek_v3_model(tmp_path):
     with pytest.raises(TypeError, match="containing a DeepseekV3ForCausalLM, got Linear"):
         DeepseekV3Trainer(model=torch.nn.Linear(2, 2), args=arguments(tmp_path))
@@ -121,6 +154,29 @@ def test_lora_on_mla_shared_and_routed_experts(tmp_path):
         merged = model.merge_and_unload()
         assert type(merged) is DeepseekV3ForCausalLM
         torch.testing.assert_close(merged(ids).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_a_lora_run_is_reproduced_by_the_base_model_and_the_saved_adapter(tmp_path, caplog):
+    """The base model's routers are frozen, so its routing biases stay as they were (with a warning): the fresh base
+    model plus the saved adapter give the trained model's logits."""
+    random_model().save_pretrained(tmp_path / "base")
+    model = lora(DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base"))
+    trainer = DeepseekV3Trainer(model=model, args=arguments(tmp_path, learning_rate=1e-2),
+                                train_dataset=dataset(model.config))
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "routers of ['model.layers.1', 'model.layers.2'] are frozen" in caplog.text
+    assert trainer.state.log_history[0]["expert_load_max_over_mean"] >= 1  # the load is still measured
+    trainer.save_model(tmp_path / "adapter")
+    ids = random_ids(model.config, 2, 8)
+    model.eval()
+    reloaded = PeftModel.from_pretrained(DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    with torch.no_grad():
+        trained, fresh = model(ids).logits, reloaded.eval()(ids).logits
+        base = reloaded.get_base_model()
+        with reloaded.disable_adapter():
+            assert (base(ids).logits - trained).abs().max() > 1e-2  # the adapter did train
+    assert (fresh - trained).abs().max() <= 1e-6
 
 
 def random_model_like(base, state) -> DeepseekV3ForCausalLM:
