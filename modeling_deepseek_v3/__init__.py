@@ -13,7 +13,8 @@ from .cache import LatentCacheLayer, MLACache, MLAStaticCache
 from .configuration import PRESET_NAMES, DeepseekV3Config, load_preset
 from .generation import SpeculativeStats
 from .metrics import TrainingMetrics
-from .model import DeepseekV3CausalLMOutput, DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
+from .model import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
+from .outputs import DeepseekV3CausalLMOutput
 from .paged_cache import PagedLatentCache
 from .trainer import DeepseekV3Trainer, ExpertBalanceCallback
 
