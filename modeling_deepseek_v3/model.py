@@ -90,6 +90,21 @@ class DeepseekV3PreTrainedModel(CheckpointMixin, PreTrainedModel):
     _supports_attention_backend = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "scale_inv"]
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """The routed experts compute through their own grouped GEMM over the tokens sorted by expert; transformers'
+        experts kernels (its `experts_implementation` dispatch) never apply. So the setting is recorded as "eager",
+        transformers' name for a model's own experts forward (also what it records for a model that cannot switch,
+        and what keeps `generate()` from switching to "batched_mm" on accelerators); "grouped_mm", the same
+        computation, is accepted.
+
+        Raises:
+            ValueError: for any other experts implementation (`batched_mm`, the hub's FP8 kernels, ...).
+        """
+        if requested_experts not in (None, "eager", "grouped_mm"):
+            raise ValueError(f"experts_implementation={requested_experts!r} is not available: DeepSeek-V3's routed "
+                             "experts run their own grouped GEMM over the tokens sorted by expert ('grouped_mm')")
+        return "eager"
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range

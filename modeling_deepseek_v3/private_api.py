@@ -23,8 +23,10 @@ OVERRIDDEN_HOOKS = (
     # the loader of from_pretrained: our checkpoint conversions go in, the MTP copies are checked after
     (PreTrainedModel, "_load_pretrained_model", ("model", "state_dict", "checkpoint_files", "load_config",
                                                  "expected_keys")),
-    # the end of from_pretrained: missing / unexpected keys become errors instead of warnings
+    # the end of from_pretrained: missing / unexpected keys of the decoder become errors instead of warnings
     (PreTrainedModel, "_finalize_model_loading", ("model", "load_config", "loading_info")),
+    # the check of the experts implementation at construction: our routed experts have one (grouped GEMM)
+    (PreTrainedModel, "get_correct_experts_implementation", ("self", "requested_experts")),
     # generate()'s default cache becomes the latent MLACache
     (GenerationMixin, "_prepare_cache_for_generation", ("self", "generation_config", "model_kwargs",
                                                         "generation_mode", "batch_size", "max_cache_length")),

@@ -88,3 +88,9 @@ def test_continuous_batching_contacts():
     assert manager._original_attn_impl == "eager" and model.config._attn_implementation == "paged|eager"
     private_api.discard_unstarted_manager(manager)
     assert model.config._attn_implementation == "eager" and manager.batch_processor is None
+
+
+def test_our_experts_implementation_check_is_the_one_transformers_calls():
+    model = random_model()
+    with pytest.raises(ValueError, match="experts_implementation='batched_mm' is not available"):
+        model.set_experts_implementation("batched_mm")
