@@ -34,7 +34,7 @@ from .metrics import TrainingMetrics
 from .moe import MoE, RoutedExperts, TopkRouter
 from .mtp import MTPLayer, mtp_layer_index, mtp_objective
 from .outputs import DeepseekV3CausalLMOutput, LayerOutputs, OutputRequest
-from .private_api import attention_implementation, ignore_unexpected_keys
+from .private_api import attention_implementation
 from .rope import RotaryEmbedding, rope_frequencies
 
 
@@ -143,7 +143,6 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
-        ignore_unexpected_keys(self, [r"^lm_head\."])  # the head of a causal-LM checkpoint
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
