@@ -28,12 +28,14 @@ from safetensors import SafetensorError, safe_open
 from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming
 from transformers.utils import logging
 
+from .dtypes import fp32_kept_tensor_names
 from .moe import RoutedExperts
 from .mtp import mtp_layer_index
 from .private_api import (
     finalize_model_loading,
     ignore_unexpected_keys,
     is_peft_adapter_model,
+    keep_in_fp32,
     load_pretrained_model,
     set_weight_conversions,
     weight_conversions,
@@ -448,6 +450,8 @@ class CheckpointMixin:
         return renamings + expert_weight_conversions(self.config)
 
     def post_init(self) -> None:
+        # the routing biases (and an FP8 model's block scales) load in fp32 whatever dtype from_pretrained is given
+        keep_in_fp32(self, fp32_kept_tensor_names(self))
         super().post_init()
         set_weight_conversions(self, self.checkpoint_conversions())  # save_pretrained reverses them
 

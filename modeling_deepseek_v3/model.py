@@ -88,7 +88,6 @@ class DeepseekV3PreTrainedModel(CheckpointMixin, PreTrainedModel):
     _no_split_modules = ["DeepseekV3DecoderLayer", "MTPLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
-    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "scale_inv"]
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """The routed experts compute through their own grouped GEMM over the tokens sorted by expert; transformers'
