@@ -7,6 +7,7 @@ weights (docs/conformance.md lists the deliberate differences)."""
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -24,7 +25,7 @@ from modeling_deepseek_v3 import (
     DeepseekV3Model,
 )
 
-from .utils import random_ids, random_model, tiny_config
+from ..utils import random_ids, random_model, tiny_config
 
 HEADS = (DeepseekV3ForSequenceClassification, DeepseekV3ForTokenClassification)
 ALL_CLASSES = (DeepseekV3Model, DeepseekV3ForCausalLM, *HEADS)
@@ -388,8 +389,6 @@ def test_a_base_checkpoint_loads_into_the_causal_lm_with_a_new_head(saved, tmp_p
 
 
 def test_a_missing_decoder_weight_stays_an_error(saved, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     _, path = saved
     state = load_file(path / "model.safetensors")
     del state["model.layers.1.self_attn.kv_b_proj.weight"]
