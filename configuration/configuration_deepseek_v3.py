@@ -28,7 +28,7 @@ ROPE_REQUIRED_KEYS = {
 GROUPED_GEMM_ROW_BYTES = 16
 NARROWEST_COMPUTE_BYTES = 2
 BOOLEAN_FIELDS = ("norm_topk_prob", "use_cache", "tie_word_embeddings", "attention_bias", "use_mtp_modules",
-                  "use_routing_bias", "routing_bias_auto_update")
+                  "use_routing_bias", "routing_bias_auto_update", "output_router_logits")
 OPTIONAL_BOOLEAN_FIELDS = ("output_hidden_states", "return_dict")  # transformers' own, None meaning "default"
 
 
@@ -107,6 +107,8 @@ class DeepseekV3Config(PreTrainedConfig):
             the update to explicit `model.update_routing_bias()` calls.
         mla_attention_path (`str`, defaults to "auto"): "auto" picks, per call, the cheaper of the expanded and
             the absorbed MLA paths (docs/design.md); "expanded" / "absorbed" force one (for tests and benchmarks).
+        output_router_logits (`bool`, defaults to False): transformers' MoE flag, the default of the forward
+            argument of the same name: return every MoE layer's router logits (`router_logits`). It adds no loss.
 
     `quantization_config` (FP8) is kept in `fp8_quantization_config` so that transformers' own FP8 quantizer never
     sees it, and written back under its official name by `to_dict()`.
@@ -166,6 +168,7 @@ class DeepseekV3Config(PreTrainedConfig):
         use_routing_bias: bool = True,
         routing_bias_auto_update: bool = True,
         mla_attention_path: str = "auto",
+        output_router_logits: bool = False,
         **kwargs: Any,
     ) -> None:
         # transformers >= 5 writes RoPE settings as `rope_parameters`; configs it saved come back that way.
@@ -215,6 +218,7 @@ class DeepseekV3Config(PreTrainedConfig):
         self.use_routing_bias = use_routing_bias
         self.routing_bias_auto_update = routing_bias_auto_update
         self.mla_attention_path = mla_attention_path
+        self.output_router_logits = output_router_logits
         # The one source of the RoPE settings, in transformers' `rope_parameters` form (its RoPE and MTP utilities
         # read it); `rope_theta` and `rope_scaling` are views of it in the official form.
         self.rope_parameters = _rope_parameters(rope_theta, rope_scaling)  # validated by the setter

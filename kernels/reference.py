@@ -66,7 +66,8 @@ def mla_decode_ref(
     k_pe: torch.Tensor,
     mask: torch.Tensor | None,
     softmax_scale: float,
-) -> torch.Tensor:
+    return_probs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA attention of `s` new queries over the latent cache, in fp32:
     `o_lat = softmax((q_lat·c_kvᵀ + q_pe·k_peᵀ)·scale) · c_kv`.
 
@@ -78,10 +79,11 @@ def mla_decode_ref(
         mask: `[b, s, t]` bool, True = attend (left padding, speculative queries, empty static-cache slots), or None:
             causal, query i sits at position `t - s + i`.
         softmax_scale: the score scale.
+        return_probs: also return the attention probabilities.
 
     Returns:
         `o_lat` `[b, s, h, c]` in the dtype of `q_lat` (the caller multiplies by W_UV). A query that may attend to no
-        key gets zeros.
+        key gets zeros. With `return_probs`, `(o_lat, probs)`, probs `[b, s, h, t]` fp32 (zeros for such a query).
 
     Raises:
         ValueError: on shapes, dtypes or a scale that do not fit.
@@ -96,7 +98,8 @@ def mla_decode_ref(
     mask = mask.expand(b, s, t)[:, :, None, :]  # [b, s, 1, t]
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     probs = torch.where(mask.any(dim=-1, keepdim=True), probs, 0.0)  # a row without keys: 0, not NaN
-    return torch.einsum("bsht,btc->bshc", probs, c_kv.float()).to(q_lat.dtype)
+    o_lat = torch.einsum("bsht,btc->bshc", probs, c_kv.float()).to(q_lat.dtype)
+    return (o_lat, probs) if return_probs else o_lat
 
 
 MLA_DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -2,24 +2,35 @@
 Multi-Token Prediction (training objective and self-speculative decoding, `generate(use_mtp=True)`), continuous
 batching over a paged latent cache (`generate_batch`).
 
-Importing this package registers its classes with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM` for
-`model_type = "deepseek_v3"`, replacing transformers' built-in DeepSeek-V3 classes for the whole process. The
-built-in classes stay reachable by importing them explicitly from `transformers`.
+Importing this package registers its classes with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM`,
+`AutoModelForSequenceClassification` and `AutoModelForTokenClassification` for `model_type = "deepseek_v3"`, replacing
+transformers' built-in DeepSeek-V3 classes for the whole process. The built-in classes stay reachable by importing
+them explicitly from `transformers`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from .cache import LatentCacheLayer, MLACache, MLAStaticCache
 from .configuration import PRESET_NAMES, DeepseekV3Config, load_preset
 from .generation import SpeculativeStats
+from .heads import DeepseekV3ForSequenceClassification, DeepseekV3ForTokenClassification
 from .metrics import TrainingMetrics
-from .model import DeepseekV3CausalLMOutput, DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
+from .model import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
+from .outputs import DeepseekV3CausalLMOutput
 from .paged_cache import PagedLatentCache
 from .trainer import DeepseekV3Trainer, ExpertBalanceCallback
 
 AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
 AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)
 AutoModelForCausalLM.register(DeepseekV3Config, DeepseekV3ForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(DeepseekV3Config, DeepseekV3ForSequenceClassification, exist_ok=True)
+AutoModelForTokenClassification.register(DeepseekV3Config, DeepseekV3ForTokenClassification, exist_ok=True)
 
 __all__ = [
     "PRESET_NAMES",
@@ -27,6 +38,8 @@ __all__ = [
     "DeepseekV3Config",
     "DeepseekV3ForCausalLM",
     "DeepseekV3Model",
+    "DeepseekV3ForSequenceClassification",
+    "DeepseekV3ForTokenClassification",
     "DeepseekV3PreTrainedModel",
     "DeepseekV3Trainer",
     "ExpertBalanceCallback",

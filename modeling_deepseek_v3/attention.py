@@ -27,7 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration import DeepseekV3Config
 from .fp8 import FP8Linear, dense_weight, fp8_format, make_linear
-from .kernels import mla_decode
+from .kernels import mla_decode, mla_decode_ref
 from .layers import RMSNorm
 from .private_api import attention_implementation, has_forward_hooks
 from .rope import apply_rope, softmax_scale
@@ -117,6 +117,7 @@ class MultiHeadLatentAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         paged_batch: PagedBatch | None = None,
+        attentions: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """
@@ -127,6 +128,8 @@ class MultiHeadLatentAttention(nn.Module):
             cache: a cache holding `c_kv` / `k_pe` per layer; updated in place.
             paged_batch: under continuous batching, the layout of the flat batch (`b = 1`, `s` tokens of many
                 requests) over the paged latent cache; `attention_mask` and `cache` are then not read.
+            attentions: a list that receives this call's attention probabilities `[b, h, s, t]` (`output_attentions`);
+                see `attend`. Not under continuous batching.
 
         Returns:
             `[b, s, hidden]`.
@@ -145,6 +148,8 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe, cos, sin)  # ONE rope key shared by all heads
         if paged_batch is not None:
+            if attentions is not None:
+                raise ValueError("output_attentions=True is not available under continuous batching (a paged cache)")
             out = paged_batch.attend(self, q_nope, q_pe, c_kv, k_pe)
             return self.o_proj(out.reshape(b, s, self.num_heads * self.v_head_dim))
         c_kv, k_pe = c_kv.unsqueeze(1), k_pe.unsqueeze(1)  # [b, 1, s, c], [b, 1, s, r]: one "head" for the cache
@@ -153,7 +158,7 @@ class MultiHeadLatentAttention(nn.Module):
             past = cache.get_seq_length(self.layer_idx)
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
         c_kv, k_pe = c_kv[:, 0], k_pe[:, 0]  # [b, t, c], [b, t, r]
-        out = self.attend(q_nope, q_pe, c_kv, k_pe, attention_mask, past, **kwargs)
+        out = self.attend(q_nope, q_pe, c_kv, k_pe, attention_mask, past, attentions, **kwargs)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.v_head_dim))
 
     def attend(
@@ -164,6 +169,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_pe: torch.Tensor,
         attention_mask: torch.Tensor | None,
         past: int | torch.Tensor = 0,
+        attentions: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """Attention of `s` new queries over `t` latent keys, by the cheaper path (`use_absorbed`).
@@ -172,13 +178,21 @@ class MultiHeadLatentAttention(nn.Module):
             q_nope: `[b, s, h, n]`; q_pe: `[b, s, h, r]` (rotated); c_kv: `[b, t, c]`; k_pe: `[b, t, r]` (rotated).
             attention_mask: as in `forward`, or None: causal, query i at position `past + i`.
             past: keys before the first query (a tensor for static caches).
+            attentions: a list that receives the attention probabilities `[b, h, s, t]`, from either path: the
+                expanded path then runs the eager attention function, the absorbed path the torch reference of the
+                latent attention (slow, but exact on any device).
 
         Returns:
             `[b, s, h, v]`, before `o_proj`.
         """
+        want_probs = attentions is not None
         if self.use_absorbed(q_nope.shape[1], c_kv.shape[1]):
-            return self._absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask, past)
-        return self._expanded(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
+            out, probs = self._absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask, past, want_probs)
+        else:
+            out, probs = self._expanded(q_nope, q_pe, c_kv, k_pe, attention_mask, want_probs, **kwargs)
+        if want_probs:
+            attentions.append(probs)
+        return out
 
     def use_absorbed(self, s: int, t: int) -> bool:
         """Whether the absorbed path costs fewer multiply-adds for `s` queries over `t` keys (docs/design.md)."""
@@ -206,20 +220,20 @@ class MultiHeadLatentAttention(nn.Module):
         absorbed = s * h * c * (dn + dv) + s * t * h * (2 * c + r)
         return exact and absorbed < expanded
 
-    def _expanded(self, q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs) -> torch.Tensor:
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, attention_mask, want_probs, **kwargs):
         b, t, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(b, t, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         key = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)  # [b, t, h, n+r]
         query = torch.cat((q_nope, q_pe), dim=-1)  # [b, s, h, n+r]
         pad = self.qk_head_dim - self.v_head_dim
-        implementation = attention_implementation(self.config)
+        implementation = "eager" if want_probs else attention_implementation(self.config)
         if implementation == "sdpa" and pad > 0 and value.device.type == "cpu":
             # sdpa's fused CPU kernel needs equal q/k/v head dims (else its slow math path runs; CUDA's memory-efficient
             # kernel takes unequal ones): zero columns of V give zero output columns, cut off below
             value = F.pad(value, (0, pad))
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
-        out, _ = attention(
+        out, probs = attention(
             self,
             query.transpose(1, 2),
             key.transpose(1, 2),
@@ -229,13 +243,23 @@ class MultiHeadLatentAttention(nn.Module):
             dropout=self.config.attention_dropout if self.training else 0.0,
             **kwargs,
         )
-        return out[..., : self.v_head_dim]  # [b, s, h, v]
+        return out[..., : self.v_head_dim], probs  # [b, s, h, v], [b, h, s, t] from eager attention
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, attention_mask, past) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, attention_mask, past, want_probs):
         b, s, _, _ = q_nope.shape
         t = c_kv.shape[1]
         mask = latent_mask(attention_mask, b, s, t, past, c_kv.device)
-        return self.absorbed(q_nope, lambda q_lat: mla_decode(q_lat, q_pe, c_kv, k_pe, mask, self.softmax_scale))
+        scale = self.softmax_scale
+        if not want_probs:
+            return self.absorbed(q_nope, lambda q_lat: mla_decode(q_lat, q_pe, c_kv, k_pe, mask, scale)), None
+        formed = {}
+
+        def with_probabilities(q_lat: torch.Tensor) -> torch.Tensor:
+            o_lat, formed["probs"] = mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, scale, return_probs=True)
+            return o_lat
+
+        out = self.absorbed(q_nope, with_probabilities)
+        return out, formed["probs"].transpose(1, 2).to(q_nope.dtype)  # [b, h, s, t]
 
     def absorbed(self, q_nope: torch.Tensor, latent_attention: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The absorbed path around an attention over the latents: `o = latent_attention(q_nope·W_UK)·W_UVᵀ`.

@@ -28,12 +28,14 @@ from safetensors import SafetensorError, safe_open
 from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming
 from transformers.utils import logging
 
+from .dtypes import fp32_kept_tensor_names
 from .moe import RoutedExperts
 from .mtp import mtp_layer_index
 from .private_api import (
     finalize_model_loading,
     ignore_unexpected_keys,
     is_peft_adapter_model,
+    keep_in_fp32,
     load_pretrained_model,
     set_weight_conversions,
     weight_conversions,
@@ -50,6 +52,9 @@ MTP_SHARED_COPIES = (
     ("shared_head.head.weight", "lm_head.weight"),
 )
 ROWS_PER_READ = 8192  # copies are compared in slices of this many rows, never read whole
+# the task heads of the classes built on the decoder (causal LM, sequence / token classification): a checkpoint of one
+# task loads into another, the other's head left out
+TASK_HEAD_PATTERNS = [r"^lm_head\.", r"^score\."]
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"  # `X.weight_scale_inv` holds the block scales of the FP8 `X.weight`
@@ -409,15 +414,29 @@ def write_remote_code(folder: str | Path) -> Path:
     return code_path
 
 
+def is_task_head_key(model, key: str) -> bool:
+    """Whether `key` (a parameter name) belongs to the model's task head (`lm_head`, `score`): outside its base model
+    and its MTP modules. A base model has no head."""
+    if model.base_model is model:
+        return False
+    return not key.startswith((f"{model.base_model_prefix}.", "mtp."))
+
+
 class CheckpointMixin:
     """Loading and saving hooks of the DeepSeek-V3 model classes (put before `PreTrainedModel` in the bases): the
-    official key layout in and out, the MTP copies, and strict key checks."""
+    official key layout in and out, the MTP copies, and strict key checks.
+
+    Strict means: every weight of the decoder and of the MTP modules must be in the checkpoint and match its shape,
+    and the checkpoint may hold nothing else. A task head is the exception, as in transformers: a head missing from
+    the checkpoint (a base-model checkpoint loaded into the causal LM, a causal-LM checkpoint into a classifier) is
+    initialised and reported by transformers' load report, and the head of another task is left out.
+    """
 
     def __init__(self, config, *inputs, **kwargs) -> None:
         super().__init__(config, *inputs, **kwargs)
         # MTP modules stored after the decoder layers are not an error for a model without them; a model with them
         # loads their keys (renamed) and checks that nothing else is left there (`_finalize_model_loading`)
-        ignore_unexpected_keys(self, mtp_layer_patterns(config))
+        ignore_unexpected_keys(self, mtp_layer_patterns(config) + TASK_HEAD_PATTERNS)
 
     @property
     def has_mtp_modules(self) -> bool:
@@ -431,6 +450,8 @@ class CheckpointMixin:
         return renamings + expert_weight_conversions(self.config)
 
     def post_init(self) -> None:
+        # the routing biases (and an FP8 model's block scales) load in fp32 whatever dtype from_pretrained is given
+        keep_in_fp32(self, fp32_kept_tensor_names(self))
         super().post_init()
         set_weight_conversions(self, self.checkpoint_conversions())  # save_pretrained reverses them
 
@@ -503,14 +524,16 @@ class CheckpointMixin:
         loading_info = finalize_model_loading(model, load_config, loading_info)
         # ignore_mismatched_sizes relaxes shapes only: a missing tensor would otherwise be left uninitialised
         mismatched = [] if load_config.ignore_mismatched_sizes else loading_info.mismatched_keys
+        # a task head the checkpoint lacks was initialised by transformers, which reports it
+        missing = {k for k in loading_info.missing_keys if not is_task_head_key(model, k)}
         hint = None
-        if loading_info.missing_keys and all(k.startswith("mtp.") for k in loading_info.missing_keys):
+        if missing and all(k.startswith("mtp.") for k in missing):
             hint = (
                 f"The checkpoint lacks the weights of the MTP modules that num_nextn_predict_layers = "
                 f"{model.config.num_nextn_predict_layers} asks for; load it with num_nextn_predict_layers=0 to "
                 "leave the modules out."
             )
-        check_loading_info(loading_info.missing_keys, set(loading_info.unexpected_keys) | stray, mismatched, hint)
+        check_loading_info(missing, set(loading_info.unexpected_keys) | stray, mismatched, hint)
         return loading_info
 
     def save_pretrained(

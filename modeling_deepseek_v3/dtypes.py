@@ -8,6 +8,7 @@ block scales fp32 (docs/design.md: Expert balancing, FP8). Modules holding such 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -26,3 +27,16 @@ class KeepsTensorDtypes(nn.Module):
             if tensor.dtype != old.dtype:
                 tensor.data = old.to(tensor.device)
         return out
+
+
+def fp32_kept_tensor_names(model: nn.Module) -> list[str]:
+    """The names (last dotted part) of the fp32 tensors that the model's modules keep in their dtype: the routing
+    biases, and in an FP8 model the block scales. A model without FP8 has no scale to name."""
+    names = {
+        name
+        for module in model.modules()
+        if isinstance(module, KeepsTensorDtypes)
+        for name in module.dtype_kept_tensors()
+        if getattr(module, name).dtype == torch.float32
+    }
+    return sorted(names)

@@ -320,7 +320,7 @@ class SelfSpeculativeDecoder:
         positions = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)  # as generate() numbers left padding
         # the prefill is exactly plain decoding's (no mask when nothing is padded), so its first token is the same
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                              cache=self.cache, use_cache=True).last_hidden_state
+                              cache=self.cache, use_cache=True, return_dict=True).last_hidden_state
         self.stats.main_forwards += 1
         newest, _ = self._choose(self.head(hidden[:, -1:])[:, -1])
         sequences = _Sequences(b, config.max_length - w, depth + 1, *eos_and_pad_tensors(config), device)
@@ -362,7 +362,8 @@ class SelfSpeculativeDecoder:
         positions = self.next_position[:, None] + torch.arange(depth + 1, device=ids.device)
         self.main_mask = torch.cat([self.main_mask, torch.ones_like(ids, dtype=torch.bool)], dim=1)
         hidden = self.decoder(input_ids=ids, attention_mask=self.main_mask.long() if self.holes else None,
-                              position_ids=positions, cache=self.cache, use_cache=True).last_hidden_state
+                              position_ids=positions, cache=self.cache, use_cache=True,
+                              return_dict=True).last_hidden_state
         self.stats.main_forwards += 1
         scores = self._scores(self.head(hidden))  # [b, D + 1, V]
         if not self.do_sample:

@@ -2,14 +2,12 @@
 
 Decoder layer: `h = x + MLA(norm(x)); y = h + FFN(norm(h))`, FFN dense SwiGLU for the first
 `first_k_dense_replace` layers and DeepSeekMoE after. The causal LM adds the output head, the loss
-(`L_main + λ/D · Σ_k L_MTP,k + L_bal`) and the MTP modules; generation, checkpoints, MTP and expert balancing each
-live in their own module. Dimension letters: b batch, s new tokens.
+(`L_main + λ/D · Σ_k L_MTP,k + L_bal`) and the MTP modules; generation, checkpoints, MTP, expert balancing and the
+optional outputs (`outputs.py`) each live in their own module. Dimension letters: b batch, s new tokens.
 References: DeepSeek-V3 report §2-3; docs/design.md.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 from torch import nn
@@ -19,7 +17,7 @@ from transformers.cache_utils import Cache
 from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention import MultiHeadLatentAttention
@@ -35,24 +33,9 @@ from .layers import MLP, RMSNorm
 from .metrics import TrainingMetrics
 from .moe import MoE, RoutedExperts, TopkRouter
 from .mtp import MTPLayer, mtp_layer_index, mtp_objective
-from .private_api import ignore_unexpected_keys
+from .outputs import DeepseekV3CausalLMOutput, LayerOutputs, OutputRequest
+from .private_api import attention_implementation
 from .rope import RotaryEmbedding, rope_frequencies
-
-
-@dataclasses.dataclass
-class DeepseekV3CausalLMOutput(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus the training-objective terms reported beside the loss.
-
-    Args:
-        balance_loss: the sequence-wise balance loss summed over MoE layers (already included in `loss`).
-        mtp_losses: `[D]`, the mean cross-entropy of each MTP depth k (predicting the token k + 1 ahead); `loss`
-            includes `mtp_loss_weight / D` times their sum. None without labels or with the MTP modules off.
-        mtp_accuracies: `[D]`, the top-1 accuracy of each MTP depth on the same targets.
-    """
-
-    balance_loss: torch.Tensor | None = None
-    mtp_losses: torch.Tensor | None = None
-    mtp_accuracies: torch.Tensor | None = None
 
 
 def is_moe_layer(config: DeepseekV3Config, layer_idx: int) -> bool:
@@ -82,11 +65,14 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         token_mask: torch.Tensor | None = None,
         routing_log: RoutingLog | None = None,
+        attentions: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """`token_mask` `[b, s]` (False = padding) and the forward's `routing_log` reach a MoE layer (see `MoE`)."""
+        """`token_mask` `[b, s]` (False = padding) and the forward's `routing_log` reach a MoE layer (see `MoE`);
+        `attentions`, if a list, receives the attention probabilities (`MultiHeadLatentAttention`)."""
         h = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache,
+            attentions=attentions, **kwargs,
         )
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
@@ -102,7 +88,21 @@ class DeepseekV3PreTrainedModel(CheckpointMixin, PreTrainedModel):
     _no_split_modules = ["DeepseekV3DecoderLayer", "MTPLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
-    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "scale_inv"]
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """The routed experts compute through their own grouped GEMM over the tokens sorted by expert; transformers'
+        experts kernels (its `experts_implementation` dispatch) never apply. So the setting is recorded as "eager",
+        transformers' name for a model's own experts forward (also what it records for a model that cannot switch,
+        and what keeps `generate()` from switching to "batched_mm" on accelerators); "grouped_mm", the same
+        computation, is accepted.
+
+        Raises:
+            ValueError: for any other experts implementation (`batched_mm`, the hub's FP8 kernels, ...).
+        """
+        if requested_experts not in (None, "eager", "grouped_mm"):
+            raise ValueError(f"experts_implementation={requested_experts!r} is not available: DeepSeek-V3's routed "
+                             "experts run their own grouped GEMM over the tokens sorted by expert ('grouped_mm')")
+        return "eager"
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -142,7 +142,6 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
-        ignore_unexpected_keys(self, [r"^lm_head\."])  # the head of a causal-LM checkpoint
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -155,36 +154,49 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
         routing_log: RoutingLog | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> MoeModelOutputWithPast | tuple:
         """
         Args:
             input_ids: `[b, s]` token ids in `[0, vocab_size)`; or `inputs_embeds` `[b, s, hidden]`.
             attention_mask: `[b, past + s]` (1 = token, 0 = padding), or a prepared 4-D mask.
             position_ids: `[b, s]`; default: `past + arange(s)`.
             cache: an `MLACache` / static latent cache; created when `use_cache` and none is given.
-            routing_log: the forward's `RoutingLog`, to which every MoE layer adds its routing; or None.
+            output_hidden_states, output_attentions, output_router_logits, return_dict: transformers' flags, the
+                config's when None (see `outputs.py`); attentions need `attn_implementation="eager"`.
+            routing_log: the forward's `RoutingLog`, to which every MoE layer adds its routing; or None. With
+                `output_router_logits` it must keep them (`keep_router_logits=True`).
+
+        Returns:
+            `MoeModelOutputWithPast` (`last_hidden_state` after the final norm, `cache`, and what was asked), or its
+            tuple with `return_dict=False`.
 
         Raises:
             ValueError, TypeError: on any argument breaking the rules of `inputs.check_model_inputs` (values are
-                checked on an accelerator for prompts, not for one-token decode steps).
+                checked on an accelerator for prompts, not for one-token decode steps), or on an output flag that is
+                not a bool.
         """
         # continuous batching: transformers' scheduler lays out a flat batch of many requests over the paged cache; its
         # positions are given and its mask and page indices are its own (the mask is not read, see paged_attention.py)
         paged = isinstance(cache, PagedAttentionCache)
         check_model_inputs(self.config, input_ids, inputs_embeds, None if paged else attention_mask, position_ids,
                            None if paged else cache, self.embed_tokens.weight.dtype)  # fmt: skip
+        asked = OutputRequest.resolve(self.config, output_hidden_states, output_attentions, output_router_logits,
+                                      return_dict)
+        if routing_log is None and asked.router_logits:
+            routing_log = RoutingLog(recording=False, keep_router_logits=True)
+        if asked.router_logits and not routing_log.keep_router_logits:
+            raise ValueError("output_router_logits=True needs a routing_log created with keep_router_logits=True")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # checkpointed layers are replayed: a cache would be written twice
         if use_cache and cache is None:
             cache = MLACache(self.config)
         past = cache.get_seq_length() if cache is not None and not paged else 0
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        if kwargs.get("output_attentions"):
-            raise ValueError("output_attentions=True is not supported: MLA's fused paths never form the full matrix")
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -203,21 +215,18 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         if paged:
             kwargs["paged_batch"] = paged_batch(cache, kwargs, inputs_embeds.dtype)
         token_mask = attention_mask[:, -s:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        recorded = LayerOutputs(asked, attention_implementation(self.config))
         hidden_states = inputs_embeds
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
+            recorded.add_hidden_state(hidden_states)
             hidden_states = layer(
                 hidden_states, position_embeddings, mask, cache=cache, token_mask=token_mask,
-                routing_log=routing_log, **kwargs,
+                routing_log=routing_log, attentions=recorded.attention_sink, **kwargs,
             )
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, cache=cache if use_cache else None, hidden_states=all_hidden_states
-        )
+        recorded.add_hidden_state(hidden_states)
+        router_logits = dict(routing_log.router_logits) if asked.router_logits else None
+        return recorded.model_output(hidden_states, cache if use_cache else None, router_logits)
 
 
 class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, DeepseekV3PreTrainedModel):
@@ -260,19 +269,24 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> DeepseekV3CausalLMOutput:
+    ) -> DeepseekV3CausalLMOutput | tuple:
         """
         Args:
             labels: `[b, s]` next-token targets (unshifted, -100 ignored); the loss is normalised by
                 `num_items_in_batch` when Trainer passes it. With active MTP modules (`mtp_active`) and
                 `s >= num_nextn_predict_layers + 2`, `loss = main + mtp_loss_weight / D · Σ_k CE_k` (`mtp_objective`).
+            output_hidden_states, output_attentions, output_router_logits, return_dict: as for `DeepseekV3Model`.
             logits_to_keep: compute logits for the last `n` positions only (0 = all), or for the given indices.
 
         Returns:
-            `DeepseekV3CausalLMOutput` with `loss`, `logits` `[b, s', vocab]`, `cache`, `hidden_states`, the
-            `balance_loss` of a training forward, and with labels `mtp_losses` / `mtp_accuracies` `[D]`.
+            `DeepseekV3CausalLMOutput` with `loss`, `logits` `[b, s', vocab]`, `cache`, what was asked, the
+            `balance_loss` of a training forward, and with labels `mtp_losses` / `mtp_accuracies` `[D]`; or its tuple
+            (loss first) with `return_dict=False`.
 
         Raises:
             ValueError: on bad inputs (`check_causal_lm_inputs`), and for a training forward given
@@ -280,14 +294,17 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
                 the loss itself (Trainer with `label_smoothing_factor` or `compute_loss_func`) and would drop them.
         """
         check_causal_lm_inputs(input_ids, inputs_embeds, labels, logits_to_keep, self.config.vocab_size)
+        asked = OutputRequest.resolve(self.config, output_hidden_states, output_attentions, output_router_logits,
+                                      return_dict)
         # a training forward that will produce gradients feeds the expert balancing (token counts, balance loss)
         recording = self.training and torch.is_grad_enabled()
         if recording and labels is None and kwargs.get("num_items_in_batch") is not None:
             self._refuse_a_loss_computed_elsewhere()
-        log = RoutingLog(recording, self.config.seq_balance_loss_alpha)
+        log = RoutingLog(recording, self.config.seq_balance_loss_alpha, keep_router_logits=asked.router_logits)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=asked.hidden_states,
+            output_attentions=asked.attentions, output_router_logits=asked.router_logits, return_dict=True,
             routing_log=log, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -317,11 +334,11 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
                 self.training_metrics.add_each("mtp_{}_accuracy", mtp.accuracies)
         if balance_loss is not None and loss is not None:
             loss = loss + balance_loss * self.expert_balance.loss_share(labels, num_items)
-        return DeepseekV3CausalLMOutput(
+        return asked.returned(DeepseekV3CausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
-            balance_loss=balance_loss, mtp_losses=None if mtp is None else mtp.losses,
-            mtp_accuracies=None if mtp is None else mtp.accuracies,
-        )
+            attentions=outputs.attentions, router_logits=outputs.router_logits, balance_loss=balance_loss,
+            mtp_losses=None if mtp is None else mtp.losses, mtp_accuracies=None if mtp is None else mtp.accuracies,
+        ))
 
     def _refuse_a_loss_computed_elsewhere(self) -> None:
         """A loss normaliser without labels: Trainer calls the model that way when it computes the loss from the

@@ -23,8 +23,10 @@ OVERRIDDEN_HOOKS = (
     # the loader of from_pretrained: our checkpoint conversions go in, the MTP copies are checked after
     (PreTrainedModel, "_load_pretrained_model", ("model", "state_dict", "checkpoint_files", "load_config",
                                                  "expected_keys")),
-    # the end of from_pretrained: missing / unexpected keys become errors instead of warnings
+    # the end of from_pretrained: missing / unexpected keys of the decoder become errors instead of warnings
     (PreTrainedModel, "_finalize_model_loading", ("model", "load_config", "loading_info")),
+    # the check of the experts implementation at construction: our routed experts have one (grouped GEMM)
+    (PreTrainedModel, "get_correct_experts_implementation", ("self", "requested_experts")),
     # generate()'s default cache becomes the latent MLACache
     (GenerationMixin, "_prepare_cache_for_generation", ("self", "generation_config", "model_kwargs",
                                                         "generation_mode", "batch_size", "max_cache_length")),
@@ -33,6 +35,7 @@ OVERRIDDEN_HOOKS = (
 )
 # private attributes transformers reads from our classes or instances
 IGNORED_UNEXPECTED_KEYS = "_keys_to_ignore_on_load_unexpected"  # regexes of checkpoint keys loading may skip
+KEPT_IN_FP32 = "_keep_in_fp32_modules_strict"  # name parts of tensors from_pretrained loads in fp32 whatever its dtype
 
 
 def ignore_unexpected_keys(model: PreTrainedModel, patterns: list[str]) -> None:
@@ -40,6 +43,13 @@ def ignore_unexpected_keys(model: PreTrainedModel, patterns: list[str]) -> None:
     `post_init`."""
     current = getattr(model, IGNORED_UNEXPECTED_KEYS, None) or []
     setattr(model, IGNORED_UNEXPECTED_KEYS, list(current) + list(patterns))
+
+
+def keep_in_fp32(model: PreTrainedModel, names: list[str]) -> None:
+    """Let `from_pretrained` load the tensors whose names contain one of `names` in fp32, whatever `dtype` it is given
+    (transformers matches them against the key of each tensor it loads). Call before transformers' `post_init`."""
+    current = getattr(model, KEPT_IN_FP32, None) or []
+    setattr(model, KEPT_IN_FP32, sorted(set(current) | set(names)))
 
 
 def load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys, extra_conversions: list):

@@ -13,7 +13,7 @@ FLOAT_FIELDS = ["routed_scaling_factor", "rms_norm_eps", "rope_theta", "initiali
                 "routing_bias_update_speed", "seq_balance_loss_alpha", "mtp_loss_weight"]
 ROPE_FLOAT_KEYS = ["factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "original_max_position_embeddings"]
 BOOLEAN_FIELDS = ["attention_bias", "norm_topk_prob", "use_cache", "tie_word_embeddings", "use_routing_bias",
-                  "output_hidden_states", "return_dict"]
+                  "output_router_logits", "output_hidden_states", "return_dict"]
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 1.0}
 

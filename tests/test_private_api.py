@@ -88,3 +88,22 @@ def test_continuous_batching_contacts():
     assert manager._original_attn_impl == "eager" and model.config._attn_implementation == "paged|eager"
     private_api.discard_unstarted_manager(manager)
     assert model.config._attn_implementation == "eager" and manager.batch_processor is None
+
+
+def test_tensors_kept_in_fp32_are_named_as_tensors_of_the_model():
+    """transformers reads the names from the model and matches them against the keys it loads: a model without FP8
+    names no scale, an FP8 model names its block scales, and every name is the last part of one of its tensors."""
+    plain = random_model()
+    fp8 = random_model(quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [32, 32]})
+    assert getattr(plain, private_api.KEPT_IN_FP32) == {"e_score_correction_bias"}
+    assert getattr(fp8, private_api.KEPT_IN_FP32) == {"e_score_correction_bias", "weight_scale_inv",
+                                                      "gate_proj_scale_inv", "up_proj_scale_inv", "down_proj_scale_inv"}
+    for model in (plain, fp8):
+        tensors = {name.rsplit(".", 1)[-1] for name, _ in [*model.named_parameters(), *model.named_buffers()]}
+        assert getattr(model, private_api.KEPT_IN_FP32) <= tensors
+
+
+def test_our_experts_implementation_check_is_the_one_transformers_calls():
+    model = random_model()
+    with pytest.raises(ValueError, match="experts_implementation='batched_mm' is not available"):
+        model.set_experts_implementation("batched_mm")

@@ -201,13 +201,11 @@ def test_offloaded_weights_decode_exactly(saved, tmp_path):
     assert torch.equal(offloaded.generate(ids, max_new_tokens=6, do_sample=False), expected)
 
 
-def test_labels_with_logits_to_keep_and_attentions_are_clear_errors():
+def test_labels_with_logits_to_keep_is_a_clear_error():
     model = random_model()
     ids = random_ids(model.config, 2, 6)
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(ids, labels=ids, logits_to_keep=1)
-    with pytest.raises(ValueError, match="output_attentions"):
-        model(ids, output_attentions=True)
 
 
 def test_pipeline_and_auto_loading_of_a_saved_folder(saved, tmp_path):
