@@ -5,6 +5,7 @@ the same greedy loop: prefill a random context, then decode one token per forwar
 
     python benchmarks/decode.py                       # preset bench, contexts 256 1024 4096
     python benchmarks/decode.py --contexts 256 --steps 16 --dtype bfloat16
+    python benchmarks/decode.py --profile --contexts 256    # ours only: ms per decode step by component
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import statistics
 import tempfile
 import time
 
+import step_profile  # beside this script
 import torch
 from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 from transformers.cache_utils import DynamicCache
@@ -73,12 +75,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile our generate(): ms per decode step by component, at each context")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     ours = DeepseekV3ForCausalLM(load_preset(args.preset)).to(dtype)
+    if args.profile:
+        profile(ours.to(args.device).eval(), args)
+        return
     with tempfile.TemporaryDirectory() as folder:
         ours.save_pretrained(folder)
         builtin = BuiltinDeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -116,6 +126,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<34}{a:>14.1f}{b:>14.1f}{a / b:>15.2f}x")
     print(f"{'cache bytes / token (all layers)':<34}{per_token_ours:>14d}{per_token_builtin:>14d}"
           f"{per_token_ours / per_token_builtin:>15.2f}x")
+
+
+def profile(model, args) -> None:
+    """The `--profile` run: a per-component breakdown of our decode step at each context (see step_profile.py)."""
+    print(f"preset {args.preset}, {args.dtype}, device {args.device}, batch {args.batch}, "
+          f"torch threads {torch.get_num_threads()}")
+    results = {}
+    for context_len in args.contexts:
+        context = torch.randint(0, model.config.vocab_size, (args.batch, context_len), device=args.device)
+        result = step_profile.profile_decode(model, context, args.steps, args.repeats, eos_token_id=None)
+        step_profile.print_breakdown(f"context {context_len}", result)
+        results[context_len] = result
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "profile": results}, f, indent=1)
 
 
 if __name__ == "__main__":
