@@ -103,6 +103,7 @@ class DeepseekV3PreTrainedModel(CheckpointMixin, PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "scale_inv"]
+    _can_compile_fullgraph = True  # static-cache decode steps compile as one graph (tests/test_compile.py)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
