@@ -9,6 +9,11 @@ shape and layout come from its fake implementation. Three calls need that:
 The real implementations are the Triton wrappers (the Triton interpreter runs them on CPU tensors) and, on the CPU,
 torch matmuls.
 
+Each operator is registered once per process. This file can run twice: a source checkout on `sys.path` also makes
+the kernels folder importable as a top-level `kernels`, which transformers imports when it looks for the PyPI package
+of that name; registering an operator again would free the first registration while modules still call it. So the
+operators are defined only if absent, and called through `torch.ops.deepseek_v3`, whichever copy defined them.
+
 References: PyTorch "Custom Python operators" (`torch.library.custom_op`, `register_fake`, `register_autograd`).
 """
 
@@ -18,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 
-@torch.library.custom_op("deepseek_v3::grouped_mm", mutates_args=())
-def grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm_impl(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """`out[rows of e] = x[rows of e] @ w[e]`: x `[T, K]`, w `[E, K, N]`, offsets `[E]` int32 -> `[T, N]`."""
     if x.is_cuda:
         from .moe_gemm import grouped_mm_triton
@@ -37,13 +41,11 @@ def grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> to
     return out
 
 
-@grouped_mm_op.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm_fake(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[-1])
 
 
-@torch.library.custom_op("deepseek_v3::grouped_mm_wgrad", mutates_args=())
-def grouped_mm_wgrad_op(x: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm_wgrad_impl(x: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The weight gradient of `grouped_mm`: `[E, K, N]`, per group `x_eᵀ · grad_out_e`."""
     if x.is_cuda:
         from .moe_gemm import grouped_mm_wgrad_triton
@@ -53,19 +55,18 @@ def grouped_mm_wgrad_op(x: torch.Tensor, grad_out: torch.Tensor, offsets: torch.
     return F.grouped_mm(x.t(), grad_out, offs=offsets).contiguous()
 
 
-@grouped_mm_wgrad_op.register_fake
-def _(x: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm_wgrad_fake(x: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     e, k, n = offsets.shape[0], x.shape[1], grad_out.shape[1]
     if x.is_cuda:  # the Triton kernel writes the layout of the stacked `[E, N, K]` weights
         return x.new_empty(e, n, k).transpose(1, 2)
     return x.new_empty(e, k, n)
 
 
-def _save_inputs(ctx, inputs: tuple, output: torch.Tensor) -> None:
+def save_inputs(ctx, inputs: tuple, output: torch.Tensor) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _grouped_mm_backward(ctx, grad_out: torch.Tensor):
+def grouped_mm_backward(ctx, grad_out: torch.Tensor):
     x, w, offsets = ctx.saved_tensors
     # torch's own grouped_mm backward rejects gradients with zero strides (e.g. from `y.sum().backward()`)
     grad_out = grad_out.contiguous()
@@ -74,24 +75,22 @@ def _grouped_mm_backward(ctx, grad_out: torch.Tensor):
     return grad_x, grad_w, None
 
 
-grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_save_inputs)
-
-
-@torch.library.custom_op("deepseek_v3::grouped_swiglu", mutates_args=())
-def grouped_swiglu_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_swiglu_impl(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
     """The fused Triton `silu(x·w_gate[e]) * (x·w_up[e])` per group, forward only: `[T, N]`."""
     from .moe_gemm import grouped_swiglu_triton
 
     return grouped_swiglu_triton(x, w_gate, w_up, offsets)
 
 
-@grouped_swiglu_op.register_fake
-def _(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_swiglu_fake(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
     return x.new_empty(x.shape[0], w_gate.shape[-1])
 
 
-@torch.library.custom_op("deepseek_v3::mla_decode", mutates_args=())
-def mla_decode_op(
+def mla_decode_impl(
     q_lat: torch.Tensor,
     q_pe: torch.Tensor,
     c_kv: torch.Tensor,
@@ -105,6 +104,22 @@ def mla_decode_op(
     return mla_decode_triton(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
 
 
-@mla_decode_op.register_fake
-def _(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale) -> torch.Tensor:
+def mla_decode_fake(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale) -> torch.Tensor:
     return q_lat.new_empty(q_lat.shape)
+
+
+def define(name: str, impl, fake, backward=None):
+    """The operator `deepseek_v3::name` (`impl` the real computation, `fake` its output's shape and layout,
+    `backward` its gradient), registered unless this process has it already."""
+    if not hasattr(torch.ops.deepseek_v3, name):
+        op = torch.library.custom_op(f"deepseek_v3::{name}", impl, mutates_args=())
+        op.register_fake(fake)
+        if backward is not None:
+            op.register_autograd(backward, setup_context=save_inputs)
+    return getattr(torch.ops.deepseek_v3, name)
+
+
+grouped_mm_op = define("grouped_mm", grouped_mm_impl, grouped_mm_fake, grouped_mm_backward)
+grouped_mm_wgrad_op = define("grouped_mm_wgrad", grouped_mm_wgrad_impl, grouped_mm_wgrad_fake)
+grouped_swiglu_op = define("grouped_swiglu", grouped_swiglu_impl, grouped_swiglu_fake)
+mla_decode_op = define("mla_decode", mla_decode_impl, mla_decode_fake)
