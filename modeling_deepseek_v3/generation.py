@@ -365,8 +365,10 @@ class SelfSpeculativeDecoder:
         ids = torch.cat([newest[:, None], drafts], dim=1)
         positions = self.next_position[:, None] + torch.arange(depth + 1, device=ids.device)
         self.main_mask = torch.cat([self.main_mask, torch.ones_like(ids, dtype=torch.bool)], dim=1)
+        # the drafts and the newest token come from the model: no value checks, which would read them back each step
         hidden = self.decoder(input_ids=ids, attention_mask=self.main_mask.long() if self.holes else None,
-                              position_ids=positions, cache=self.cache, use_cache=True).last_hidden_state
+                              position_ids=positions, cache=self.cache, use_cache=True,
+                              check_values=False).last_hidden_state
         self.stats.main_forwards += 1
         scores = self._scores(self.head(hidden))  # [b, D + 1, V]
         if not self.do_sample:

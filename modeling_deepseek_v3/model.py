@@ -157,6 +157,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         routing_log: RoutingLog | None = None,
+        check_values: bool = True,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -166,6 +167,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             position_ids: `[b, s]`; default: `past + arange(s)`.
             cache: an `MLACache` / static latent cache; created when `use_cache` and none is given.
             routing_log: the forward's `RoutingLog`, to which every MoE layer adds its routing; or None.
+            check_values: False skips the checks of values (token ids, mask, positions), which read them back to the
+                host, for inputs the model produced itself (speculative verification); shapes are checked anyway.
 
         Raises:
             ValueError, TypeError: on any argument breaking the rules of `inputs.check_model_inputs` (values are
@@ -175,7 +178,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         # positions are given and its mask and page indices are its own (the mask is not read, see paged_attention.py)
         paged = isinstance(cache, PagedAttentionCache)
         check_model_inputs(self.config, input_ids, inputs_embeds, None if paged else attention_mask, position_ids,
-                           None if paged else cache, self.embed_tokens.weight.dtype)  # fmt: skip
+                           None if paged else cache, self.embed_tokens.weight.dtype, check_values)  # fmt: skip
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # checkpointed layers are replayed: a cache would be written twice
