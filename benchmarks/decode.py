@@ -26,6 +26,11 @@ from transformers.cache_utils import DynamicCache, StaticCache
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, MLAStaticCache, load_preset
 
+# how a run is timed: elapsed time, or the CPU time of this process (all its threads)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_HELP = ("wall: elapsed time; cpu: this process's CPU time (time.process_time), which on a shared machine leaves "
+              "out the time other processes hold the cores (meaningful with 1 thread)")
+
 
 def sync(tensor: torch.Tensor) -> None:
     if tensor.is_cuda:
@@ -58,27 +63,27 @@ class Decoder:
 
 
 @torch.inference_mode()
-def decode_tokens_per_s(decoder: Decoder, context: torch.Tensor, steps: int) -> float:
-    """Tokens/s of `steps` greedy decode steps after an eager prefill of `context`."""
+def decode_tokens_per_s(decoder: Decoder, context: torch.Tensor, steps: int, clock=time.perf_counter) -> float:
+    """Tokens/s of `steps` greedy decode steps after an eager prefill of `context`, timed by `clock`."""
     cache = decoder.new_cache()
     logits = decoder.model(context, cache=cache, use_cache=True, logits_to_keep=1).logits
     token = logits[:, -1:].argmax(-1)
     sync(token)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         logits = decoder.step(token, cache=cache, use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1:].argmax(-1)
     sync(token)
-    return steps * context.shape[0] / (time.perf_counter() - start)
+    return steps * context.shape[0] / (clock() - start)
 
 
 @torch.inference_mode()
-def prefill_tokens_per_s(model, context: torch.Tensor) -> float:
+def prefill_tokens_per_s(model, context: torch.Tensor, clock=time.perf_counter) -> float:
     sync(context)
-    start = time.perf_counter()
+    start = clock()
     model(context, cache=new_cache(model), use_cache=True, logits_to_keep=1)
     sync(context)
-    return context.numel() / (time.perf_counter() - start)
+    return context.numel() / (clock() - start)
 
 
 def alternate(fn, first, second, repeats: int, *args) -> tuple[float, float]:
@@ -99,7 +104,8 @@ def compiled_vs_eager(model, args) -> list[tuple[str, float, float]]:
         start = time.perf_counter()
         decode_tokens_per_s(compiled, context, 2)  # compiles
         print(f"compiled the decode step for context {context_len} in {time.perf_counter() - start:.0f} s")
-        a, b = alternate(decode_tokens_per_s, Decoder(model), compiled, args.repeats, context, args.steps)
+        a, b = alternate(decode_tokens_per_s, Decoder(model), compiled, args.repeats, context, args.steps,
+                         CLOCKS[args.clock])
         rows.append((f"decode tokens/s @ context {context_len}", a, b))
     return rows
 
@@ -115,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS), help=CLOCK_HELP)
     parser.add_argument("--compile", action="store_true",
                         help="also time our decoding compiled over a static cache against our eager decoding")
     parser.add_argument("--profile", action="store_true",
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     ours, builtin = ours.to(args.device).eval(), builtin.to(args.device).eval()
     vocab = ours.config.vocab_size
     print(f"preset {args.preset}, {args.dtype}, device {args.device}, batch {args.batch}, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, {args.clock} clock")
 
     # warm-up (allocator, first-call overheads)
     warm = torch.randint(0, vocab, (args.batch, 32), device=args.device)
@@ -145,10 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for context_len in args.contexts:
         context = torch.randint(0, vocab, (args.batch, context_len), device=args.device)
-        a, b = alternate(decode_tokens_per_s, Decoder(ours), Decoder(builtin), args.repeats, context, args.steps)
+        a, b = alternate(decode_tokens_per_s, Decoder(ours), Decoder(builtin), args.repeats, context, args.steps,
+                         CLOCKS[args.clock])
         rows.append((f"decode tokens/s @ context {context_len}", a, b))
     context = torch.randint(0, vocab, (args.batch, args.prefill), device=args.device)
-    a, b = alternate(prefill_tokens_per_s, ours, builtin, args.repeats, context)
+    a, b = alternate(prefill_tokens_per_s, ours, builtin, args.repeats, context, CLOCKS[args.clock])
     rows.append((f"prefill tokens/s @ {args.prefill}", a, b))
 
     cache_ours, cache_builtin = new_cache(ours), new_cache(builtin)
