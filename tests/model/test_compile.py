@@ -8,7 +8,7 @@ from transformers import CompileConfig
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLAStaticCache
 
-from .utils import random_ids, random_model
+from ..utils import random_ids, random_model
 
 STEPS = 16
 
