@@ -1,5 +1,6 @@
 """The one table at the end of `gpu_check.sh`: reads the JSON files of its steps (kernels_gpu.json, gpu_check.json,
-fp8.json) from a folder, prints their headline numbers together and writes all of them to gpu_all.json there.
+fp8.json, captured_decode.json) from a folder, prints their headline numbers together and writes all of them to
+gpu_all.json there.
 
     python benchmarks/gpu_summary.py "$OUT"
 """
@@ -10,9 +11,10 @@ import json
 import os
 import sys
 
-import kernels_gpu  # beside this script
+import captured_decode  # beside this script
+import kernels_gpu
 
-STEPS = ("kernels_gpu", "gpu_check", "fp8")
+STEPS = ("kernels_gpu", "gpu_check", "fp8", "captured_decode")
 
 
 def load(folder: str, step: str) -> dict | None:
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in data["fp8"].get("timings", []):
             print(f"{str((r['m'], r['n'], r['k'])):<44}{r['fp8_tflops']:>12.1f}{r['bf16_tflops']:>14.1f}"
                   f"{r['fp8_tflops'] / r['bf16_tflops']:>9.2f}x")
+    if data["captured_decode"] is not None:
+        captured_decode.print_table(data["captured_decode"])
     with open(os.path.join(folder, "gpu_all.json"), "w") as f:
         json.dump(data, f, indent=1)
     if any(numbers is None for numbers in data.values()):

@@ -22,6 +22,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+import decode  # beside this script
 import torch
 from transformers import AutoTokenizer, GenerationConfig, TrainingArguments, default_data_collator, set_seed
 
@@ -90,15 +91,17 @@ def prompt_batches(blocks: torch.Tensor, batch: int, pad: int) -> list[tuple[tor
 
 
 @torch.inference_mode()  # both ways alike: the speculative loop runs in inference mode anyway
-def timed_generate(model, batches, new_tokens: int, use_mtp: bool) -> tuple[list[torch.Tensor], float, list[int]]:
+def timed_generate(
+    model, batches, new_tokens: int, use_mtp: bool, clock=time.perf_counter
+) -> tuple[list[torch.Tensor], float, list[int]]:
     """Decode every batch; returns the outputs, the seconds taken and, speculatively, the summed statistics
     `[accepted drafts, drafts, verification row-steps, tokens they added]`."""
     outputs, seconds, totals = [], 0.0, [0, 0, 0, 0]
     for ids, mask in batches:
-        start = time.perf_counter()
+        start = clock()
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, use_mtp=use_mtp,
                              eos_token_id=None, return_dict_in_generate=True)  # exactly `new_tokens` per row
-        seconds += time.perf_counter() - start
+        seconds += clock() - start
         outputs.append(out.sequences)
         if use_mtp:
             stats = out.speculative_stats
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="batch sizes; the four prompts are decoded in batches of this size (default: 1 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each kind (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--clock", default="wall", choices=sorted(decode.CLOCKS), help=decode.CLOCK_HELP)
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -141,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(model.mtp)} MTP module(s); "
           f"held-out " + ", ".join(f"{k} {v:.3f}" for k, v in quality.items()))
     print(f"greedy, {len(PROMPT_LENGTHS)} prompts, {args.new_tokens} new tokens each, torch threads "
-          f"{torch.get_num_threads()}, median of {args.repeats} alternating runs\n")
+          f"{torch.get_num_threads()}, median of {args.repeats} alternating runs, {args.clock} clock\n")
+    clock = decode.CLOCKS[args.clock]
 
     rows = []
     print("| batch | acceptance | tokens / main forward | plain tokens/s | speculative tokens/s | ratio |")
@@ -152,10 +157,10 @@ def main(argv: list[str] | None = None) -> None:
         timed_generate(model, batches[:1], 8, True)
         plain_times, spec_times = [], []
         for _ in range(args.repeats):
-            plain, seconds, _ = timed_generate(model, batches, args.new_tokens, False)
+            plain, seconds, _ = timed_generate(model, batches, args.new_tokens, False, clock)
             plain_times.append(seconds)
             speculative, seconds, (accepted, drafted, row_steps, added) = timed_generate(
-                model, batches, args.new_tokens, True
+                model, batches, args.new_tokens, True, clock
             )
             spec_times.append(seconds)
             if not all(torch.equal(a, b) for a, b in zip(plain, speculative)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .custom_ops import mla_decode_op
 from .grouped_gemm import grouped_mm, grouped_swiglu
 from .reference import (
     FP8_BLOCK,
@@ -109,6 +110,8 @@ def mla_decode(
     gradient (it has no backward); the reference serves everything else."""
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q_lat, q_pe, c_kv, k_pe))
     if q_lat.is_cuda and q_lat.shape[1] <= MLA_DECODE_MAX_QUERIES and not needs_grad:
+        if torch.compiler.is_compiling():
+            return mla_decode_op(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)  # one opaque call in the graph
         from .latent_decode import mla_decode_triton
 
         return mla_decode_triton(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)

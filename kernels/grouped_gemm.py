@@ -1,6 +1,7 @@
 """Grouped GEMMs for the routed experts: one call multiplies every expert's token rows by that expert's weight.
 
-Triton kernels (`moe_gemm.py`) for CUDA tensors, torch's `grouped_mm` elsewhere; both differentiable.
+Triton kernels (`moe_gemm.py`) for CUDA tensors, torch's `grouped_mm` elsewhere; both differentiable, both through
+the custom operators of `custom_ops.py`, so that `torch.compile` takes them in fp32 too.
 Dimension letters: T tokens (sorted by expert), K contraction, N output features, E experts.
 References: docs/design.md, DeepSeekMoE (tokens sorted by expert, one grouped GEMM per projection).
 """
@@ -10,48 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .custom_ops import grouped_mm_op, grouped_swiglu_op
 from .reference import check_grouped_mm_args
-
-
-def _matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    if x.is_cuda:
-        from .moe_gemm import grouped_mm_triton
-
-        return grouped_mm_triton(x, w, offsets)
-    return F.grouped_mm(x, w, offs=offsets)
-
-
-def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`[E, K, N]`: per group `x_eᵀ · dy_e`."""
-    if x.is_cuda:
-        from .moe_gemm import grouped_mm_wgrad_triton
-
-        return grouped_mm_wgrad_triton(x, grad_out, offsets)
-    return F.grouped_mm(x.t(), grad_out, offs=offsets)
-
-
-class _GroupedMM(torch.autograd.Function):
-    """Grouped GEMM with a backward that accepts any gradient layout.
-
-    torch's own backward rejects gradients with zero strides (e.g. from `y.sum().backward()`), so the gradient is
-    made contiguous first and both gradients are computed as grouped GEMMs themselves.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w, offsets)
-        return _matmul(x, w, offsets)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, w, offsets = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _matmul(grad_out, w.transpose(-2, -1), offsets)  # [T, K]
-        if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(x, grad_out, offsets)  # [E, K, N]
-        return grad_x, grad_w, None
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -72,7 +33,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
         >>> out = grouped_mm(x_sorted, experts.up_proj.transpose(1, 2), offsets)
     """
     check_grouped_mm_args(x, w, offsets)
-    return _GroupedMM.apply(x, w, offsets)
+    return grouped_mm_op(x, w, offsets)
 
 
 def grouped_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -96,6 +57,9 @@ def grouped_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, of
         >>> hidden = grouped_swiglu(x_sorted, gate, up, offsets)
     """
     if x.is_cuda:
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate, w_up))
+        if torch.compiler.is_compiling() and not needs_grad:
+            return grouped_swiglu_op(x, w_gate, w_up, offsets)  # one opaque call in the compiled graph
         from .moe_gemm import grouped_swiglu_triton
 
         return grouped_swiglu_triton(x, w_gate, w_up, offsets)

@@ -89,16 +89,22 @@ def mla_decode_ref(
         ValueError: on shapes, dtypes or a scale that do not fit.
     """
     check_mla_decode_args(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
-    b, s, _, _ = q_lat.shape
+    b, s, h, c = q_lat.shape
     t = c_kv.shape[1]
-    scores = torch.einsum("bshc,btc->bsht", q_lat.float(), c_kv.float())
-    scores = (scores + torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float())) * softmax_scale
-    if mask is None:
-        mask = torch.arange(t, device=c_kv.device) <= torch.arange(t - s, t, device=c_kv.device)[:, None]  # [s, t]
-    mask = mask.expand(b, s, t)[:, :, None, :]  # [b, s, 1, t]
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    probs = torch.where(mask.any(dim=-1, keepdim=True), probs, 0.0)  # a row without keys: 0, not NaN
-    o_lat = torch.einsum("bsht,btc->bshc", probs, c_kv.float()).to(q_lat.dtype)
+    # the s·h query rows of a batch row against its keys, one bmm each (what einsum would run, without its overhead:
+    # this is the CPU path of every decode step)
+    scores = torch.bmm(q_lat.float().reshape(b, s * h, c), c_kv.float().transpose(1, 2))  # [b, s·h, t]
+    scores = (scores + torch.bmm(q_pe.float().reshape(b, s * h, -1), k_pe.float().transpose(1, 2))) * softmax_scale
+    scores = scores.view(b, s, h, t)
+    if mask is None and s == 1:
+        probs = scores.softmax(dim=-1)  # the one new query, the last key, sees every key: nothing to mask
+    else:
+        if mask is None:
+            mask = torch.arange(t, device=c_kv.device) <= torch.arange(t - s, t, device=c_kv.device)[:, None]  # [s, t]
+        mask = mask.expand(b, s, t)[:, :, None, :]  # [b, s, 1, t]
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        probs = torch.where(mask.any(dim=-1, keepdim=True), probs, 0.0)  # a row without keys: 0, not NaN
+    o_lat = torch.bmm(probs.view(b, s * h, t), c_kv.float()).view(b, s, h, c).to(q_lat.dtype)
     return (o_lat, probs) if return_probs else o_lat
 
 

@@ -156,6 +156,8 @@ class MultiHeadLatentAttention(nn.Module):
         past = 0  # tokens cached before this call (a tensor for static caches)
         if cache is not None:
             past = cache.get_seq_length(self.layer_idx)
+            if isinstance(past, torch.Tensor):
+                past = past.clone()  # a static layer's own counter, which `update` advances in place
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
         c_kv, k_pe = c_kv[:, 0], k_pe[:, 0]  # [b, t, c], [b, t, r]
         out = self.attend(q_nope, q_pe, c_kv, k_pe, attention_mask, past, attentions, **kwargs)

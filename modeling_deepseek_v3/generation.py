@@ -337,8 +337,12 @@ class SelfSpeculativeDecoder:
             accepted = accepted.masked_fill(~active, 0)  # finished rows keep nothing
             kept = sequences.append(step_tokens, accepted + 1)
             self._count(accepted, active, kept)
-            widest = self._keep_accepted_slots(accepted)
-            if sequences.done:
+            # the step's one read-back to the host, as plain decoding's stop check: the most drafts a row accepted,
+            # whether another row accepted fewer, whether every row is done
+            most = accepted.max()
+            widest, uneven, done = torch.stack([most, (accepted != most).any(), sequences.finished.all()]).tolist()
+            self._keep_accepted_slots(accepted, widest, bool(uneven))
+            if done:
                 self._finish_stats()
                 return sequences.result(input_ids)
             # module 1 reads the verified positions N .. N + a of each row, right-aligned in widest + 1 columns
@@ -361,9 +365,10 @@ class SelfSpeculativeDecoder:
         ids = torch.cat([newest[:, None], drafts], dim=1)
         positions = self.next_position[:, None] + torch.arange(depth + 1, device=ids.device)
         self.main_mask = torch.cat([self.main_mask, torch.ones_like(ids, dtype=torch.bool)], dim=1)
+        # the drafts and the newest token come from the model: no value checks, which would read them back each step
         hidden = self.decoder(input_ids=ids, attention_mask=self.main_mask.long() if self.holes else None,
                               position_ids=positions, cache=self.cache, use_cache=True,
-                              return_dict=True).last_hidden_state
+                              return_dict=True, check_values=False).last_hidden_state
         self.stats.main_forwards += 1
         scores = self._scores(self.head(hidden))  # [b, D + 1, V]
         if not self.do_sample:
@@ -384,23 +389,23 @@ class SelfSpeculativeDecoder:
         step_tokens = torch.cat([drafts, bonus], dim=1).scatter(1, accepted[:, None], bonus)
         return accepted, step_tokens, hidden, positions
 
-    def _keep_accepted_slots(self, accepted: torch.Tensor) -> int:
+    def _keep_accepted_slots(self, accepted: torch.Tensor, widest: int, uneven: bool) -> None:
         """Roll the main cache back: crop the slots no row accepted, mask each row's other rejected ones; advance
-        the positions. Returns the most drafts any row accepted."""
-        widest = int(accepted.max())
+        the positions. `widest`: the most drafts a row accepted; `uneven`: whether some row accepted fewer."""
         rejected_by_all = self.depth - widest
         if rejected_by_all:
             for layer in self.cache.layers[: self.num_layers]:
                 layer.crop(-rejected_by_all)
             self.main_mask = self.main_mask[:, :-rejected_by_all]
         self.main_mask[:, -(widest + 1) :] = torch.arange(widest + 1, device=accepted.device) <= accepted[:, None]
-        self.holes = self.holes or bool((accepted != widest).any())
+        self.holes = self.holes or uneven
         self.next_position = self.next_position + accepted + 1
-        return widest
 
     def _count(self, accepted: torch.Tensor, active: torch.Tensor, kept: torch.Tensor) -> None:
         """Tally a step on the device (read back once, by `_finish_stats`)."""
-        histogram = torch.bincount(accepted[active], minlength=self.depth + 1)
+        # by index_add, not bincount of the active rows, whose boolean selection would read the mask back
+        histogram = torch.zeros(self.depth + 1, dtype=torch.long, device=accepted.device)
+        histogram.index_add_(0, accepted, active.long())
         first = self.accepted_histogram is None
         self.accepted_histogram = histogram if first else self.accepted_histogram + histogram
         self.tokens_kept = kept.sum() if first else self.tokens_kept + kept.sum()

@@ -28,6 +28,7 @@ def check_model_inputs(
     position_ids: Any,
     cache: Any,
     compute_dtype: torch.dtype,
+    check_values: bool = True,
 ) -> None:
     """The rules of `DeepseekV3Model.forward`'s arguments.
 
@@ -40,6 +41,8 @@ def check_model_inputs(
         position_ids: `[b or 1, s]` non-negative integers.
         cache: a transformers `Cache` holding the same batch, or None.
         compute_dtype: the dtype of the embedding (the model's compute dtype).
+        check_values: False: shapes and dtypes only, for inputs the model produced itself (speculative verification
+            steps), whose read-back would stall an accelerator every step as a prompt's does once.
 
     Raises:
         TypeError: an argument of the wrong type or dtype.
@@ -55,7 +58,7 @@ def check_model_inputs(
     else:
         _check_inputs_embeds(inputs_embeds, config.hidden_size, compute_dtype)
         (b, s, _), device = inputs_embeds.shape, inputs_embeds.device
-    values = DeviceChecks() if reads_back(s, device) else None
+    values = DeviceChecks() if check_values and reads_back(s, device) else None
     if input_ids is not None and values is not None:
         outside = (input_ids < 0) | (input_ids >= config.vocab_size)
         values.add(outside.any(), lambda: f"input_ids contains token id {int(input_ids[outside][0])}, outside the "

@@ -88,6 +88,7 @@ class DeepseekV3PreTrainedModel(CheckpointMixin, PreTrainedModel):
     _no_split_modules = ["DeepseekV3DecoderLayer", "MTPLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # static-cache decode steps compile as one graph (tests/model/test_compile.py)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """The routed experts compute through their own grouped GEMM over the tokens sorted by expert; transformers'
@@ -158,6 +159,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         routing_log: RoutingLog | None = None,
+        check_values: bool = True,
         **kwargs,
     ) -> MoeModelOutputWithPast | tuple:
         """
@@ -170,6 +172,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 config's when None (see `outputs.py`); attentions need `attn_implementation="eager"`.
             routing_log: the forward's `RoutingLog`, to which every MoE layer adds its routing; or None. With
                 `output_router_logits` it must keep them (`keep_router_logits=True`).
+            check_values: False skips the checks of values (token ids, mask, positions), which read them back to the
+                host, for inputs the model produced itself (speculative verification); shapes are checked anyway.
 
         Returns:
             `MoeModelOutputWithPast` (`last_hidden_state` after the final norm, `cache`, and what was asked), or its
@@ -184,7 +188,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         # positions are given and its mask and page indices are its own (the mask is not read, see paged_attention.py)
         paged = isinstance(cache, PagedAttentionCache)
         check_model_inputs(self.config, input_ids, inputs_embeds, None if paged else attention_mask, position_ids,
-                           None if paged else cache, self.embed_tokens.weight.dtype)  # fmt: skip
+                           None if paged else cache, self.embed_tokens.weight.dtype, check_values)  # fmt: skip
         asked = OutputRequest.resolve(self.config, output_hidden_states, output_attentions, output_router_logits,
                                       return_dict)
         if routing_log is None and asked.router_logits:

@@ -277,3 +277,17 @@ def test_a_saved_use_mtp_flag_routes_to_this_loop_and_can_be_switched_off(tmp_pa
     drafted = reloaded.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                                 return_dict_in_generate=True)
     assert torch.equal(drafted.sequences, plain) and drafted.speculative_stats.row_steps > 0
+
+
+def test_verification_forwards_check_shapes_but_not_values():
+    """The loop's verification forward passes `check_values=False`: its ids and mask come from the model, and
+    reading them back every step would stall an accelerator (plain decoding's one-token steps are not read back
+    either). Shapes are still checked."""
+    model = random_model()
+    ids = random_ids(model.config, 1, 4)
+    mask = torch.tensor([[1, 2, 1, 1]])  # 2 is no padding flag: a value only a read-back finds
+    with pytest.raises(ValueError, match="padding mask of 1 .token. and 0 .padding., but it holds 2"):
+        model.model(ids, attention_mask=mask)
+    model.model(ids, attention_mask=mask, check_values=False)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model.model(ids, attention_mask=mask[:, :3], check_values=False)

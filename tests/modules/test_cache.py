@@ -108,6 +108,22 @@ def test_static_cache_forward_without_mask_equals_full_forward(path):
     torch.testing.assert_close(again, full[:, 8:10], rtol=1e-5, atol=1e-5)
 
 
+def test_static_cache_reused_after_reset_or_crop_decodes_exactly():
+    """The attention reads the cache length before `update` advances it (a static layer counts in a tensor that
+    `update` increments in place): after `reset` the prefill is causal, and after `crop` a decode step does not see
+    the stale slot after its own."""
+    model = random_model()
+    ids = random_ids(model.config, 2, 10)
+    full = model(ids).logits
+    cache = MLAStaticCache(config=model.config, max_cache_len=32)
+    model(ids[:, :3], cache=cache, use_cache=True)
+    cache.reset()
+    torch.testing.assert_close(model(ids, cache=cache, use_cache=True).logits, full, rtol=1e-5, atol=1e-5)
+    cache.crop(-4)  # slots 6..9 keep their latents, invisible until rewritten
+    steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 6:], rtol=1e-5, atol=1e-5)
+
+
 def test_caches_built_without_a_config():
     from transformers.cache_utils import DynamicCache
 

@@ -1,0 +1,76 @@
+"""torch.compile of decoding over the static latent cache: one graph per decode step (no graph break), no recompile
+as the position advances, the same greedy tokens as eager decoding; in fp32 and bf16, by hand and through
+`generate()`'s own compilation of static-cache decoding."""
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLAStaticCache
+
+from ..utils import random_ids, random_model
+
+STEPS = 16
+
+
+def cpu_compile_config(**kwargs) -> CompileConfig:
+    """A `CompileConfig` that `generate()` also honours on the CPU. transformers compiles static-cache decoding by
+    itself on accelerators only; its private flag `_compile_all_devices` extends that to the CPU (for tests)."""
+    config = CompileConfig(**kwargs)
+    config._compile_all_devices = True
+    return config
+
+
+@torch.no_grad()
+def greedy_steps(model, step, prompt: torch.Tensor, cache, steps: int) -> torch.Tensor:
+    """Prefill `prompt` eagerly into `cache`, then `steps` one-token greedy decode steps through `step`."""
+    token = model(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    tokens = [token]
+    for _ in range(steps):
+        token = step(token, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        tokens.append(token)
+    return torch.cat(tokens, dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_decode_step_is_one_graph_without_recompiles(dtype):
+    torch.compiler.reset()
+    model = random_model().to(dtype)
+    prompt = random_ids(model.config, 2, 6)
+    eager = greedy_steps(model, model.forward, prompt, MLAStaticCache(config=model.config, max_cache_len=32), STEPS)
+
+    step = torch.compile(model.forward, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+    cache = MLAStaticCache(config=model.config, max_cache_len=32)
+    greedy_steps(model, step, prompt, cache, 1)  # compiles the step
+    cache.reset()
+    with torch.compiler.set_stance("fail_on_recompile"):  # 16 more positions, each a new value of the cache length
+        compiled = greedy_steps(model, step, prompt, cache, STEPS)
+    assert torch.equal(compiled, eager)
+
+
+def test_generate_compiles_static_cache_decoding_once():
+    torch.compiler.reset()
+    assert DeepseekV3ForCausalLM._can_compile_fullgraph
+    model = random_model()
+    ids = random_ids(model.config, 2, 6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding: generate passes a 4-D mask to the compiled step
+    kwargs = dict(attention_mask=mask, do_sample=False, cache_implementation="static")
+    eager = model.generate(ids, max_new_tokens=STEPS + 1, **kwargs)
+    compile_config = cpu_compile_config(fullgraph=True, backend="aot_eager", mode=None)
+    model.generate(ids, max_new_tokens=2, compile_config=compile_config, **kwargs)  # compiles the decode step
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled = model.generate(ids, max_new_tokens=STEPS + 1, compile_config=compile_config, **kwargs)
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.slow
+def test_inductor_decoding_gives_the_eager_greedy_tokens():
+    """The real compiler (inductor's generated CPU code) in fp32: the same tokens as eager decoding."""
+    torch.compiler.reset()
+    model = random_model()
+    prompt = random_ids(model.config, 2, 6)
+    eager = greedy_steps(model, model.forward, prompt, MLAStaticCache(config=model.config, max_cache_len=32), STEPS)
+    step = torch.compile(model.forward, fullgraph=True)
+    compiled = greedy_steps(model, step, prompt, MLAStaticCache(config=model.config, max_cache_len=32), STEPS)
+    assert torch.equal(compiled, eager)
