@@ -165,7 +165,7 @@ class MoE(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
         routing = self.gate(x)
         if routing_log is not None:
-            routing_log.add(self.layer_idx, routing.logits, routing.scores, routing.indices, token_mask)
+            routing_log.add(self.layer_idx, routing.logits, routing.scores, routing.indices, token_mask, shape[:2])
         y = self.experts(x, routing.indices, routing.weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
