@@ -28,6 +28,7 @@ def check_model_inputs(
     position_ids: Any,
     cache: Any,
     compute_dtype: torch.dtype,
+    cache_layer: int = 0,
 ) -> None:
     """The rules of `DeepseekV3Model.forward`'s arguments.
 
@@ -40,6 +41,8 @@ def check_model_inputs(
         position_ids: `[b or 1, s]` non-negative integers.
         cache: a transformers `Cache` holding the same batch, or None.
         compute_dtype: the dtype of the embedding (the model's compute dtype).
+        cache_layer: the decoder layer whose cache slot counts the cached tokens (the first one this rank runs: a
+            later pipeline stage holds no slot of the first layers).
 
     Raises:
         TypeError: an argument of the wrong type or dtype.
@@ -60,7 +63,8 @@ def check_model_inputs(
         outside = (input_ids < 0) | (input_ids >= config.vocab_size)
         values.add(outside.any(), lambda: f"input_ids contains token id {int(input_ids[outside][0])}, outside the "
                                           f"vocabulary [0, {config.vocab_size})")
-    past, capacity = _check_cache(cache, b, s, config.num_hidden_layers, compute_dtype, values is not None)
+    past, capacity = _check_cache(cache, b, s, config.num_hidden_layers, compute_dtype, values is not None,
+                                  cache_layer)
     if attention_mask is not None:
         _check_attention_mask(attention_mask, b, s, past, capacity, config.num_attention_heads, values)
     if position_ids is not None:
@@ -168,7 +172,7 @@ def _check_inputs_embeds(inputs_embeds: Any, hidden_size: int, compute_dtype: to
 
 
 def _check_cache(
-    cache: Any, b: int, s: int, num_layers: int, compute_dtype: torch.dtype, read_back: bool
+    cache: Any, b: int, s: int, num_layers: int, compute_dtype: torch.dtype, read_back: bool, cache_layer: int
 ) -> tuple[int | None, int]:
     """`(cached tokens, capacity)`: cached tokens None when a static cache counts them on the device and they may not
     be read back; capacity -1 for a cache that grows."""
@@ -188,7 +192,7 @@ def _check_cache(
         if keys.dtype != compute_dtype and not torch.is_autocast_enabled(keys.device.type):
             raise TypeError(f"cache holds {keys.dtype} latents but the model computes in {compute_dtype}; it belongs "
                             "to a model of another dtype")
-    past = cache.get_seq_length()
+    past = cache.get_seq_length(cache_layer)
     if not isinstance(past, int):  # a static cache counts its tokens in a tensor
         if not read_back:
             return None, -1

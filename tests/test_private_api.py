@@ -17,7 +17,7 @@ from .utils import random_model
                          ids=[f"{o.__name__}.{n}" for o, n, _ in private_api.OVERRIDDEN_HOOKS])
 def test_overridden_hooks_keep_their_signature(owner, name, parameters):
     hook = inspect.getattr_static(owner, name)
-    function = hook.__func__ if isinstance(hook, staticmethod) else hook
+    function = hook.__func__ if isinstance(hook, (staticmethod, classmethod)) else hook
     assert tuple(inspect.signature(function).parameters) == parameters
 
 
@@ -88,3 +88,18 @@ def test_continuous_batching_contacts():
     assert manager._original_attn_impl == "eager" and model.config._attn_implementation == "paged|eager"
     private_api.discard_unstarted_manager(manager)
     assert model.config._attn_implementation == "eager" and manager.batch_processor is None
+
+
+def test_distributed_engine_contacts():
+    model = random_model(num_nextn_predict_layers=1)
+    linear = torch.nn.Linear(2, 2)
+    private_api.run_on_local_shards_under_tensor_parallelism(linear)
+    assert linear._hf_quantized_needs_local_tp
+    model.forward = lambda *args, **kwargs: None  # as apply_pipeline_parallelism wraps it
+    private_api.remove_pipeline_forward_wrapper(model)
+    assert model.forward.__func__ is type(model).forward
+    plain = torch.zeros(2, 2)
+    private_api.swap_parameters(linear, {"weight": plain})
+    assert linear.weight is plain
+    assert issubclass(private_api.PipelineIdentityLayer, torch.nn.Identity)
+    assert {"communicate", "broadcast_from_last"} <= set(vars(private_api.PipelineStage))
