@@ -16,12 +16,12 @@ from peft import LoraConfig
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.distributed import DistributedMixin
-from transformers.generation.continuous_batching import ContinuousBatchingManager
-from transformers.generation.continuous_batching.cache_allocators import CacheAllocator
 
 # the pipeline parallelism of transformers' distributed engine: the placeholder it puts where a stage holds no
 # module, and the stage's communication (point-to-point, logits broadcast from the last stage)
 from transformers.distributed.pipeline_parallel import PipelineIdentityLayer, PipelineStage  # noqa: F401
+from transformers.generation.continuous_batching import ContinuousBatchingManager
+from transformers.generation.continuous_batching.cache_allocators import CacheAllocator
 
 # (owner, name, parameter names) of the private hooks our classes override; the test checks each signature
 OVERRIDDEN_HOOKS = (
