@@ -12,6 +12,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from . import parallel_plans
+
 SCORING_FUNCS = ("sigmoid", "softmax")
 DEFAULT_ROPE_THETA = 10000.0
 TOPK_METHODS = ("noaux_tc",)
@@ -120,6 +122,9 @@ class DeepseekV3Config(PreTrainedConfig):
     model_type = "deepseek_v3"
     keys_to_ignore_at_inference = ["cache"]
     attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+    # parallel plans for transformers' distributed engine; the tensor- and expert-parallel ones are properties below
+    base_model_fsdp_plan = parallel_plans.BASE_MODEL_FSDP_PLAN
+    base_model_pp_plan = parallel_plans.BASE_MODEL_PP_PLAN
 
     def __init__(
         self,
@@ -230,6 +235,16 @@ class DeepseekV3Config(PreTrainedConfig):
             **kwargs,
         )
         self.validate_fields()
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel plan of `DeepseekV3Model` for transformers' distributed engine (`parallel_plans.py`)."""
+        return parallel_plans.base_model_tp_plan(self)
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str]:
+        """Expert-parallel plan of `DeepseekV3Model`: whole routed experts per rank (`parallel_plans.py`)."""
+        return parallel_plans.base_model_ep_plan(self)
 
     @property
     def rope_parameters(self) -> dict:

@@ -4,9 +4,12 @@ LoRA adapters, on one process or several (DDP through `torchrun` / `accelerate l
     python examples/finetune.py --steps 50                                    # from scratch, `tiny` preset
     python examples/finetune.py --model path/to/checkpoint --lora --steps 50   # LoRA on a saved model
     torchrun --standalone --nproc_per_node 2 examples/finetune.py --steps 20  # DDP, 2 processes (gloo on CPU)
+    torchrun --standalone --nproc_per_node 2 examples/finetune.py --fsdp 2 --ep 2 --steps 20  # sharded at load
 
-Each process prints a checksum of its routing biases at the end: under DDP every rank prints the same one, because
-the routing-bias update all-reduces the expert loads before moving the biases.
+`--tp`, `--fsdp`, `--ep` load the model split by transformers' distributed engine (`DistributedConfig`), from
+`--model` or from a fresh model that rank 0 saves to `--out/initial` first. Each process prints a checksum of its
+routing biases at the end: every rank prints the same one, because the routing-bias update sums the expert loads
+over the data-parallel ranks before moving the biases.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import argparse
 from importlib import resources
 
 import torch
+import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, TrainingArguments, default_data_collator, set_seed
+from transformers.distributed import DistributedConfig
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, load_preset
 from modeling_deepseek_v3.demo import make_datasets, train_tokenizer
@@ -34,12 +39,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
     parser.add_argument("--out", default="finetune-run")
+    for flag, kind in (("--tp", "tensor"), ("--fsdp", "fully sharded data"), ("--ep", "expert")):
+        parser.add_argument(flag, type=int, default=1, help=f"{kind}-parallel ranks (transformers' engine)")
     args = parser.parse_args()
 
     set_seed(0)
     text = resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_text(encoding="utf-8")
+    layout = None
+    if max(args.tp, args.fsdp, args.ep) > 1:
+        layout = DistributedConfig(tp_size=args.tp, fsdp_size=args.fsdp, ep_size=args.ep)
+        if args.lora:
+            parser.error("--lora trains adapters of a replicated model: leave out --tp, --fsdp and --ep")
+    if layout is not None and not args.model:
+        args.model = f"{args.out}/initial"
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if dist.get_rank() == 0:
+            DeepseekV3ForCausalLM(load_preset(args.preset, use_cache=False)).save_pretrained(args.model)
+        dist.barrier()
     if args.model:
-        model = AutoModelForCausalLM.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, distributed_config=layout)
     else:
         model = DeepseekV3ForCausalLM(load_preset(args.preset, use_cache=False))
     config = model.config

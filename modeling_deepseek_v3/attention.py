@@ -29,6 +29,7 @@ from .configuration import DeepseekV3Config
 from .fp8 import FP8Linear, dense_weight, fp8_format, make_linear
 from .kernels import mla_decode, mla_decode_ref
 from .layers import RMSNorm
+from .parallel import local_shards, sum_gradient_over_head_shards
 from .private_api import attention_implementation, has_forward_hooks
 from .rope import apply_rope, softmax_scale
 
@@ -139,7 +140,7 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.q_proj(hidden_states)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
-        q = q.view(b, s, self.num_heads, self.qk_head_dim)
+        q = q.view(b, s, -1, self.qk_head_dim)  # this rank's heads under tensor parallelism, all heads otherwise
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         cos, sin = position_embeddings
         q_pe = apply_rope(q_pe, cos, sin)
@@ -151,7 +152,7 @@ class MultiHeadLatentAttention(nn.Module):
             if attentions is not None:
                 raise ValueError("output_attentions=True is not available under continuous batching (a paged cache)")
             out = paged_batch.attend(self, q_nope, q_pe, c_kv, k_pe)
-            return self.o_proj(out.reshape(b, s, self.num_heads * self.v_head_dim))
+            return self.o_proj(out.flatten(2))
         c_kv, k_pe = c_kv.unsqueeze(1), k_pe.unsqueeze(1)  # [b, 1, s, c], [b, 1, s, r]: one "head" for the cache
         past = 0  # tokens cached before this call (a tensor for static caches)
         if cache is not None:
@@ -161,7 +162,7 @@ class MultiHeadLatentAttention(nn.Module):
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
         c_kv, k_pe = c_kv[:, 0], k_pe[:, 0]  # [b, t, c], [b, t, r]
         out = self.attend(q_nope, q_pe, c_kv, k_pe, attention_mask, past, attentions, **kwargs)
-        return self.o_proj(out.reshape(b, s, self.num_heads * self.v_head_dim))
+        return self.o_proj(out.flatten(2))
 
     def attend(
         self,
@@ -224,9 +225,10 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _expanded(self, q_nope, q_pe, c_kv, k_pe, attention_mask, want_probs, **kwargs):
         b, t, _ = c_kv.shape
-        kv = self.kv_b_proj(c_kv).view(b, t, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        h = q_nope.shape[2]
+        kv = self.kv_b_proj(c_kv).view(b, t, h, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        key = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)  # [b, t, h, n+r]
+        key = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, h, -1)), dim=-1)  # [b, t, h, n+r]
         query = torch.cat((q_nope, q_pe), dim=-1)  # [b, s, h, n+r]
         pad = self.qk_head_dim - self.v_head_dim
         implementation = "eager" if want_probs else attention_implementation(self.config)
@@ -251,6 +253,7 @@ class MultiHeadLatentAttention(nn.Module):
         b, s, _, _ = q_nope.shape
         t = c_kv.shape[1]
         mask = latent_mask(attention_mask, b, s, t, past, c_kv.device)
+        c_kv = sum_gradient_over_head_shards(c_kv, self.kv_b_proj.weight)
         scale = self.softmax_scale
         if not want_probs:
             return self.absorbed(q_nope, lambda q_lat: mla_decode(q_lat, q_pe, c_kv, k_pe, mask, scale)), None
@@ -274,7 +277,8 @@ class MultiHeadLatentAttention(nn.Module):
         Returns:
             `[b, s, h, v]`, before `o_proj`.
         """
-        w_kv_b = dense_weight(self.kv_b_proj, q_nope.dtype).view(self.num_heads, -1, self.kv_lora_rank)
+        with local_shards(self.kv_b_proj):  # the rows of this rank's heads under tensor parallelism
+            w_kv_b = dense_weight(self.kv_b_proj, q_nope.dtype).view(q_nope.shape[2], -1, self.kv_lora_rank)
         w_uk, w_uv = w_kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, n, c], [h, v, c]
         q_lat = torch.matmul(q_nope.transpose(1, 2), w_uk).transpose(1, 2)  # [b, s, h, c]
         o_lat = latent_attention(q_lat)  # [b, s, h, c]

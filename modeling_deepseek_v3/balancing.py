@@ -89,10 +89,11 @@ class RoutingLog:
         scores: torch.Tensor,
         indices: torch.Tensor,
         token_mask: torch.Tensor | None,
+        batch: tuple[int, int],
     ) -> None:
-        """Record MoE layer `layer_idx`'s routing of `[b, s]` tokens: router logits and affinities `[b·s, E]`, chosen
-        experts `[b·s, K]`, `token_mask` `[b, s]` (False = padding) or None."""
-        b, s = (1, scores.shape[0]) if token_mask is None else token_mask.shape
+        """Record MoE layer `layer_idx`'s routing of `batch` = `(b, s)` tokens: router logits and affinities
+        `[b·s, E]`, chosen experts `[b·s, K]`, `token_mask` `[b, s]` (False = padding) or None."""
+        b, s = batch
         loss = None
         if self.recording and self.balance_alpha > 0:
             # Also computed when the log is closed, i.e. in an activation-checkpoint replay during backward: the replay

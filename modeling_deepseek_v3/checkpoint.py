@@ -31,6 +31,7 @@ from transformers.utils import logging
 from .dtypes import fp32_kept_tensor_names
 from .moe import RoutedExperts
 from .mtp import mtp_layer_index
+from .parallel import find_tensor, gather_pipeline_stages, held_by_other_stage, owned_rows
 from .private_api import (
     finalize_model_loading,
     ignore_unexpected_keys,
@@ -172,48 +173,62 @@ def to_memory_layout(config, state_dict: dict[str, torch.Tensor], has_mtp_module
 
 
 def stored_copy_differences(
-    expected: dict[str, torch.Tensor], state_dict: dict | None, checkpoint_files: Iterable[str] | None
+    expected: dict[str, torch.Tensor],
+    state_dict: dict | None,
+    checkpoint_files: Iterable[str] | None,
+    shards: dict[str, tuple[int, tuple[int, ...]]] | None = None,
 ) -> dict[str, float]:
     """The largest `|stored - expected|` of every key of `expected` that the checkpoint holds (0.0: identical; NaN:
     the stored copy holds NaN).
 
     The stored tensor is cast to the expected one's dtype first, so a checkpoint loaded in another precision is
-    compared as it was loaded. Keys the checkpoint lacks are left out.
+    compared as it was loaded. Keys the checkpoint lacks are left out. `shards[key]` = `(first row, full shape)` for
+    an `expected[key]` that holds some of the rows of the stored tensor (a shard of a distributed model).
 
     Raises:
         ValueError: if a stored copy's shape is not the expected tensor's (`check_copy_shape`).
     """
+    shards = shards or {}
+
+    def first_row(key: str) -> int:
+        return shards[key][0] if key in shards else 0
+
+    def full_shape(key: str) -> tuple[int, ...]:
+        return shards[key][1] if key in shards else tuple(expected[key].shape)
+
     differences = {}
     if state_dict is not None:
         for key, tensor in expected.items():
             if key in state_dict:
-                check_copy_shape(key, tuple(state_dict[key].shape), tensor)
-                differences[key] = _max_difference(lambda rows, key=key: state_dict[key][rows], tensor)
+                check_copy_shape(key, tuple(state_dict[key].shape), full_shape(key))
+                read_rows = lambda rows, key=key: state_dict[key][rows]  # noqa: E731
+                differences[key] = _max_difference(read_rows, tensor, first_row(key))
         return differences
     for path in checkpoint_files or []:
         if Path(path).suffix != ".safetensors":
             continue
         with safe_open(path, framework="pt") as f:
             for key in expected.keys() & set(f.keys()):
-                check_copy_shape(key, tuple(f.get_slice(key).get_shape()), expected[key])
-                differences[key] = _max_difference(f.get_slice(key).__getitem__, expected[key])
+                check_copy_shape(key, tuple(f.get_slice(key).get_shape()), full_shape(key))
+                differences[key] = _max_difference(f.get_slice(key).__getitem__, expected[key], first_row(key))
     return differences
 
 
-def check_copy_shape(key: str, stored_shape: tuple[int, ...], expected: torch.Tensor) -> None:
+def check_copy_shape(key: str, stored_shape: tuple[int, ...], expected_shape: tuple[int, ...]) -> None:
     """A stored copy of a shared tensor must have the main tensor's shape (a bare broadcast error otherwise)."""
-    if tuple(stored_shape) != tuple(expected.shape):
+    if tuple(stored_shape) != tuple(expected_shape):
         raise ValueError(f"the checkpoint's {key} has shape {list(stored_shape)}, but it is a copy of a tensor of "
-                         f"shape {list(expected.shape)}: the checkpoint does not match the configuration")
+                         f"shape {list(expected_shape)}: the checkpoint does not match the configuration")
 
 
-def _max_difference(read_rows, expected: torch.Tensor) -> float:
-    """The largest `|stored - expected|`, NaN as soon as a slice holds NaN (Python's `max` would drop it)."""
+def _max_difference(read_rows, expected: torch.Tensor, first_row: int) -> float:
+    """The largest `|stored - expected|` over the stored rows from `first_row` on, NaN as soon as a slice holds NaN
+    (Python's `max` would drop it)."""
     worst = 0.0
     for start in range(0, expected.shape[0], ROWS_PER_READ):
-        rows = slice(start, start + ROWS_PER_READ)
-        stored = read_rows(rows).to(device=expected.device, dtype=expected.dtype)
-        difference = (stored.float() - expected[rows].float()).abs().max().item()
+        end = min(start + ROWS_PER_READ, expected.shape[0])
+        stored = read_rows(slice(first_row + start, first_row + end)).to(device=expected.device, dtype=expected.dtype)
+        difference = (stored.float() - expected[start:end].float()).abs().max().item()
         if math.isnan(difference):
             return math.nan
         worst = max(worst, difference)
@@ -476,9 +491,16 @@ class CheckpointMixin:
         either way (the modules share it)."""
         copies = mtp_shared_copy_keys(self.config)
         loading = loading or {}
-        expected = {copy: loading.get(main, self.get_parameter(main)) for copy, main in copies.items()}
-        expected = {key: tensor for key, tensor in expected.items() if not tensor.is_meta}  # offloaded: not checked
-        for key, difference in stored_copy_differences(expected, state_dict, checkpoint_files).items():
+        # compared where this rank holds them: not offloaded (meta), not on another pipeline stage, and of a sharded
+        # tensor the rows this rank holds (other shard layouts are not compared)
+        expected, shards = {}, {}
+        for copy, main in copies.items():
+            tensor = loading[main] if main in loading else find_tensor(self, main)
+            held = None if tensor is None or tensor.is_meta else owned_rows(tensor)
+            if held is not None:
+                expected[copy] = held[0]
+                shards[copy] = held[1], tuple(tensor.shape)
+        for key, difference in stored_copy_differences(expected, state_dict, checkpoint_files, shards).items():
             if difference != 0:  # NaN included
                 logger.warning(
                     f"The checkpoint's {key} differs from {copies[key]} (max |difference| = {difference:.3g}). The "
@@ -515,6 +537,8 @@ class CheckpointMixin:
 
     @staticmethod
     def _finalize_model_loading(model, load_config, loading_info):
+        # a pipeline stage skips the keys of the modules another stage holds (transformers knows decoder layers only)
+        loading_info.unexpected_keys -= {k for k in loading_info.unexpected_keys if held_by_other_stage(model, k)}
         # keys left in the MTP layers once their modules took theirs (the shared copies excepted) are unexpected
         stray = set()
         if model.has_mtp_modules:
@@ -544,21 +568,42 @@ class CheckpointMixin:
         remote_code: bool = False,
         **kwargs,
     ):
-        """`PreTrainedModel.save_pretrained`, writing the official MTP layout: every MTP module's
-        `model.layers.{L + k - 1}.embed_tokens.weight` and `.shared_head.head.weight` as copies of the main tensors.
+        """`PreTrainedModel.save_pretrained`, writing the official MTP layout (`gather_sharded_state_dict_for_save`).
         With `remote_code=True` the folder also loads with `trust_remote_code=True` in a process that never imported
         this package (`write_remote_code`)."""
-        if self.has_mtp_modules and not is_peft_adapter_model(self):
-            state_dict = dict(self.state_dict() if state_dict is None else state_dict)
-            for copy, main in mtp_shared_copy_keys(self.config).items():
-                tensor = state_dict.get(main, self.get_parameter(main))
-                if tensor.is_meta:  # offloaded by accelerate: transformers cannot reload a tensor it does not own
-                    logger.warning(f"{main} is offloaded, so its MTP copy {copy} is not written")
-                    continue
-                # a copy, not a view: safetensors refuses tensors that share storage
-                state_dict[copy] = tensor.detach().clone()
         result = super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict,
                                          **kwargs)
         if remote_code and is_main_process:
             write_remote_code(save_directory)
         return result
+
+    def gather_sharded_state_dict_for_save(self, model_to_save, state_dict: dict, distributed_config, *,
+                                           save_on_this_rank: bool = True) -> dict:
+        """The state `save_pretrained` writes: gathered over the ranks of a sharded model (transformers; the pipeline
+        stages, `parallel.gather_pipeline_stages`), then in the official MTP layout: every MTP module's
+        `model.layers.{L + k - 1}.embed_tokens.weight` and `.shared_head.head.weight` as copies of the main tensors.
+        The copies are added after the gather, which under FSDP rebuilds the state from the model."""
+        pipelined = distributed_config is not None and distributed_config.pp_size > 1
+        state_dict = super().gather_sharded_state_dict_for_save(
+            model_to_save, state_dict, distributed_config, save_on_this_rank=save_on_this_rank or pipelined
+        )
+        if pipelined:
+            state_dict = gather_pipeline_stages(state_dict)
+        if self.has_mtp_modules and not is_peft_adapter_model(self):
+            state_dict = dict(state_dict)
+            for copy, main in mtp_shared_copy_keys(self.config).items():
+                tensor = state_dict.get(main)  # absent on the ranks that do not write
+                if tensor is None:
+                    continue
+                if tensor.is_meta:  # offloaded by accelerate: transformers cannot reload a tensor it does not own
+                    logger.warning(f"{main} is offloaded, so its MTP copy {copy} is not written")
+                    continue
+                # a copy, not a view: safetensors refuses tensors that share storage
+                state_dict[copy] = tensor.detach().clone()
+        return state_dict
+
+    def barrier_after_gathered_checkpoint_save(self, distributed_config) -> None:
+        super().barrier_after_gathered_checkpoint_save(distributed_config)
+        # transformers waits for the writing rank under tensor, expert and data parallelism only
+        if distributed_config is not None and distributed_config.pp_size > 1:
+            torch.distributed.barrier()

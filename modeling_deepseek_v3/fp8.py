@@ -151,13 +151,15 @@ class FP8Linear(KeepsTensorDtypes):
         return weight_dequant_ref(self.weight, self.weight_scale_inv, dtype, block=self.block_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` `[..., K]` (bf16/fp32) -> `[..., N]` in the dtype of `x`."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"FP8Linear: expected {self.in_features} input features, got {x.shape[-1]}")
+        """`x` `[..., K]` (bf16/fp32) -> `[..., N]` in the dtype of `x`. Under tensor parallelism N or K are this
+        rank's share (the weight's local shape)."""
+        n, k = self.weight.shape
+        if x.shape[-1] != k:
+            raise ValueError(f"FP8Linear: expected {k} input features, got {x.shape[-1]}")
         if uses_fp8_kernels(x, self.block_size):
-            q, s = act_quant(x.reshape(-1, self.in_features), self.scale_fmt)
+            q, s = act_quant(x.reshape(-1, k), self.scale_fmt)
             y = fp8_gemm(q, s, self.weight, self.weight_scale_inv, out_dtype=x.dtype)
-            y = y.view(*x.shape[:-1], self.out_features)
+            y = y.view(*x.shape[:-1], n)
         else:  # exact: q·s is exact in fp32, and so is the product's accumulation up to fp32 rounding
             y = F.linear(x.float(), self.dequantize(torch.float32)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)

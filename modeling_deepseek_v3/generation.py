@@ -28,6 +28,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from transformers.distributed import is_fsdp_managed_module
 from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
     EtaLogitsWarper,
@@ -310,9 +311,15 @@ class SelfSpeculativeDecoder:
         probs = F.softmax(scores, dim=-1)
         return torch.multinomial(probs, num_samples=1).squeeze(1), probs
 
-    @torch.inference_mode()
     def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
         """Decode until every row has hit EOS or `max_length`; returns prompt + new tokens `[b, w + new]`."""
+        # In inference mode, except for a model sharded by FSDP2: torch cannot unshard a group of one rank (an
+        # expert group holding whole experts) in it (`wait_for_unshard` in torch/distributed/fsdp/_fully_shard/
+        # _fsdp_param_group.py reads the version counter of a buffer it allocates there).
+        with torch.inference_mode(not is_fsdp_managed_module(self.model)):
+            return self._decode(input_ids, attention_mask)
+
+    def _decode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
         config, depth = self.generation_config, self.depth
         b, w = input_ids.shape
         device = input_ids.device

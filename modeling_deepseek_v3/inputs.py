@@ -29,6 +29,7 @@ def check_model_inputs(
     cache: Any,
     compute_dtype: torch.dtype,
     check_values: bool = True,
+    cache_layer: int = 0,
 ) -> None:
     """The rules of `DeepseekV3Model.forward`'s arguments.
 
@@ -43,6 +44,8 @@ def check_model_inputs(
         compute_dtype: the dtype of the embedding (the model's compute dtype).
         check_values: False: shapes and dtypes only, for inputs the model produced itself (speculative verification
             steps), whose read-back would stall an accelerator every step as a prompt's does once.
+        cache_layer: the decoder layer whose cache slot counts the cached tokens (the first one this rank runs: a
+            later pipeline stage holds no slot of the first layers).
 
     Raises:
         TypeError: an argument of the wrong type or dtype.
@@ -63,7 +66,8 @@ def check_model_inputs(
         outside = (input_ids < 0) | (input_ids >= config.vocab_size)
         values.add(outside.any(), lambda: f"input_ids contains token id {int(input_ids[outside][0])}, outside the "
                                           f"vocabulary [0, {config.vocab_size})")
-    past, capacity = _check_cache(cache, b, s, config.num_hidden_layers, compute_dtype, values is not None)
+    past, capacity = _check_cache(cache, b, s, config.num_hidden_layers, compute_dtype, values is not None,
+                                  cache_layer)
     if attention_mask is not None:
         _check_attention_mask(attention_mask, b, s, past, capacity, config.num_attention_heads, values)
     if position_ids is not None:
@@ -171,7 +175,7 @@ def _check_inputs_embeds(inputs_embeds: Any, hidden_size: int, compute_dtype: to
 
 
 def _check_cache(
-    cache: Any, b: int, s: int, num_layers: int, compute_dtype: torch.dtype, read_back: bool
+    cache: Any, b: int, s: int, num_layers: int, compute_dtype: torch.dtype, read_back: bool, cache_layer: int
 ) -> tuple[int | None, int]:
     """`(cached tokens, capacity)`: cached tokens None when a static cache counts them on the device and they may not
     be read back; capacity -1 for a cache that grows."""
@@ -191,7 +195,7 @@ def _check_cache(
         if keys.dtype != compute_dtype and not torch.is_autocast_enabled(keys.device.type):
             raise TypeError(f"cache holds {keys.dtype} latents but the model computes in {compute_dtype}; it belongs "
                             "to a model of another dtype")
-    past = cache.get_seq_length()
+    past = cache.get_seq_length(cache_layer)
     if not isinstance(past, int):  # a static cache counts its tokens in a tensor
         if not read_back:
             return None, -1

@@ -5,6 +5,7 @@ and read by `Trainer` logging or a custom loop.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 class TrainingMetrics:
@@ -31,9 +32,21 @@ class TrainingMetrics:
         for i, value in enumerate(values, start=1):
             self.add(pattern.format(i), value)
 
-    def pop(self) -> dict[str, float]:
-        """The mean of every metric recorded since the last call, then forget them."""
-        means = {name: (total / self._counts[name]).item() for name, total in self._sums.items()}
+    def pop(self, distributed: bool = False, group=None) -> dict[str, float]:
+        """The mean of every metric recorded since the last call, then forget them.
+
+        Args:
+            distributed: average over the ranks of `group` too (default: all ranks), which must all call `pop`
+                with the same metrics recorded (e.g. the data-parallel ranks, each training on its own batch).
+        """
+        names = sorted(self._sums)
+        sums = torch.stack([self._sums[name] for name in names]) if names else torch.zeros(0)
+        counts = torch.tensor([float(self._counts[name]) for name in names], device=sums.device)
+        if distributed and dist.is_initialized() and dist.get_world_size(group) > 1:
+            totals = torch.cat([sums, counts])  # one collective for all metrics
+            dist.all_reduce(totals, group=group)
+            sums, counts = totals.split(len(names))
+        means = dict(zip(names, (sums / counts).tolist()))
         self._sums.clear()
         self._counts.clear()
         return means

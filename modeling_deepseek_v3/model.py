@@ -25,6 +25,7 @@ from .balancing import ExpertBalance, RoutingLog
 from .cache import MLACache
 from .checkpoint import CheckpointMixin, layer_prefix
 from .configuration import DeepseekV3Config
+from .configuration.parallel_plans import mtp_plan
 from .continuous_batching import ContinuousBatchingMixin, paged_batch
 from .fp8 import FP8Linear, fp8_format, init_fp8_weight
 from .generation import MTPGenerationMixin
@@ -34,6 +35,7 @@ from .metrics import TrainingMetrics
 from .moe import MoE, RoutedExperts, TopkRouter
 from .mtp import MTPLayer, mtp_layer_index, mtp_objective
 from .outputs import DeepseekV3CausalLMOutput, LayerOutputs, OutputRequest
+from .parallel import data_parallel_group, distribute_model
 from .private_api import attention_implementation
 from .rope import RotaryEmbedding, rope_frequencies
 
@@ -131,6 +133,11 @@ class DeepseekV3PreTrainedModel(CheckpointMixin, PreTrainedModel):
             inv_freq, module.attention_factor = rope_frequencies(module.config)
             init.copy_(module.inv_freq, inv_freq)
 
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        # transformers' distributed engine (the plans), with DeepSeek-V3's layout checks and pipeline stages
+        return distribute_model(model, distributed_config, mesh_manager, super().maybe_distribute_model)
+
 
 class DeepseekV3Model(DeepseekV3PreTrainedModel):
     """Embedding, decoder layers and final norm; returns the last hidden state (after `norm`) and the cache."""
@@ -187,8 +194,11 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         # continuous batching: transformers' scheduler lays out a flat batch of many requests over the paged cache; its
         # positions are given and its mask and page indices are its own (the mask is not read, see paged_attention.py)
         paged = isinstance(cache, PagedAttentionCache)
+        # the first decoder layer this rank runs (a later one on a pipeline stage) keeps the cache length
+        cache_layer = next(i for i, layer in enumerate(self.layers) if isinstance(layer, DeepseekV3DecoderLayer))
         check_model_inputs(self.config, input_ids, inputs_embeds, None if paged else attention_mask, position_ids,
-                           None if paged else cache, self.embed_tokens.weight.dtype, check_values)  # fmt: skip
+                           None if paged else cache, self.layers[cache_layer].input_layernorm.weight.dtype,
+                           check_values, cache_layer)  # fmt: skip
         asked = OutputRequest.resolve(self.config, output_hidden_states, output_attentions, output_router_logits,
                                       return_dict)
         if routing_log is None and asked.router_logits:
@@ -200,7 +210,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             use_cache = False  # checkpointed layers are replayed: a cache would be written twice
         if use_cache and cache is None:
             cache = MLACache(self.config)
-        past = cache.get_seq_length() if cache is not None and not paged else 0
+        past = cache.get_seq_length(cache_layer) if cache is not None and not paged else 0
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -214,6 +224,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             attention_mask=attention_mask,
             cache=cache,
             position_ids=position_ids,
+            layer_idx=cache_layer,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         if paged:
@@ -242,6 +253,10 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # the head's parallel plans (transformers' distributed engine); the decoder's come from the config
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__(config)
@@ -261,6 +276,13 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
     def mtp_active(self) -> bool:
         """Whether the MTP modules are computed: built (`num_nextn_predict_layers > 0`) and `use_mtp_modules`."""
         return self.has_mtp_modules and self.config.use_mtp_modules
+
+    def init_parallel_plans(self) -> None:
+        super().init_parallel_plans()
+        # the MTP modules are this class's children, so their rules are its own: a block gets a decoder layer's
+        self.tp_plan = self.tp_plan | mtp_plan(self.config, "tp")
+        self.ep_plan = self.ep_plan | mtp_plan(self.config, "ep")
+        self.fsdp_plan = self.fsdp_plan | mtp_plan(self.config, "fsdp")
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -371,6 +393,10 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
         model of a LoRA run) keeps its bias, with a warning, so that the frozen base model plus what was trained
         reproduce the trained model.
 
+        `group` defaults to the data-parallel ranks of a model loaded with a `distributed_config` (one rank per
+        distinct batch: ranks that share a batch under tensor or expert parallelism count it once), and to all
+        ranks otherwise (DDP).
+
         Returns:
             `{layer name: load [E] int64}`, the tokens each expert received during the step.
         """
@@ -378,6 +404,8 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
         layers = [m for m in self.modules() if isinstance(m, MoE)]
         biases = {m.layer_idx: m.gate.e_score_correction_bias for m in layers}
         frozen = {m.layer_idx for m in layers if not m.gate.weight.requires_grad}
+        if group is None:
+            group = data_parallel_group(getattr(self.config, "distributed_config", None))
         return self.expert_balance.update(biases, speed, group, frozen)
 
     def discard_routing_counts(self) -> None:

@@ -113,23 +113,30 @@ class RoutedExperts(KeepsTensorDtypes):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            x: `[T, H]`; indices: `[T, K]` expert ids; weights: `[T, K]` combine weights.
+            x: `[T, H]`; indices: `[T, K]` expert ids (`num_experts` for a route to another rank's expert, which
+                is skipped); weights: `[T, K]` combine weights.
 
         Returns:
-            `[T, H]`: `Σ_k weights[:, k] · expert_{indices[:, k]}(x)`.
+            `[T, H]`: `Σ_k weights[:, k] · expert_{indices[:, k]}(x)`, over the routes to this module's experts.
         """
         k = indices.shape[1]
         flat = indices.flatten()  # [T·K]
         order = flat.argsort(stable=True)
         token = order // k  # the token of each sorted (token, slot) pair
+        # Expert parallelism (transformers' all-reduce dispatch) gives the routes to other ranks' experts the id
+        # num_experts: sorted last and left out of the counts, they are never computed, and their rows (which the
+        # grouped GEMMs leave unwritten, forward and backward) are zeroed.
+        off_rank = (flat[order] >= self.num_experts)[:, None]  # [T·K, 1]
         # tokens per expert by index_add, not bincount, which reads the ids back to the host on GPU
-        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=flat.device)
-        offsets = counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
-        xs = x[token]  # [T·K, H], grouped by expert
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.int32, device=flat.device)
+        counts = counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))[: self.num_experts]
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        xs = x[token].masked_fill(off_rank, 0)  # [T·K, H], grouped by expert
         mode = (self.fp8, self.fp8_training)
         hidden = expert_swiglu(xs, self.stored("gate_proj"), self.stored("up_proj"), offsets, *mode)  # [T·K, I]
+        hidden = hidden.masked_fill(off_rank, 0)
         ys = expert_projection(hidden, *self.stored("down_proj"), offsets, *mode)  # [T·K, H]
-        ys = ys * weights.flatten()[order, None].to(ys.dtype)
+        ys = torch.where(off_rank, 0, ys * weights.flatten()[order, None].to(ys.dtype))
         return torch.zeros_like(x).index_add_(0, token, ys)
 
 
@@ -165,7 +172,7 @@ class MoE(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
         routing = self.gate(x)
         if routing_log is not None:
-            routing_log.add(self.layer_idx, routing.logits, routing.scores, routing.indices, token_mask)
+            routing_log.add(self.layer_idx, routing.logits, routing.scores, routing.indices, token_mask, shape[:2])
         y = self.experts(x, routing.indices, routing.weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -15,6 +15,11 @@ import torch
 from peft import LoraConfig
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.distributed import DistributedMixin
+
+# the pipeline parallelism of transformers' distributed engine: the placeholder it puts where a stage holds no
+# module, and the stage's communication (point-to-point, logits broadcast from the last stage)
+from transformers.distributed.pipeline_parallel import PipelineIdentityLayer, PipelineStage  # noqa: F401
 from transformers.generation.continuous_batching import ContinuousBatchingManager
 from transformers.generation.continuous_batching.cache_allocators import CacheAllocator
 
@@ -32,6 +37,13 @@ OVERRIDDEN_HOOKS = (
                                                         "generation_mode", "batch_size", "max_cache_length")),
     # model.to(dtype) keeps FP8 payloads, their scales and the routing bias in their dtypes
     (nn.Module, "_apply", ("self", "fn", "recurse")),
+    # the distributed engine: the MTP modules' plans, the layout checks and pipeline stages around the plans'
+    # application, the MTP copies and every pipeline stage in a sharded save, and its wait for the writing rank
+    (DistributedMixin, "init_parallel_plans", ("self",)),
+    (DistributedMixin, "maybe_distribute_model", ("cls", "model", "distributed_config", "mesh_manager")),
+    (DistributedMixin, "gather_sharded_state_dict_for_save", ("self", "model_to_save", "state_dict",
+                                                             "distributed_config", "save_on_this_rank")),
+    (DistributedMixin, "barrier_after_gathered_checkpoint_save", ("self", "distributed_config")),
 )
 # private attributes transformers reads from our classes or instances
 IGNORED_UNEXPECTED_KEYS = "_keys_to_ignore_on_load_unexpected"  # regexes of checkpoint keys loading may skip
@@ -155,3 +167,23 @@ def register_allocator_tensor(allocator: CacheAllocator, cache_tensor: torch.Ten
     `cache_tensor`; the allocator also keeps the pool as whole blocks, which `copy_blocks` copies when requests fork."""
     allocator._copy_view = cache_tensor.view(-1, allocator.bytes_per_block)
     allocator._after_cache_tensor_init(non_trash_bytes, bytes_per_sector, view, pool)
+
+
+# ---- the distributed engine (transformers' distributed/) -----------------------------------------------------------
+
+
+def run_on_local_shards_under_tensor_parallelism(module: nn.Module) -> None:
+    """Have transformers' column- and row-wise styles run `module` (a quantized linear) on its local weight shards
+    instead of DTensors, as they do for transformers' own quantized layers."""
+    module._hf_quantized_needs_local_tp = True
+
+
+def remove_pipeline_forward_wrapper(model: nn.Module) -> None:
+    """Drop the wrapper `apply_pipeline_parallelism` sets as `model.forward`, so the class's forward runs again."""
+    vars(model).pop("forward", None)
+
+
+def swap_parameters(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Set `module`'s parameters `tensors` (names to tensors) as they are, plain tensors included, which `setattr`
+    refuses for a registered parameter."""
+    module._parameters.update(tensors)

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .model import DeepseekV3ForCausalLM
+from .parallel import data_parallel_group
 
 
 def find_deepseek_v3(model: nn.Module) -> DeepseekV3ForCausalLM:
@@ -53,7 +54,7 @@ class DeepseekV3Trainer(Trainer):
     `training_metrics` into every training log line, beside `loss`: `balance_loss` (and per layer
     `balance_loss/<layer>`), `expert_load_max_over_mean` (the least balanced layer; per layer
     `expert_load_max_over_mean/<layer>`), `mtp_<k>_loss` / `mtp_<k>_accuracy`, each the mean over the steps since
-    the previous log.
+    the previous log and over the data-parallel ranks.
 
     Example:
         >>> trainer = DeepseekV3Trainer(model=model, args=TrainingArguments(...), train_dataset=data)
@@ -67,7 +68,9 @@ class DeepseekV3Trainer(Trainer):
             self.add_callback(ExpertBalanceCallback())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # merged before Trainer.log so that log_history, the integrations and the progress bar all see them
+        # merged before Trainer.log so that log_history, the integrations and the progress bar all see them;
+        # averaged over the ranks that train on distinct batches, as Trainer averages the loss
         if "loss" in logs:
-            logs.update(self.deepseek_v3.training_metrics.pop())
+            group = data_parallel_group(getattr(self.deepseek_v3.config, "distributed_config", None))
+            logs.update(self.deepseek_v3.training_metrics.pop(distributed=True, group=group))
         super().log(logs, start_time)

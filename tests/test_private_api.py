@@ -17,7 +17,7 @@ from .utils import random_model
                          ids=[f"{o.__name__}.{n}" for o, n, _ in private_api.OVERRIDDEN_HOOKS])
 def test_overridden_hooks_keep_their_signature(owner, name, parameters):
     hook = inspect.getattr_static(owner, name)
-    function = hook.__func__ if isinstance(hook, staticmethod) else hook
+    function = hook.__func__ if isinstance(hook, (staticmethod, classmethod)) else hook
     assert tuple(inspect.signature(function).parameters) == parameters
 
 
@@ -107,3 +107,18 @@ def test_our_experts_implementation_check_is_the_one_transformers_calls():
     model = random_model()
     with pytest.raises(ValueError, match="experts_implementation='batched_mm' is not available"):
         model.set_experts_implementation("batched_mm")
+
+
+def test_distributed_engine_contacts():
+    model = random_model(num_nextn_predict_layers=1)
+    linear = torch.nn.Linear(2, 2)
+    private_api.run_on_local_shards_under_tensor_parallelism(linear)
+    assert linear._hf_quantized_needs_local_tp
+    model.forward = lambda *args, **kwargs: None  # as apply_pipeline_parallelism wraps it
+    private_api.remove_pipeline_forward_wrapper(model)
+    assert model.forward.__func__ is type(model).forward
+    plain = torch.zeros(2, 2)
+    private_api.swap_parameters(linear, {"weight": plain})
+    assert linear.weight is plain
+    assert issubclass(private_api.PipelineIdentityLayer, torch.nn.Identity)
+    assert {"communicate", "broadcast_from_last"} <= set(vars(private_api.PipelineStage))

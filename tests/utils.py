@@ -25,6 +25,18 @@ def random_model(config: DeepseekV3Config | None = None, **overrides) -> Deepsee
     return model
 
 
+def spread_routing(model: DeepseekV3ForCausalLM) -> DeepseekV3ForCausalLM:
+    """`model` with its routers' weights scaled up and their biases zeroed, so that each token's experts depend on the
+    token (random weights and biases alone tend to send every token to the same experts)."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("e_score_correction_bias"):
+                tensor.zero_()
+            elif name.endswith("mlp.gate.weight"):
+                tensor.mul_(30)
+    return model
+
+
 def random_ids(config: DeepseekV3Config, batch: int, length: int) -> torch.Tensor:
     # avoid the special ids so EOS does not stop generation early
     return torch.randint(3, config.vocab_size, (batch, length))

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from ..utils import random_model, tiny_config
+from ..multiprocess import WORLD, run_ranks
+from ..utils import random_model, spread_routing, tiny_config
 
-STEPS, GLOBAL_BATCH, WORLD = 3, 8, 2
+STEPS, GLOBAL_BATCH = 3, 8
 
 
 def train(model, batches, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
@@ -35,22 +35,12 @@ def train(model, batches, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
 def make_model():
     """A tiny model whose routing varies from token to token, so the ranks' local loads differ from the global one."""
     torch.manual_seed(0)
-    model = random_model()
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("e_score_correction_bias"):
-                tensor.zero_()
-            elif name.endswith("mlp.gate.weight"):
-                tensor.mul_(30)
-    return model
+    return spread_routing(random_model())
 
 
-def worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.save(train(make_model(), make_batches(), rank, WORLD), f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def worker(rank: int, out_dir: str) -> None:
+    dist.init_process_group("gloo")
+    torch.save(train(make_model(), make_batches(), rank, WORLD), f"{out_dir}/rank{rank}.pt")
 
 
 def make_batches() -> list[torch.Tensor]:
@@ -60,7 +50,7 @@ def make_batches() -> list[torch.Tensor]:
 
 
 def test_two_gloo_ranks_hold_the_biases_of_one_process(tmp_path):
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    run_ranks(worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     model = make_model()
     initial = [b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]

@@ -177,6 +177,15 @@ def test_balance_loss_equals_the_reference_and_its_gradient_flows_through_p_only
     assert grad[1].abs().sum() == 0 and grad[0, :2].abs().sum() == 0  # padding gets no gradient
 
 
+def test_balance_loss_of_a_batch_is_the_mean_over_its_sequences():
+    """Without an attention mask too: each sequence is balanced on its own, whatever else is in the batch."""
+    model = random_model(seq_balance_loss_alpha=0.5)
+    ids = random_ids(model.config, 3, 6)
+    model.train()
+    alone = torch.stack([model(row[None], labels=row[None]).balance_loss for row in ids])
+    torch.testing.assert_close(model(ids, labels=ids).balance_loss, alone.mean(), rtol=1e-6, atol=0)
+
+
 def test_balance_loss_is_added_to_the_loss_and_reaches_the_router():
     model = random_model(seq_balance_loss_alpha=0.5)
     ids = random_ids(model.config, 2, 6)

@@ -1,0 +1,308 @@
+"""DeepSeek-V3 under transformers' distributed engine: what the declared plans (`configuration/parallel_plans.py`)
+cannot say by themselves.
+
+* Layout checks before anything is sharded: whole attention heads and whole FP8 blocks per tensor-parallel rank,
+  whole experts per expert-parallel rank (and whether the routing groups line up with the ranks that hold them).
+* The tensors a rank holds: `local_shards` (this rank's part of a sharded module's weights, for code that reads them
+  outside the module's forward, as absorbed attention does), `owned_rows` (which rows of a full tensor a shard is),
+  `sum_gradient_over_head_shards` (the latent's gradient in absorbed attention under tensor parallelism).
+* Pipeline stages (`run_pipeline_stages`): the decoder and the head pipelined so that self-speculative decoding runs
+  on every stage; the MTP modules on the last stage, with the embedding they read.
+* Saving: the state of every pipeline stage gathered on the writing rank.
+* Balancing: the process group over which token counts are summed, one rank per distinct batch.
+
+Its contacts with transformers' and torch's internals go through `private_api.py`.
+
+References: transformers `distributed/` (`mixin.py`, `tensor_parallel.py`, `expert_parallel.py`,
+`pipeline_parallel.py`); torch DTensor (`Shard` follows `torch.chunk`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from transformers.utils import logging
+
+from .fp8 import FP8Linear
+from .moe import RoutedExperts
+from .private_api import (
+    PipelineIdentityLayer,
+    PipelineStage,
+    remove_pipeline_forward_wrapper,
+    run_on_local_shards_under_tensor_parallelism,
+    swap_parameters,
+)
+
+logger = logging.get_logger(__name__)
+
+
+def distribute_model(model: nn.Module, distributed_config, mesh_manager, apply):
+    """transformers' `maybe_distribute_model` (`apply`), which applies the plans, with DeepSeek-V3's layout checks
+    before it and its pipeline stages (`run_pipeline_stages`) after it."""
+    if mesh_manager is None:
+        return apply(model, distributed_config, mesh_manager)
+    tp_plan = model.tp_plan | (distributed_config.tp_plan if isinstance(distributed_config.tp_plan, dict) else {})
+    if distributed_config.tp_size > 1:
+        check_tensor_parallel_layout(model, tp_plan, distributed_config.tp_size)
+    if distributed_config.ep_size > 1:
+        check_expert_parallel_layout(model.config, distributed_config.ep_size)
+    run_fp8_linears_on_local_shards(model)
+    base = getattr(model, model.base_model_prefix, model)
+    embed = base.embed_tokens
+    model = apply(model, distributed_config, mesh_manager)
+    if distributed_config.pp_size > 1:
+        run_pipeline_stages(model, mesh_manager.get_mesh("pp"), embed)
+    return model
+
+
+def run_fp8_linears_on_local_shards(model: nn.Module) -> None:
+    """Have transformers' column- and row-wise styles run every FP8 linear on its local shards (weight and scales)
+    rather than on DTensors, which its dequantisation cannot read."""
+    for module in model.modules():
+        if isinstance(module, FP8Linear):
+            run_on_local_shards_under_tensor_parallelism(module)
+
+
+def check_tensor_parallel_layout(model: nn.Module, tp_plan: dict[str, str], tp_size: int) -> None:
+    """Raise a `ValueError` before sharding if tensor parallelism would split an attention head (the attention of a
+    rank runs whole heads) or an FP8 scale block (a rank's weight rows and columns must be whole blocks, so that its
+    scales are the scale rows and columns it holds)."""
+    heads = model.config.num_attention_heads
+    if heads % tp_size and any(name.endswith(("q_proj", "q_b_proj")) for name in tp_plan):
+        raise ValueError(f"tensor parallelism shards attention by heads: num_attention_heads = {heads} does not "
+                         f"divide into tp_size = {tp_size} ranks")
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear):
+            split = _split_dim(tp_plan, name)
+            if split is not None:  # weight [out, in]: column-wise splits the rows, row-wise the columns
+                size = (module.out_features, module.in_features)[split]
+                _check_whole_blocks(f"{name}.weight", ("rows", "columns")[split], size, module.block_size[split],
+                                    tp_size)
+        elif isinstance(module, RoutedExperts) and module.fp8 is not None:
+            for projection in module.PROJECTIONS:
+                split = _split_dim(tp_plan, f"{name}.{projection}")
+                if split is not None:  # stacked [E, rows, cols]
+                    size = getattr(module, projection).shape[1 + split]
+                    _check_whole_blocks(f"{name}.{projection}", ("rows", "columns")[split], size,
+                                        module.fp8.block_size[split], tp_size)
+
+
+def plan_style(plan: dict[str, str], name: str, parameter: bool = False) -> str | None:
+    """The style `plan` gives the module `name`, or the parameter `name` (which takes its module's style when it has
+    no rule of its own), layer numbers matching `*` as in transformers' engine."""
+    generic = re.sub(r"\.\d+(?=\.|$)", ".*", name)
+    if generic in plan or not parameter:
+        return plan.get(generic)
+    return plan.get(generic.rpartition(".")[0])
+
+
+def _split_dim(plan: dict[str, str], name: str) -> int | None:
+    """0 if the plan splits `name`'s weight by output rows (column-wise styles), 1 by input columns (row-wise)."""
+    style = plan_style(plan, name) or ""
+    return 0 if style.startswith(("colwise", "packed_colwise")) else 1 if style.startswith("rowwise") else None
+
+
+def _check_whole_blocks(name: str, what: str, size: int, block: int, tp_size: int) -> None:
+    if size % (block * tp_size):
+        raise ValueError(
+            f"tensor parallelism shards FP8 weights in whole {block}-wide scale blocks: {name} has {size} {what}, "
+            f"which tp_size = {tp_size} ranks cannot share in whole blocks ({size} / {tp_size} = {size / tp_size:g} "
+            f"{what} each). Use a tp_size that divides its {math.ceil(size / block)} blocks, expert parallelism "
+            "for the experts, or a bf16 checkpoint (deepseek-v3 convert fp8-to-bf16)"
+        )
+
+
+def check_expert_parallel_layout(config, ep_size: int) -> None:
+    """Raise a `ValueError` if the routed experts do not divide into `ep_size` ranks; warn if the routing groups
+    straddle ranks (then group-limited routing no longer limits the ranks a token is sent to)."""
+    experts, groups = config.n_routed_experts, config.n_group
+    if experts % ep_size:
+        raise ValueError(f"expert parallelism gives each rank whole experts: n_routed_experts = {experts} does not "
+                         f"divide into ep_size = {ep_size} ranks")
+    if groups > 1 and groups % ep_size and ep_size % groups and (not dist.is_initialized() or dist.get_rank() == 0):
+        logger.warning(
+            f"n_group = {groups} routing groups do not line up with ep_size = {ep_size} expert-parallel ranks (one "
+            "must divide the other): a group's experts span ranks, so the group limit (topk_group = "
+            f"{config.topk_group}) no longer bounds the ranks each token is sent to"
+        )
+
+
+def run_pipeline_stages(model: nn.Module, pp_mesh, embed: nn.Module) -> None:
+    """Pipeline parallelism at the decoder and the head, in place of transformers' wrapper of the causal LM's forward
+    (which self-speculative decoding, calling the decoder, the head and the MTP modules itself, would bypass):
+
+    * the decoder receives the hidden states from the previous stage, runs this stage's layers and sends its output
+      on; the output is the model's on the last stage only;
+    * the head runs on the last stage, which broadcasts the logits, so that every rank chooses the same tokens;
+    * the MTP modules run after the last decoder layer, on the last stage, together with the embedding they read
+      (as DeepSeek-V3's own pipeline keeps embedding and head on one rank). Other stages hold placeholders, whose
+      shared head passes the broadcast logits on, and skip their weights when loading.
+
+    Every rank runs the same calls in the same order (as `generate` does), each stage computing its part.
+    """
+    stage = PipelineStage(pp_mesh)
+    base = getattr(model, model.base_model_prefix)
+    dtype = next(p.dtype for p in base.parameters() if p.is_floating_point() and p.element_size() > 1)
+    remove_pipeline_forward_wrapper(model)  # the class's forward runs on every stage
+    base.forward = _pipelined_decoder(base.forward, stage, base.config.hidden_size, dtype)
+    if not hasattr(model, "lm_head"):
+        return
+    model.lm_head.forward = _head_on_last_stage(model.lm_head.forward, stage, dtype)
+    if stage.pp_is_last_stage:
+        base.embed_tokens = embed
+    else:
+        for k in range(len(model.mtp)):
+            model.mtp[k] = _MTPPlaceholder()
+
+
+def _pipelined_decoder(forward, stage: PipelineStage, hidden_size: int, dtype: torch.dtype):
+    def run(input_ids=None, inputs_embeds=None, **kwargs):
+        if not stage.pp_is_first_stage:  # the previous stage's hidden states stand in for the embeddings
+            tokens = input_ids if inputs_embeds is None else inputs_embeds
+            shape = (*tokens.shape[:2], hidden_size)
+            inputs_embeds = stage.communicate("recv_forward", device=tokens.device, dtype=dtype, shape=shape)
+            input_ids = None
+        output = forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        hidden = output.last_hidden_state
+        stage.communicate("send_forward", device=hidden.device, dtype=dtype, tensor=hidden)  # not from the last
+        return output
+
+    return run
+
+
+def _head_on_last_stage(forward, stage: PipelineStage, dtype: torch.dtype):
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        logits = forward(hidden) if stage.pp_is_last_stage else None
+        return stage.broadcast_from_last(logits, dtype=dtype, device=hidden.device)
+
+    return run
+
+
+class _SharedHeadPlaceholder(nn.Module):
+    def forward(self, hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        return head(hidden)  # the head receives the last stage's logits
+
+
+class _MTPPlaceholder(PipelineIdentityLayer):
+    """An MTP module on a stage before the last: it passes its first input through (its output is not used), and
+    its shared head returns the last stage's logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared_head = _SharedHeadPlaceholder()
+
+
+def held_by_other_stage(model: nn.Module, key: str) -> bool:
+    """Whether the tensor `key` belongs to a module that this pipeline stage holds a placeholder for."""
+    module = model
+    for part in key.split(".")[:-1]:
+        module = getattr(module, part, None)
+        if module is None:
+            return False
+        if isinstance(module, PipelineIdentityLayer):
+            return True
+    return False
+
+
+def gather_pipeline_stages(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The union of every rank's `state_dict` on rank 0, which writes checkpoints ({} elsewhere): each pipeline
+    stage holds only its own layers. Every rank must call it."""
+    stages = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object({key: tensor.detach().cpu() for key, tensor in state_dict.items()}, stages, dst=0)
+    return {} if stages is None else {key: tensor for stage in stages for key, tensor in stage.items()}
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `tensor` (itself when it is not sharded)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def owned_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """`(this rank's part, index of its first row in the full tensor)` for a plain tensor or a DTensor split along
+    its rows only (torch.chunk's split per mesh dimension, outer first); None for other layouts."""
+    if not isinstance(tensor, DTensor):
+        return tensor, 0
+    start, length = 0, tensor.shape[0]
+    for mesh_dim, placement in enumerate(tensor.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if type(placement) is not Shard or placement.dim not in (0, -tensor.dim()):
+            return None
+        chunk = math.ceil(length / tensor.device_mesh.size(mesh_dim))
+        offset = min(tensor.device_mesh.get_local_rank(mesh_dim) * chunk, length)
+        start, length = start + offset, min(chunk, length - offset)
+    local = tensor.to_local()
+    return (local, start) if local.shape[0] == length else None
+
+
+def find_tensor(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The parameter or buffer `name` of `model`, or None where this rank does not hold it (a pipeline stage's
+    placeholder stands in for its module)."""
+    module_name, _, tensor_name = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    tensor = getattr(module, tensor_name, None)
+    return tensor if isinstance(tensor, torch.Tensor) else None
+
+
+@contextlib.contextmanager
+def local_shards(module: nn.Module):
+    """Within the block, the parameters of `module` that the engine sharded are this rank's parts (plain tensors,
+    differentiable into the sharded parameters), for code that reads them outside the module's forward."""
+    sharded = {name: p for name, p in module.named_parameters(recurse=False) if isinstance(p, DTensor)}
+    swap_parameters(module, {name: p.to_local() for name, p in sharded.items()})
+    try:
+        yield
+    finally:
+        swap_parameters(module, sharded)
+
+
+class _SumGradient(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over `group`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_gradient_over_head_shards(latent: torch.Tensor, kv_b_weight: torch.Tensor) -> torch.Tensor:
+    """`latent` (the cached `c_kv`), with its gradient summed over the tensor-parallel ranks when the heads are
+    sharded (`kv_b_weight` a DTensor): each rank's heads give only part of it. The expanded path gets this sum from
+    `kv_b_proj`'s column-wise style; the absorbed path reads the latent directly."""
+    if not isinstance(kv_b_weight, DTensor) or not (torch.is_grad_enabled() and latent.requires_grad):
+        return latent
+    return _SumGradient.apply(latent, kv_b_weight.device_mesh.get_group())
+
+
+_DATA_PARALLEL_GROUPS: dict[tuple[int, int, int], dist.ProcessGroup] = {}  # (pp, dp, tp) -> this rank's group
+
+
+def data_parallel_group(distributed_config) -> dist.ProcessGroup | None:
+    """The ranks that hold distinct batches together with this one (the same pipeline stage and tensor-parallel
+    index), over which training statistics such as the routing token counts are summed; None without a
+    `distributed_config` (then all ranks, as under DDP). Created on first use; every rank must call it."""
+    if distributed_config is None or not dist.is_initialized():
+        return None
+    pp, tp = distributed_config.pp_size, distributed_config.tp_size
+    dp = dist.get_world_size() // (pp * tp)
+    if (pp, dp, tp) not in _DATA_PARALLEL_GROUPS:
+        # transformers lays the ranks out as a row-major (pp, dp_replicate, fsdp, tp) mesh
+        # (`initialize_distributed_mesh`): a group varies the middle two coordinates
+        ranks = [[(stage * dp + d) * tp + t for d in range(dp)] for stage in range(pp) for t in range(tp)]
+        _DATA_PARALLEL_GROUPS[pp, dp, tp], _ = dist.new_subgroups_by_enumeration(ranks)
+    return _DATA_PARALLEL_GROUPS[pp, dp, tp]

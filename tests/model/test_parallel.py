@@ -1,0 +1,255 @@
+"""DeepSeek-V3 on transformers' distributed engine, two CPU processes (gloo) against one process on the same weights.
+
+For every layout: logits, greedy and self-speculative decoding of a left-padded batch, a sharded `save_pretrained`
+that writes the single-process files (one process and transformers' built-in class reload them); for every layout
+but pipeline (inference only in transformers) one training step: loss, gradients, routing-bias update; FP8
+checkpoints under tensor and expert parallelism, and the error for an FP8 layout that would split scale blocks;
+`DeepseekV3Trainer` with an FSDP-loaded model. One spawn per layout. Without spawning: the declared plans name only
+what the model builds, and the dispatch traffic of node-limited routing.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
+from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
+from transformers import TrainingArguments
+from transformers.distributed import DistributedConfig
+
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer
+from modeling_deepseek_v3.convert import OFFICIAL_QUANTIZATION, convert_checkpoint
+from modeling_deepseek_v3.dispatch_traffic import dispatch_traffic
+from modeling_deepseek_v3.moe import TopkRouter
+from modeling_deepseek_v3.parallel import data_parallel_group
+
+from ..multiprocess import run_ranks
+from ..utils import random_ids, random_model, spread_routing, tiny_config
+
+LAYOUTS = {
+    "tp": dict(tp_size=2),
+    "tp_ep_all_reduce": dict(tp_size=2, ep_size=2, ep_implementation="all_reduce"),
+    "tp_ep_all_to_all": dict(tp_size=2, ep_size=2, ep_implementation="all_to_all"),
+    "pp": dict(pp_size=2),
+    "fsdp": dict(fsdp_size=2),
+    "fsdp_ep": dict(fsdp_size=2, ep_size=2),
+}
+# the FP8 checkpoint under expert and tensor parallelism (`tp_plan="auto"`: tp_size = world size)
+FP8_LAYOUTS = {"tp": dict(tp_plan="auto"), "tp_ep_all_reduce": LAYOUTS["tp_ep_all_reduce"],
+               "fsdp_ep": LAYOUTS["fsdp_ep"]}
+# FP8 dims that split into whole 128-blocks over 2 ranks: 8 heads of 32 + 32 (q_b 512 rows, kv_b 512, o_proj 256
+# columns), MLP and expert widths 256
+FP8_SHAPE = dict(hidden_size=128, q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32,
+                 v_head_dim=32, num_attention_heads=8, intermediate_size=256, moe_intermediate_size=256,
+                 n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, num_hidden_layers=2,
+                 first_k_dense_replace=1, num_nextn_predict_layers=1)
+NEW_TOKENS = 6
+TRAINER_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Checkpoints, inputs, and what one process computes from them."""
+    root = tmp_path_factory.mktemp("parallel")
+    torch.manual_seed(0)
+    model = spread_routing(random_model(tiny_config(num_nextn_predict_layers=1)))
+    model.save_pretrained(root / "mtp")
+    spread_routing(random_model(tiny_config(**FP8_SHAPE))).save_pretrained(root / "fp8_source")
+    convert_checkpoint(root / "fp8_source", root / "fp8", "bf16-to-fp8")
+    # a dense MLP 128 wide: 64 rows per rank would split its 128-row scale blocks
+    random_model(tiny_config(**FP8_SHAPE | dict(intermediate_size=128))).save_pretrained(root / "fp8_split_source")
+    convert_checkpoint(root / "fp8_split_source", root / "fp8_split", "bf16-to-fp8")
+
+    ids = random_ids(model.config, 2, 7)
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = model.config.pad_token_id, 0  # left padding
+    inputs = dict(ids=ids, mask=mask, train_ids=random_ids(model.config, 4, 12))
+    torch.save(inputs, root / "inputs.pt")
+    folders = {name: str(root / name) for name in ("mtp", "fp8", "fp8_split")} | {"inputs": str(root / "inputs.pt")}
+
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    generation = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    greedy = model.generate(ids, **generation)
+    assert torch.equal(model.generate(ids, use_mtp=True, **generation), greedy)
+    fp8 = DeepseekV3ForCausalLM.from_pretrained(root / "fp8", dtype=torch.float32)
+    with torch.no_grad():
+        fp8_logits = fp8(ids, attention_mask=mask).logits
+    training = {path: training_step(load(folders["mtp"], mla_attention_path=path), inputs["train_ids"])
+                for path in ("expanded", "absorbed")}
+    loaded = routing_biases(model)
+    assert any(not torch.equal(bias, loaded[name]) for name, bias in training["expanded"]["biases"].items())
+    trainer = run_trainer(load(folders["mtp"]), inputs["train_ids"], root / "trainer")
+    return dict(folders=folders, inputs=inputs, logits=logits, greedy=greedy, fp8_logits=fp8_logits,
+                training=training, trainer=trainer)
+
+
+def load(folder: str, layout: dict | None = None, **config) -> DeepseekV3ForCausalLM:
+    distributed = None if layout is None else DistributedConfig(**layout)
+    return DeepseekV3ForCausalLM.from_pretrained(folder, distributed_config=distributed, dtype=torch.float32, **config)
+
+
+def training_step(model: DeepseekV3ForCausalLM, ids: torch.Tensor) -> dict:
+    """A forward and backward of this rank's share of the global batch `ids`, scaled so that the gradients are the
+    global batch's (the loss is a sum over tokens divided by the global count, as under Trainer, and FSDP averages
+    gradients over the data-parallel ranks); then the routing-bias update."""
+    model.train()
+    group = data_parallel_group(getattr(model.config, "distributed_config", None))
+    ranks = dist.get_world_size(group) if group is not None else 1
+    local = ids.chunk(ranks)[dist.get_rank(group) if group is not None else 0]
+    output = model(local, labels=local, num_items_in_batch=(ids[:, 1:] != -100).sum())
+    (output.loss * ranks).backward()
+    loss = output.loss.detach()
+    if ranks > 1:
+        dist.all_reduce(loss, group=group)
+    grads = {name: full(p.grad) for name, p in model.named_parameters() if p.grad is not None}
+    loads = model.update_routing_bias()
+    return dict(loss=loss, grads=grads, loads=loads, biases=routing_biases(model))
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def routing_biases(model) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")}
+
+
+def run_trainer(model: DeepseekV3ForCausalLM, ids: torch.Tensor, out) -> dict:
+    """`DeepseekV3Trainer` with SGD over the rows of `ids`, a global batch of 4 split over the data-parallel ranks."""
+    distributed = getattr(model.config, "distributed_config", None)
+    ranks = 1 if distributed is None else distributed.dp_size
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4 // ranks, max_steps=TRAINER_STEPS,
+                             logging_steps=1, learning_rate=0.1, optim="sgd", report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = DeepseekV3Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids])
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return dict(logs=logs, biases=routing_biases(model))
+
+
+def layout_worker(rank: int, name: str, folders: dict[str, str], out: str) -> None:
+    inputs = torch.load(folders["inputs"])
+    ids, mask = inputs["ids"], inputs["mask"]
+    model = load(folders["mtp"], LAYOUTS[name])
+    results = {}
+    with torch.no_grad():
+        results["logits"] = model(ids, attention_mask=mask).logits
+    generation = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    results["greedy"] = model.generate(ids, **generation)
+    results["speculative"] = model.generate(ids, use_mtp=True, **generation)
+    model.save_pretrained(f"{out}/saved")
+    if name != "pp":  # transformers' pipeline parallelism is for inference
+        results["training"] = training_step(model, inputs["train_ids"])
+    if name == "tp":  # the absorbed path's latent gradient, summed over the head shards
+        absorbed = load(folders["mtp"], LAYOUTS[name], mla_attention_path="absorbed")
+        results["training_absorbed"] = training_step(absorbed, inputs["train_ids"])
+        try:
+            load(folders["fp8_split"], LAYOUTS[name])
+        except ValueError as error:
+            results["fp8_split_error"] = str(error)
+    if name == "fsdp":
+        results["trainer"] = run_trainer(load(folders["mtp"], LAYOUTS[name]), inputs["train_ids"], f"{out}/trainer")
+    if name in FP8_LAYOUTS:
+        with torch.no_grad():
+            results["fp8_logits"] = load(folders["fp8"], FP8_LAYOUTS[name])(ids, attention_mask=mask).logits
+    torch.save(results, f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_equals_one_process(reference, tmp_path, name):
+    run_ranks(layout_worker, name, reference["folders"], str(tmp_path))
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(results["logits"], reference["logits"], rtol=0, atol=1e-5)
+        assert torch.equal(results["greedy"], reference["greedy"])
+        assert torch.equal(results["speculative"], reference["greedy"])
+        if name != "pp":
+            check_training(results["training"], reference["training"]["expanded"])
+        if name == "tp":
+            check_training(results["training_absorbed"], reference["training"]["absorbed"])
+            assert "shards FP8 weights in whole 128-wide scale blocks" in results["fp8_split_error"]
+            assert "mlp.gate_proj.weight has 128 rows" in results["fp8_split_error"]
+        if name == "fsdp":
+            check_trainer(results["trainer"], reference["trainer"])
+        if name in FP8_LAYOUTS:  # FP8 weights are dequantised exactly on CPU: as close as fp32 logits
+            torch.testing.assert_close(results["fp8_logits"], reference["fp8_logits"], rtol=0, atol=1e-5)
+
+    # the sharded save wrote exactly the single-process checkpoint: official keys, MTP copies, the same tensors
+    saved, source = load_file(tmp_path / "saved" / "model.safetensors"), load_file(f"{reference['folders']['mtp']}"
+                                                                                 "/model.safetensors")
+    assert saved.keys() == source.keys()
+    assert all(torch.equal(saved[key], source[key]) for key in source)
+    ids, mask = reference["inputs"]["ids"], reference["inputs"]["mask"]
+    for cls in (DeepseekV3ForCausalLM, BuiltinDeepseekV3ForCausalLM):
+        with torch.no_grad():
+            logits = cls.from_pretrained(tmp_path / "saved", dtype=torch.float32)(ids, attention_mask=mask).logits
+        torch.testing.assert_close(logits, reference["logits"], rtol=0, atol=1e-5)
+
+
+def check_training(results: dict, expected: dict) -> None:
+    torch.testing.assert_close(results["loss"], expected["loss"], rtol=1e-6, atol=0)
+    assert results["grads"].keys() == expected["grads"].keys()
+    for name, grad in expected["grads"].items():
+        torch.testing.assert_close(results["grads"][name], grad, rtol=0, atol=1e-6, msg=name)
+    # the token counts are the global batch's (a rank sharing its batch does not count it twice), so the biases
+    # take the same steps
+    assert all(torch.equal(results["loads"][name], load) for name, load in expected["loads"].items())
+    assert all(torch.equal(results["biases"][name], bias) for name, bias in expected["biases"].items())
+
+
+def check_trainer(results: dict, expected: dict) -> None:
+    assert len(results["logs"]) == len(expected["logs"]) == TRAINER_STEPS
+    for log, single in zip(results["logs"], expected["logs"]):
+        # the loss and the balance metrics are averaged over the data-parallel ranks
+        for key in ("loss", "balance_loss", "mtp_1_loss"):
+            assert log[key] == pytest.approx(single[key], rel=1e-5), key
+        assert log["expert_load_max_over_mean"] == single["expert_load_max_over_mean"]
+    assert all(torch.equal(results["biases"][name], bias) for name, bias in expected["biases"].items())
+
+
+@pytest.mark.parametrize("overrides", [dict(num_nextn_predict_layers=1), dict(q_lora_rank=None, n_shared_experts=0),
+                                       dict(quantization_config=OFFICIAL_QUANTIZATION, num_nextn_predict_layers=2)],
+                         ids=["mtp", "no-q-lora-no-shared", "fp8-mtp"])
+def test_every_plan_rule_names_a_module_or_parameter(overrides):
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(tiny_config(**overrides))
+    names = {re.sub(r"\.\d+(?=\.|$)", ".*", name) for name, _ in (*model.named_modules(), *model.named_parameters())}
+    for plan in (model.tp_plan, model.ep_plan, model.fsdp_plan):
+        assert plan.keys() <= names, sorted(plan.keys() - names)
+    # every routed-expert tensor, FP8 scales included, is sharded by the expert-parallel plan
+    experts = {name for name in names if ".mlp.experts." in name}
+    assert experts and experts <= model.ep_plan.keys()
+    mtp_rules = [name for name in model.tp_plan if name.startswith("mtp.*.block.self_attn")]
+    assert len(mtp_rules) == (4 if model.config.num_nextn_predict_layers else 0)  # the blocks' attention by heads
+
+
+def test_dispatch_traffic_counts_copies_per_expert_and_per_destination():
+    indices = torch.tensor([[0, 1, 4, 5], [0, 2, 3, 1]])  # destinations of 2 experts: [0, 0, 2, 2], [0, 1, 1, 0]
+    traffic = dispatch_traffic(indices, experts_per_destination=2, source=torch.tensor([0, 1]), token_bytes=10)
+    # token 0 from destination 0 sends 2 copies to destination 2; token 1 from 1 sends 2 copies to destination 0
+    assert (traffic.per_expert, traffic.per_destination, traffic.max_destinations) == (20.0, 10.0, 1)
+    with pytest.raises(ValueError, match="expected indices"):
+        dispatch_traffic(indices, 2, torch.tensor([0]), 10)
+
+
+def test_node_limited_routing_bounds_the_destinations_a_token_reaches():
+    """With a routing group per destination, a token reaches at most topk_group destinations other than its own,
+    and (with a dispatch once per destination) moves fewer bytes than without the group limit."""
+    torch.manual_seed(0)
+    hidden = torch.randn(512, 64)
+    reached = {}
+    for topk_group in (2, 4):
+        router = TopkRouter(tiny_config(n_routed_experts=16, n_group=4, topk_group=topk_group, num_experts_per_tok=4))
+        with torch.no_grad():
+            router.weight.normal_(0, 0.5)
+            router.e_score_correction_bias.zero_()
+            indices = router(hidden).indices
+        reached[topk_group] = dispatch_traffic(indices, 4, torch.arange(512) % 4, 1.0)
+    assert reached[2].max_destinations <= 2 < reached[4].max_destinations
+    assert reached[2].per_destination < reached[4].per_destination
