@@ -29,9 +29,9 @@ from .configuration import DeepseekV3Config
 from .fp8 import FP8Linear, dense_weight, fp8_format, make_linear
 from .kernels import mla_decode, mla_decode_ref
 from .layers import RMSNorm
-from .parallel import local_shards, sum_gradient_over_head_shards
 from .private_api import attention_implementation, has_forward_hooks
 from .rope import apply_rope, softmax_scale
+from .shards import local_shards, sum_gradient_over_head_shards
 
 if TYPE_CHECKING:
     from .paged_attention import PagedBatch

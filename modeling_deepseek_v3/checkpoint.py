@@ -31,7 +31,6 @@ from transformers.utils import logging
 from .dtypes import fp32_kept_tensor_names
 from .moe import RoutedExperts
 from .mtp import mtp_layer_index
-from .parallel import find_tensor, gather_pipeline_stages, held_by_other_stage, owned_rows
 from .private_api import (
     finalize_model_loading,
     ignore_unexpected_keys,
@@ -41,6 +40,7 @@ from .private_api import (
     set_weight_conversions,
     weight_conversions,
 )
+from .shards import find_tensor, gather_pipeline_stages, held_by_other_stage, owned_rows
 
 logger = logging.get_logger(__name__)
 
