@@ -102,6 +102,28 @@ def check_causal_lm_inputs(
         values.run()
 
 
+def refuse_a_loss_computed_elsewhere(config: Any, mtp_active: bool) -> None:
+    """A training forward given `num_items_in_batch` without labels: Trainer calls the model that way when it computes
+    the loss from the logits itself (`label_smoothing_factor > 0`, a `compute_loss_func`). The terms only the model can
+    compute would silently leave the objective.
+
+    Raises:
+        ValueError: when the objective has an MTP term (`mtp_active`) or a balance term (`seq_balance_loss_alpha`).
+    """
+    dropped = []
+    if mtp_active:
+        dropped.append(f"the MTP loss (use_mtp_modules, num_nextn_predict_layers={config.num_nextn_predict_layers})")
+    if config.seq_balance_loss_alpha > 0:
+        dropped.append(f"the sequence-wise balance loss (seq_balance_loss_alpha={config.seq_balance_loss_alpha})")
+    if dropped:
+        raise ValueError(
+            "this training forward got num_items_in_batch but no labels: the loss is computed outside the model "
+            "(Trainer does so with label_smoothing_factor > 0 or a compute_loss_func), which would leave out "
+            + " and ".join(dropped) + ". Train with label_smoothing_factor=0 and without compute_loss_func, or "
+            "switch those terms off (use_mtp_modules=False, seq_balance_loss_alpha=0)"
+        )
+
+
 def reads_back(s: int, device: torch.device) -> bool:
     """Whether value checks may read the inputs back to the host (see the module docstring)."""
     return not torch.compiler.is_compiling() and (s > 1 or device.type == "cpu")

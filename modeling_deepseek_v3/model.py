@@ -25,17 +25,16 @@ from .balancing import ExpertBalance, RoutingLog
 from .cache import MLACache
 from .checkpoint import CheckpointMixin, layer_prefix
 from .configuration import DeepseekV3Config
-from .configuration.parallel_plans import mtp_plan
 from .continuous_batching import ContinuousBatchingMixin, paged_batch
 from .fp8 import FP8Linear, fp8_format, init_fp8_weight
 from .generation import MTPGenerationMixin
-from .inputs import IGNORE_INDEX, check_causal_lm_inputs, check_model_inputs
+from .inputs import IGNORE_INDEX, check_causal_lm_inputs, check_model_inputs, refuse_a_loss_computed_elsewhere
 from .layers import MLP, RMSNorm
 from .metrics import TrainingMetrics
 from .moe import MoE, RoutedExperts, TopkRouter
 from .mtp import MTPLayer, mtp_layer_index, mtp_objective
 from .outputs import DeepseekV3CausalLMOutput, LayerOutputs, OutputRequest
-from .parallel import data_parallel_group, distribute_model
+from .parallel import CausalLMParallelPlans, data_parallel_group, distribute_model
 from .private_api import attention_implementation
 from .rope import RotaryEmbedding, rope_frequencies
 
@@ -244,26 +243,20 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         return recorded.model_output(hidden_states, cache if use_cache else None, router_logits)
 
 
-class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, DeepseekV3PreTrainedModel):
-    """DeepSeek-V3 with its output head and its `num_nextn_predict_layers` MTP modules (`mtp`, see `mtp.py`).
-
-    The MTP modules are built whenever `num_nextn_predict_layers > 0`, so their weights load and save with the
-    model; `config.use_mtp_modules` switches their computation (training loss, speculative decoding) on or off.
-    Training forwards feed `expert_balance`, which moves the routing biases after every optimizer step.
-    """
+class DeepseekV3ForCausalLM(
+    ContinuousBatchingMixin, MTPGenerationMixin, CausalLMParallelPlans, DeepseekV3PreTrainedModel
+):
+    """DeepSeek-V3 with its output head and its `num_nextn_predict_layers` MTP modules (`mtp.py`), built whenever
+    D > 0 so that they load and save; `config.use_mtp_modules` switches their computation on or off. Training forwards
+    feed `expert_balance`, which moves the routing biases after every optimizer step."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    # the head's parallel plans (transformers' distributed engine); the decoder's come from the config
-    _tp_plan = {"lm_head": "colwise_gather_output"}
-    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
-    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__(config)
         self.model = DeepseekV3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # Module k's block is a MoE decoder layer with the index (and cache slot) mtp_layer_index(L, k); kept apart
-        # from model.layers, which the main forward runs through.
+        # module k's block: a MoE decoder layer with the index (and cache slot) mtp_layer_index(L, k), not in layers
         self.mtp = nn.ModuleList(
             MTPLayer(config, DeepseekV3DecoderLayer(config, mtp_layer_index(config.num_hidden_layers, k)))
             for k in range(1, config.num_nextn_predict_layers + 1)
@@ -276,13 +269,6 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
     def mtp_active(self) -> bool:
         """Whether the MTP modules are computed: built (`num_nextn_predict_layers > 0`) and `use_mtp_modules`."""
         return self.has_mtp_modules and self.config.use_mtp_modules
-
-    def init_parallel_plans(self) -> None:
-        super().init_parallel_plans()
-        # the MTP modules are this class's children, so their rules are its own: a block gets a decoder layer's
-        self.tp_plan = self.tp_plan | mtp_plan(self.config, "tp")
-        self.ep_plan = self.ep_plan | mtp_plan(self.config, "ep")
-        self.fsdp_plan = self.fsdp_plan | mtp_plan(self.config, "fsdp")
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -303,21 +289,17 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
     ) -> DeepseekV3CausalLMOutput | tuple:
         """
         Args:
-            labels: `[b, s]` next-token targets (unshifted, -100 ignored); the loss is normalised by
-                `num_items_in_batch` when Trainer passes it. With active MTP modules (`mtp_active`) and
-                `s >= num_nextn_predict_layers + 2`, `loss = main + mtp_loss_weight / D · Σ_k CE_k` (`mtp_objective`).
-            output_hidden_states, output_attentions, output_router_logits, return_dict: as for `DeepseekV3Model`.
-            logits_to_keep: compute logits for the last `n` positions only (0 = all), or for the given indices.
+            labels: `[b, s]` unshifted next-token targets (-100 ignored), the loss normalised by Trainer's
+                `num_items_in_batch`. With active MTP modules and `s >= D + 2`: `loss = main + mtp_loss_weight / D ·
+                Σ_k CE_k` (`mtp_objective`). The output flags are `DeepseekV3Model`'s.
+            logits_to_keep: logits for the last `n` positions only (0 = all), or for the given indices.
 
         Returns:
-            `DeepseekV3CausalLMOutput` with `loss`, `logits` `[b, s', vocab]`, `cache`, what was asked, the
-            `balance_loss` of a training forward, and with labels `mtp_losses` / `mtp_accuracies` `[D]`; or its tuple
-            (loss first) with `return_dict=False`.
+            `DeepseekV3CausalLMOutput` (`loss`, `logits`, `cache`, what was asked, a training forward's `balance_loss`,
+            with labels `mtp_losses` / `mtp_accuracies` `[D]`), or its tuple with `return_dict=False`.
 
         Raises:
-            ValueError: on bad inputs (`check_causal_lm_inputs`), and for a training forward given
-                `num_items_in_batch` without `labels` while the objective has MTP or balance terms: the caller computes
-                the loss itself (Trainer with `label_smoothing_factor` or `compute_loss_func`) and would drop them.
+            ValueError: on bad inputs (`inputs.py`), or a loss computed outside the model that would drop terms.
         """
         check_causal_lm_inputs(input_ids, inputs_embeds, labels, logits_to_keep, self.config.vocab_size)
         asked = OutputRequest.resolve(self.config, output_hidden_states, output_attentions, output_router_logits,
@@ -325,7 +307,7 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
         # a training forward that will produce gradients feeds the expert balancing (token counts, balance loss)
         recording = self.training and torch.is_grad_enabled()
         if recording and labels is None and kwargs.get("num_items_in_batch") is not None:
-            self._refuse_a_loss_computed_elsewhere()
+            refuse_a_loss_computed_elsewhere(self.config, self.mtp_active)
         log = RoutingLog(recording, self.config.seq_balance_loss_alpha, keep_router_logits=asked.router_logits)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
@@ -366,36 +348,11 @@ class DeepseekV3ForCausalLM(ContinuousBatchingMixin, MTPGenerationMixin, Deepsee
             mtp_losses=None if mtp is None else mtp.losses, mtp_accuracies=None if mtp is None else mtp.accuracies,
         ))
 
-    def _refuse_a_loss_computed_elsewhere(self) -> None:
-        """A loss normaliser without labels: Trainer calls the model that way when it computes the loss from the
-        logits itself. The terms only the model can compute would silently leave the objective."""
-        dropped = []
-        if self.mtp_active:
-            dropped.append(f"the MTP loss (use_mtp_modules, num_nextn_predict_layers={len(self.mtp)})")
-        if self.config.seq_balance_loss_alpha > 0:
-            alpha = self.config.seq_balance_loss_alpha
-            dropped.append(f"the sequence-wise balance loss (seq_balance_loss_alpha={alpha})")
-        if dropped:
-            raise ValueError(
-                "this training forward got num_items_in_batch but no labels: the loss is computed outside the model "
-                "(Trainer does so with label_smoothing_factor > 0 or a compute_loss_func), which would leave out "
-                + " and ".join(dropped) + ". Train with label_smoothing_factor=0 and without compute_loss_func, or "
-                "switch those terms off (use_mtp_modules=False, seq_balance_loss_alpha=0)"
-            )
-
     def update_routing_bias(self, group=None) -> dict[str, torch.Tensor]:
-        """The auxiliary-loss-free balancing step: every MoE layer's `e_score_correction_bias` moves by
-        `±routing_bias_update_speed` towards balance, from the tokens routed in training forwards since the last
-        call (all-reduced over `group` under `torch.distributed`: every rank must call it). It runs by itself after
-        every optimizer step (`routing_bias_auto_update`); call it yourself only with that switched off.
-
-        The bias belongs to its router: a layer whose router weight is frozen (`requires_grad=False`, as in the base
-        model of a LoRA run) keeps its bias, with a warning, so that the frozen base model plus what was trained
-        reproduce the trained model.
-
-        `group` defaults to the data-parallel ranks of a model loaded with a `distributed_config` (one rank per
-        distinct batch: ranks that share a batch under tensor or expert parallelism count it once), and to all
-        ranks otherwise (DDP).
+        """The auxiliary-loss-free balancing step (docs/training.md): each MoE layer's `e_score_correction_bias` moves
+        by `±routing_bias_update_speed` towards balance, from the tokens routed in training forwards since the last
+        call, summed over `group` (default: the data-parallel ranks; every rank must call it). It runs by itself after
+        every optimizer step (`routing_bias_auto_update`). A frozen router keeps its bias, with a warning.
 
         Returns:
             `{layer name: load [E] int64}`, the tokens each expert received during the step.

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers.utils import logging
 
+from .configuration.parallel_plans import mtp_plan
 from .fp8 import FP8Linear
 from .moe import RoutedExperts
 from .private_api import (
@@ -35,6 +36,21 @@ from .private_api import (
 )
 
 logger = logging.get_logger(__name__)
+
+
+class CausalLMParallelPlans:
+    """The causal LM's own parallel plans, beside the decoder's from the config: the head, and the MTP modules (its
+    children), whose blocks get a decoder layer's rules (`configuration/parallel_plans.mtp_plan`)."""
+
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
+
+    def init_parallel_plans(self) -> None:
+        super().init_parallel_plans()
+        self.tp_plan = self.tp_plan | mtp_plan(self.config, "tp")
+        self.ep_plan = self.ep_plan | mtp_plan(self.config, "ep")
+        self.fsdp_plan = self.fsdp_plan | mtp_plan(self.config, "fsdp")
 
 
 def distribute_model(model: nn.Module, distributed_config, mesh_manager, apply):
