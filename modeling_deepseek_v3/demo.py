@@ -296,11 +296,22 @@ def run_demo(
     )
     trainer.train()
 
-    eval_loss = trainer.evaluate()["eval_loss"]
+    # perplexity is the main model's (the next token): the evaluation runs without the MTP term of the objective
+    model.config.use_mtp_modules = False
+    try:
+        eval_loss = trainer.evaluate()["eval_loss"]
+    finally:
+        model.config.use_mtp_modules = True
     perplexity = math.exp(min(eval_loss, 50.0))
-    print(f"[demo] eval loss {eval_loss:.4f}, perplexity {perplexity:.2f}")
+    print(f"[demo] held-out next-token loss {eval_loss:.4f}, perplexity {perplexity:.2f}")
 
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    mtp_weight = config.mtp_loss_weight / MTP_MODULES
+    curves = {  # the logged loss is the whole objective: main + λ/D·Σ_k MTP_k + balance
+        "training objective": [e["loss"] for e in logged],
+        "next token (main)": [e["loss"] - mtp_weight * e["mtp_1_loss"] - e.get("balance_loss", 0.0) for e in logged],
+        "MTP depth 1": [e["mtp_1_loss"] for e in logged],
+    }
     loads = {layer: torch.stack([step[layer] for step in balance.history]) for layer in balance.history[0]}
     plots = [out / "loss.png", out / "expert_load.png"]
     model.config.use_cache = True
@@ -310,7 +321,7 @@ def run_demo(
     _save_replacing(out, previous, [
         model.save_pretrained,
         tokenizer.save_pretrained,
-        lambda _: plot_losses([e["step"] for e in logged], [e["loss"] for e in logged], eval_loss, plots[0]),
+        lambda _: plot_losses([e["step"] for e in logged], curves, eval_loss, "held-out next token", plots[0]),
         lambda _: plot_expert_load(loads, plots[1], f"expert load per MoE layer, {steps} steps, routing-bias update "
                                    f"γ = {config.routing_bias_update_speed}"),
     ])

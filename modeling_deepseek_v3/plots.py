@@ -21,13 +21,15 @@ def _pyplot():
     return plt
 
 
-def plot_losses(steps: list[int], losses: list[float], eval_loss: float | None, path: str | Path) -> Path:
-    """The training loss at each logged step, and the final held-out loss as one marker."""
+def plot_losses(steps: list[int], curves: dict[str, list[float]], eval_loss: float | None, eval_label: str,
+                path: str | Path) -> Path:
+    """Training losses at each logged step (`{label: values}`), and the final held-out loss as one marker."""
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(steps, losses, label="training loss")
+    for label, values in curves.items():
+        ax.plot(steps, values, label=label)
     if eval_loss is not None:
-        ax.scatter([steps[-1]], [eval_loss], color="tab:red", zorder=3, label=f"held-out loss {eval_loss:.3f}")
+        ax.scatter([steps[-1]], [eval_loss], color="tab:red", zorder=3, label=f"{eval_label} {eval_loss:.3f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.legend()
