@@ -40,13 +40,16 @@ class TrainingMetrics:
                 with the same metrics recorded (e.g. the data-parallel ranks, each training on its own batch).
         """
         names = sorted(self._sums)
-        sums = torch.stack([self._sums[name] for name in names]) if names else torch.zeros(0)
-        counts = torch.tensor([float(self._counts[name]) for name in names], device=sums.device)
-        if distributed and dist.is_initialized() and dist.get_world_size(group) > 1:
+        if names and distributed and dist.is_initialized() and dist.get_world_size(group) > 1:
+            device = self._sums[names[0]].device  # a model split over devices records on each: one for the collective
+            sums = torch.stack([self._sums[name].to(device) for name in names])
+            counts = torch.tensor([float(self._counts[name]) for name in names], device=device)
             totals = torch.cat([sums, counts])  # one collective for all metrics
             dist.all_reduce(totals, group=group)
             sums, counts = totals.split(len(names))
-        means = dict(zip(names, (sums / counts).tolist()))
+            means = dict(zip(names, (sums / counts).tolist()))
+        else:
+            means = {name: (self._sums[name] / self._counts[name]).item() for name in names}
         self._sums.clear()
         self._counts.clear()
         return means

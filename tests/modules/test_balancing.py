@@ -431,3 +431,12 @@ def test_a_step_that_fp16_loss_scaling_skips_leaves_the_bias_and_drops_its_count
     assert fp16_loop(clean, batches[1:], init_scale=64.0) == [64.0, 64.0]
     assert all(torch.equal(a, b) for a, b in zip(biases(skipping), biases(clean)))
     assert bias_steps(before, biases(skipping)).abs().max() == 2  # two steps of ±γ, none for the skipped one
+
+
+def test_training_metrics_average_each_name_and_forget_them():
+    metrics = TrainingMetrics()
+    metrics.add("loss", torch.tensor(1.0))
+    metrics.add("loss", 2.0)  # a float beside tensors
+    metrics.add_each("mtp_{}_loss", torch.tensor([3.0, 5.0]))
+    assert metrics.pop(distributed=True) == {"loss": 1.5, "mtp_1_loss": 3.0, "mtp_2_loss": 5.0}  # one process
+    assert metrics.pop(distributed=True) == {}
