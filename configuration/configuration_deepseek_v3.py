@@ -236,6 +236,13 @@ class DeepseekV3Config(PreTrainedConfig):
         )
         self.validate_fields()
 
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether decoder layer `layer_idx` has a MoE FFN (else a dense MLP); the MTP modules' blocks
+        (`layer_idx >= num_hidden_layers`) always do."""
+        if layer_idx >= self.num_hidden_layers:
+            return True
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
     @property
     def base_model_tp_plan(self) -> dict[str, str]:
         """Tensor-parallel plan of `DeepseekV3Model` for transformers' distributed engine (`parallel_plans.py`)."""

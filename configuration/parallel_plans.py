@@ -28,9 +28,10 @@ def _fp8(config) -> bool:
     return config.fp8_quantization_config is not None
 
 
-def decoder_layer_tp_plan(config, dense_mlp: bool) -> dict[str, str]:
-    """Tensor-parallel rules of decoder layers, relative to one (`self_attn.q_b_proj`, ...); `dense_mlp`: whether
-    some of them have a dense MLP. Only modules the configuration builds are named, so that no rule matches nothing."""
+def decoder_layer_tp_plan(config, dense_mlp: bool, moe: bool) -> dict[str, str]:
+    """Tensor-parallel rules of decoder layers, relative to one (`self_attn.q_b_proj`, ...); `dense_mlp`, `moe`:
+    whether some of them have a dense MLP, a MoE FFN. Only modules the configuration builds are named, so that no rule
+    matches nothing."""
     query = "self_attn.q_proj" if config.q_lora_rank is None else "self_attn.q_b_proj"
     plan = {
         query: COLWISE,  # whole heads: the attention uses the local head count
@@ -40,6 +41,8 @@ def decoder_layer_tp_plan(config, dense_mlp: bool) -> dict[str, str]:
     }
     if dense_mlp:
         plan |= {f"mlp.{name}": style for name, style in MLP_PROJECTIONS.items()}
+    if not moe:
+        return plan
     if config.n_shared_experts > 0:
         plan |= {f"mlp.shared_experts.{name}": style for name, style in MLP_PROJECTIONS.items()}
     # stacked [E, rows, cols]: column-wise splits the rows (dim 1), row-wise the columns (dim 2), and so their scales
@@ -59,12 +62,14 @@ def decoder_layer_ep_plan(config) -> dict[str, str]:
 
 
 def base_model_tp_plan(config) -> dict[str, str]:
-    dense_mlp = config.first_k_dense_replace > 0 or config.moe_layer_freq > 1
-    return {"embed_tokens": "embedding_rowwise", **_on_layers(decoder_layer_tp_plan(config, dense_mlp))}
+    kinds = {config.is_moe_layer(i) for i in range(config.num_hidden_layers)}
+    plan = decoder_layer_tp_plan(config, dense_mlp=False in kinds, moe=True in kinds)
+    return {"embed_tokens": "embedding_rowwise", **_on_layers(plan)}
 
 
 def base_model_ep_plan(config) -> dict[str, str]:
-    return _on_layers(decoder_layer_ep_plan(config))
+    moe = any(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    return _on_layers(decoder_layer_ep_plan(config)) if moe else {}
 
 
 # the decoder layers and the final norm, as transformers' default; `embed_tokens` is its own unit too
@@ -83,7 +88,8 @@ def mtp_plan(config, kind: str) -> dict[str, str]:
         return {}
     if kind == "tp":
         # a block is always a MoE layer
-        return {"mtp.*.eh_proj": "rowwise_split_input", **_on_blocks(decoder_layer_tp_plan(config, dense_mlp=False))}
+        block = decoder_layer_tp_plan(config, dense_mlp=False, moe=True)
+        return {"mtp.*.eh_proj": "rowwise_split_input", **_on_blocks(block)}
     if kind == "ep":
         return _on_blocks(decoder_layer_ep_plan(config))
     if kind == "fsdp":

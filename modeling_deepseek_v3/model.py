@@ -39,19 +39,11 @@ from .private_api import attention_implementation
 from .rope import RotaryEmbedding, rope_frequencies
 
 
-def is_moe_layer(config: DeepseekV3Config, layer_idx: int) -> bool:
-    """Whether decoder layer `layer_idx` has a MoE FFN; the MTP modules' blocks (`layer_idx >= num_hidden_layers`)
-    always do."""
-    if layer_idx >= config.num_hidden_layers:
-        return True
-    return layer_idx >= config.first_k_dense_replace and layer_idx % config.moe_layer_freq == 0
-
-
 class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = MultiHeadLatentAttention(config, layer_idx)
-        if is_moe_layer(config, layer_idx):
+        if config.is_moe_layer(layer_idx):
             self.mlp = MoE(config, layer_idx)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, fp8_format(config))

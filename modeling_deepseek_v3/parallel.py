@@ -58,9 +58,12 @@ def distribute_model(model: nn.Module, distributed_config, mesh_manager, apply):
     before it and its pipeline stages (`run_pipeline_stages`) after it."""
     if mesh_manager is None:
         return apply(model, distributed_config, mesh_manager)
+    check_pipeline_layout(model, distributed_config)
     tp_plan = model.tp_plan | (distributed_config.tp_plan if isinstance(distributed_config.tp_plan, dict) else {})
     if distributed_config.tp_size > 1:
-        check_tensor_parallel_layout(model, tp_plan, distributed_config.tp_size)
+        # expert parallelism takes precedence over the experts' tensor-parallel rules
+        experts_split = distributed_config.ep_size == 1
+        check_tensor_parallel_layout(model, tp_plan, distributed_config.tp_size, experts_split)
     if distributed_config.ep_size > 1:
         check_expert_parallel_layout(model.config, distributed_config.ep_size)
     run_fp8_linears_on_local_shards(model)
@@ -80,10 +83,31 @@ def run_fp8_linears_on_local_shards(model: nn.Module) -> None:
             run_on_local_shards_under_tensor_parallelism(module)
 
 
-def check_tensor_parallel_layout(model: nn.Module, tp_plan: dict[str, str], tp_size: int) -> None:
+def check_pipeline_layout(model: nn.Module, distributed_config) -> None:
+    """Raise a `ValueError` for a pipeline layout that cannot run: combined with tensor parallelism (transformers
+    resolves the tensor-parallel plan before the pipeline replaces the layers other stages hold, then fails looking
+    them up), on a class without the causal LM's head (the stages broadcast the head's logits), or with a stage
+    without a decoder layer. transformers itself refuses pipelines with FSDP or with expert dispatch."""
+    pp = distributed_config.pp_size
+    if pp <= 1:
+        return
+    if distributed_config.tp_size > 1:
+        raise ValueError(f"pp_size={pp} with tp_size={distributed_config.tp_size}: pipeline and tensor parallelism "
+                         "cannot be combined for DeepSeek-V3; use one of them")
+    if not hasattr(model, "lm_head"):
+        raise ValueError(f"pp_size={pp}: pipeline parallelism runs DeepseekV3ForCausalLM only, not "
+                         f"{type(model).__name__}")
+    if pp > model.config.num_hidden_layers:
+        raise ValueError(f"pp_size={pp} is more than num_hidden_layers={model.config.num_hidden_layers}: every "
+                         "pipeline stage needs a decoder layer")
+
+
+def check_tensor_parallel_layout(model: nn.Module, tp_plan: dict[str, str], tp_size: int,
+                                 experts_split: bool = True) -> None:
     """Raise a `ValueError` before sharding if tensor parallelism would split an attention head (the attention of a
     rank runs whole heads) or an FP8 scale block (a rank's weight rows and columns must be whole blocks, so that its
-    scales are the scale rows and columns it holds)."""
+    scales are the scale rows and columns it holds). `experts_split`: whether the routed experts are split by
+    tensor parallelism (not under expert parallelism, which keeps them whole)."""
     heads = model.config.num_attention_heads
     if heads % tp_size and any(name.endswith(("q_proj", "q_b_proj")) for name in tp_plan):
         raise ValueError(f"tensor parallelism shards attention by heads: num_attention_heads = {heads} does not "
@@ -95,7 +119,7 @@ def check_tensor_parallel_layout(model: nn.Module, tp_plan: dict[str, str], tp_s
                 size = (module.out_features, module.in_features)[split]
                 _check_whole_blocks(f"{name}.weight", ("rows", "columns")[split], size, module.block_size[split],
                                     tp_size)
-        elif isinstance(module, RoutedExperts) and module.fp8 is not None:
+        elif isinstance(module, RoutedExperts) and module.fp8 is not None and experts_split:
             for projection in module.PROJECTIONS:
                 split = _split_dim(tp_plan, f"{name}.{projection}")
                 if split is not None:  # stacked [E, rows, cols]
@@ -158,12 +182,10 @@ def run_pipeline_stages(model: nn.Module, pp_mesh, embed: nn.Module) -> None:
     Every rank runs the same calls in the same order (as `generate` does), each stage computing its part.
     """
     stage = PipelineStage(pp_mesh)
-    base = getattr(model, model.base_model_prefix)
+    base = getattr(model, model.base_model_prefix, model)
     dtype = next(p.dtype for p in base.parameters() if p.is_floating_point() and p.element_size() > 1)
     remove_pipeline_forward_wrapper(model)  # the class's forward runs on every stage
     base.forward = _pipelined_decoder(base.forward, stage, base.config.hidden_size, dtype)
-    if not hasattr(model, "lm_head"):
-        return
     model.lm_head.forward = _head_on_last_stage(model.lm_head.forward, stage, dtype)
     if stage.pp_is_last_stage:
         base.embed_tokens = embed
@@ -172,8 +194,16 @@ def run_pipeline_stages(model: nn.Module, pp_mesh, embed: nn.Module) -> None:
             model.mtp[k] = _MTPPlaceholder()
 
 
+PER_LAYER_OUTPUTS = ("output_hidden_states", "output_attentions", "output_router_logits")
+
+
 def _pipelined_decoder(forward, stage: PipelineStage, hidden_size: int, dtype: torch.dtype):
     def run(input_ids=None, inputs_embeds=None, **kwargs):
+        # each stage runs only its own layers: per-layer outputs would silently cover part of the model
+        asked = [name for name in PER_LAYER_OUTPUTS if kwargs.get(name)]
+        if asked:
+            raise ValueError(f"{', '.join(f'{name}=True' for name in asked)}: not available under pipeline "
+                             "parallelism, where each stage runs only its own decoder layers")
         if not stage.pp_is_first_stage:  # the previous stage's hidden states stand in for the embeddings
             tokens = input_ids if inputs_embeds is None else inputs_embeds
             shape = (*tokens.shape[:2], hidden_size)
@@ -209,7 +239,9 @@ class _MTPPlaceholder(PipelineIdentityLayer):
         self.shared_head = _SharedHeadPlaceholder()
 
 
-_DATA_PARALLEL_GROUPS: dict[tuple[int, int, int], dist.ProcessGroup] = {}  # (pp, dp, tp) -> this rank's group
+# (default process group, pp, dp, tp) -> this rank's group: a new default group (after destroy_process_group and
+# init_process_group) gets new subgroups
+_DATA_PARALLEL_GROUPS: dict[tuple, dist.ProcessGroup] = {}
 
 
 def data_parallel_group(distributed_config) -> dist.ProcessGroup | None:
@@ -220,9 +252,10 @@ def data_parallel_group(distributed_config) -> dist.ProcessGroup | None:
         return None
     pp, tp = distributed_config.pp_size, distributed_config.tp_size
     dp = dist.get_world_size() // (pp * tp)
-    if (pp, dp, tp) not in _DATA_PARALLEL_GROUPS:
+    key = (dist.group.WORLD, pp, dp, tp)
+    if key not in _DATA_PARALLEL_GROUPS:
         # transformers lays the ranks out as a row-major (pp, dp_replicate, fsdp, tp) mesh
         # (`initialize_distributed_mesh`): a group varies the middle two coordinates
         ranks = [[(stage * dp + d) * tp + t for d in range(dp)] for stage in range(pp) for t in range(tp)]
-        _DATA_PARALLEL_GROUPS[pp, dp, tp], _ = dist.new_subgroups_by_enumeration(ranks)
-    return _DATA_PARALLEL_GROUPS[pp, dp, tp]
+        _DATA_PARALLEL_GROUPS[key], _ = dist.new_subgroups_by_enumeration(ranks)
+    return _DATA_PARALLEL_GROUPS[key]

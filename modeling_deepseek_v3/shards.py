@@ -107,4 +107,5 @@ def sum_gradient_over_head_shards(latent: torch.Tensor, kv_b_weight: torch.Tenso
     `kv_b_proj`'s column-wise style; the absorbed path reads the latent directly."""
     if not isinstance(kv_b_weight, DTensor) or not (torch.is_grad_enabled() and latent.requires_grad):
         return latent
-    return _SumGradient.apply(latent, kv_b_weight.device_mesh.get_group())
+    mesh = kv_b_weight.device_mesh  # the tensor-parallel mesh, or a dimension of a larger one
+    return _SumGradient.apply(latent, mesh.get_group("tp") if mesh.ndim > 1 else mesh.get_group())

@@ -25,7 +25,12 @@ from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer
 from modeling_deepseek_v3.convert import OFFICIAL_QUANTIZATION, convert_checkpoint
 from modeling_deepseek_v3.dispatch_traffic import dispatch_traffic
 from modeling_deepseek_v3.moe import TopkRouter
-from modeling_deepseek_v3.parallel import data_parallel_group
+from modeling_deepseek_v3.parallel import (
+    check_expert_parallel_layout,
+    check_pipeline_layout,
+    check_tensor_parallel_layout,
+    data_parallel_group,
+)
 
 from ..multiprocess import run_ranks
 from ..utils import random_ids, random_model, spread_routing, tiny_config
@@ -145,6 +150,11 @@ def layout_worker(rank: int, name: str, folders: dict[str, str], out: str) -> No
     model.save_pretrained(f"{out}/saved")
     if name != "pp":  # transformers' pipeline parallelism is for inference
         results["training"] = training_step(model, inputs["train_ids"])
+    else:
+        try:  # a stage runs only its own layers: per-layer outputs are refused
+            model(ids, attention_mask=mask, output_hidden_states=True)
+        except ValueError as error:
+            results["per_layer_output_error"] = str(error)
     if name == "tp":  # the absorbed path's latent gradient, summed over the head shards
         absorbed = load(folders["mtp"], LAYOUTS[name], mla_attention_path="absorbed")
         results["training_absorbed"] = training_step(absorbed, inputs["train_ids"])
@@ -171,6 +181,8 @@ def test_layout_equals_one_process(reference, tmp_path, name):
         assert torch.equal(results["speculative"], reference["greedy"])
         if name != "pp":
             check_training(results["training"], reference["training"]["expanded"])
+        else:
+            assert "output_hidden_states=True: not available under pipeline" in results["per_layer_output_error"]
         if name == "tp":
             check_training(results["training_absorbed"], reference["training"]["absorbed"])
             assert "shards FP8 weights in whole 128-wide scale blocks" in results["fp8_split_error"]
@@ -227,6 +239,39 @@ def test_every_plan_rule_names_a_module_or_parameter(overrides):
     assert experts and experts <= model.ep_plan.keys()
     mtp_rules = [name for name in model.tp_plan if name.startswith("mtp.*.block.self_attn")]
     assert len(mtp_rules) == (4 if model.config.num_nextn_predict_layers else 0)  # the blocks' attention by heads
+
+
+def test_layout_checks_refuse_what_cannot_be_split(caplog):
+    """Checked before anything is sharded: whole heads and whole FP8 blocks per tensor-parallel rank (the routed
+    experts only where tensor parallelism splits them, not under expert parallelism), whole experts per
+    expert-parallel rank, pipelines that can run."""
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(tiny_config(**FP8_SHAPE | dict(moe_intermediate_size=128, n_shared_experts=2),
+                                                  quantization_config=OFFICIAL_QUANTIZATION))
+    with pytest.raises(ValueError, match="num_attention_heads = 8 does not divide into tp_size = 3"):
+        check_tensor_parallel_layout(model, model.tp_plan, 3)
+    with pytest.raises(ValueError, match=r"experts\.gate_proj.*128 rows"):
+        check_tensor_parallel_layout(model, model.tp_plan, 2)
+    check_tensor_parallel_layout(model, model.tp_plan, 2, experts_split=False)  # whole experts: nothing to split
+    with pytest.raises(ValueError, match="n_routed_experts = 4 does not divide into ep_size = 3"):
+        check_expert_parallel_layout(model.config, 3)
+    with caplog.at_level("WARNING"):
+        check_expert_parallel_layout(tiny_config(n_routed_experts=12, n_group=3, topk_group=1), 4)
+    assert "do not line up with ep_size = 4" in caplog.text
+    for layout, message in [(dict(pp_size=2, tp_size=2), "pipeline and tensor parallelism cannot be combined"),
+                            (dict(pp_size=3), "more than num_hidden_layers=2")]:
+        with pytest.raises(ValueError, match=message):
+            check_pipeline_layout(model, DistributedConfig(**layout))
+    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM only, not DeepseekV3Model"):
+        check_pipeline_layout(model.model, DistributedConfig(pp_size=2))
+
+
+def test_plans_follow_the_layer_kinds():
+    """Dense-MLP rules only where a layer is dense, expert rules only where one is MoE."""
+    dense = tiny_config(num_hidden_layers=2, first_k_dense_replace=2)
+    assert not any(".experts." in name for name in (*dense.base_model_tp_plan, *dense.base_model_ep_plan))
+    moe = tiny_config(num_hidden_layers=1, first_k_dense_replace=0, moe_layer_freq=1)
+    assert "layers.*.mlp.gate_proj" not in moe.base_model_tp_plan and "layers.*.mlp.experts" in moe.base_model_tp_plan
 
 
 def test_dispatch_traffic_counts_copies_per_expert_and_per_destination():
