@@ -37,7 +37,7 @@ COMPONENTS = [
     (r"^nn\.Module: RoutedExperts_", "experts: sort, gather, scatter"),
     (r"^nn\.Module: MLP_", "dense FFN, shared experts"),
     (r"cache(_utils)?\.py\(\d+\): (update|get_seq_length|get_mask_sizes|_publish)$", "cache update, length"),
-    (r"attention\.py\(\d+\): (_absorbed|absorbed_attention)$", "absorbed attention"),
+    (r"attention\.py\(\d+\): (_absorbed|absorbed)$", "absorbed attention"),
     (r"kernels/__init__\.py\(\d+\): mla_decode$", "absorbed attention"),
     (r"^nn\.Module: MultiHeadLatentAttention_", "attention: views, path choice"),
     (r"inputs\.py\(\d+\): check_(model|causal_lm)_inputs$", "input checks"),

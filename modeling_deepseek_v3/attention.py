@@ -149,8 +149,6 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe, cos, sin)  # ONE rope key shared by all heads
         if paged_batch is not None:
-            if attentions is not None:
-                raise ValueError("output_attentions=True is not available under continuous batching (a paged cache)")
             out = paged_batch.attend(self, q_nope, q_pe, c_kv, k_pe)
             return self.o_proj(out.flatten(2))
         c_kv, k_pe = c_kv.unsqueeze(1), k_pe.unsqueeze(1)  # [b, 1, s, c], [b, 1, s, r]: one "head" for the cache
@@ -192,7 +190,7 @@ class MultiHeadLatentAttention(nn.Module):
         if self.use_absorbed(q_nope.shape[1], c_kv.shape[1]):
             out, probs = self._absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask, past, want_probs)
         else:
-            out, probs = self._expanded(q_nope, q_pe, c_kv, k_pe, attention_mask, want_probs, **kwargs)
+            out, probs = self._expanded(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
         if want_probs:
             attentions.append(probs)
         return out
@@ -223,7 +221,7 @@ class MultiHeadLatentAttention(nn.Module):
         absorbed = s * h * c * (dn + dv) + s * t * h * (2 * c + r)
         return exact and absorbed < expanded
 
-    def _expanded(self, q_nope, q_pe, c_kv, k_pe, attention_mask, want_probs, **kwargs):
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs):
         b, t, _ = c_kv.shape
         h = q_nope.shape[2]
         kv = self.kv_b_proj(c_kv).view(b, t, h, self.qk_nope_head_dim + self.v_head_dim)
@@ -231,7 +229,7 @@ class MultiHeadLatentAttention(nn.Module):
         key = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, h, -1)), dim=-1)  # [b, t, h, n+r]
         query = torch.cat((q_nope, q_pe), dim=-1)  # [b, s, h, n+r]
         pad = self.qk_head_dim - self.v_head_dim
-        implementation = "eager" if want_probs else attention_implementation(self.config)
+        implementation = attention_implementation(self.config)  # "eager" whenever probabilities are wanted
         if implementation == "sdpa" and pad > 0 and value.device.type == "cpu":
             # sdpa's fused CPU kernel needs equal q/k/v head dims (else its slow math path runs; CUDA's memory-efficient
             # kernel takes unequal ones): zero columns of V give zero output columns, cut off below

@@ -14,7 +14,7 @@ import types
 import torch
 from peft import LoraConfig
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import CompileConfig, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.distributed import DistributedMixin
 
 # the pipeline parallelism of transformers' distributed engine: the placeholder it puts where a stage holds no
@@ -48,6 +48,16 @@ OVERRIDDEN_HOOKS = (
 # private attributes transformers reads from our classes or instances
 IGNORED_UNEXPECTED_KEYS = "_keys_to_ignore_on_load_unexpected"  # regexes of checkpoint keys loading may skip
 KEPT_IN_FP32 = "_keep_in_fp32_modules_strict"  # name parts of tensors from_pretrained loads in fp32 whatever its dtype
+# private class attributes our classes set and transformers reads: the head's parallel plans (`parallel.py`), and
+# that a static-cache decode step compiles as one graph (`model.py`)
+DECLARED_CLASS_ATTRIBUTES = ("_tp_plan", "_pp_plan", "_fsdp_plan", "_can_compile_fullgraph")
+
+
+def compile_on_all_devices(config: CompileConfig) -> CompileConfig:
+    """Have `generate()` compile static-cache decoding with `config` on any device: transformers does so by itself on
+    accelerators only (its flag `_compile_all_devices`, used by its own tests)."""
+    config._compile_all_devices = True
+    return config
 
 
 def ignore_unexpected_keys(model: PreTrainedModel, patterns: list[str]) -> None:

@@ -122,3 +122,11 @@ def test_distributed_engine_contacts():
     assert linear.weight is plain
     assert issubclass(private_api.PipelineIdentityLayer, torch.nn.Identity)
     assert {"communicate", "broadcast_from_last"} <= set(vars(private_api.PipelineStage))
+
+
+def test_private_attributes_transformers_reads_from_our_classes():
+    from transformers import CompileConfig, PreTrainedModel
+
+    for name in private_api.DECLARED_CLASS_ATTRIBUTES:
+        assert hasattr(PreTrainedModel, name), name
+    assert private_api.compile_on_all_devices(CompileConfig())._compile_all_devices is True

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLAStaticCache
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLAStaticCache, private_api
 
 from ..utils import random_ids, random_model
 
@@ -14,11 +14,9 @@ STEPS = 16
 
 
 def cpu_compile_config(**kwargs) -> CompileConfig:
-    """A `CompileConfig` that `generate()` also honours on the CPU. transformers compiles static-cache decoding by
-    itself on accelerators only; its private flag `_compile_all_devices` extends that to the CPU (for tests)."""
-    config = CompileConfig(**kwargs)
-    config._compile_all_devices = True
-    return config
+    """A `CompileConfig` that `generate()` also honours on the CPU (transformers compiles static-cache decoding by
+    itself on accelerators only)."""
+    return private_api.compile_on_all_devices(CompileConfig(**kwargs))
 
 
 @torch.no_grad()
