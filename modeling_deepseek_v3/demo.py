@@ -28,6 +28,7 @@ from transformers import (
     pipeline,
     set_seed,
 )
+from transformers.trainer_callback import ProgressCallback
 
 from .configuration import load_preset
 from .model import DeepseekV3ForCausalLM
@@ -51,6 +52,17 @@ LOG_POINTS = 20  # logged training steps, for the loss plot
 
 class DemoArgumentError(ValueError):
     """A bad `run_demo` argument or corpus; the CLI prints it as a one-line error instead of a traceback."""
+
+
+class ShortLogLines(ProgressCallback):
+    """The progress bar, and one short line per training log (the full log, per layer, stays in the Trainer's
+    `log_history`): the objective, the MTP loss and the least balanced layer's max/mean expert load."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            shown = {"loss": "loss", "mtp_1_loss": "MTP loss", "expert_load_max_over_mean": "max/mean expert load"}
+            values = ", ".join(f"{label} {logs[key]:.3f}" for key, label in shown.items() if key in logs)
+            self.training_bar.write(f"[demo] step {state.global_step}: {values}")
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -294,6 +306,8 @@ def run_demo(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=default_data_collator,
         callbacks=[balance],
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ShortLogLines())
     trainer.train()
 
     # perplexity is the main model's (the next token): the evaluation runs without the MTP term of the objective

@@ -99,6 +99,7 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert config["vocab_size"] == len(AutoTokenizer.from_pretrained(out))  # embedding rows == tokenizer size
     printed = capsys.readouterr().out
     assert "held-out next-token loss" in printed
+    assert "[demo] step 20: loss " in printed and "{'loss'" not in printed  # short log lines, not the full dicts
     assert config.get("use_mtp_modules", True) is True  # switched off for the evaluation only
     assert "\nROMEO:" in printed  # the sample is printed, and it continues the default prompt
     assert "tokens per main-model forward" in printed and "outputs identical: yes" in printed
