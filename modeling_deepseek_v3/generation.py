@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transformers.distributed import is_fsdp_managed_module
 from transformers.generation.logits_process import (
@@ -112,11 +114,13 @@ def mtp_speculative_decoding(
     logits_processor: LogitsProcessorList,
     stopping_criteria: StoppingCriteriaList,
     generation_config,
+    synced_ranks: bool = False,
     **model_kwargs,
 ) -> SpeculativeDecoderOutput | torch.LongTensor:
     """The `custom_generate` loop that `generate(use_mtp=True)` hands to transformers' `generate`, which prepares
     `input_ids` `[b, w]` (left-padded), the attention mask, the logits processors and the stopping criteria as for
-    plain decoding.
+    plain decoding. With `synced_ranks` (transformers' `synced_gpus`: every rank of a sharded model must run the same
+    forwards) a rank whose rows are done keeps stepping, without adding tokens, until every rank's rows are done.
 
     Returns:
         `[b, w + new]` token ids as plain `generate` returns them (finished rows padded with `pad_token_id`), or a
@@ -127,7 +131,7 @@ def mtp_speculative_decoding(
             inputs_embeds, or a logits processor or stopping criterion that depends on the generated ids.
     """
     _check_request(logits_processor, stopping_criteria, generation_config, model_kwargs)
-    decoder = SelfSpeculativeDecoder(model, generation_config, logits_processor)
+    decoder = SelfSpeculativeDecoder(model, generation_config, logits_processor, synced_ranks)
     # the loop runs in inference mode (its cache never leaves it); a copy made outside is an ordinary tensor
     sequences = decoder.generate(input_ids, model_kwargs.get("attention_mask")).clone()
     if generation_config.return_dict_in_generate:
@@ -174,8 +178,13 @@ class MTPGenerationMixin(GenerationMixin):
         for name in ("assistant_model", "streamer", "custom_generate", "cache", "past_key_values"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"use_mtp=True runs its own decoding loop and cache; {name} is not supported with it")
+        # as transformers' synced_gpus: by default on when FSDP shards the model over several ranks
+        synced = kwargs.pop("synced_gpus", None)
+        if synced is None:
+            synced = is_fsdp_managed_module(self) and dist.is_initialized() and dist.get_world_size() > 1
+        loop = functools.partial(mtp_speculative_decoding, synced_ranks=synced)
         # transformers prepares inputs, processors and stopping criteria as for plain decoding, then runs our loop
-        return super().generate(inputs, generation_config, custom_generate=mtp_speculative_decoding, **kwargs)
+        return super().generate(inputs, generation_config, custom_generate=loop, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length) -> None:
@@ -280,8 +289,9 @@ class SelfSpeculativeDecoder:
     a step earlier by module k - 1, is kept as the module's carry.
     """
 
-    def __init__(self, model, generation_config, logits_processor: LogitsProcessorList) -> None:
+    def __init__(self, model, generation_config, logits_processor: LogitsProcessorList, synced_ranks: bool) -> None:
         self.model = model
+        self.synced_ranks = synced_ranks
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         self.num_layers = model.config.num_hidden_layers
         self.depth = len(model.mtp)
@@ -334,7 +344,7 @@ class SelfSpeculativeDecoder:
         sequences.append(newest[:, None], torch.ones_like(newest))
         self.main_mask, self.holes = valid, attention_mask is not None
         self.next_position = valid.sum(-1)  # the position of `newest`
-        if sequences.done:
+        if self._all_done(sequences.finished.all()):
             return sequences.result(input_ids)
         drafts, draft_probs = self._draft(_Window(hidden, torch.cat([input_ids[:, 1:], newest[:, None]], 1),
                                                   positions, valid))
@@ -347,7 +357,8 @@ class SelfSpeculativeDecoder:
             # the step's one read-back to the host, as plain decoding's stop check: the most drafts a row accepted,
             # whether another row accepted fewer, whether every row is done
             most = accepted.max()
-            widest, uneven, done = torch.stack([most, (accepted != most).any(), sequences.finished.all()]).tolist()
+            done = self._all_done(sequences.finished.all(), read_back=False)
+            widest, uneven, done = torch.stack([most, (accepted != most).any(), done]).tolist()
             self._keep_accepted_slots(accepted, widest, bool(uneven))
             if done:
                 self._finish_stats()
@@ -360,6 +371,13 @@ class SelfSpeculativeDecoder:
                              step_tokens.gather(1, index), positions.gather(1, index), columns >= shift[:, None])
             newest = step_tokens.gather(1, accepted[:, None]).squeeze(1)
             drafts, draft_probs = self._draft(window)
+
+    def _all_done(self, finished: torch.Tensor, read_back: bool = True) -> torch.Tensor | bool:
+        """Whether every row is done (`finished`, a bool scalar), on every rank when they step in sync."""
+        if self.synced_ranks:
+            finished = finished.to(torch.int32)
+            dist.all_reduce(finished, op=dist.ReduceOp.MIN)
+        return bool(finished) if read_back else finished.bool()
 
     def _verify(self, newest: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None):
         """One main-model forward over `[newest, d_1 .. d_D]`.

@@ -53,6 +53,7 @@ FP8_SHAPE = dict(hidden_size=128, q_lora_rank=64, kv_lora_rank=64, qk_rope_head_
                  n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, num_hidden_layers=2,
                  first_k_dense_replace=1, num_nextn_predict_layers=1)
 NEW_TOKENS = 6
+UNEVEN_NEW_TOKENS = (2, 7)  # per rank, one prompt each: rank 0 is done first and must keep stepping under FSDP
 TRAINER_STEPS = 2
 
 
@@ -81,6 +82,8 @@ def reference(tmp_path_factory):
     generation = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     greedy = model.generate(ids, **generation)
     assert torch.equal(model.generate(ids, use_mtp=True, **generation), greedy)
+    uneven = [model.generate(ids[r : r + 1], attention_mask=mask[r : r + 1], max_new_tokens=n, do_sample=False)
+              for r, n in enumerate(UNEVEN_NEW_TOKENS)]
     fp8 = DeepseekV3ForCausalLM.from_pretrained(root / "fp8", dtype=torch.float32)
     with torch.no_grad():
         fp8_logits = fp8(ids, attention_mask=mask).logits
@@ -89,7 +92,7 @@ def reference(tmp_path_factory):
     loaded = routing_biases(model)
     assert any(not torch.equal(bias, loaded[name]) for name, bias in training["expanded"]["biases"].items())
     trainer = run_trainer(load(folders["mtp"]), inputs["train_ids"], root / "trainer")
-    return dict(folders=folders, inputs=inputs, logits=logits, greedy=greedy, fp8_logits=fp8_logits,
+    return dict(folders=folders, inputs=inputs, logits=logits, greedy=greedy, uneven=uneven, fp8_logits=fp8_logits,
                 training=training, trainer=trainer)
 
 
@@ -147,6 +150,11 @@ def layout_worker(rank: int, name: str, folders: dict[str, str], out: str) -> No
     generation = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     results["greedy"] = model.generate(ids, **generation)
     results["speculative"] = model.generate(ids, use_mtp=True, **generation)
+    if name.startswith("fsdp"):  # each rank its own prompt and length: the ranks step in sync until all are done
+        results["speculative_uneven"] = model.generate(
+            ids[rank : rank + 1], attention_mask=mask[rank : rank + 1], max_new_tokens=UNEVEN_NEW_TOKENS[rank],
+            do_sample=False, use_mtp=True,
+        )
     model.save_pretrained(f"{out}/saved")
     if name != "pp":  # transformers' pipeline parallelism is for inference
         results["training"] = training_step(model, inputs["train_ids"])
@@ -179,6 +187,8 @@ def test_layout_equals_one_process(reference, tmp_path, name):
         torch.testing.assert_close(results["logits"], reference["logits"], rtol=0, atol=1e-5)
         assert torch.equal(results["greedy"], reference["greedy"])
         assert torch.equal(results["speculative"], reference["greedy"])
+        if name.startswith("fsdp"):
+            assert torch.equal(results["speculative_uneven"], reference["uneven"][rank])
         if name != "pp":
             check_training(results["training"], reference["training"]["expanded"])
         else:
