@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch.distributed.tensor import DTensor
 from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming
 from transformers.utils import logging
 
@@ -40,7 +41,7 @@ from .private_api import (
     set_weight_conversions,
     weight_conversions,
 )
-from .shards import find_tensor, gather_pipeline_stages, held_by_other_stage, owned_rows
+from .shards import find_tensor, full_tensor, gather_pipeline_stages, held_by_other_stage, is_float8, owned_rows
 
 logger = logging.get_logger(__name__)
 
@@ -584,9 +585,14 @@ class CheckpointMixin:
         `model.layers.{L + k - 1}.embed_tokens.weight` and `.shared_head.head.weight` as copies of the main tensors.
         The copies are added after the gather, which under FSDP rebuilds the state from the model."""
         pipelined = distributed_config is not None and distributed_config.pp_size > 1
-        state_dict = super().gather_sharded_state_dict_for_save(
-            model_to_save, state_dict, distributed_config, save_on_this_rank=save_on_this_rank or pipelined
-        )
+        if not pipelined and any(isinstance(t, DTensor) and is_float8(t) for t in state_dict.values()):
+            # FP8 shards: transformers' gather fails on them over gloo; gathered here, the writing rank keeps them
+            gathered = {key: full_tensor(t).detach().cpu().contiguous() for key, t in state_dict.items()}
+            state_dict = gathered if torch.distributed.get_rank() == 0 else {}
+        else:
+            state_dict = super().gather_sharded_state_dict_for_save(
+                model_to_save, state_dict, distributed_config, save_on_this_rank=save_on_this_rank or pipelined
+            )
         if pipelined:
             state_dict = gather_pipeline_stages(state_dict)
         if self.has_mtp_modules and not is_peft_adapter_model(self):

@@ -44,6 +44,22 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def is_float8(tensor: torch.Tensor) -> bool:
+    return tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of `tensor` on every rank (a collective for a DTensor: every rank must call it). float8 shards are
+    gathered as their bytes: gloo cannot gather float8."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if not is_float8(tensor):
+        return tensor.full_tensor()
+    raw = DTensor.from_local(tensor.to_local().view(torch.uint8), tensor.device_mesh, tensor.placements,
+                             run_check=False, shape=tensor.shape, stride=tensor.stride())
+    return raw.full_tensor().view(tensor.dtype)
+
+
 def owned_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     """`(this rank's part, index of its first row in the full tensor)` for a plain tensor or a DTensor split along
     its rows only (torch.chunk's split per mesh dimension, outer first); None for other layouts."""

@@ -173,8 +173,10 @@ def layout_worker(rank: int, name: str, folders: dict[str, str], out: str) -> No
     if name == "fsdp":
         results["trainer"] = run_trainer(load(folders["mtp"], LAYOUTS[name]), inputs["train_ids"], f"{out}/trainer")
     if name in FP8_LAYOUTS:
+        fp8 = load(folders["fp8"], FP8_LAYOUTS[name])
         with torch.no_grad():
-            results["fp8_logits"] = load(folders["fp8"], FP8_LAYOUTS[name])(ids, attention_mask=mask).logits
+            results["fp8_logits"] = fp8(ids, attention_mask=mask).logits
+        fp8.save_pretrained(f"{out}/saved_fp8")  # float8 shards gathered as bytes (gloo has no float8)
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -201,6 +203,13 @@ def test_layout_equals_one_process(reference, tmp_path, name):
             check_trainer(results["trainer"], reference["trainer"])
         if name in FP8_LAYOUTS:  # FP8 weights are dequantised exactly on CPU: as close as fp32 logits
             torch.testing.assert_close(results["fp8_logits"], reference["fp8_logits"], rtol=0, atol=1e-5)
+    if name in FP8_LAYOUTS:  # the sharded FP8 model saves the checkpoint it loaded, byte for byte
+        saved, source = (load_file(f"{folder}/model.safetensors") for folder in (tmp_path / "saved_fp8",
+                                                                                reference["folders"]["fp8"]))
+        assert saved.keys() == source.keys()
+        assert all(saved[key].dtype == source[key].dtype and torch.equal(saved[key].view(torch.uint8),
+                                                                         source[key].view(torch.uint8))
+                   for key in source)
 
     # the sharded save wrote exactly the single-process checkpoint: official keys, MTP copies, the same tensors
     saved, source = load_file(tmp_path / "saved" / "model.safetensors"), load_file(f"{reference['folders']['mtp']}"
