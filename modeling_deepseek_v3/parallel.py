@@ -250,8 +250,10 @@ def data_parallel_group(distributed_config) -> dist.ProcessGroup | None:
     `distributed_config` (then all ranks, as under DDP). Created on first use; every rank must call it."""
     if distributed_config is None or not dist.is_initialized():
         return None
-    pp, tp = distributed_config.pp_size, distributed_config.tp_size
-    dp = dist.get_world_size() // (pp * tp)
+    pp, dp, tp = distributed_config.pp_size, distributed_config.dp_size, distributed_config.tp_size
+    if pp * dp * tp != dist.get_world_size():
+        raise ValueError(f"distributed_config: pp_size={pp} x dp_size={dp} x tp_size={tp} must equal the "
+                         f"{dist.get_world_size()} ranks")
     key = (dist.group.WORLD, pp, dp, tp)
     if key not in _DATA_PARALLEL_GROUPS:
         # transformers lays the ranks out as a row-major (pp, dp_replicate, fsdp, tp) mesh
