@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 from transformers import TrainingArguments
 from transformers.distributed import DistributedConfig
@@ -31,6 +32,7 @@ from modeling_deepseek_v3.parallel import (
     check_tensor_parallel_layout,
     data_parallel_group,
 )
+from modeling_deepseek_v3.shards import owned_rows
 
 from ..multiprocess import run_ranks
 from ..utils import random_ids, random_model, spread_routing, tiny_config
@@ -163,6 +165,10 @@ def layout_worker(rank: int, name: str, folders: dict[str, str], out: str) -> No
             model(ids, attention_mask=mask, output_hidden_states=True)
         except ValueError as error:
             results["per_layer_output_error"] = str(error)
+    if name == "tp":  # which rows of a full tensor a shard holds, for uneven shards too (5 rows: 3 and 2)
+        rows = distribute_tensor(torch.arange(10.0).view(5, 2), init_device_mesh("cpu", (2,)), [Shard(0)])
+        results["owned_rows"] = owned_rows(rows)
+        results["owned_columns"] = owned_rows(distribute_tensor(torch.zeros(2, 5), rows.device_mesh, [Shard(1)]))
     if name == "tp":  # the absorbed path's latent gradient, summed over the head shards
         absorbed = load(folders["mtp"], LAYOUTS[name], mla_attention_path="absorbed")
         results["training_absorbed"] = training_step(absorbed, inputs["train_ids"])
@@ -196,6 +202,9 @@ def test_layout_equals_one_process(reference, tmp_path, name):
         else:
             assert "output_hidden_states=True: not available under pipeline" in results["per_layer_output_error"]
         if name == "tp":
+            local, start = results["owned_rows"]
+            assert torch.equal(local, torch.arange(10.0).view(5, 2)[(0, 3)[rank] :][: (3, 2)[rank]])
+            assert start == (0, 3)[rank] and results["owned_columns"] is None  # split along another dim
             check_training(results["training_absorbed"], reference["training"]["absorbed"])
             assert "shards FP8 weights in whole 128-wide scale blocks" in results["fp8_split_error"]
             assert "mlp.gate_proj.weight has 128 rows" in results["fp8_split_error"]
