@@ -26,7 +26,7 @@ from transformers.distributed import DistributedConfig
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, load_preset
 from modeling_deepseek_v3.demo import make_datasets, train_tokenizer
 
-# the README's LoRA recipe: every MLA projection, the shared experts, and the stacked routed experts
+# the LoRA recipe of docs/training.md: every MLA projection, the shared experts, and the stacked routed experts
 LORA_TARGET_MODULES = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                        "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"]
 LORA_TARGET_PARAMETERS = ["mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"]

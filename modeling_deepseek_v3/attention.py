@@ -1,7 +1,7 @@
 """Multi-head Latent Attention (MLA) with decoupled RoPE, and its two equal computation paths.
 
 * expanded (prefill, training): `kv_b_proj(c_kv)` gives per-head `k_nope` and `v`; K = [k_nope; k_pe], attention
-  through transformers' attention interface (sdpa / eager / flash).
+  through transformers' attention interface (sdpa / eager).
 * absorbed (decoding, short queries over a cache): `kv_b_proj` is folded into the query and the output, so the
   cached latent is never expanded:  `q_lat = q_nope·W_UK`, `o_lat = softmax((q_lat·c_kvᵀ + q_pe·k_peᵀ)·scale)·c_kv`,
   `o = o_lat·W_UVᵀ`. The attention over the latent is `kernels.mla_decode` (a Triton kernel on CUDA, its torch
