@@ -253,12 +253,17 @@ class MultiHeadLatentAttention(nn.Module):
         mask = latent_mask(attention_mask, b, s, t, past, c_kv.device)
         c_kv = sum_gradient_over_head_shards(c_kv, self.kv_b_proj.weight)
         scale = self.softmax_scale
+
+        def latents(q_lat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            # under autocast q_lat comes out of its matmul in the compute dtype, the rope and latent tensors do not
+            return tuple(x.to(q_lat.dtype) for x in (q_pe, c_kv, k_pe))
+
         if not want_probs:
-            return self.absorbed(q_nope, lambda q_lat: mla_decode(q_lat, q_pe, c_kv, k_pe, mask, scale)), None
+            return self.absorbed(q_nope, lambda q_lat: mla_decode(q_lat, *latents(q_lat), mask, scale)), None
         formed = {}
 
         def with_probabilities(q_lat: torch.Tensor) -> torch.Tensor:
-            o_lat, formed["probs"] = mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, scale, return_probs=True)
+            o_lat, formed["probs"] = mla_decode_ref(q_lat, *latents(q_lat), mask, scale, return_probs=True)
             return o_lat
 
         out = self.absorbed(q_nope, with_probabilities)

@@ -224,3 +224,19 @@ def test_pipeline_and_auto_loading_of_a_saved_folder(saved, tmp_path):
     assert type(generator.model) is DeepseekV3ForCausalLM
     text = generator("w5 w9 w17", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert text.startswith("w5 w9 w17") and text.count("w") == 8  # the prompt's 3 words + 5 new ones
+
+
+def test_decoding_under_autocast_runs_both_paths_in_the_compute_dtype():
+    """An fp32 model under bf16 autocast: the absorbed path attends in the compute dtype of its absorbed query (the
+    rope and latent tensors cast to it) and gives the expanded path's logits up to bf16 rounding."""
+    torch.manual_seed(0)
+    model = random_model()
+    ids = random_ids(model.config, 2, 6)
+    logits = {}
+    for path in ("absorbed", "expanded"):
+        model.config.mla_attention_path = path
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            cache = model(ids[:, :-1], use_cache=True).cache
+            logits[path] = model(ids[:, -1:], cache=cache).logits.float()
+    assert logits["expanded"].std() > 0.1
+    torch.testing.assert_close(logits["absorbed"], logits["expanded"], rtol=0, atol=2e-2)
