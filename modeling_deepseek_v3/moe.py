@@ -80,17 +80,17 @@ class RoutedExperts(KeepsTensorDtypes):
 
     Args:
         config: the model configuration (sizes, FP8 format).
-        fp8_training: run the projections through the FP8 training recipe (see `training.enable_fp8_training`).
     """
 
     PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
-    def __init__(self, config: DeepseekV3Config, fp8_training: bool = False) -> None:
+    def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__()
         e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-        self.num_experts = e
+        self.n_routed_experts = e
+        self.num_experts = e  # this module's experts: fewer under expert parallelism, which sets it
         self.fp8 = fp8_format(config)
-        self.fp8_training = fp8_training
+        self.fp8_training = False  # train_in_fp8()
         for name, (rows, cols) in zip(self.PROJECTIONS, ((i, h), (i, h), (h, i))):
             if self.fp8 is None:
                 self.register_parameter(name, nn.Parameter(torch.empty(e, rows, cols)))
@@ -100,6 +100,14 @@ class RoutedExperts(KeepsTensorDtypes):
             s = torch.empty(e, -(-rows // bn), -(-cols // bk), dtype=torch.float32)
             self.register_parameter(name, nn.Parameter(q, requires_grad=False))
             self.register_parameter(f"{name}_scale_inv", nn.Parameter(s, requires_grad=False))
+
+    def train_in_fp8(self) -> None:
+        """Run the projections of bf16/fp32 master weights through the FP8 training recipe from now on (see
+        `training.enable_fp8_training`). The module stays itself: what expert parallelism set on it (its forward,
+        its expert count) is kept."""
+        if self.fp8 is not None:
+            raise ValueError("train_in_fp8 needs bf16/fp32 master weights; these experts store FP8 weights")
+        self.fp8_training = True
 
     def dtype_kept_tensors(self) -> tuple[str, ...]:
         if self.fp8 is None:
@@ -123,20 +131,25 @@ class RoutedExperts(KeepsTensorDtypes):
         flat = indices.flatten()  # [T·K]
         order = flat.argsort(stable=True)
         token = order // k  # the token of each sorted (token, slot) pair
-        # Expert parallelism (transformers' all-reduce dispatch) gives the routes to other ranks' experts the id
-        # num_experts: sorted last and left out of the counts, they are never computed, and their rows (which the
-        # grouped GEMMs leave unwritten, forward and backward) are zeroed.
-        off_rank = (flat[order] >= self.num_experts)[:, None]  # [T·K, 1]
+        # Expert parallelism (transformers' all-reduce dispatch) leaves this module num_experts of the
+        # n_routed_experts and gives the routes to other ranks' experts the id num_experts: sorted last and left out
+        # of the counts, they are never computed, and their rows (which the grouped GEMMs leave unwritten, forward and
+        # backward) are zeroed. A module holding every expert has no such routes and skips the masking.
+        split = self.num_experts < self.n_routed_experts
+        off_rank = (flat[order] >= self.num_experts)[:, None] if split else None  # [T·K, 1]
+
+        def zero_off_rank(rows: torch.Tensor) -> torch.Tensor:
+            return rows if off_rank is None else rows.masked_fill(off_rank, 0)
+
         # tokens per expert by index_add, not bincount, which reads the ids back to the host on GPU
         counts = torch.zeros(self.num_experts + 1, dtype=torch.int32, device=flat.device)
         counts = counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))[: self.num_experts]
         offsets = counts.cumsum(0, dtype=torch.int32)
-        xs = x[token].masked_fill(off_rank, 0)  # [T·K, H], grouped by expert
+        xs = zero_off_rank(x[token])  # [T·K, H], grouped by expert
         mode = (self.fp8, self.fp8_training)
         hidden = expert_swiglu(xs, self.stored("gate_proj"), self.stored("up_proj"), offsets, *mode)  # [T·K, I]
-        hidden = hidden.masked_fill(off_rank, 0)
-        ys = expert_projection(hidden, *self.stored("down_proj"), offsets, *mode)  # [T·K, H]
-        ys = torch.where(off_rank, 0, ys * weights.flatten()[order, None].to(ys.dtype))
+        ys = expert_projection(zero_off_rank(hidden), *self.stored("down_proj"), offsets, *mode)  # [T·K, H]
+        ys = zero_off_rank(ys * weights.flatten()[order, None].to(ys.dtype))
         return torch.zeros_like(x).index_add_(0, token, ys)
 
 

@@ -5,8 +5,8 @@ References: DeepSeek-V3 report §3.3 (FP8 mixed-precision training); docs/fp8.md
 
 from __future__ import annotations
 
-import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .fp8 import FP8TrainingLinear
 from .model import DeepseekV3PreTrainedModel
@@ -21,11 +21,17 @@ def enable_fp8_training(model: DeepseekV3PreTrainedModel) -> DeepseekV3PreTraine
     Call it on a bf16/fp32 model before creating the optimizer; it returns the same model.
 
     Raises:
-        ValueError: if the model holds FP8 weights (`quantization_config`): train from bf16 master weights instead.
+        ValueError: if the model holds FP8 weights (`quantization_config`): train from bf16 master weights instead;
+            or if it is sharded by transformers' distributed engine (`distributed_config`), whose sharding lives on
+            the very linears this replaces.
     """
     if model.config.fp8_quantization_config is not None:
         raise ValueError("enable_fp8_training needs bf16/fp32 master weights, but this model stores FP8 weights "
                          "(quantization_config); convert it with `deepseek-v3 convert fp8-to-bf16` first")
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError("enable_fp8_training does not support a model sharded by transformers' distributed engine "
+                         "(loaded with a distributed_config): the sharded linears would be replaced; train it in "
+                         "bf16, or in FP8 on one process or under DDP")
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
     for layer in base.layers:
         for module in list(layer.modules()):
@@ -33,19 +39,11 @@ def enable_fp8_training(model: DeepseekV3PreTrainedModel) -> DeepseekV3PreTraine
                 if type(child) is nn.Linear:
                     setattr(module, name, _fp8_training_linear(child))
                 elif type(child) is RoutedExperts:
-                    setattr(module, name, _fp8_training_experts(child, model.config))
+                    child.train_in_fp8()
     return model
 
 
 def _fp8_training_linear(linear: nn.Linear) -> FP8TrainingLinear:
     fp8 = FP8TrainingLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
     fp8.weight, fp8.bias = linear.weight, linear.bias  # share the parameters
-    return fp8
-
-
-def _fp8_training_experts(experts: RoutedExperts, config) -> RoutedExperts:
-    with torch.device("meta"):  # the parameters are the existing ones
-        fp8 = RoutedExperts(config, fp8_training=True)
-    for name in RoutedExperts.PROJECTIONS:
-        setattr(fp8, name, getattr(experts, name))  # share the parameters
     return fp8

@@ -33,6 +33,7 @@ from modeling_deepseek_v3.parallel import (
     data_parallel_group,
 )
 from modeling_deepseek_v3.shards import owned_rows
+from modeling_deepseek_v3.training import enable_fp8_training
 
 from ..multiprocess import run_ranks
 from ..utils import random_ids, random_model, spread_routing, tiny_config
@@ -176,6 +177,10 @@ def layout_worker(rank: int, name: str, folders: dict[str, str], out: str) -> No
             load(folders["fp8_split"], LAYOUTS[name])
         except ValueError as error:
             results["fp8_split_error"] = str(error)
+        try:
+            enable_fp8_training(model)
+        except ValueError as error:
+            results["fp8_training_error"] = str(error)
     if name == "fsdp":
         results["trainer"] = run_trainer(load(folders["mtp"], LAYOUTS[name]), inputs["train_ids"], f"{out}/trainer")
     if name in FP8_LAYOUTS:
@@ -208,6 +213,7 @@ def test_layout_equals_one_process(reference, tmp_path, name):
             check_training(results["training_absorbed"], reference["training"]["absorbed"])
             assert "shards FP8 weights in whole 128-wide scale blocks" in results["fp8_split_error"]
             assert "mlp.gate_proj.weight has 128 rows" in results["fp8_split_error"]
+            assert "does not support a model sharded by" in results["fp8_training_error"]
         if name == "fsdp":
             check_trainer(results["trainer"], reference["trainer"])
         if name in FP8_LAYOUTS:  # FP8 weights are dequantised exactly on CPU: as close as fp32 logits

@@ -38,21 +38,25 @@ def test_fp8_grouped_mm_matches_fp32_within_fp8_error():
 def test_switch_replaces_decoder_linears_and_keeps_parameters():
     model = DeepseekV3ForCausalLM(tiny_config())
     before = {name: p for name, p in model.named_parameters()}
+    experts = model.model.layers[1].mlp.experts
     enable_fp8_training(model)
     assert dict(model.named_parameters()) == before  # the very same tensors: optimizers and checkpoints unaffected
     layers = model.model.layers
     assert type(layers[0].self_attn.kv_b_proj) is FP8TrainingLinear
     assert type(layers[0].mlp.down_proj) is FP8TrainingLinear  # dense layer
     assert type(layers[1].mlp.shared_experts.up_proj) is FP8TrainingLinear
-    assert layers[1].mlp.experts.fp8_training
+    assert layers[1].mlp.experts is experts and experts.fp8_training  # the module itself: what set it up stays
     assert type(model.lm_head) is nn.Linear  # the output head stays in full precision
     assert not any(type(m) is nn.Linear for m in layers.modules())
 
 
 def test_switch_refuses_fp8_weights():
 
+    fp8 = DeepseekV3ForCausalLM(tiny_config(**SHAPE, quantization_config=QUANTIZATION))
     with pytest.raises(ValueError, match="master weights"):
-        enable_fp8_training(DeepseekV3ForCausalLM(tiny_config(**SHAPE, quantization_config=QUANTIZATION)))
+        enable_fp8_training(fp8)
+    with pytest.raises(ValueError, match="these experts store FP8 weights"):
+        fp8.model.layers[1].mlp.experts.train_in_fp8()
 
 
 def train(fp8: bool, steps: int, data: torch.Tensor, held_out: torch.Tensor) -> tuple[float, float]:
