@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.utils import logging
 
+from .inputs import count_targets
+
 logger = logging.get_logger(__name__)
 
 
@@ -182,7 +184,7 @@ class ExpertBalance:
         the token-weighted mean over the batch."""
         if num_items_in_batch is None or labels is None:
             return 1.0
-        return (labels[:, 1:] != -100).sum() / num_items_in_batch
+        return count_targets(labels) / num_items_in_batch
 
     def discard(self) -> None:
         """Forget the counts since the last update (the optimizer step did not happen)."""

@@ -20,6 +20,11 @@ from transformers.cache_utils import Cache
 IGNORE_INDEX = -100  # the label of a position without a target (transformers' loss convention)
 
 
+def count_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The next-token targets in unshifted `labels` `[b, s]`: positions 1.. that are not `IGNORE_INDEX`."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
 def check_model_inputs(
     config,
     input_ids: Any,
@@ -209,9 +214,9 @@ def _check_cache(
     if fixed_layers and len(cache.layers) < num_layers:
         raise ValueError(f"cache has {len(cache.layers)} layers but the model has num_hidden_layers = {num_layers}; "
                          "it belongs to another model")
-    filled = [layer for layer in cache.layers if layer.is_initialized and layer.keys is not None]
-    if filled:
-        keys = filled[0].keys
+    filled = next((layer for layer in cache.layers if layer.is_initialized and layer.keys is not None), None)
+    if filled is not None:
+        keys = filled.keys
         if keys.shape[0] != b:
             raise ValueError(f"cache holds {keys.shape[0]} sequences but the inputs have batch {b}")
         if keys.dtype != compute_dtype and not torch.is_autocast_enabled(keys.device.type):

@@ -28,7 +28,7 @@ from .configuration import DeepseekV3Config
 from .continuous_batching import ContinuousBatchingMixin, paged_batch
 from .fp8 import FP8Linear, fp8_format, init_fp8_weight
 from .generation import MTPGenerationMixin
-from .inputs import IGNORE_INDEX, check_causal_lm_inputs, check_model_inputs, refuse_a_loss_computed_elsewhere
+from .inputs import check_causal_lm_inputs, check_model_inputs, count_targets, refuse_a_loss_computed_elsewhere
 from .layers import MLP, RMSNorm
 from .metrics import TrainingMetrics
 from .moe import MoE, RoutedExperts, TopkRouter
@@ -317,7 +317,7 @@ class DeepseekV3ForCausalLM(
             if loss_kwargs.get("num_items_in_batch") is None:
                 # the mean over the targets, taken as sum / count so that a batch without any target has loss 0
                 # (transformers' mean over nothing is NaN)
-                loss_kwargs["num_items_in_batch"] = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+                loss_kwargs["num_items_in_batch"] = count_targets(labels).clamp(min=1)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
             if self.mtp_active and labels.shape[1] >= len(self.mtp) + 2:
                 embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds

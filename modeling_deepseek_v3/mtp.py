@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
 from .configuration import DeepseekV3Config
+from .inputs import IGNORE_INDEX
 from .layers import RMSNorm
 
 
@@ -179,9 +180,9 @@ def mtp_objective(
         )
         logits = logits.float()  # [b, n, V]
         targets = labels[:, k + 1 :].to(logits.device)
-        valid = targets != -100
+        valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1)
-        summed = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        summed = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         total = total + (summed / count if num_items_in_batch is None else summed / num_items_in_batch)
         losses.append(summed / count)
         accuracies.append(((logits.argmax(-1) == targets) & valid).sum() / count)

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kernels import mla_decode_paged
+from .kernels import MLA_DECODE_MAX_QUERIES, mla_decode_paged
 from .paged_cache import PagedLatentCache
 
-DECODE_MAX_QUERIES = 8  # new tokens per request up to which requests share a padded group (decoding, short chunks)
+# new tokens per request up to which requests share a padded group (decoding, short chunks): what the kernel serves
+DECODE_MAX_QUERIES = MLA_DECODE_MAX_QUERIES
 
 
 def reads_pages_in_place(x: torch.Tensor) -> bool:

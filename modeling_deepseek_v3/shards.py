@@ -1,5 +1,5 @@
 """The tensors a rank holds under transformers' distributed engine, for code that reads weights outside a module's
-forward or writes checkpoints: this rank's part of a sharded tensor (`local_tensor`, `owned_rows`, `local_shards`),
+forward or writes checkpoints: this rank's part of a sharded tensor (`full_tensor`, `owned_rows`, `local_shards`),
 which tensors a pipeline stage holds (`find_tensor`, `held_by_other_stage`, `gather_pipeline_stages`), and the latent's
 gradient in absorbed attention when the heads are sharded (`sum_gradient_over_head_shards`).
 
@@ -37,11 +37,6 @@ def gather_pipeline_stages(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     stages = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object({key: tensor.detach().cpu() for key, tensor in state_dict.items()}, stages, dst=0)
     return {} if stages is None else {key: tensor for stage in stages for key, tensor in stage.items()}
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of `tensor` (itself when it is not sharded)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def is_float8(tensor: torch.Tensor) -> bool:
@@ -95,6 +90,9 @@ def local_shards(module: nn.Module):
     """Within the block, the parameters of `module` that the engine sharded are this rank's parts (plain tensors,
     differentiable into the sharded parameters), for code that reads them outside the module's forward."""
     sharded = {name: p for name, p in module.named_parameters(recurse=False) if isinstance(p, DTensor)}
+    if not sharded:  # the usual case, on every absorbed call: nothing to swap
+        yield
+        return
     swap_parameters(module, {name: p.to_local() for name, p in sharded.items()})
     try:
         yield
