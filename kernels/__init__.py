@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .custom_ops import mla_decode_op
-from .grouped_gemm import grouped_mm, grouped_swiglu
+from .grouped_gemm import grouped_mm, grouped_mm_wgrad, grouped_swiglu
 from .reference import (
     FP8_BLOCK,
     FP8_E4M3_MAX,
@@ -151,6 +151,7 @@ __all__ = [
     "fp8_grouped_gemm_ref",
     "grouped_mm",
     "grouped_mm_ref",
+    "grouped_mm_wgrad",
     "grouped_swiglu",
     "grouped_swiglu_ref",
     "mla_decode",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .custom_ops import grouped_mm_op, grouped_swiglu_op
+from .custom_ops import grouped_mm_op, grouped_mm_wgrad_op, grouped_swiglu_op
 from .reference import check_grouped_mm_args
 
 
@@ -34,6 +34,16 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     """
     check_grouped_mm_args(x, w, offsets)
     return grouped_mm_op(x, w, offsets)
+
+
+def grouped_mm_wgrad(x: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of `grouped_mm` (what its backward computes): per group `x_eᵀ · grad_out_e`, `[E, K, N]`,
+    for a backward written by hand (the FP8 training recipe quantises both operands first).
+
+    Args:
+        x: `[T, K]`, grad_out: `[T, N]`, rows sorted by group; offsets: `[E]` int32 cumulative row counts.
+    """
+    return grouped_mm_wgrad_op(x, grad_out, offsets)
 
 
 def grouped_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

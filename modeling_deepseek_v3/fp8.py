@@ -35,6 +35,7 @@ from .kernels import (
     fp8_gemm,
     fp8_grouped_gemm,
     grouped_mm,
+    grouped_mm_wgrad,
     grouped_swiglu,
     weight_dequant,
     weight_dequant_ref,
@@ -252,8 +253,8 @@ class _FP8GroupedMMFunction(torch.autograd.Function):
             dx = grouped_mm(_fake_quant_act(dy), w_fq, offsets).to(dy.dtype)  # [T, K]
         if ctx.needs_input_grad[1]:
             dy_fq, x_fq = _fake_quant_act(dy, colwise=True), _fake_quant_act(x, colwise=True)
-            # per expert dy_eᵀ · x_e: torch's grouped GEMM in its [N, T] × [T, K] -> [E, N, K] form
-            dw = F.grouped_mm(dy_fq.t(), x_fq, offs=offsets).to(ctx.weight_dtype)
+            # per expert (x_eᵀ · dy_e)ᵀ = dy_eᵀ · x_e: [E, N, K], as the stacked weight
+            dw = grouped_mm_wgrad(x_fq, dy_fq, offsets).transpose(1, 2).to(ctx.weight_dtype)
         return dx, dw, None
 
 
