@@ -36,7 +36,7 @@ from modeling_deepseek_v3.shards import owned_rows
 from modeling_deepseek_v3.training import enable_fp8_training
 
 from ..multiprocess import run_ranks
-from ..utils import random_ids, random_model, spread_routing, tiny_config
+from ..utils import agreeing_mtp_model, random_ids, random_model, spread_routing, tiny_config
 
 LAYOUTS = {
     "tp": dict(tp_size=2),
@@ -65,7 +65,7 @@ def reference(tmp_path_factory):
     """Checkpoints, inputs, and what one process computes from them."""
     root = tmp_path_factory.mktemp("parallel")
     torch.manual_seed(0)
-    model = spread_routing(random_model(tiny_config(num_nextn_predict_layers=1)))
+    model = spread_routing(agreeing_mtp_model(1, context_weight=0.3))  # drafts accepted, and some rejected
     model.save_pretrained(root / "mtp")
     spread_routing(random_model(tiny_config(**FP8_SHAPE))).save_pretrained(root / "fp8_source")
     convert_checkpoint(root / "fp8_source", root / "fp8", "bf16-to-fp8")
@@ -84,7 +84,10 @@ def reference(tmp_path_factory):
         logits = model(ids, attention_mask=mask).logits
     generation = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     greedy = model.generate(ids, **generation)
-    assert torch.equal(model.generate(ids, use_mtp=True, **generation), greedy)
+    speculative = model.generate(ids, use_mtp=True, return_dict_in_generate=True, **generation)
+    assert torch.equal(speculative.sequences, greedy)
+    acceptance = speculative.speculative_stats.acceptance_rate
+    assert 0 < acceptance < 1
     uneven = [model.generate(ids[r : r + 1], attention_mask=mask[r : r + 1], max_new_tokens=n, do_sample=False)
               for r, n in enumerate(UNEVEN_NEW_TOKENS)]
     fp8 = DeepseekV3ForCausalLM.from_pretrained(root / "fp8", dtype=torch.float32)
@@ -95,8 +98,8 @@ def reference(tmp_path_factory):
     loaded = routing_biases(model)
     assert any(not torch.equal(bias, loaded[name]) for name, bias in training["expanded"]["biases"].items())
     trainer = run_trainer(load(folders["mtp"]), inputs["train_ids"], root / "trainer")
-    return dict(folders=folders, inputs=inputs, logits=logits, greedy=greedy, uneven=uneven, fp8_logits=fp8_logits,
-                training=training, trainer=trainer)
+    return dict(folders=folders, inputs=inputs, logits=logits, greedy=greedy, acceptance=acceptance, uneven=uneven,
+                fp8_logits=fp8_logits, training=training, trainer=trainer)
 
 
 def load(folder: str, layout: dict | None = None, **config) -> DeepseekV3ForCausalLM:
@@ -152,7 +155,9 @@ def layout_worker(rank: int, name: str, folders: dict[str, str], out: str) -> No
         results["logits"] = model(ids, attention_mask=mask).logits
     generation = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     results["greedy"] = model.generate(ids, **generation)
-    results["speculative"] = model.generate(ids, use_mtp=True, **generation)
+    speculative = model.generate(ids, use_mtp=True, return_dict_in_generate=True, **generation)
+    results["speculative"] = speculative.sequences
+    results["acceptance"] = speculative.speculative_stats.acceptance_rate
     if name.startswith("fsdp"):  # each rank its own prompt and length: the ranks step in sync until all are done
         results["speculative_uneven"] = model.generate(
             ids[rank : rank + 1], attention_mask=mask[rank : rank + 1], max_new_tokens=UNEVEN_NEW_TOKENS[rank],
@@ -200,6 +205,7 @@ def test_layout_equals_one_process(reference, tmp_path, name):
         torch.testing.assert_close(results["logits"], reference["logits"], rtol=0, atol=1e-5)
         assert torch.equal(results["greedy"], reference["greedy"])
         assert torch.equal(results["speculative"], reference["greedy"])
+        assert results["acceptance"] == reference["acceptance"]  # the same drafts accepted as in one process
         if name.startswith("fsdp"):
             assert torch.equal(results["speculative_uneven"], reference["uneven"][rank])
         if name != "pp":
