@@ -23,10 +23,12 @@ train() {  # name, processes, command...: every process prints the same routing-
     local name=$1 processes=$2 log="$OUT/$1.log"
     shift 2
     "$@" > "$log" 2>&1
-    local ran=$? printed distinct
+    local ran=$? printed distinct moved
     printed=$(grep -c "routing-bias checksum" "$log")
     distinct=$(grep -o "routing-bias checksum [^ ]*" "$log" | sort -u | wc -l)
-    [ "$ran" -eq 0 ] && [ "$printed" -eq "$processes" ] && [ "$distinct" -eq 1 ]
+    # the biases moved: a fresh model's are all 0
+    moved=$(grep -o "|b| sum [0-9.]*" "$log" | awk '$3 > 0' | wc -l)
+    [ "$ran" -eq 0 ] && [ "$printed" -eq "$processes" ] && [ "$distinct" -eq 1 ] && [ "$moved" -eq "$processes" ]
     report "$name" "$log" $?
 }
 

@@ -68,6 +68,7 @@ def test_torchrun_example_trains_with_two_ranks(tmp_path):
                "--steps", "4", "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    checksums = re.findall(r"rank (\d): routing-bias checksum (\S+)", result.stdout)
-    assert sorted(rank for rank, _ in checksums) == ["0", "1"]
-    assert checksums[0][1] == checksums[1][1]
+    checksums = re.findall(r"rank (\d): routing-bias checksum (\S+) \(\|b\| sum (\S+)\)", result.stdout)
+    assert sorted(rank for rank, _, _ in checksums) == ["0", "1"]
+    assert checksums[0][1:] == checksums[1][1:]
+    assert float(checksums[0][2]) > 0  # the biases moved (a fresh model's are all 0)
