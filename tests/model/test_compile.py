@@ -2,6 +2,8 @@
 as the position advances, the same greedy tokens as eager decoding; in fp32 and bf16, by hand and through
 `generate()`'s own compilation of static-cache decoding."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from transformers import CompileConfig
@@ -55,11 +57,18 @@ def test_generate_compiles_static_cache_decoding_once():
     mask[0, :2] = 0  # left padding: generate passes a 4-D mask to the compiled step
     kwargs = dict(attention_mask=mask, do_sample=False, cache_implementation="static")
     eager = model.generate(ids, max_new_tokens=STEPS + 1, **kwargs)
-    compile_config = cpu_compile_config(fullgraph=True, backend="aot_eager", mode=None)
+    graphs = []
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs) -> Callable:  # records what generate compiled
+        graphs.append(graph)
+        return graph.forward
+
+    compile_config = cpu_compile_config(fullgraph=True, backend=counting_backend, mode=None)
     model.generate(ids, max_new_tokens=2, compile_config=compile_config, **kwargs)  # compiles the decode step
+    assert len(graphs) == 1
     with torch.compiler.set_stance("fail_on_recompile"):
         compiled = model.generate(ids, max_new_tokens=STEPS + 1, compile_config=compile_config, **kwargs)
-    assert torch.equal(compiled, eager)
+    assert len(graphs) == 1 and torch.equal(compiled, eager)
 
 
 @pytest.mark.slow
