@@ -121,7 +121,7 @@ def test_sampling_runs():
                                    continuous_batching_config=batching_config(32, seed=0))  # fmt: skip
     for output in outputs.values():
         assert output.error is None and len(output.generated_tokens) == 7
-        assert all(3 <= token < model.config.vocab_size or token < 3 for token in output.generated_tokens)
+        assert all(0 <= token < model.config.vocab_size for token in output.generated_tokens)
     generated = [token for output in outputs.values() for token in output.generated_tokens]
     assert len(set(generated)) > 7  # not one token repeated: the samples spread
 

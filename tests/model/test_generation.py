@@ -291,3 +291,13 @@ def test_verification_forwards_check_shapes_but_not_values():
     model.model(ids, attention_mask=mask, check_values=False)
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model.model(ids, attention_mask=mask[:, :3], check_values=False)
+    drafting = agreeing_mtp_model(1, context_weight=0.3)
+    calls = []  # (new tokens, check_values) of every decoder call of the loop
+    hook = drafting.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((kwargs["input_ids"].shape[1], kwargs.get("check_values", True))),
+        with_kwargs=True,
+    )
+    drafting.generate(random_ids(drafting.config, 1, 5), max_new_tokens=6, do_sample=False, use_mtp=True)
+    hook.remove()
+    assert calls[0] == (5, True)  # the prompt is checked
+    assert len(calls) > 1 and calls[1:] == [(2, False)] * (len(calls) - 1)  # every verification of 1 draft is not
