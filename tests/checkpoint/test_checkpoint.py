@@ -88,7 +88,7 @@ def test_a_tensor_in_two_shards_is_refused_where_transformers_loads_one(saved, t
 
 def test_a_single_file_beside_an_index_is_refused(saved, tmp_path):
     """transformers loads model.safetensors and ignores the index, which may describe other weights; the converter
-    refuses the same folder (tests/test_convert.py)."""
+    refuses the same folder (tests/checkpoint/test_convert.py)."""
     folder, state, config = saved
     write(tmp_path, state, config)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "other.safetensors"}}))

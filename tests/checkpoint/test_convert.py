@@ -85,7 +85,7 @@ def test_interrupted_conversion_leaves_nothing(bf16_folder, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_arguments(bf16_folder, tmp_path):
+def test_bad_arguments(bf16_folder, tmp_path, capsys):
     with pytest.raises(ValueError, match="no FP8 quantization_config"):
         convert_checkpoint(bf16_folder, tmp_path / "x", "fp8-to-bf16")
     with pytest.raises(ValueError, match="already exists"):
@@ -94,7 +94,7 @@ def test_bad_arguments(bf16_folder, tmp_path):
         convert_checkpoint(tmp_path, tmp_path / "y", "bf16-to-fp8")
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "fp8-to-bf16", str(bf16_folder), str(tmp_path / "z")])
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 2 and "no FP8 quantization_config" in capsys.readouterr().err
 
 
 def test_cli_convert(bf16_folder, tmp_path, capsys):

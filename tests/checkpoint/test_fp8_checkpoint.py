@@ -107,7 +107,7 @@ def test_casting_an_fp8_model_keeps_fp8_weights_and_fp32_scales():
     assert proj.weight_scale_inv.dtype == experts.up_proj_scale_inv.dtype == torch.float32
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     assert model.lm_head.weight.dtype == torch.bfloat16
-    torch.testing.assert_close(model(ids).logits.float(), expected, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(model(ids).logits.float(), expected, rtol=0, atol=2e-2)  # bf16 rounding
 
 
 @pytest.mark.parametrize("ignore_mismatched_sizes", [False, True])

@@ -87,13 +87,13 @@ def test_triton_ops_fake_implementations():
         assert same_layout(real, fake), (name, real.stride(), fake.stride())
 
 
-def test_the_kernels_folder_imported_again_keeps_the_operators():
+def test_the_kernels_folder_imported_again_keeps_the_operators(monkeypatch):
     """A source checkout on `sys.path` makes the kernels folder importable as a top-level `kernels` too, which
     transformers imports when it looks for the PyPI package of that name. The operators stay registered once (a
     second registration would free the first, which the package's modules still call)."""
-    root = str(Path(__file__).resolve().parents[2])
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    for name in ("kernels", "kernels.custom_ops"):  # the top-level import leaves the session as it found it
+        monkeypatch.delitem(sys.modules, name, raising=False)
     again = importlib.import_module("kernels.custom_ops")
     assert again is not sys.modules["modeling_deepseek_v3.kernels.custom_ops"]  # the file ran a second time
     assert again.grouped_mm_op is grouped_mm_op and again.mla_decode_op is mla_decode_op

@@ -44,10 +44,10 @@ def test_growth_keeps_storage_between_steps():
     cache = MLACache(cfg)
     ids = random_ids(cfg, 1, 5)
     model(ids, cache=cache, use_cache=True)
-    storage = cache.layers[0]._c_kv.data_ptr()
+    storage = cache.layers[0].keys.untyped_storage().data_ptr()  # the latent, a view of the layer's buffer
     for _ in range(10):
         model(ids[:, :1], cache=cache, use_cache=True)
-    assert cache.layers[0]._c_kv.data_ptr() == storage  # no re-allocation while capacity lasts
+    assert cache.layers[0].keys.untyped_storage().data_ptr() == storage  # no re-allocation while capacity lasts
     assert cache.get_seq_length() == 15
 
 
