@@ -78,4 +78,8 @@ def test_widths_the_rule_accepts_run_in_every_dtype(dtype):
     model = random_model(tiny_config(hidden_size=72, moe_intermediate_size=24)).to(dtype)
     ids = random_ids(model.config, 2, 5)
     model.train()
-    model(ids, labels=ids).loss.backward()  # forward and backward through the grouped GEMM
+    loss = model(ids, labels=ids).loss
+    loss.backward()  # forward and backward through the grouped GEMM
+    assert torch.isfinite(loss)
+    experts = model.model.layers[1].mlp.experts
+    assert all(getattr(experts, name).grad.abs().sum() > 0 for name in experts.PROJECTIONS)

@@ -354,6 +354,8 @@ def test_token_classification_trains(saved):
     assert out.logits.shape == (2, 6, 4)
     out.loss.backward()
     assert head.score.weight.grad is not None and head.model.layers[0].self_attn.q_a_proj.weight.grad is not None
+    torch.optim.SGD(head.parameters(), lr=0.5).step()
+    assert head(ids, labels=ids % 4).loss < out.loss  # one step lowers the loss on its batch
 
 
 def test_experts_implementation_settings(saved):
