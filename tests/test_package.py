@@ -1,6 +1,9 @@
 """Package rules: the import direction of docs/design.md, the public API, and the Auto registration."""
 
 import ast
+import importlib.metadata
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,7 @@ import pytest
 import modeling_deepseek_v3
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "modeling_deepseek_v3"
 
 
 def imports_of(path: Path) -> set[str]:
@@ -21,21 +25,21 @@ def imports_of(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "kernels").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((PACKAGE / "kernels").glob("*.py")), ids=lambda p: p.name)
 def test_kernels_know_nothing_of_models(path):
     allowed = {"__future__", "torch", "torch.nn.functional", "triton", "triton.language", "math"}
     for name in imports_of(path):
         assert name.startswith(".") or name in allowed, f"{path.name} imports {name}"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configuration").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((PACKAGE / "configuration").glob("*.py")), ids=lambda p: p.name)
 def test_configuration_knows_nothing_of_modules(path):
     for name in imports_of(path):
         assert "modeling_deepseek_v3" not in name and name not in ("torch", ".."), f"{path.name} imports {name}"
 
 
 def test_kernel_reference_needs_no_triton():
-    assert imports_of(ROOT / "kernels" / "reference.py") <= {"__future__", "torch"}
+    assert imports_of(PACKAGE / "kernels" / "reference.py") <= {"__future__", "torch"}
 
 
 # Each room imports only rooms of a lower level (docs/design.md, "The rooms"); a new room must be placed here.
@@ -53,7 +57,7 @@ LEVELS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "modeling_deepseek_v3").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*.py")), ids=lambda p: p.name)
 def test_rooms_import_only_lower_rooms(path):
     if path.name == "__init__.py":
         return
@@ -69,7 +73,7 @@ def test_rooms_import_only_lower_rooms(path):
 
 
 def test_nothing_imports_the_cli():
-    for path in (ROOT / "modeling_deepseek_v3").glob("*.py"):
+    for path in PACKAGE.glob("*.py"):
         if path.name != "cli.py":
             assert not any(n.endswith("cli") for n in imports_of(path)), path.name
 
@@ -86,3 +90,33 @@ def test_auto_registration():
     assert type(config) is modeling_deepseek_v3.DeepseekV3Config
     model_class = AutoModelForCausalLM._model_mapping[modeling_deepseek_v3.DeepseekV3Config]
     assert model_class is modeling_deepseek_v3.DeepseekV3ForCausalLM
+
+
+def test_nothing_in_the_repository_shadows_an_installed_distribution():
+    """Every name the repository root makes importable (a folder with `__init__.py`, a `.py` file) is this package's
+    own or the test suite's: `python -m ...` and scripts started in the root put the root first on `sys.path`."""
+    importable = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    importable |= {p.stem for p in ROOT.glob("*.py")}
+    assert importable <= {"modeling_deepseek_v3", "tests"}, importable
+    others = {name for name, dists in importlib.metadata.packages_distributions().items()
+              if set(dists) != {"modeling-deepseek-v3"}}
+    assert not importable & others, importable & others
+
+
+def test_imports_from_the_repository_root_with_the_hub_kernels_package():
+    """From the repository root (first on `sys.path`, as for `python -m pytest`, notebooks and DeepSpeed launches):
+    the package imports, `import kernels` gives the Hugging Face hub package, and a tiny model runs a forward."""
+    pytest.importorskip("kernels")  # transformers >= 5.25 installs it
+    script = (
+        "import modeling_deepseek_v3, kernels, pathlib, torch\n"
+        "from modeling_deepseek_v3 import DeepseekV3ForCausalLM, load_preset\n"
+        f"assert not pathlib.Path(kernels.__file__).resolve().is_relative_to({str(ROOT)!r}), kernels.__file__\n"
+        "assert hasattr(kernels, 'get_kernel'), dir(kernels)\n"
+        "torch.manual_seed(0)\n"
+        "model = DeepseekV3ForCausalLM(load_preset('tiny')).eval()\n"
+        "logits = model(torch.randint(3, 100, (1, 5))).logits\n"
+        "assert logits.shape[:2] == (1, 5) and torch.isfinite(logits).all()\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -9,11 +9,6 @@ shape and layout come from its fake implementation. Three calls need that:
 The real implementations are the Triton wrappers (the Triton interpreter runs them on CPU tensors) and, on the CPU,
 torch matmuls.
 
-Each operator is registered once per process. This file can run twice: a source checkout on `sys.path` also makes
-the kernels folder importable as a top-level `kernels`, which transformers imports when it looks for the PyPI package
-of that name; registering an operator again would free the first registration while modules still call it. So the
-operators are defined only if absent, and called through `torch.ops.deepseek_v3`, whichever copy defined them.
-
 References: PyTorch "Custom Python operators" (`torch.library.custom_op`, `register_fake`, `register_autograd`).
 """
 
@@ -110,12 +105,11 @@ def mla_decode_fake(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale) -> torch.Tenso
 
 def define(name: str, impl, fake, backward=None):
     """The operator `deepseek_v3::name` (`impl` the real computation, `fake` its output's shape and layout,
-    `backward` its gradient), registered unless this process has it already."""
-    if not hasattr(torch.ops.deepseek_v3, name):
-        op = torch.library.custom_op(f"deepseek_v3::{name}", impl, mutates_args=())
-        op.register_fake(fake)
-        if backward is not None:
-            op.register_autograd(backward, setup_context=save_inputs)
+    `backward` its gradient)."""
+    op = torch.library.custom_op(f"deepseek_v3::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=save_inputs)
     return getattr(torch.ops.deepseek_v3, name)
 
 
