@@ -239,7 +239,7 @@ def _max_difference(read_rows, expected: torch.Tensor, first_row: int) -> float:
 def check_checkpoint_files(state_dict: dict | None, checkpoint_files: Iterable[str] | None) -> None:
     """Load-time rules that transformers does not check, read from the safetensors headers (no tensor data):
 
-    * a folder holds `model.safetensors` or a sharded index, not both (`check_single_or_sharded`);
+    * a folder holds `model.safetensors` or a sharded index, or both when they agree (`check_single_or_sharded`);
     * no tensor is stored in two shards (transformers would silently load one of them);
     * a weight stored with block scales (`X` and `X_scale_inv`) is an e4m3 FP8 payload: one in bf16 or another
       format would be cast to FP8 and scaled a second time.
@@ -287,17 +287,32 @@ def safetensors_headers(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def check_single_or_sharded(folder: Path) -> None:
-    """A checkpoint folder holds one `model.safetensors` or a `model.safetensors.index.json` with its shards, not both:
-    transformers loads the single file and a converter would read the index, which may describe other weights.
+    """A checkpoint folder holds one `model.safetensors` or a `model.safetensors.index.json` with its shards. It may
+    hold both when they agree, as folders written by other tools do: the index maps every key of `model.safetensors`
+    to that file and names nothing else. Otherwise transformers would load the single file while a converter reads
+    the index, which describes other weights.
 
     Raises:
-        ValueError: if both are there.
+        ValueError: if both are there and disagree, naming the files or keys.
     """
-    if (folder / SAFE_WEIGHTS_NAME).is_file() and (folder / SAFE_INDEX_NAME).is_file():
+    single, index_path = folder / SAFE_WEIGHTS_NAME, folder / SAFE_INDEX_NAME
+    if not (single.is_file() and index_path.is_file()):
+        return
+    weight_map = _read_index(index_path)
+    others = sorted(set(weight_map.values()) - {SAFE_WEIGHTS_NAME})
+    if others:
         raise ValueError(
-            f"{folder} holds both {SAFE_WEIGHTS_NAME} and {SAFE_INDEX_NAME}, so it is unclear which weights it "
-            "holds; remove the one that does not belong to this checkpoint"
+            f"{folder} holds both {SAFE_WEIGHTS_NAME} and {SAFE_INDEX_NAME}, whose index maps weights to "
+            f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}; it is unclear which weights the folder "
+            "holds: remove the one that does not belong to this checkpoint"
         )
+    stored, listed = set(safetensors_headers(single)), set(weight_map)
+    for keys, rule in ((listed - stored, f"are listed in {SAFE_INDEX_NAME} but not stored in {SAFE_WEIGHTS_NAME}"),
+                       (stored - listed, f"are stored in {SAFE_WEIGHTS_NAME} but not listed in {SAFE_INDEX_NAME}")):
+        if keys:
+            names = sorted(keys)
+            raise ValueError(f"{folder}: {len(names)} keys {rule} ({', '.join(names[:5])}"
+                             f"{' ...' if len(names) > 5 else ''}); the two files describe different checkpoints")
 
 
 def read_weight_map(folder: Path) -> dict[str, str]:
@@ -400,6 +415,26 @@ REMOTE_AUTO_MAP = {
     "AutoModel": "DeepseekV3Model",
     "AutoModelForCausalLM": "DeepseekV3ForCausalLM",
 }
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is written: inode, size, modification time (None if absent)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def remove_replaced_layout(layouts: tuple[Path, Path], before: list) -> None:
+    """After a save, remove `model.safetensors` or the shard index if the save wrote the other one and left this one
+    as an earlier save had written it. transformers removes an earlier save's stale shards but not these two, and a
+    folder holding a single file and an index that disagree is refused (`check_single_or_sharded`); a file this
+    save wrote is never removed."""
+    written = [stamp is not None and stamp != old for stamp, old in zip(map(file_stamp, layouts), before)]
+    for path, was_written, other_written in zip(layouts, written, reversed(written)):
+        if other_written and not was_written and path.is_file():
+            path.unlink()
 
 
 def write_remote_code(folder: str | Path) -> Path:
@@ -572,8 +607,12 @@ class CheckpointMixin:
         """`PreTrainedModel.save_pretrained`, writing the official MTP layout (`gather_sharded_state_dict_for_save`).
         With `remote_code=True` the folder also loads with `trust_remote_code=True` in a process that never imported
         this package (`write_remote_code`)."""
+        layouts = (Path(save_directory) / SAFE_WEIGHTS_NAME, Path(save_directory) / SAFE_INDEX_NAME)
+        before = [file_stamp(path) for path in layouts]
         result = super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict,
                                          **kwargs)
+        if is_main_process:
+            remove_replaced_layout(layouts, before)
         if remote_code and is_main_process:
             write_remote_code(save_directory)
         return result

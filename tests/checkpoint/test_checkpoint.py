@@ -86,14 +86,63 @@ def test_a_tensor_in_two_shards_is_refused_where_transformers_loads_one(saved, t
         DeepseekV3ForCausalLM.from_pretrained(tmp_path)
 
 
-def test_a_single_file_beside_an_index_is_refused(saved, tmp_path):
-    """transformers loads model.safetensors and ignores the index, which may describe other weights; the converter
-    refuses the same folder (tests/checkpoint/test_convert.py)."""
+def single_file_with_index(folder, state: dict, config: dict, weight_map: dict) -> None:
+    write(folder, state, config)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_a_single_file_beside_an_index_that_agrees_loads(saved, tmp_path):
+    """Official-format folders written by other tools hold `model.safetensors` and an index mapping every key to it;
+    transformers' built-in class loads them, and so does ours, to the logits of the single file alone."""
     folder, state, config = saved
-    write(tmp_path, state, config)
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "other.safetensors"}}))
-    with pytest.raises(ValueError, match="holds both model.safetensors and model.safetensors.index.json"):
-        DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+    single_file_with_index(tmp_path, state, config, dict.fromkeys(state, "model.safetensors"))
+    ids = random_ids(tiny_config(), 2, 6)
+    expected = DeepseekV3ForCausalLM.from_pretrained(folder).eval()(ids).logits
+    loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)
+    BuiltinDeepseekV3ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_single_file_beside_an_index_that_disagrees_is_refused(saved, tmp_path):
+    """transformers loads model.safetensors and ignores the index, which then describes other weights; the converter
+    refuses the same folders (tests/checkpoint/test_convert.py)."""
+    _, state, config = saved
+    others = tmp_path / "others"
+    others.mkdir()
+    single_file_with_index(others, state, config, {"x": "other.safetensors"})
+    with pytest.raises(ValueError, match=r"holds both model.safetensors and model.safetensors.index.json, whose "
+                                         r"index maps weights to other.safetensors"):
+        DeepseekV3ForCausalLM.from_pretrained(others)
+    unlisted = tmp_path / "unlisted"
+    unlisted.mkdir()
+    single_file_with_index(unlisted, state, config, dict.fromkeys(set(state) - {PROJECTION}, "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"1 keys are stored in model.safetensors but not listed in "
+                                         rf"model.safetensors.index.json \({PROJECTION}\)"):
+        DeepseekV3ForCausalLM.from_pretrained(unlisted)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    single_file_with_index(extra, state, config, {**dict.fromkeys(state, "model.safetensors"),
+                                                  "model.extra.weight": "model.safetensors"})
+    with pytest.raises(ValueError, match=r"1 keys are listed in model.safetensors.index.json but not stored in "
+                                         r"model.safetensors \(model.extra.weight\)"):
+        DeepseekV3ForCausalLM.from_pretrained(extra)
+
+
+def test_saving_over_an_earlier_save_of_the_other_layout_leaves_what_a_fresh_save_leaves(tmp_path):
+    """Sharded, then one file, then sharded again into one folder: each time the folder holds the files a save into
+    an empty folder holds, and loads to its logits. A file the save did not write is never removed."""
+    model, ids = random_model(), random_ids(tiny_config(), 2, 6)
+    expected = model(ids).logits
+    folder = tmp_path / "again"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("the user's own file")
+    for shard_size in ("100KB", "5GB", "100KB"):
+        model.save_pretrained(folder, max_shard_size=shard_size)
+        fresh = tmp_path / f"fresh-{shard_size}"
+        model.save_pretrained(fresh, max_shard_size=shard_size)
+        assert sorted(p.name for p in folder.iterdir()) == sorted([p.name for p in fresh.iterdir()] + ["notes.txt"])
+        torch.testing.assert_close(DeepseekV3ForCausalLM.from_pretrained(folder).eval()(ids).logits, expected,
+                                   rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
