@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
@@ -38,6 +39,7 @@ from .private_api import (
     is_peft_adapter_model,
     keep_in_fp32,
     load_pretrained_model,
+    loaded_name_or_path,
     set_weight_conversions,
     weight_conversions,
 )
@@ -236,9 +238,11 @@ def _max_difference(read_rows, expected: torch.Tensor, first_row: int) -> float:
     return worst
 
 
-def check_checkpoint_files(state_dict: dict | None, checkpoint_files: Iterable[str] | None) -> None:
+def check_checkpoint_files(state_dict: dict | None, checkpoint_files: Iterable[str] | None,
+                           folder: str | None = None) -> None:
     """Load-time rules that transformers does not check, read from the safetensors headers (no tensor data):
 
+    * every file of a local checkpoint `folder` lies inside it (`check_files_inside`);
     * a folder holds `model.safetensors` or a sharded index, or both when they agree (`check_single_or_sharded`);
     * no tensor is stored in two shards (transformers would silently load one of them);
     * a weight stored with block scales (`X` and `X_scale_inv`) is an e4m3 FP8 payload: one in bf16 or another
@@ -251,6 +255,8 @@ def check_checkpoint_files(state_dict: dict | None, checkpoint_files: Iterable[s
         tables = {"the state_dict": {key: TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)) for key, t in
                                      state_dict.items()}}
     else:
+        if folder is not None and Path(folder).is_dir():
+            check_files_inside(Path(folder), checkpoint_files or [])
         files = [Path(path) for path in checkpoint_files or [] if Path(path).suffix == ".safetensors"]
         if files:
             check_single_or_sharded(files[0].parent)
@@ -271,6 +277,22 @@ def check_checkpoint_files(state_dict: dict | None, checkpoint_files: Iterable[s
                 "scale it twice. Convert the checkpoint with `deepseek-v3 convert fp8-to-bf16`, or remove the scales "
                 "and quantization_config if the weights are already dequantised"
             )
+
+
+def check_files_inside(folder: Path, files: Iterable[str]) -> None:
+    """Every checkpoint file an index names lies inside the folder: its path, taken as written (`..` folded, links not
+    followed, so that the hub cache's symlinked files load), starts with the folder's. The converter applies the same
+    rule to the index (`read_weight_map`).
+
+    Raises:
+        ValueError: naming the file that lies outside.
+    """
+    inside = os.path.normpath(os.path.abspath(folder))
+    for file in files:
+        path = os.path.normpath(os.path.abspath(file))
+        if os.path.commonpath([inside, path]) != inside:
+            raise ValueError(f"the checkpoint in {folder} names the weight file {file}, which is not inside the "
+                             "folder; an index may only name files of its own folder")
 
 
 def safetensors_headers(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -508,7 +530,7 @@ class CheckpointMixin:
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
-        check_checkpoint_files(state_dict, checkpoint_files)
+        check_checkpoint_files(state_dict, checkpoint_files, loaded_name_or_path(load_config))
         ours = model.checkpoint_conversions()
         result = load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys, ours)
         # transformers keeps the conversions that matched, for save_pretrained to reverse; ours always describe the

@@ -83,6 +83,12 @@ def load_pretrained_model(model, state_dict, checkpoint_files, load_config, expe
     return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
 
 
+def loaded_name_or_path(load_config) -> str | None:
+    """The folder (or hub repository id) `from_pretrained` was given, as its loader's settings carry it."""
+    name = load_config.pretrained_model_name_or_path
+    return None if name is None else str(name)
+
+
 def finalize_model_loading(model, load_config, loading_info):
     """transformers' own end of `from_pretrained` (device moves, init of missing weights, tying, the load report)."""
     return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)

@@ -2,13 +2,14 @@
 it relies on; an upgrade that moves one fails here, naming it."""
 
 import inspect
+import unittest.mock
 
 import pytest
 import torch
 from peft import LoraConfig
 from transformers import GenerationConfig
 
-from modeling_deepseek_v3 import private_api
+from modeling_deepseek_v3 import checkpoint, private_api
 
 from .utils import random_model
 
@@ -34,6 +35,16 @@ def test_loader_hooks_are_called_by_from_pretrained(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="unexpected keys"):
         type(model).from_pretrained(tmp_path)
+    # the loader's settings name the folder it loads from (the files of an index must lie inside it)
+    seen = []
+
+    def record(load_config):
+        seen.append(private_api.loaded_name_or_path(load_config))
+        return seen[-1]
+
+    with unittest.mock.patch.object(checkpoint, "loaded_name_or_path", record), pytest.raises(ValueError):
+        type(model).from_pretrained(tmp_path)
+    assert seen == [str(tmp_path)]
 
 
 def test_generate_prepares_eos_and_pad_tensors():

@@ -218,3 +218,40 @@ def test_remote_code_refuses_a_folder_of_another_model(tmp_path, capsys):
         main(["remote-code", str(tmp_path)])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "model_type 'gpt2'" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("entry", ["../elsewhere.safetensors", "../outside.bin", "/etc/passwd"])
+def test_an_index_naming_a_file_outside_its_folder_is_refused(saved, tmp_path, entry):
+    """The index may name only files of its own folder (transformers >= 5.25 checks the names itself; before, a torch
+    pickle outside the folder was loaded). The refusal names the entry."""
+    _, state, config = saved
+    folder = tmp_path / "model"
+    write(folder, state, config, "model-00001-of-00001.safetensors")
+    write(tmp_path, {"model.norm.weight": state["model.norm.weight"]}, config, "elsewhere.safetensors")
+    torch.save({"model.norm.weight": state["model.norm.weight"]}, tmp_path / "outside.bin")
+    weight_map = {**dict.fromkeys(state, "model-00001-of-00001.safetensors"), "model.norm.weight": entry}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ValueError, match=rf"{entry.split('/')[-1]}.*(not inside the folder)|"
+                                         rf"outside the model directory: {entry}"):
+        DeepseekV3ForCausalLM.from_pretrained(folder)
+
+
+def test_symlinked_weight_files_of_the_hub_cache_layout_load(saved, tmp_path):
+    """In the hub cache a snapshot folder holds links to blobs stored elsewhere; they load, single file and shards."""
+    folder, state, config = saved
+    ids = random_ids(tiny_config(), 1, 5)
+    expected = DeepseekV3ForCausalLM.from_pretrained(folder).eval()(ids).logits
+    blobs = tmp_path / "blobs"
+    write(blobs, state, config, "0123abcd")
+    single = tmp_path / "snapshots" / "single"
+    single.mkdir(parents=True)
+    (single / "config.json").write_text(json.dumps(config))
+    (single / "model.safetensors").symlink_to(blobs / "0123abcd")
+    torch.testing.assert_close(DeepseekV3ForCausalLM.from_pretrained(single).eval()(ids).logits, expected)
+    sharded = tmp_path / "snapshots" / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text(json.dumps(config))
+    (sharded / "model-00001-of-00001.safetensors").symlink_to(os.path.relpath(blobs / "0123abcd", sharded))
+    index = {"metadata": {}, "weight_map": dict.fromkeys(state, "model-00001-of-00001.safetensors")}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    torch.testing.assert_close(DeepseekV3ForCausalLM.from_pretrained(sharded).eval()(ids).logits, expected)
