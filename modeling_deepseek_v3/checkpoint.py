@@ -64,6 +64,7 @@ SAFE_INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"  # `X.weight_scale_inv` holds the block scales of the FP8 `X.weight`
 # safetensors' names of the dtypes an FP8 checkpoint holds (FP8 payloads must be e4m3, the official format)
 FP8_PAYLOAD_DTYPE = "F8_E4M3"
+SCALE_DTYPES = ("F32", "BF16")  # safetensors' names of the dtypes a block scale may be stored in
 TORCH_DTYPE_NAMES = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.bfloat16: "BF16",
                      torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}
 
@@ -246,7 +247,8 @@ def check_checkpoint_files(state_dict: dict | None, checkpoint_files: Iterable[s
     * a folder holds `model.safetensors` or a sharded index, or both when they agree (`check_single_or_sharded`);
     * no tensor is stored in two shards (transformers would silently load one of them);
     * a weight stored with block scales (`X` and `X_scale_inv`) is an e4m3 FP8 payload: one in bf16 or another
-      format would be cast to FP8 and scaled a second time.
+      format would be cast to FP8 and scaled a second time;
+    * every block scale has its weight and is stored as fp32 or bf16 (`check_scale_entries`).
 
     Raises:
         ValueError: naming the key, file and rule.
@@ -269,6 +271,7 @@ def check_checkpoint_files(state_dict: dict | None, checkpoint_files: Iterable[s
                                  "once (transformers would load one of them silently)")
             where[key] = name
     dtypes = {key: dtype for table in tables.values() for key, dtype in table.items()}
+    check_scale_entries(dtypes, where)
     for key, dtype in dtypes.items():
         if key + SCALE_SUFFIX in dtypes and dtype != FP8_PAYLOAD_DTYPE:
             raise ValueError(
@@ -293,6 +296,44 @@ def check_files_inside(folder: Path, files: Iterable[str]) -> None:
         if os.path.commonpath([inside, path]) != inside:
             raise ValueError(f"the checkpoint in {folder} names the weight file {file}, which is not inside the "
                              "folder; an index may only name files of its own folder")
+
+
+def check_scale_entries(dtypes: dict[str, str], where: dict[str, str]) -> None:
+    """Every block scale `X_scale_inv` (`dtypes`: key -> safetensors dtype name, `where`: key -> file) is stored as
+    fp32 or bf16 next to its weight `X`: an integer scale would be truncated, an FP8 one rounded, and a scale without
+    its weight would be dropped without a word.
+
+    Raises:
+        ValueError: naming the scale, its file and the rule.
+    """
+    for key, dtype in dtypes.items():
+        if not key.endswith(SCALE_SUFFIX):
+            continue
+        weight = key[: -len(SCALE_SUFFIX)]
+        if weight not in dtypes:
+            raise ValueError(f"{key} (in {where[key]}) is a block scale without its weight {weight}; a checkpoint "
+                             "stores each scale next to the FP8 weight it scales")
+        if dtype not in SCALE_DTYPES:
+            raise ValueError(f"{key} (in {where[key]}) is stored as {dtype}; block scales must be "
+                             f"{' or '.join(SCALE_DTYPES)}")
+
+
+def check_finite(key: str, tensor: torch.Tensor, where: str) -> None:
+    """A stored weight or block scale holds numbers: no NaN or infinity. An e4m3 FP8 payload has no infinity, and
+    its NaN is every byte `x1111111`.
+
+    Raises:
+        ValueError: naming the tensor, where it was read and how many values are bad.
+    """
+    if tensor.dtype == torch.float8_e4m3fn:
+        bad = int(((tensor.view(torch.uint8) & 0x7F) == 0x7F).sum())
+    elif tensor.is_floating_point():
+        bad = int((~torch.isfinite(tensor)).sum())
+    else:
+        return
+    if bad:
+        raise ValueError(f"{key} (in {where}) holds {bad} NaN or infinite values; the checkpoint is damaged, or was "
+                         "written from a model whose weights had diverged")
 
 
 def safetensors_headers(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -604,6 +645,9 @@ class CheckpointMixin:
             copies = mtp_shared_copy_keys(model.config)
             stray = {k for k in loading_info.unexpected_keys if any(p.match(k) for p in patterns) and k not in copies}
         loading_info = finalize_model_loading(model, load_config, loading_info)
+        for name, tensor in model.state_dict().items():  # the FP8 payloads and their block scales, as loaded
+            if (is_float8(tensor) or name.endswith(SCALE_SUFFIX)) and not tensor.is_meta:  # meta: offloaded
+                check_finite(name, tensor.to_local() if isinstance(tensor, DTensor) else tensor, "the checkpoint")
         # ignore_mismatched_sizes relaxes shapes only: a missing tensor would otherwise be left uninitialised
         mismatched = [] if load_config.ignore_mismatched_sizes else loading_info.mismatched_keys
         # a task head the checkpoint lacks was initialised by transformers, which reports it

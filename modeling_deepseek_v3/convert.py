@@ -27,7 +27,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .checkpoint import SAFE_INDEX_NAME, SCALE_SUFFIX, read_weight_map, safetensors_headers
+from .checkpoint import (
+    SAFE_INDEX_NAME,
+    SCALE_SUFFIX,
+    check_finite,
+    check_scale_entries,
+    read_weight_map,
+    safetensors_headers,
+)
 from .configuration import DeepseekV3Config
 from .kernels import FP8_BLOCK, weight_dequant_ref, weight_quant_ref
 
@@ -131,10 +138,12 @@ def _read_config(path: Path) -> dict:
 
 
 def _check_tensors(src: Path, weight_map: dict[str, str], direction: str, block: tuple[int, int]) -> None:
-    """Check every tensor's dtype and shape from the shard headers, before anything is written."""
+    """Check every tensor's dtype and shape from the shard headers, and the block scales' values (small), before
+    anything is written. The other tensors' values are checked as each shard is converted."""
     headers = {}
     for shard in sorted(set(weight_map.values())):
         headers.update(safetensors_headers(src / shard))
+    check_scale_entries({key: dtype for key, (dtype, _) in headers.items()}, weight_map)
     if direction == "bf16-to-fp8":
         projections = [key for key, (_, shape) in headers.items() if is_fp8_projection(key, len(shape))]
         if not projections:
@@ -159,6 +168,8 @@ def _check_tensors(src: Path, weight_map: dict[str, str], direction: str, block:
                 f"weight_block_size {list(block)} of config.json needs {list(expected)}: the block size does not "
                 "match the checkpoint"
             )
+        with safe_open(src / weight_map[scale_key], "pt") as f:
+            check_finite(scale_key, f.get_tensor(scale_key), weight_map[scale_key])
 
 
 def _copy_other_files(src: Path, dst: Path) -> None:
@@ -184,6 +195,7 @@ def _convert_shard(src: Path, shard: str, weight_map: dict, direction: str, bloc
     with safe_open(src / shard, "pt") as f:
         for key in f.keys():
             tensor = f.get_tensor(key)
+            check_finite(key, tensor, shard)
             if direction == "fp8-to-bf16":
                 if key.endswith(SCALE_SUFFIX):
                     continue

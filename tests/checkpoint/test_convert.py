@@ -190,6 +190,64 @@ def missing_scale(src):
     edit_json(src / "model.safetensors.index.json", lambda index: index["weight_map"].pop(PROJECTION + "_scale_inv"))
 
 
+def scale_edit(edit):
+    """A source broken by `edit(scale)` -> new scale tensor, applied to PROJECTION's block scale."""
+    def break_source(src):
+        key = PROJECTION + "_scale_inv"
+        edit_tensors(shard_of(src, key), lambda state: state.update({key: edit(state[key])}))
+    break_source.__name__ = edit.__name__
+    return break_source
+
+
+def nan_scale(scale):
+    return scale.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("nan")))
+
+
+def inf_scale(scale):
+    return scale.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("inf")))
+
+
+def int32_scale(scale):
+    return scale.to(torch.int32)
+
+
+def e4m3_scale(scale):
+    return scale.to(torch.float8_e4m3fn)
+
+
+def nan_payload_byte(src):
+    def edit(state):
+        raw = state[PROJECTION].view(torch.uint8).clone()
+        raw[0, 0] = 0x7F  # e4m3's NaN
+        state[PROJECTION] = raw.view(torch.float8_e4m3fn)
+    edit_tensors(shard_of(src, PROJECTION), edit)
+
+
+def orphan_scale(src):
+    key = "model.layers.1.mlp.lost.weight_scale_inv"
+    edit_tensors(shard_of(src, PROJECTION), lambda state: state.update({key: torch.ones(1, 1)}))
+    edit_json(src / "model.safetensors.index.json",
+              lambda index: index["weight_map"].update({key: index["weight_map"][PROJECTION]}))
+
+
+def nan_bf16_weight(src):
+    def edit(state):
+        state[PROJECTION] = state[PROJECTION].clone()
+        state[PROJECTION][1, 2] = float("nan")
+    edit_tensors(shard_of(src, PROJECTION), edit)
+
+
+BAD_FP8_NUMBERS = [
+    # (how an FP8 source is broken, error message pattern): refused by the loader and by the converter
+    (scale_edit(nan_scale), rf"{PROJECTION}_scale_inv \(in .*\) holds 1 NaN or infinite values"),
+    (scale_edit(inf_scale), rf"{PROJECTION}_scale_inv \(in .*\) holds 1 NaN or infinite values"),
+    (nan_payload_byte, rf"{PROJECTION} \(in .*\) holds 1 NaN or infinite values"),
+    (scale_edit(int32_scale), rf"{PROJECTION}_scale_inv \(in .*\) is stored as I32; block scales must be F32 or BF16"),
+    (scale_edit(e4m3_scale), rf"{PROJECTION}_scale_inv \(in .*\) is stored as F8_E4M3; block scales must be"),
+    (orphan_scale, r"model.layers.1.mlp.lost.weight_scale_inv \(in .*\) is a block scale without its weight"),
+]
+
+
 def block_size_mismatch(src):
     edit_json(src / "config.json", lambda config: config["quantization_config"].update(weight_block_size=[64, 64]))
 
@@ -219,6 +277,8 @@ BROKEN_SOURCES = [
                                                 r"weight_block_size \[64, 64\] of config.json needs \[\d+, \d+\]"),
     (e5m2_format_in_config, "fp8", "fp8-to-bf16", r"config.json: DeepseekV3Config: `quantization_config.fmt` = 'e5m2'"),
     (config_not_json, "bf16", "bf16-to-fp8", r"config.json is not valid JSON"),
+    (nan_bf16_weight, "bf16", "bf16-to-fp8", rf"{PROJECTION} \(in .*\) holds 1 NaN or infinite values"),
+    *((break_source, "fp8", "fp8-to-bf16", match) for break_source, match in BAD_FP8_NUMBERS),
 ]
 
 
@@ -235,9 +295,10 @@ def test_a_flawed_source_is_a_clear_error_and_one_cli_line(
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", direction, str(src), str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("deepseek-v3 convert: error: ") and "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written
+    err = capsys.readouterr().err  # a flaw found in a payload comes after the progress bar of the shards before it
+    assert err.endswith("\n") and err.splitlines()[-1].startswith("deepseek-v3 convert: error: ")
+    assert err.count("deepseek-v3 convert: error: ") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written, nothing left
 
 
 def test_an_uncreatable_destination_is_one_cli_line(bf16_folder, tmp_path, capsys):
@@ -289,3 +350,15 @@ def test_shards_and_files_in_subfolders(bf16_folder, tmp_path):
     direct = DeepseekV3ForCausalLM.from_pretrained(convert_checkpoint(bf16_folder, tmp_path / "direct", "bf16-to-fp8"))
     torch.testing.assert_close(DeepseekV3ForCausalLM.from_pretrained(out)(ids).logits, direct(ids).logits,
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("break_source, match", BAD_FP8_NUMBERS, ids=[case[0].__name__ for case in BAD_FP8_NUMBERS])
+def test_bad_fp8_numbers_are_refused_by_the_loader(break_source, match, fp8_folder, tmp_path):
+    """The loader applies the converter's rules to block scales and payloads: before, a NaN or infinite scale or a
+    NaN payload byte loaded silently (NaN logits), and an int32 or e4m3 scale was truncated or rounded."""
+    src = tmp_path / "src"
+    shutil.copytree(fp8_folder, src)
+    DeepseekV3ForCausalLM.from_pretrained(src)  # the intact copy loads
+    break_source(src)
+    with pytest.raises(ValueError, match=match):
+        DeepseekV3ForCausalLM.from_pretrained(src)
