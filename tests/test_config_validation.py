@@ -83,3 +83,24 @@ def test_widths_the_rule_accepts_run_in_every_dtype(dtype):
     assert torch.isfinite(loss)
     experts = model.model.layers[1].mlp.experts
     assert all(getattr(experts, name).grad.abs().sum() > 0 for name in experts.PROJECTIONS)
+
+
+@pytest.mark.parametrize("field, value", [("num_hidden_layers", 1_000_000), ("num_nextn_predict_layers", 100_000),
+                                          ("n_routed_experts", 1 << 20), ("vocab_size", 1 << 30)])
+def test_counts_no_machine_can_build_are_refused_before_any_module(field, value, tmp_path):
+    """A `config.json` with a million layers used to run out of memory while the module tree was built; it is refused
+    when the config is read, naming the field (the model below is never built)."""
+    import json
+
+    from modeling_deepseek_v3 import DeepseekV3ForCausalLM
+
+    (tmp_path / "config.json").write_text(json.dumps({**tiny_config().to_dict(), field: value}))
+    with pytest.raises(ValueError, match=rf"`{field}` = {value} is invalid: must be <= \d+"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "num_hidden_layers", "hidden_size"])
+def test_a_count_given_as_a_string_is_named(field):
+    """transformers' own validators used to fail first on `vocab_size: "12"` with a bare comparison error."""
+    with pytest.raises(ValueError, match=rf"`{field}` = '12' is invalid: must be a positive integer"):
+        tiny_config(**{field: "12"})

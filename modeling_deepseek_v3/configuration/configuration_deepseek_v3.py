@@ -28,6 +28,10 @@ ROPE_REQUIRED_KEYS = {
 # torch's grouped GEMM (the routed experts on CPU, and FP8 training's weight gradient) needs every row stride to be a
 # multiple of 16 bytes: 8 elements in bf16/fp16, the narrowest dtype a model computes in (4 would do for fp32)
 GROUPED_GEMM_ROW_BYTES = 16
+# upper bounds on the counts that decide how many modules (and how large an embedding) are built: at least 16x every
+# released DeepSeek-V3-family config (61 layers, 1 MTP module, 384 routed experts, 163,840 tokens)
+SIZE_BOUNDS = {"num_hidden_layers": 1024, "num_nextn_predict_layers": 16, "n_routed_experts": 8192,
+               "vocab_size": 4_194_304}
 NARROWEST_COMPUTE_BYTES = 2
 BOOLEAN_FIELDS = ("norm_topk_prob", "use_cache", "tie_word_embeddings", "attention_bias", "use_mtp_modules",
                   "use_routing_bias", "routing_bias_auto_update", "output_router_logits")
@@ -227,6 +231,7 @@ class DeepseekV3Config(PreTrainedConfig):
         # The one source of the RoPE settings, in transformers' `rope_parameters` form (its RoPE and MTP utilities
         # read it); `rope_theta` and `rope_scaling` are views of it in the official form.
         self.rope_parameters = _rope_parameters(rope_theta, rope_scaling)  # validated by the setter
+        self._validate_sizes()
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -291,23 +296,7 @@ class DeepseekV3Config(PreTrainedConfig):
 
     def validate_fields(self) -> None:
         """Check every rule of the configuration; raise `ValueError` naming field, value and rule."""
-        positive = (
-            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
-            "n_routed_experts", "n_group", "topk_group", "num_experts_per_tok", "moe_layer_freq",
-            "max_position_embeddings",
-        )  # fmt: skip
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                _fail(name, value, "must be a positive integer")
-        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                _fail(name, value, "must be a non-negative integer")
-        q_rank = self.q_lora_rank
-        if q_rank is not None and (isinstance(q_rank, bool) or not isinstance(q_rank, int) or q_rank <= 0):
-            _fail("q_lora_rank", self.q_lora_rank, "must be a positive integer, or None for no query compression")
+        self._validate_sizes()
         if self.num_key_value_heads != self.num_attention_heads:
             _fail("num_key_value_heads", self.num_key_value_heads,
                   f"MLA shares one latent across heads; must equal num_attention_heads ({self.num_attention_heads})")
@@ -361,6 +350,32 @@ class DeepseekV3Config(PreTrainedConfig):
                 _fail(name, getattr(self, name), "must be True, False or None")
         self._validate_rope(self.rope_parameters)
         self._validate_quantization()
+
+    def _validate_sizes(self) -> None:
+        """The sizes and counts: integers in range. Checked before transformers' own config validation too, so that
+        a wrong type is named here, and before any module is built, so that a count no machine can build is refused
+        at once instead of running out of memory building the module tree."""
+        positive = (
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+            "n_routed_experts", "n_group", "topk_group", "num_experts_per_tok", "moe_layer_freq",
+            "max_position_embeddings",
+        )  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                _fail(name, value, "must be a positive integer")
+        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(name, value, "must be a non-negative integer")
+        q_rank = self.q_lora_rank
+        if q_rank is not None and (isinstance(q_rank, bool) or not isinstance(q_rank, int) or q_rank <= 0):
+            _fail("q_lora_rank", self.q_lora_rank, "must be a positive integer, or None for no query compression")
+        for name, bound in SIZE_BOUNDS.items():
+            if getattr(self, name) > bound:
+                _fail(name, getattr(self, name), f"must be <= {bound}, far above any released DeepSeek-V3-family "
+                      "model; larger counts would exhaust memory while the modules are built")
 
     def _validate_rope(self, params: dict) -> None:
         _validate_rope_parameters(params)
