@@ -61,6 +61,9 @@ ROWS_PER_READ = 8192  # copies are compared in slices of this many rows, never r
 TASK_HEAD_PATTERNS = [r"^lm_head\.", r"^score\."]
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
+# written into a folder while `save_pretrained` writes its weights, removed when the save finished: a folder holding
+# it was left by an interrupted save, whose weights may be part old, part new
+UNFINISHED_SAVE = ".unfinished-save"
 SCALE_SUFFIX = "_scale_inv"  # `X.weight_scale_inv` holds the block scales of the FP8 `X.weight`
 # safetensors' names of the dtypes an FP8 checkpoint holds (FP8 payloads must be e4m3, the official format)
 FP8_PAYLOAD_DTYPE = "F8_E4M3"
@@ -243,7 +246,8 @@ def check_checkpoint_files(state_dict: dict | None, checkpoint_files: Iterable[s
                            folder: str | None = None) -> None:
     """Load-time rules that transformers does not check, read from the safetensors headers (no tensor data):
 
-    * every file of a local checkpoint `folder` lies inside it (`check_files_inside`);
+    * a local checkpoint `folder` was not left by an interrupted save (`check_save_finished`), and every file lies
+      inside it (`check_files_inside`);
     * a folder holds `model.safetensors` or a sharded index, or both when they agree (`check_single_or_sharded`);
     * no tensor is stored in two shards (transformers would silently load one of them);
     * a weight stored with block scales (`X` and `X_scale_inv`) is an e4m3 FP8 payload: one in bf16 or another
@@ -258,6 +262,7 @@ def check_checkpoint_files(state_dict: dict | None, checkpoint_files: Iterable[s
                                      state_dict.items()}}
     else:
         if folder is not None and Path(folder).is_dir():
+            check_save_finished(Path(folder))
             check_files_inside(Path(folder), checkpoint_files or [])
         files = [Path(path) for path in checkpoint_files or [] if Path(path).suffix == ".safetensors"]
         if files:
@@ -349,6 +354,19 @@ def safetensors_headers(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
 
 
+def check_save_finished(folder: Path) -> None:
+    """A folder that `save_pretrained` was interrupted in holds its `UNFINISHED_SAVE` marker: some weight files may be
+    new and others left from an earlier save, a mix that would load without error.
+
+    Raises:
+        ValueError: naming the folder and the marker.
+    """
+    if (folder / UNFINISHED_SAVE).exists():
+        raise ValueError(f"{folder} holds an unfinished save ({UNFINISHED_SAVE} is there): save_pretrained was "
+                         "interrupted while writing it, so its weights may be part new, part old. Save the model "
+                         f"again; delete {UNFINISHED_SAVE} only if you know the weights are whole")
+
+
 def check_single_or_sharded(folder: Path) -> None:
     """A checkpoint folder holds one `model.safetensors` or a `model.safetensors.index.json` with its shards. It may
     hold both when they agree, as folders written by other tools do: the index maps every key of `model.safetensors`
@@ -386,6 +404,7 @@ def read_weight_map(folder: Path) -> dict[str, str]:
     Raises:
         ValueError: naming the file or key, for each way the folder breaks these rules.
     """
+    check_save_finished(folder)
     check_single_or_sharded(folder)
     index_path = folder / SAFE_INDEX_NAME
     if not index_path.is_file():
@@ -673,12 +692,18 @@ class CheckpointMixin:
         """`PreTrainedModel.save_pretrained`, writing the official MTP layout (`gather_sharded_state_dict_for_save`).
         With `remote_code=True` the folder also loads with `trust_remote_code=True` in a process that never imported
         this package (`write_remote_code`)."""
-        layouts = (Path(save_directory) / SAFE_WEIGHTS_NAME, Path(save_directory) / SAFE_INDEX_NAME)
+        folder = Path(save_directory)
+        layouts = (folder / SAFE_WEIGHTS_NAME, folder / SAFE_INDEX_NAME)
         before = [file_stamp(path) for path in layouts]
+        if is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / UNFINISHED_SAVE).write_text("save_pretrained is writing this folder; if it was interrupted, "
+                                                  "its weights may be part of an earlier save: save again\n")
         result = super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict,
                                          **kwargs)
         if is_main_process:
             remove_replaced_layout(layouts, before)
+            (folder / UNFINISHED_SAVE).unlink()
         if remote_code and is_main_process:
             write_remote_code(save_directory)
         return result

@@ -111,21 +111,26 @@ def _previous_demo_files(out: Path) -> list[str]:
             "demo would overwrite its files. Choose a new or empty folder"
         )
     try:
-        files = json.loads(record.read_text())["files"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        entry = json.loads(record.read_text())
+        listed, name = (entry["kept"], "kept") if entry.get("unfinished") else (entry["files"], "files")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise DemoArgumentError(f"out: {record} is not a demo record ({e!r}); choose another folder") from e
-    if not isinstance(files, list) or not all(isinstance(f, str) and Path(f).name == f for f in files):
-        raise DemoArgumentError(f"out: {record} must list plain file names under 'files'")
-    return files
+    if not isinstance(listed, list) or not all(isinstance(f, str) and Path(f).name == f for f in listed):
+        raise DemoArgumentError(f"out: {record} must list plain file names under '{name}'")
+    if entry.get("unfinished"):  # an interrupted save: every file but the user's own is the demo's
+        return sorted(_file_names(out) - set(listed))
+    return listed
 
 
 def _save_replacing(out: Path, previous: list[str], writers: list[Callable[[Path], object]]) -> None:
     """Write into `out` with `writers` (each called with the folder) after removing the previous demo run's files, so
     no stale shard or index survives, and record what was written."""
     out.mkdir(parents=True, exist_ok=True)
+    others = _file_names(out) - set(previous)  # files of the user's, kept and never recorded
+    # recorded first, so that a rerun after an interruption knows which files to replace (all but the user's)
+    (out / DEMO_RECORD).write_text(json.dumps({"unfinished": True, "kept": sorted(others)}, indent=2) + "\n")
     for name in previous:
         (out / name).unlink(missing_ok=True)
-    others = _file_names(out)  # files of the user's, kept and never recorded
     for write in writers:
         write(out)
     (out / DEMO_RECORD).write_text(json.dumps({"files": sorted(_file_names(out) - others)}, indent=2) + "\n")

@@ -155,3 +155,23 @@ def test_demo_replaces_its_own_earlier_output(tmp_path: Path) -> None:
     assert (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / "demo-output.json").read_text())["files"] == record["files"]
     AutoTokenizer.from_pretrained(out)
+
+
+@pytest.mark.slow
+def test_a_rerun_after_an_interrupted_demo_save_replaces_it(tmp_path: Path) -> None:
+    """A demo interrupted while saving left a model without its tokenizer and no record of its files, and the rerun
+    refused the folder as not its own; the record is now written first, and the rerun replaces what was saved."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SMALL_CORPUS * 16, encoding="utf-8")
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    # what an interruption after the model's first shards leaves: the record of the files to keep, a partial save
+    (out / "demo-output.json").write_text(json.dumps({"unfinished": True, "kept": ["notes.txt"]}))
+    (out / "model-00001-of-00002.safetensors").write_text("partial")
+    (out / ".unfinished-save").write_text("")
+    run_demo(steps=1, out=out, preset="tiny", corpus=corpus, max_new_tokens=2)
+    assert not (out / "model-00001-of-00002.safetensors").exists() and not (out / ".unfinished-save").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert "notes.txt" not in json.loads((out / "demo-output.json").read_text())["files"]
+    AutoTokenizer.from_pretrained(out)

@@ -13,6 +13,7 @@ from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3.cli import main
+from modeling_deepseek_v3.convert import convert_checkpoint
 from modeling_deepseek_v3.kernels import weight_dequant_ref, weight_quant_ref
 
 from ..utils import QUANTIZATION, random_ids, random_model, tiny_config
@@ -255,3 +256,46 @@ def test_symlinked_weight_files_of_the_hub_cache_layout_load(saved, tmp_path):
     index = {"metadata": {}, "weight_map": dict.fromkeys(state, "model-00001-of-00001.safetensors")}
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
     torch.testing.assert_close(DeepseekV3ForCausalLM.from_pretrained(sharded).eval()(ids).logits, expected)
+
+
+KILLED_SAVE = """
+import os, signal, sys, threading, time
+import torch
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, load_preset
+
+folder = sys.argv[1]
+torch.manual_seed(2)
+model = DeepseekV3ForCausalLM(load_preset("tiny"))
+start = time.time()
+sys.setswitchinterval(1e-5)
+
+def kill_after_two_new_shards():
+    while True:
+        shards = [f for f in os.listdir(folder) if f.startswith("model-")]
+        if sum(os.path.getmtime(os.path.join(folder, f)) > start for f in shards) >= 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+threading.Thread(target=kill_after_two_new_shards, daemon=True).start()
+model.save_pretrained(folder, max_shard_size="20KB")
+print("finished")
+"""
+
+
+def test_an_interrupted_save_over_an_older_checkpoint_is_refused(tmp_path):
+    """A save killed after a few of its shards leaves new shards beside old ones, which loaded without error as a
+    mix of the two models; the folder is now refused, saying the save did not finish. A save that finishes loads."""
+    old = random_model()
+    old.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 10
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -9 and "finished" not in killed.stdout, killed.stderr[-2000:]
+    with pytest.raises(ValueError, match=r"holds an unfinished save \(.unfinished-save is there\): save_pretrained "
+                                         r"was interrupted"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds an unfinished save"):
+        convert_checkpoint(tmp_path, tmp_path.parent / "converted", "bf16-to-fp8")
+    old.save_pretrained(tmp_path, max_shard_size="20KB")  # saving again makes the folder whole
+    ids = random_ids(tiny_config(), 1, 5)
+    torch.testing.assert_close(DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()(ids).logits,
+                               old(ids).logits, rtol=0, atol=0)
