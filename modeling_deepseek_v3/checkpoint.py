@@ -508,15 +508,33 @@ def file_stamp(path: Path) -> tuple[int, int, int] | None:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def remove_replaced_layout(layouts: tuple[Path, Path], before: list) -> None:
-    """After a save, remove `model.safetensors` or the shard index if the save wrote the other one and left this one
-    as an earlier save had written it. transformers removes an earlier save's stale shards but not these two, and a
-    folder holding a single file and an index that disagree is refused (`check_single_or_sharded`); a file this
-    save wrote is never removed."""
-    written = [stamp is not None and stamp != old for stamp, old in zip(map(file_stamp, layouts), before)]
-    for path, was_written, other_written in zip(layouts, written, reversed(written)):
-        if other_written and not was_written and path.is_file():
-            path.unlink()
+class SaveInProgress:
+    """The writing rank's side of one `save_pretrained` into `folder`. Begun: the `UNFINISHED_SAVE` marker is written
+    before the first weight file. Finished (after the last one, before the ranks of a sharded save pass their
+    barrier, so none of them reads a marked folder): the marker is removed, and so is `model.safetensors` or the shard
+    index if this save wrote the other one and left it as an earlier save had written it. transformers removes an
+    earlier save's stale shards but not these two, and a folder holding a single file and an index that disagree is
+    refused (`check_single_or_sharded`); a file this save wrote is never removed."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.layouts = (folder / SAFE_WEIGHTS_NAME, folder / SAFE_INDEX_NAME)
+        self.before = [file_stamp(path) for path in self.layouts]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / UNFINISHED_SAVE).write_text("save_pretrained is writing this folder; if it was interrupted, its "
+                                              "weights may be part of an earlier save: save again\n")
+        self.finished = False
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        after = [file_stamp(path) for path in self.layouts]
+        written = [stamp is not None and stamp != old for stamp, old in zip(after, self.before)]
+        for path, was_written, other_written in zip(self.layouts, written, reversed(written)):
+            if other_written and not was_written and path.is_file():
+                path.unlink()
+        (self.folder / UNFINISHED_SAVE).unlink()
+        self.finished = True
 
 
 def write_remote_code(folder: str | Path) -> Path:
@@ -692,18 +710,16 @@ class CheckpointMixin:
         """`PreTrainedModel.save_pretrained`, writing the official MTP layout (`gather_sharded_state_dict_for_save`).
         With `remote_code=True` the folder also loads with `trust_remote_code=True` in a process that never imported
         this package (`write_remote_code`)."""
-        folder = Path(save_directory)
-        layouts = (folder / SAFE_WEIGHTS_NAME, folder / SAFE_INDEX_NAME)
-        before = [file_stamp(path) for path in layouts]
-        if is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / UNFINISHED_SAVE).write_text("save_pretrained is writing this folder; if it was interrupted, "
-                                                  "its weights may be part of an earlier save: save again\n")
-        result = super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict,
-                                         **kwargs)
-        if is_main_process:
-            remove_replaced_layout(layouts, before)
-            (folder / UNFINISHED_SAVE).unlink()
+        # one rank writes the files of a sharded model; the others pass through the same call
+        progress = SaveInProgress(Path(save_directory)) if self.should_save_on_this_rank(is_main_process) else None
+        self._save_in_progress = progress  # finished by `barrier_after_gathered_checkpoint_save`, inside the save
+        try:
+            result = super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict,
+                                             **kwargs)
+        finally:
+            del self._save_in_progress
+        if progress is not None:
+            progress.finish()  # where transformers' save did not reach the barrier hook
         if remote_code and is_main_process:
             write_remote_code(save_directory)
         return result
@@ -739,6 +755,9 @@ class CheckpointMixin:
         return state_dict
 
     def barrier_after_gathered_checkpoint_save(self, distributed_config) -> None:
+        progress = getattr(self, "_save_in_progress", None)
+        if progress is not None:  # every weight file is written: unmark the folder before the other ranks go on
+            progress.finish()
         super().barrier_after_gathered_checkpoint_save(distributed_config)
         # transformers waits for the writing rank under tensor, expert and data parallelism only
         if distributed_config is not None and distributed_config.pp_size > 1:
