@@ -38,6 +38,7 @@ from .private_api import (
     is_peft_adapter_model,
     keep_in_fp32,
     load_pretrained_model,
+    peft_adapter_prefixes,
     set_weight_conversions,
     weight_conversions,
 )
@@ -430,6 +431,25 @@ def write_remote_code(folder: str | Path) -> Path:
     return code_path
 
 
+def refuse_unmatched_adapter_keys(module, state_dict, prefix: str, *args) -> None:
+    """A `load_state_dict` pre-hook of the model: adapter tensors (a key part starting with a PEFT prefix such as
+    `lora_`) that match no tensor of the model are refused, naming them. PEFT loads adapters with `strict=False`,
+    which would leave them out without a word and give a partly loaded adapter."""
+    adapter_parts = peft_adapter_prefixes()
+    adapter_keys = [key for key in state_dict if key.startswith(prefix)
+                    and any(part.startswith(adapter_parts) for part in key[len(prefix):].split("."))]
+    if not adapter_keys:
+        return
+    own = set(module.state_dict(prefix=prefix, keep_vars=True))
+    unmatched = sorted(key for key in adapter_keys if key not in own)
+    if unmatched:
+        raise ValueError(
+            f"the adapter holds {len(unmatched)} tensors that match no module of this model: {unmatched}. Loading "
+            "would leave them out and give a partly loaded adapter. Check that the adapter was trained on this "
+            "model and that its adapter_config.json targets (target_modules, target_parameters) name its modules"
+        )
+
+
 def is_task_head_key(model, key: str) -> bool:
     """Whether `key` (a parameter name) belongs to the model's task head (`lm_head`, `score`): outside its base model
     and its MTP modules. A base model has no head."""
@@ -453,6 +473,7 @@ class CheckpointMixin:
         # MTP modules stored after the decoder layers are not an error for a model without them; a model with them
         # loads their keys (renamed) and checks that nothing else is left there (`_finalize_model_loading`)
         ignore_unexpected_keys(self, mtp_layer_patterns(config) + TASK_HEAD_PATTERNS)
+        self.register_load_state_dict_pre_hook(refuse_unmatched_adapter_keys)
 
     @property
     def has_mtp_modules(self) -> bool:
