@@ -17,7 +17,14 @@ import torch
 from peft import LoraConfig
 from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 from torch import nn
-from transformers import CompileConfig, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    CompileConfig,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+    Trainer,
+)
 from transformers.distributed import DistributedMixin
 
 # the pipeline parallelism of transformers' distributed engine: the placeholder it puts where a stage holds no
@@ -47,6 +54,8 @@ OVERRIDDEN_HOOKS = (
     (DistributedMixin, "gather_sharded_state_dict_for_save", ("self", "model_to_save", "state_dict",
                                                              "distributed_config", "save_on_this_rank")),
     (DistributedMixin, "barrier_after_gathered_checkpoint_save", ("self", "distributed_config")),
+    # Trainer's report on the checkpoint it resumed from (or its best one): DeepseekV3Trainer refuses an incomplete one
+    (Trainer, "_issue_warnings_after_load", ("self", "load_result")),
 )
 # private attributes transformers reads from our classes or instances
 IGNORED_UNEXPECTED_KEYS = "_keys_to_ignore_on_load_unexpected"  # regexes of checkpoint keys loading may skip
