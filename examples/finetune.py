@@ -26,9 +26,10 @@ from transformers.distributed import DistributedConfig
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, load_preset
 from modeling_deepseek_v3.demo import make_datasets, train_tokenizer
 
-# the LoRA recipe of docs/training.md: every MLA projection, the shared experts, and the stacked routed experts
+# the LoRA recipe of docs/training.md: every MLA projection, the dense layers' MLPs and the shared experts (modules
+# named gate_proj / up_proj / down_proj), and the stacked routed experts
 LORA_TARGET_MODULES = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
-                       "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"]
+                       "gate_proj", "up_proj", "down_proj"]
 LORA_TARGET_PARAMETERS = ["mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"]
 
 
@@ -66,8 +67,8 @@ def main() -> None:
         parser.error(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {config.vocab_size}")
     train_ds, _, _ = make_datasets(tokenizer.backend_tokenizer.encode(text[:200_000]).ids, 128)
     if args.lora:
-        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES,
-                          target_parameters=LORA_TARGET_PARAMETERS)
+        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                          target_modules=LORA_TARGET_MODULES, target_parameters=LORA_TARGET_PARAMETERS)
         model = get_peft_model(model, lora)
 
     training = TrainingArguments(

@@ -5,7 +5,8 @@ batching over a paged latent cache (`generate_batch`).
 Importing this package registers its classes with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM`,
 `AutoModelForSequenceClassification` and `AutoModelForTokenClassification` for `model_type = "deepseek_v3"`, replacing
 transformers' built-in DeepSeek-V3 classes for the whole process. The built-in classes stay reachable by importing
-them explicitly from `transformers`.
+them explicitly from `transformers`. It also exempts its classes from PEFT's rewrite of LoRA targets for this
+model_type (meant for the built-in class's fused experts), so LoRA adapts the modules a config names.
 """
 
 from transformers import (
@@ -24,6 +25,7 @@ from .metrics import TrainingMetrics
 from .model import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
 from .outputs import DeepseekV3CausalLMOutput
 from .paged_cache import PagedLatentCache
+from .private_api import keep_peft_targets_of
 from .trainer import DeepseekV3Trainer, ExpertBalanceCallback
 
 AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
@@ -31,6 +33,8 @@ AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)
 AutoModelForCausalLM.register(DeepseekV3Config, DeepseekV3ForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(DeepseekV3Config, DeepseekV3ForSequenceClassification, exist_ok=True)
 AutoModelForTokenClassification.register(DeepseekV3Config, DeepseekV3ForTokenClassification, exist_ok=True)
+# PEFT would rewrite LoRA targets such as shared_experts.gate_proj into the built-in class's fused experts
+keep_peft_targets_of(DeepseekV3PreTrainedModel)
 
 __all__ = [
     "PRESET_NAMES",

@@ -117,6 +117,12 @@ class RoutingLog:
         self.closed = True
 
 
+def add_counts(total: dict[int, torch.Tensor], counts: dict[int, torch.Tensor]) -> None:
+    """`total[layer] += counts[layer]` for every layer of `counts` (a layer new to `total` starts at its counts)."""
+    for layer, layer_counts in counts.items():
+        total[layer] = total[layer] + layer_counts if layer in total else layer_counts
+
+
 @torch.no_grad()
 def update_routing_biases(biases: list[torch.Tensor], loads: torch.Tensor, speed: float) -> None:
     """`b_i += speed · sign(mean(load) − load_i)` for every layer: `biases` fp32 `[E]` each, `loads` `[layers, E]`."""
@@ -129,9 +135,11 @@ class ExpertBalance:
     """The token counts of the training forwards since the last optimizer step, per MoE layer, the bias update they
     drive, and the balance metrics (into `metrics`, named by `layer_name(layer index)`).
 
-    Counts belong to the gradients of their forward: when a forward ends while no trainable parameter holds a
-    gradient, the counts still pending came from forwards whose gradients were cleared without an optimizer step (a
-    step skipped by fp16 loss scaling, or abandoned), and they are dropped.
+    Counts belong to the gradients of their forward. A forward's counts wait `in_flight` until its backward reaches
+    the model's output, then join `pending`. When a forward ends while no trainable parameter holds a gradient, the
+    `pending` counts came from forwards whose gradients were cleared without an optimizer step (a step skipped by
+    fp16 loss scaling, or abandoned), and they are dropped; counts still in flight are kept, so that several
+    forwards followed by one backward (accumulation written by hand) all count.
 
     Args:
         metrics: a `TrainingMetrics`, receiving `balance_loss` and `expert_load_max_over_mean` (overall and per layer).
@@ -141,16 +149,21 @@ class ExpertBalance:
     def __init__(self, metrics, layer_name: Callable[[int], str]) -> None:
         self.metrics = metrics
         self.layer_name = layer_name
-        self.pending: dict[int, torch.Tensor] = {}  # layer index -> [E] tokens per expert
+        self.pending: dict[int, torch.Tensor] = {}  # layer index -> [E] tokens per expert, backward done
+        self.in_flight: list[dict[int, torch.Tensor]] = []  # per forward whose backward has not run yet
         self.last_loads: dict[str, torch.Tensor] = {}  # of the last update, e.g. for plots
         self.warned_about_frozen_routers = False
         self._hook = None
 
-    def end_forward(self, log: RoutingLog, gradients_pending: bool) -> torch.Tensor | None:
+    def end_forward(
+        self, log: RoutingLog, gradients_pending: bool, output: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Take a recorded forward's closed `log`: add its counts to the step's, record its balance losses.
 
         Args:
             gradients_pending: whether a trainable parameter of the model holds a gradient.
+            output: a tensor of the forward that its backward passes through (the last hidden states): the counts
+                wait in flight until the backward reaches it. None (or no autograd graph): they count at once.
 
         Returns:
             The balance loss summed over layers, or None (α = 0).
@@ -160,8 +173,12 @@ class ExpertBalance:
         """
         if not gradients_pending:
             self.pending.clear()
-        for layer, counts in log.counts.items():
-            self.pending[layer] = self.pending[layer] + counts if layer in self.pending else counts
+        if output is not None and output.requires_grad and log.counts:
+            counts = dict(log.counts)
+            self.in_flight.append(counts)
+            output.register_hook(lambda grad: self._backward_reached(counts))
+        else:
+            add_counts(self.pending, log.counts)
         if not log.balance_losses:
             return None
         if log.computed_without_autograd:
@@ -186,16 +203,31 @@ class ExpertBalance:
             return 1.0
         return count_targets(labels) / num_items_in_batch
 
+    def _backward_reached(self, counts: dict[int, torch.Tensor]) -> None:
+        # identity, not equality: two forwards may have routed alike; a second backward (retain_graph) adds nothing
+        if any(entry is counts for entry in self.in_flight):
+            self.in_flight = [entry for entry in self.in_flight if entry is not counts]
+            add_counts(self.pending, counts)
+
     def discard(self) -> None:
         """Forget the counts since the last update (the optimizer step did not happen)."""
         self.pending.clear()
+        self.in_flight.clear()
+
+    def take_counts(self, layer: int) -> torch.Tensor | None:
+        """Remove and return the tokens `layer` routed since its last update (in flight included), or None."""
+        parts = [entry.pop(layer) for entry in self.in_flight if layer in entry]
+        if layer in self.pending:
+            parts.append(self.pending.pop(layer))
+        self.in_flight = [entry for entry in self.in_flight if entry]
+        return sum(parts[1:], parts[0]) if parts else None
 
     def update(
         self, biases: dict[int, torch.Tensor], speed: float, group=None, frozen: set[int] | frozenset = frozenset()
     ) -> dict[str, torch.Tensor]:
-        """Move `biases` (`{layer index: e_score_correction_bias}`) by the pending counts, record the load metrics and
-        reset the counts. The layers in `frozen` (their routers are not trained) keep their biases; a warning says so
-        once.
+        """Move `biases` (`{layer index: e_score_correction_bias}`) by those layers' counts, record the load metrics
+        and reset those counts (other layers' counts wait for their own update). The layers in `frozen` (their
+        routers are not trained) keep their biases; a warning says so once.
 
         Under `torch.distributed` the counts are summed over `group` in one all-reduce, so every rank of the group
         must call this, and all end with the same biases.
@@ -207,8 +239,9 @@ class ExpertBalance:
         if not layers:
             return {}
         device = biases[layers[0]].device  # layers may sit on several devices (device_map)
+        taken = {layer: self.take_counts(layer) for layer in layers}
         loads = torch.stack([
-            self.pending[layer].to(device) if layer in self.pending
+            taken[layer].to(device) if taken[layer] is not None
             else torch.zeros(biases[layer].shape[0], dtype=torch.int64, device=device)
             for layer in layers
         ])  # [layers, E]
@@ -225,7 +258,6 @@ class ExpertBalance:
                 "routing biases are not updated: the frozen base model and what was trained reproduce the trained "
                 "model. Train the routers to have their biases balanced."
             )
-        self.pending.clear()
         self.last_loads = {self.layer_name(layer): load for layer, load in zip(layers, loads)}
         self._record_loads()
         return dict(self.last_loads)
@@ -241,9 +273,9 @@ class ExpertBalance:
             self.metrics.add("expert_load_max_over_mean", worst)  # the least balanced layer
 
     def follow_optimizer_steps(self, model) -> None:
-        """Call `model.update_routing_bias()` after every `step()` of any torch optimizer that holds one of the
-        model's parameters (plain Trainer, accelerate, a hand-written loop). Idempotent; the hook goes with the
-        model."""
+        """Call `model.update_routing_bias(optimizer=...)` after every `step()` of any torch optimizer that holds one
+        of the model's parameters (plain Trainer, accelerate, a hand-written loop): the layers whose router that
+        optimizer holds move their biases. Idempotent; the hook goes with the model."""
         if self._hook is not None:
             return
         model_ref = weakref.ref(model)
@@ -254,7 +286,7 @@ class ExpertBalance:
                 return
             owned = {id(p) for p in model.parameters()}
             if any(id(p) in owned for group in optimizer.param_groups for p in group["params"]):
-                model.update_routing_bias()
+                model.update_routing_bias(optimizer=optimizer)
 
         self._hook = register_optimizer_step_post_hook(after_step)
         weakref.finalize(model, self._hook.remove)

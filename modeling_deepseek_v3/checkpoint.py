@@ -40,6 +40,7 @@ from .private_api import (
     keep_in_fp32,
     load_pretrained_model,
     loaded_name_or_path,
+    peft_adapter_prefixes,
     set_weight_conversions,
     weight_conversions,
 )
@@ -136,15 +137,18 @@ class MemoryLayout(NamedTuple):
     shared_copies: dict[str, torch.Tensor]  # the MTP layers' copies of the embedding and head, by stored key
 
 
-def to_memory_layout(config, state_dict: dict[str, torch.Tensor], has_mtp_modules: bool) -> MemoryLayout:
-    """Sort a state dict in the official layout (what `save_pretrained` writes) into in-memory keys: MTP layers renamed
-    to `mtp.{k}` (`mtp_key_renames`), per-expert tensors stacked in expert order. Keys in the in-memory layout pass
-    unchanged, so a state dict in either layout (or a mix of both) comes out in the in-memory one. A model without
-    MTP modules leaves the stored MTP layers out, as `from_pretrained` does.
+class KeyPlace(NamedTuple):
+    """Where a key of a state dict in the official layout goes in memory."""
 
-    Raises:
-        ValueError: if a tensor is given in both layouts.
-    """
+    key: str  # the in-memory key (for an expert's tensor, its stack)
+    expert: int | None = None  # the expert of a per-expert tensor
+    shared_copy: bool = False  # an MTP layer's copy of the embedding or head: compared, not loaded
+
+
+def memory_key_places(config, keys: Iterable[str], has_mtp_modules: bool) -> dict[str, KeyPlace | None]:
+    """The `KeyPlace` of each key of a state dict in the official layout (what `save_pretrained` writes): MTP layers
+    renamed to `mtp.{k}` (`mtp_key_renames`), per-expert tensors to their stack. Keys in the in-memory layout keep
+    their name. None: left out, as `from_pretrained` does (the stored MTP layers, for a model without MTP modules)."""
     renames = [(re.compile(pattern), replacement) for pattern, replacement in mtp_key_renames(config)]
     mtp_layers = [re.compile(pattern) for pattern in mtp_layer_patterns(config)]
     copy_keys = mtp_shared_copy_keys(config)
@@ -153,21 +157,43 @@ def to_memory_layout(config, state_dict: dict[str, torch.Tensor], has_mtp_module
         rf"^(?P<experts>.+\.mlp\.experts)\.(?P<index>\d+)\.(?P<name>{'|'.join(RoutedExperts.PROJECTIONS)})"
         rf"(?P<suffix>{'|'.join(re.escape(s) for s in suffixes)})$"
     )
-    tensors, experts, shared_copies = {}, {}, {}
-    for key, tensor in state_dict.items():
-        if key in copy_keys:
-            shared_copies[key] = tensor
+    places = {}
+    for stored in keys:
+        if stored in copy_keys:
+            places[stored] = KeyPlace(stored, shared_copy=True)
             continue
-        if not has_mtp_modules and any(p.match(key) for p in mtp_layers):
+        if not has_mtp_modules and any(p.match(stored) for p in mtp_layers):
+            places[stored] = None
             continue
+        key = stored
         for pattern, replacement in renames:
             key = pattern.sub(replacement, key)
         match = expert_key.match(key)
         if match is None or int(match["index"]) >= config.n_routed_experts:  # no expert: reported as unexpected
-            tensors[key] = tensor
+            places[stored] = KeyPlace(key)
+        else:
+            places[stored] = KeyPlace(f"{match['experts']}.{match['name']}{suffixes[match['suffix']]}",
+                                      int(match["index"]))
+    return places
+
+
+def to_memory_layout(config, state_dict: dict[str, torch.Tensor], has_mtp_modules: bool) -> MemoryLayout:
+    """Sort a state dict in the official layout into in-memory keys (`memory_key_places`), per-expert tensors stacked
+    in expert order. A state dict in either layout (or a mix of both) comes out in the in-memory one.
+
+    Raises:
+        ValueError: if a tensor is given in both layouts.
+    """
+    tensors, experts, shared_copies = {}, {}, {}
+    for stored, place in memory_key_places(config, state_dict, has_mtp_modules).items():
+        if place is None:
             continue
-        stacked = f"{match['experts']}.{match['name']}{suffixes[match['suffix']]}"
-        experts.setdefault(stacked, {})[int(match["index"])] = tensor
+        if place.shared_copy:
+            shared_copies[stored] = state_dict[stored]
+        elif place.expert is None:
+            tensors[place.key] = state_dict[stored]
+        else:
+            experts.setdefault(place.key, {})[place.expert] = state_dict[stored]
     expert_parts = {}
     for stacked, parts in experts.items():
         if stacked in tensors:
@@ -177,6 +203,33 @@ def to_memory_layout(config, state_dict: dict[str, torch.Tensor], has_mtp_module
         else:
             expert_parts[stacked] = parts
     return MemoryLayout(tensors, expert_parts, shared_copies)
+
+
+def resume_key_problems(model, missing: Iterable[str], unexpected: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The tensors of `model` a checkpoint truly lacks, and the checkpoint keys that match none, from a load report
+    that compares the checkpoint's keys with the model's by name (what `Trainer` gets from transformers'
+    `load_sharded_checkpoint`) or by in-memory key (from `load_state_dict`). Keys named differently on disk
+    (per-expert, MTP layers, the MTP copies) are matched to the model's tensors first, and a stack of experts given
+    in part is named with the experts it lacks. A tied tensor (`lm_head` tied to the embedding) is never missing."""
+    present, parts, stray = set(), {}, []
+    model_keys = set(model.state_dict())
+    for stored, place in memory_key_places(model.config, unexpected, model.has_mtp_modules).items():
+        if place is None or place.shared_copy:
+            continue
+        if place.key not in model_keys:
+            stray.append(stored)
+        elif place.expert is None:
+            present.add(place.key)
+        else:
+            parts.setdefault(place.key, set()).add(place.expert)
+    all_experts = set(range(model.config.n_routed_experts))
+    present |= {stacked for stacked, held in parts.items() if held == all_experts}
+    present |= set(getattr(model, "all_tied_weights_keys", None) or {})
+    lacking = []
+    for key in sorted(set(missing) - present):
+        absent = sorted(all_experts - parts[key]) if key in parts else None
+        lacking.append(key if absent is None else f"{key} (experts {absent})")
+    return lacking, sorted(stray)
 
 
 def stored_copy_differences(
@@ -565,6 +618,25 @@ def write_remote_code(folder: str | Path) -> Path:
     return code_path
 
 
+def refuse_unmatched_adapter_keys(module, state_dict, prefix: str, *args) -> None:
+    """A `load_state_dict` pre-hook of the model: adapter tensors (a key part starting with a PEFT prefix such as
+    `lora_`) that match no tensor of the model are refused, naming them. PEFT loads adapters with `strict=False`,
+    which would leave them out without a word and give a partly loaded adapter."""
+    adapter_parts = peft_adapter_prefixes()
+    adapter_keys = [key for key in state_dict if key.startswith(prefix)
+                    and any(part.startswith(adapter_parts) for part in key[len(prefix):].split("."))]
+    if not adapter_keys:
+        return
+    own = set(module.state_dict(prefix=prefix, keep_vars=True))
+    unmatched = sorted(key for key in adapter_keys if key not in own)
+    if unmatched:
+        raise ValueError(
+            f"the adapter holds {len(unmatched)} tensors that match no module of this model: {unmatched}. Loading "
+            "would leave them out and give a partly loaded adapter. Check that the adapter was trained on this "
+            "model and that its adapter_config.json targets (target_modules, target_parameters) name its modules"
+        )
+
+
 def is_task_head_key(model, key: str) -> bool:
     """Whether `key` (a parameter name) belongs to the model's task head (`lm_head`, `score`): outside its base model
     and its MTP modules. A base model has no head."""
@@ -588,6 +660,7 @@ class CheckpointMixin:
         # MTP modules stored after the decoder layers are not an error for a model without them; a model with them
         # loads their keys (renamed) and checks that nothing else is left there (`_finalize_model_loading`)
         ignore_unexpected_keys(self, mtp_layer_patterns(config) + TASK_HEAD_PATTERNS)
+        self.register_load_state_dict_pre_hook(refuse_unmatched_adapter_keys)
 
     @property
     def has_mtp_modules(self) -> bool:
@@ -648,16 +721,20 @@ class CheckpointMixin:
         """`nn.Module.load_state_dict`, also for a state dict in the official layout: what `save_pretrained` writes
         and what `Trainer` reads back with this method when it resumes (`resume_from_checkpoint`) or loads its best
         checkpoint. Per-expert tensors are stacked, the MTP layers go to `mtp.{k}`, and the MTP layers' copies of the
-        embedding and head are compared with the main tensors (a differing copy is named in a warning) and left out
-        (`to_memory_layout`). Missing and unexpected keys are reported by in-memory key, as torch does.
+        embedding and head are compared with the main tensors given in the same call (a differing copy is named in a
+        warning) and left out (`to_memory_layout`). Missing and unexpected keys are reported by in-memory key, as
+        torch does.
 
         A state dict holding only some experts of a stack (one shard of a sharded checkpoint, which transformers'
         `load_sharded_checkpoint` loads shard by shard) fills those experts; the stack is reported missing from that
-        call.
+        call. A copy whose main tensor is in another shard is not compared: the model's own tensor may not be loaded
+        yet.
         """
         layout = to_memory_layout(self.config, state_dict, self.has_mtp_modules)
-        if self.has_mtp_modules and layout.shared_copies:
-            self._warn_about_differing_mtp_copies(layout.shared_copies, None, loading=layout.tensors)
+        copies = mtp_shared_copy_keys(self.config)
+        comparable = {key: t for key, t in layout.shared_copies.items() if copies[key] in layout.tensors}
+        if self.has_mtp_modules and comparable:
+            self._warn_about_differing_mtp_copies(comparable, None, loading=layout.tensors)
         parameters = dict(self.named_parameters())
         with torch.no_grad():
             for key, parts in layout.expert_parts.items():

@@ -12,6 +12,10 @@ References: docs/design.md (Continuous batching); transformers `generation/conti
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from transformers import GenerationMixin
 from transformers.generation.continuous_batching import ContinuousBatchingManager, PagedAttentionCache
@@ -38,6 +42,9 @@ class ContinuousBatchingMixin(GenerationMixin):
             ValueError: when `workload_hints` (set by `generate_batch`) announce a request longer than the pool; the
                 manager is then discarded and the model left as it was.
         """
+        # transformers writes eos_token_id=-1 into a config without one: the caller's config (or the model's, which
+        # save_pretrained would then write) stays as it was
+        generation_config = copy.deepcopy(self.generation_config if generation_config is None else generation_config)
         manager = super().init_continuous_batching(generation_config, continuous_batching_config, workload_hints)
         if manager.batch_processor is None:
             manager.batch_processor = _batch_processor_over_latent_pages(manager)
@@ -49,6 +56,20 @@ class ContinuousBatchingMixin(GenerationMixin):
                 discard_unstarted_manager(manager)
                 raise ValueError(refusal)
         return manager
+
+
+    @contextmanager
+    def continuous_batching_context_manager(self, *args, **kwargs) -> Iterator[ContinuousBatchingManager]:
+        """transformers' context manager (behind `generate_batch` and `generate(cache_implementation="paged")`), run
+        in eval mode and leaving the model in the mode it found: transformers' manager switches the model to eval()
+        for good, which would silently stop a training loop's bias updates and balance loss."""
+        was_training = self.training
+        self.eval()  # a cached (persistent) manager does not switch it again
+        try:
+            with super().continuous_batching_context_manager(*args, **kwargs) as manager:
+                yield manager
+        finally:
+            self.train(was_training)
 
 
 def too_long_for_pool(cache: PagedLatentCache, prompt_length: int, max_new_tokens: int | None) -> str | None:

@@ -327,7 +327,7 @@ class DeepseekV3ForCausalLM(
         balance_loss = None
         if recording:
             gradients_pending = any(p.grad is not None for p in self.parameters() if p.requires_grad)
-            balance_loss = self.expert_balance.end_forward(log, gradients_pending)
+            balance_loss = self.expert_balance.end_forward(log, gradients_pending, output=hidden_states)
             self.expert_balance.follow_optimizer_steps(self)
             if mtp is not None:
                 self.training_metrics.add_each("mtp_{}_loss", mtp.losses)
@@ -340,19 +340,31 @@ class DeepseekV3ForCausalLM(
             mtp_losses=None if mtp is None else mtp.losses, mtp_accuracies=None if mtp is None else mtp.accuracies,
         ))
 
-    def update_routing_bias(self, group=None) -> dict[str, torch.Tensor]:
+    def update_routing_bias(
+        self, group=None, optimizer: torch.optim.Optimizer | None = None
+    ) -> dict[str, torch.Tensor]:
         """The auxiliary-loss-free balancing step (docs/training.md): each MoE layer's `e_score_correction_bias` moves
-        by `±routing_bias_update_speed` towards balance, from the tokens routed in training forwards since the last
-        call, summed over `group` (default: the data-parallel ranks; every rank must call it). It runs by itself after
-        every optimizer step (`routing_bias_auto_update`). A frozen router keeps its bias, with a warning.
+        by `±routing_bias_update_speed` towards balance, from the tokens routed in training forwards since the
+        layer's last update, summed over `group` (default: the data-parallel ranks; every rank must call it). It runs
+        by itself after every optimizer step (`routing_bias_auto_update`). A frozen router keeps its bias, with a
+        warning.
+
+        Args:
+            optimizer: the optimizer that just stepped: only the layers whose router weight it holds are updated
+                (a bias belongs to its router), and the frozen routers' layers have their load measured. None: every
+                layer.
 
         Returns:
-            `{layer name: load [E] int64}`, the tokens each expert received during the step.
+            `{layer name: load [E] int64}`, the tokens each expert of the updated layers received during the step.
         """
         speed = self.config.routing_bias_update_speed if self.config.use_routing_bias else 0.0
         layers = [m for m in self.modules() if isinstance(m, MoE)]
-        biases = {m.layer_idx: m.gate.e_score_correction_bias for m in layers}
         frozen = {m.layer_idx for m in layers if not m.gate.weight.requires_grad}
+        if optimizer is not None:
+            held = {id(p) for param_group in optimizer.param_groups for p in param_group["params"]}
+            layers = [m for m in layers if m.layer_idx in frozen or id(m.gate.weight) in held]
+        biases = {m.layer_idx: m.gate.e_score_correction_bias for m in layers}
+        frozen &= set(biases)
         if group is None:
             group = data_parallel_group(getattr(self.config, "distributed_config", None))
         return self.expert_balance.update(biases, speed, group, frozen)

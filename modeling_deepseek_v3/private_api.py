@@ -9,12 +9,22 @@ hooks of transformers and torch (listed in `OVERRIDDEN_HOOKS`); the overrides li
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 
+import peft.utils.transformers_weight_conversion as peft_weight_conversion
 import torch
 from peft import LoraConfig
+from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 from torch import nn
-from transformers import CompileConfig, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    CompileConfig,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+    Trainer,
+)
 from transformers.distributed import DistributedMixin
 
 # the pipeline parallelism of transformers' distributed engine: the placeholder it puts where a stage holds no
@@ -44,6 +54,8 @@ OVERRIDDEN_HOOKS = (
     (DistributedMixin, "gather_sharded_state_dict_for_save", ("self", "model_to_save", "state_dict",
                                                              "distributed_config", "save_on_this_rank")),
     (DistributedMixin, "barrier_after_gathered_checkpoint_save", ("self", "distributed_config")),
+    # Trainer's report on the checkpoint it resumed from (or its best one): DeepseekV3Trainer refuses an incomplete one
+    (Trainer, "_issue_warnings_after_load", ("self", "load_result")),
 )
 # private attributes transformers reads from our classes or instances
 IGNORED_UNEXPECTED_KEYS = "_keys_to_ignore_on_load_unexpected"  # regexes of checkpoint keys loading may skip
@@ -134,6 +146,35 @@ def is_peft_adapter_model(model: PreTrainedModel) -> bool:
 def register_lora_module(config: LoraConfig, mapping: dict[type, type]) -> None:
     """Tell PEFT which LoRA layer wraps a module type it does not know (PEFT's experimental custom-module API)."""
     config._register_custom_module(mapping)
+
+
+# the function PEFT calls (through its module, at every adapter injection) to rewrite the LoRA targets of a model
+# whose model_type transformers converts to fused experts
+PEFT_TARGET_CONVERSION = "convert_peft_config_for_transformers"
+
+
+def keep_peft_targets_of(model_class: type) -> None:
+    """Have PEFT leave the LoRA targets of `model_class` (and its subclasses) as written. PEFT rewrites the targets of
+    every model whose model_type transformers converts to fused experts, for transformers 4 adapters: for
+    "deepseek_v3" each target ending in gate_proj / up_proj / down_proj becomes the built-in class's fused expert
+    parameters. It keys that rewrite by model_type, which our classes share with the built-in one, so ours are
+    exempted here; other classes keep PEFT's rewrite. Idempotent."""
+    convert = getattr(peft_weight_conversion, PEFT_TARGET_CONVERSION)
+    original = getattr(convert, "__wrapped__", convert)
+
+    @functools.wraps(original)
+    def convert_unless_ours(peft_config, model, conversions):
+        if isinstance(model, model_class):
+            return None
+        return original(peft_config, model=model, conversions=conversions)
+
+    setattr(peft_weight_conversion, PEFT_TARGET_CONVERSION, convert_unless_ours)
+
+
+def peft_adapter_prefixes() -> tuple[str, ...]:
+    """The name prefixes of PEFT's adapter tensors ("lora_", "ia3_", ...): a state-dict key with a part starting with
+    one of them is an adapter's."""
+    return tuple(sorted(set(PEFT_TYPE_TO_PREFIX_MAPPING.values())))
 
 
 # ---- continuous batching (transformers' generation/continuous_batching) ---------------------------------------------

@@ -1,6 +1,7 @@
 """DeepSeek-V3's training recipe in `transformers.Trainer`: the model's training metrics (balance losses, expert
-load, MTP losses) in the regular log lines, and steps that fp16 loss scaling skipped leaving the routing biases
-alone. (The bias update itself runs after every optimizer step in any loop, see `balancing.py`.)
+load, MTP losses) in the regular log lines, steps that fp16 loss scaling skipped leaving the routing biases alone,
+and a resume from an incomplete checkpoint refused. (The bias update itself runs after every optimizer step in any
+loop, see `balancing.py`.)
 
 References: DeepSeek-V3 report §2.1.2; transformers `Trainer.log`, `TrainerCallback.on_optimizer_step`.
 """
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .checkpoint import check_loading_info, resume_key_problems
 from .model import DeepseekV3ForCausalLM
 from .parallel import data_parallel_group
 
@@ -66,6 +68,23 @@ class DeepseekV3Trainer(Trainer):
         self.deepseek_v3 = find_deepseek_v3(self.model)
         if not any(isinstance(cb, ExpertBalanceCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(ExpertBalanceCallback())
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Where `Trainer` only warns about the keys a resumed (or best) checkpoint lacks, refuse it: a missing expert,
+        MTP module or routing bias would train on from its initial values. Keys named differently on disk (per-expert,
+        MTP layers) are not reported, as transformers' comparison of a sharded checkpoint's index would.
+
+        Raises:
+            ValueError: naming the model's tensors the checkpoint lacks and the checkpoint keys that match none (the
+                weights it does hold are loaded by then).
+        """
+        if self.model is not self.deepseek_v3:  # a PEFT or other wrapper: its own report
+            super()._issue_warnings_after_load(load_result)
+            return
+        lacking, stray = resume_key_problems(self.model, load_result.missing_keys, load_result.unexpected_keys)
+        check_loading_info(lacking, stray, [], hint=(
+            "A checkpoint that lacks weights of the model cannot resume it: those weights would train on from their "
+            "initial values. Resume from a complete checkpoint of this configuration."))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # merged before Trainer.log so that log_history, the integrations and the progress bar all see them;

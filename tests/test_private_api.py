@@ -77,6 +77,24 @@ def test_peft_custom_module_registration():
     assert torch.nn.Identity in config._custom_modules
 
 
+def test_peft_target_conversion_contacts():
+    """PEFT still rewrites our targets for model_type deepseek_v3 (so the exemption is needed), through the function
+    its injection calls from its module (so the exemption is the one that runs), and names LoRA tensors `lora_`."""
+    import peft.utils.transformers_weight_conversion as conversion
+    from peft.tuners import tuners_utils
+
+    wrapped = getattr(conversion, private_api.PEFT_TARGET_CONVERSION)
+    assert tuple(inspect.signature(wrapped.__wrapped__).parameters) == ("peft_config", "model", "conversions")
+    assert private_api.PEFT_TARGET_CONVERSION in inspect.getsource(tuners_utils.BaseTuner.inject_adapter)
+    config = LoraConfig(r=2, target_modules=["shared_experts.gate_proj", "shared_experts.up_proj"])
+    wrapped.__wrapped__(config, model=random_model(), conversions=None)
+    assert "gate_up_proj" in config.target_parameters and not config.target_modules  # PEFT's own rewrite
+    config = LoraConfig(r=2, target_modules=["shared_experts.gate_proj", "shared_experts.up_proj"])
+    wrapped(config, model=random_model(), conversions=None)
+    assert config.target_modules == {"shared_experts.gate_proj", "shared_experts.up_proj"}
+    assert "lora_" in private_api.peft_adapter_prefixes()
+
+
 def test_continuous_batching_contacts():
     """The manager still builds its batch processor from the names we rebind, keeps the attention implementation it
     switched from, and the cache allocators still initialise in two halves."""

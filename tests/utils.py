@@ -117,3 +117,14 @@ def through_weight_blocks(w):  # through 128×128 blocks
     q, s = weight_quant_ref(w)
     n, k = w.shape[-2:]
     return q.double() * s.double().repeat_interleave(128, dim=-2)[..., :n, :].repeat_interleave(128, dim=-1)[..., :k]
+
+
+def word_tokenizer(vocab_size: int = 512):
+    """A word-level tokenizer of the words `w0` ... `w{vocab_size - 1}` (`w0` BOS, `w1` EOS, `w2` padding)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size) if i != 3}
+    tok = Tokenizer(models.WordLevel(vocab=vocab | {"[UNK]": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1", pad_token="w2", bos_token="w0")

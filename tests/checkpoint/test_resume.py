@@ -3,10 +3,12 @@ Trainer run resumed from a checkpoint ends where the uninterrupted run ends: wei
 for bit."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import load_sharded_checkpoint
 
@@ -126,3 +128,69 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, trainer_class, run):
     assert_same_state(resumed, whole)
     assert sorted(resumed_losses) == [1, 2, 3]  # 1 and 2 come from the checkpoint's trainer state
     assert resumed_losses == whole_losses
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The checkpoint after step 2 of a DeepseekV3Trainer run with an MTP module, and the same written sharded, and
+    the model of the uninterrupted run."""
+    root = tmp_path_factory.mktemp("resume")
+    whole, _ = train(root, "whole", DeepseekV3Trainer, RUNS["yarn-mtp"], fp8=False)
+    single = root / "whole" / "checkpoint-2"
+    sharded = root / "sharded"
+    shutil.copytree(single, sharded)
+    (sharded / "model.safetensors").unlink()
+    DeepseekV3ForCausalLM.from_pretrained(single).save_pretrained(sharded, max_shard_size="200KB")
+    assert len(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]) > 100
+    return {"single": single, "sharded": sharded, "whole": whole}
+
+
+def without(folder: Path, key: str, into: Path) -> Path:
+    """A copy of checkpoint `folder` without the tensor `key`."""
+    shutil.copytree(folder, into)
+    index_path = into / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    shard = into / (index["weight_map"].pop(key) if index else "model.safetensors")
+    tensors = load_file(shard)
+    del tensors[key]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    if index:
+        index_path.write_text(json.dumps(index))
+    return into
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+@pytest.mark.parametrize("key, named", [
+    ("model.layers.1.mlp.experts.3.down_proj.weight", r"model.layers.1.mlp.experts.down_proj \(experts \[3\]\)"),
+    ("model.layers.3.eh_proj.weight", r"mtp.0.eh_proj.weight"),  # the MTP module, stored as layer L
+    ("model.layers.2.mlp.gate.e_score_correction_bias", r"model.layers.2.mlp.gate.e_score_correction_bias"),
+], ids=["expert", "mtp", "routing-bias"])
+def test_a_resume_from_a_checkpoint_lacking_weights_is_refused(tmp_path, checkpoints, layout, key, named):
+    incomplete = without(checkpoints[layout], key, tmp_path / "incomplete")
+    if layout == "single":  # the loaded state dict's own report cannot say which experts
+        named = named.split(r" \(")[0]
+    with pytest.raises(ValueError, match=rf"missing keys \(1\): \['{named}'\].*Resume from a complete checkpoint"):
+        train(tmp_path, "resumed", DeepseekV3Trainer, RUNS["yarn-mtp"], fp8=False, resume=str(incomplete))
+
+
+def test_a_sharded_resume_reports_nothing_and_ends_where_the_whole_run_ends(tmp_path, checkpoints, caplog):
+    """Per-expert and MTP-layer keys on disk are the model's stacked and `mtp.*` tensors: no false missing or
+    unexpected keys, and no MTP copy compared with a main tensor of another shard, not yet loaded."""
+    with caplog.at_level("WARNING"):
+        resumed, _ = train(tmp_path, "resumed", DeepseekV3Trainer, RUNS["yarn-mtp"], fp8=False,
+                           resume=str(checkpoints["sharded"]), seed=7)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith(("transformers", "modeling_deepseek_v3"))] == []
+    assert_same_state(resumed, checkpoints["whole"])
+
+
+def test_an_mtp_copy_is_not_compared_with_a_main_tensor_of_another_shard(checkpoints, caplog):
+    """Shard by shard (in an order that varies from run to run), the model's own head may not be loaded yet when the
+    shard holding its MTP copy is: that copy is not compared."""
+    folder = checkpoints["sharded"]
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = weight_map["model.layers.3.shared_head.head.weight"]
+    assert weight_map["lm_head.weight"] != shard
+    fresh = DeepseekV3ForCausalLM(checkpoints["whole"].config)
+    with caplog.at_level("WARNING"):
+        fresh.load_state_dict(load_file(folder / shard), strict=False)
+    assert "differs" not in caplog.text

@@ -4,9 +4,9 @@ longer than the pool is refused, sampling runs, and the pool holds only the late
 
 import pytest
 import torch
-from transformers import ContinuousBatchingConfig, GenerationConfig
+from transformers import ContinuousBatchingConfig, GenerationConfig, pipeline
 
-from ..utils import random_model, tiny_config
+from ..utils import random_model, tiny_config, word_tokenizer
 
 PAGE = 16
 
@@ -22,8 +22,6 @@ def batching_config(num_blocks: int, **overrides) -> ContinuousBatchingConfig:
 
 
 def greedy(model, max_new_tokens: int) -> GenerationConfig:
-    # an explicit EOS: transformers' manager sets a missing one to -1 in the config it is given, which generate()
-    # then reads differently
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=model.config.eos_token_id)
 
 
@@ -147,3 +145,32 @@ def test_pages_hold_only_the_latent(dtype):
         assert cache.allocated_bytes() == (cache.num_sectors + 2) * cache.bytes_per_sector
         assert cache.num_sectors * cache.bytes_per_sector == 10 * PAGE * cache.bytes_per_token()
         assert cache.allocator.pages(0).dtype == dtype
+
+
+ENTRY_POINTS = {
+    "generate": lambda model, prompts, config: model.generate(torch.tensor(prompts), generation_config=config),
+    "generate_batch": lambda model, prompts, config: model.generate_batch(
+        prompts, generation_config=config, continuous_batching_config=batching_config(8)),
+    "generate-paged": lambda model, prompts, config: model.generate(
+        torch.tensor(prompts), generation_config=config, cache_implementation="paged",
+        continuous_batching_config=batching_config(8)),
+    "pipeline": lambda model, prompts, config: pipeline("text-generation", model=model, tokenizer=word_tokenizer())(
+        ["w5 w9 w17"], generation_config=config),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_generation_leaves_the_training_mode_and_the_callers_config_as_they_were(entry):
+    """A training loop that generates samples goes on training (bias update, balance loss), and a config without EOS
+    (transformers' manager writes eos_token_id=-1 into it) or the model's own config is not changed."""
+    model = random_model().train()
+    prompts = prompts_of([4, 4], model.config.vocab_size)
+    model.generation_config.max_new_tokens = 3
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=model.config.pad_token_id)
+    given, own = config.to_dict(), model.generation_config.to_dict()
+    ENTRY_POINTS[entry](model, prompts, config)
+    assert model.training
+    assert config.to_dict() == given and model.generation_config.to_dict() == own
+    model.eval()
+    ENTRY_POINTS[entry](model, prompts, None)
+    assert not model.training and model.generation_config.to_dict() == own

@@ -447,3 +447,46 @@ def test_training_metrics_average_each_name_and_forget_them():
     metrics.add_each("mtp_{}_loss", torch.tensor([3.0, 5.0]))
     assert metrics.pop(distributed=True) == {"loss": 1.5, "mtp_1_loss": 3.0, "mtp_2_loss": 5.0}  # one process
     assert metrics.pop(distributed=True) == {}
+
+
+def test_several_forwards_then_one_backward_count_every_micro_batch():
+    """Accumulation written by hand as a sum of micro-batch losses with one backward: every micro-batch's tokens move
+    the bias, exactly as one forward over the whole batch."""
+    ids = random_ids(tiny_config(), 8, 6)
+    summed, single = random_model(), random_model()
+    single.load_state_dict(summed.state_dict())
+    summed.train()
+    single.train()
+    sum(summed(micro, labels=micro).loss for micro in ids.chunk(4)).backward()
+    single(ids, labels=ids).loss.backward()
+    for model in (summed, single):
+        torch.optim.SGD(model.parameters(), lr=1e-3).step()  # the step moves the biases by itself
+    loads = summed.expert_balance.last_loads
+    assert all(load.sum() == ids.numel() * summed.config.num_experts_per_tok for load in loads.values())
+    assert all(torch.equal(a, b) for a, b in zip(loads.values(), single.expert_balance.last_loads.values()))
+    assert all(torch.equal(a, b) for a, b in zip(biases(summed), biases(single)))
+
+
+def test_only_an_optimizer_holding_a_router_moves_its_bias():
+    """The bias belongs to its router: a step of an optimizer without the routers (here the output head only) moves
+    no bias and leaves the counts to the optimizer that holds the routers, whichever steps first."""
+    model = random_model()
+    routers = [m.gate.weight for m in moe_layers(model)]
+    head_only = torch.optim.SGD([model.lm_head.weight], lr=1e-3)
+    rest = torch.optim.SGD([p for p in model.parameters() if p is not model.lm_head.weight], lr=1e-3)
+    ids = random_ids(model.config, 4, 6)
+    reference = random_model()
+    reference.load_state_dict(model.state_dict())
+    reference.train()
+    reference(ids, labels=ids).loss.backward()
+    expected = reference.update_routing_bias()
+    before = biases(model)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    head_only.step()
+    assert all(torch.equal(a, b) for a, b in zip(biases(model), before))
+    rest.step()
+    moved = bias_steps(before, biases(model))
+    assert len(routers) == 2 and (moved.abs().sum(-1) > 0).all()
+    for step, load in zip(moved, expected.values()):  # by every token of the step, none taken by head_only
+        assert torch.equal(step, torch.sign(load.float().mean() - load.float()))
