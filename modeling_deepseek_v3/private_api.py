@@ -110,6 +110,11 @@ def eos_and_pad_tensors(generation_config: GenerationConfig) -> tuple[torch.Tens
     return generation_config._eos_token_tensor, generation_config._pad_token_tensor
 
 
+def generation_defaults() -> dict:
+    """The values `generate()` gives the generation-config fields that neither the call nor the model sets."""
+    return GenerationConfig._get_default_generation_params()
+
+
 def attention_implementation(config: PreTrainedConfig) -> str:
     """The attention implementation transformers resolved for this model ("sdpa", "eager", ...)."""
     return config._attn_implementation
