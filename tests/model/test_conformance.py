@@ -191,8 +191,11 @@ def test_sdpa_answers_output_attentions_as_transformers_does():
         model.config.output_attentions = True  # transformers' own rule: only with eager attention
 
 
-def test_attentions_and_hidden_states_keep_their_gradients():
-    model = eager(DeepseekV3Model(tiny_config())).train()
+@pytest.mark.parametrize("path", ["expanded", "absorbed"])
+def test_attentions_and_hidden_states_keep_their_gradients(path):
+    """transformers' `test_retain_grad_hidden_states_attentions`: the returned tensors are the ones in the graph, on
+    both attention paths (which one a training forward takes depends on the shapes)."""
+    model = eager(DeepseekV3Model(tiny_config(mla_attention_path=path))).train()
     out = model(random_ids(model.config, 2, 6), output_attentions=True, output_hidden_states=True)
     first_hidden, first_attention = out.hidden_states[0], out.attentions[0]
     first_hidden.retain_grad()
