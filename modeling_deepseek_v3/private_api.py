@@ -48,9 +48,9 @@ OVERRIDDEN_HOOKS = (
 # private attributes transformers reads from our classes or instances
 IGNORED_UNEXPECTED_KEYS = "_keys_to_ignore_on_load_unexpected"  # regexes of checkpoint keys loading may skip
 KEPT_IN_FP32 = "_keep_in_fp32_modules_strict"  # name parts of tensors from_pretrained loads in fp32 whatever its dtype
-# private class attributes our classes set and transformers reads: the head's parallel plans (`parallel.py`), and
-# that a static-cache decode step compiles as one graph (`model.py`)
-DECLARED_CLASS_ATTRIBUTES = ("_tp_plan", "_pp_plan", "_fsdp_plan", "_can_compile_fullgraph")
+# private class attributes our classes set and transformers reads: the head's parallel plans (`parallel.py`), that
+# a static-cache decode step compiles as one graph, and which module outputs are the router logits (`model.py`)
+DECLARED_CLASS_ATTRIBUTES = ("_tp_plan", "_pp_plan", "_fsdp_plan", "_can_compile_fullgraph", "_can_record_outputs")
 
 
 def compile_on_all_devices(config: CompileConfig) -> CompileConfig:

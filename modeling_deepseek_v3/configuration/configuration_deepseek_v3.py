@@ -134,7 +134,9 @@ class DeepseekV3Config(PreTrainedConfig):
 
     model_type = "deepseek_v3"
     keys_to_ignore_at_inference = ["cache"]
-    attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+    # the names other MoE code reads (transformers' Mixtral-style helpers, TRL's router loss): the routed experts
+    attribute_map = {"num_local_experts": "n_routed_experts", "num_experts": "n_routed_experts",
+                     "num_mtp_layers": "num_nextn_predict_layers"}
     # parallel plans for transformers' distributed engine; the tensor- and expert-parallel ones are properties below
     base_model_fsdp_plan = parallel_plans.BASE_MODEL_FSDP_PLAN
     base_model_pp_plan = parallel_plans.BASE_MODEL_PP_PLAN

@@ -245,6 +245,27 @@ def test_router_logits_from_the_config_add_no_loss():
     torch.testing.assert_close(model(ids, labels=ids, output_router_logits=False).loss, out.loss, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("model_class", [DeepseekV3Model, DeepseekV3ForCausalLM], ids=lambda c: c.__name__)
+def test_the_moe_markers_are_truthful(model_class):
+    """What marks a model as MoE to transformers' tests and tools (its `test_moe_models_record_router_logits`, TRL's
+    router loss): the config's `num_experts` / `num_local_experts`, and `_can_record_outputs["router_logits"]`,
+    whose modules (matched by transformers' rule: the class, and `.{layer_name}.` in the module's dotted name) must
+    output exactly the router logits the forward returns, the MTP modules' routers left out."""
+    config = tiny_config(num_nextn_predict_layers=1)
+    assert config.num_experts == config.num_local_experts == config.n_routed_experts
+    assert not hasattr(config, "router_aux_loss_coef")  # TRL weighs its own router loss by it: none on top of ours
+    model = model_class(config).eval()
+    recorder = model._can_record_outputs["router_logits"]
+    recorded = []
+    for name, module in model.named_modules():
+        if isinstance(module, recorder.target_class) and f".{recorder.layer_name}." in f".{name}.":
+            module.register_forward_hook(lambda module, args, output: recorded.append(output[recorder.index]))
+    out = model(random_ids(config, 2, 7), output_router_logits=True)
+    assert len(recorded) == len(out.router_logits) == config.num_hidden_layers - config.first_k_dense_replace
+    for got, returned in zip(recorded, out.router_logits):
+        assert got is returned
+
+
 def test_output_flags_must_be_booleans():
     model = random_model()
     with pytest.raises(TypeError, match="output_hidden_states must be True, False or None, got 2"):
