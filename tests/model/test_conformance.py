@@ -4,6 +4,9 @@ checkpointing, RoPE types, the sequence / token classification heads, and loadin
 Where transformers' built-in DeepSeek-V3 classes answer the same call, ours are compared with them on the same
 weights (docs/conformance.md lists the deliberate differences)."""
 
+import ast
+import re
+
 import pytest
 import torch
 import transformers
@@ -517,6 +520,28 @@ def test_a_missing_decoder_weight_stays_an_error(saved, tmp_path):
     for model_class in ALL_CLASSES:
         with pytest.raises(ValueError, match="missing keys.*kv_b_proj"):
             model_class.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("model_class", [DeepseekV3Model, DeepseekV3ForCausalLM], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_a_folder_without_weights_names_exactly_the_weights_to_load(model_class, tie, tmp_path):
+    """transformers' `test_model_weights_reload_no_missing_tied_weights` (every weight of a nuked checkpoint reported
+    missing, a tied one not): here loading refuses instead of initialising, and its error names every parameter and
+    persistent buffer of the model but the output head, which is the embedding when tied and a task head that may be
+    new when not (docs/conformance.md, Loading a checkpoint of another task)."""
+    config = tiny_config(tie_word_embeddings=tie)
+    model_class(config).save_pretrained(tmp_path)
+    save_file({"tensor": torch.tensor([1, 2])}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing keys") as refused:
+        model_class.from_pretrained(tmp_path)
+    named = ast.literal_eval(re.search(r"missing keys \(\d+\): (\[[^\]]*\])", str(refused.value)).group(1))
+    model = model_class(config)
+    persistent = {name for name, _ in model.named_buffers()} - {
+        f"{module_name}.{buffer}".lstrip(".") for module_name, module in model.named_modules()
+        for buffer in module._non_persistent_buffers_set
+    }
+    expected = {name for name, _ in model.named_parameters()} | persistent
+    assert set(named) == expected - {"lm_head.weight"} and len(named) > 40
 
 
 def test_a_classifier_checkpoint_loads_into_the_causal_lm(saved, tmp_path):
