@@ -263,11 +263,16 @@ class MultiHeadLatentAttention(nn.Module):
         formed = {}
 
         def with_probabilities(q_lat: torch.Tensor) -> torch.Tensor:
-            o_lat, formed["probs"] = mla_decode_ref(q_lat, *latents(q_lat), mask, scale, return_probs=True)
-            return o_lat
+            q_pe_, c_kv_, k_pe_ = latents(q_lat)
+            _, probs = mla_decode_ref(q_lat, q_pe_, c_kv_, k_pe_, mask, scale, return_probs=True)  # [b, s, h, t]
+            # the returned probabilities [b, h, s, t] are the ones that weigh the values, so that retain_grad() on
+            # them sees the gradient; in fp32 this is the reference's own product, in bf16 / fp16 the probabilities
+            # are rounded to the model's dtype first, as eager attention does
+            formed["probs"] = probs.transpose(1, 2).to(q_nope.dtype)
+            weights = formed["probs"].transpose(1, 2).float().reshape(b, s * probs.shape[2], t)
+            return torch.bmm(weights, c_kv_.float()).view(*probs.shape[:3], -1).to(q_lat.dtype)
 
-        out = self.absorbed(q_nope, with_probabilities)
-        return out, formed["probs"].transpose(1, 2).to(q_nope.dtype)  # [b, h, s, t]
+        return self.absorbed(q_nope, with_probabilities), formed["probs"]  # [b, h, s, t]
 
     def absorbed(self, q_nope: torch.Tensor, latent_attention: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The absorbed path around an attention over the latents: `o = latent_attention(q_nope·W_UK)·W_UVᵀ`.

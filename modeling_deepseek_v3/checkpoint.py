@@ -592,13 +592,15 @@ class SaveInProgress:
 
 def write_remote_code(folder: str | Path) -> Path:
     """Make a saved DeepSeek-V3 folder loadable with `trust_remote_code=True` by processes that do not import this
-    package: writes `auto_map` into its `config.json` and the small `modeling_deepseek_v3_remote.py` beside it.
+    package: adds our classes to the `auto_map` of its `config.json` (its other entries are kept) and writes the small
+    `modeling_deepseek_v3_remote.py` beside it.
 
     Returns:
         The path of the code file.
 
     Raises:
-        ValueError: if `folder` has no `config.json`, or one that is not JSON of a `deepseek_v3` model.
+        ValueError: if `folder` has no `config.json`, or one that is not JSON of a `deepseek_v3` model, or whose
+            `auto_map` is not a dict.
     """
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -611,7 +613,11 @@ def write_remote_code(folder: str | Path) -> Path:
     if not isinstance(config, dict) or config.get("model_type") != "deepseek_v3":
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise ValueError(f"{config_path} has model_type {kind!r}; remote code is written for 'deepseek_v3' only")
-    config["auto_map"] = {auto: f"{REMOTE_CODE_MODULE}.{name}" for auto, name in REMOTE_AUTO_MAP.items()}
+    existing = config.get("auto_map") or {}
+    if not isinstance(existing, dict):
+        raise ValueError(f"{config_path}: `auto_map` = {existing!r} is invalid: it must map Auto classes to code")
+    ours = {auto: f"{REMOTE_CODE_MODULE}.{name}" for auto, name in REMOTE_AUTO_MAP.items()}
+    config["auto_map"] = {**existing, **ours}
     code_path = folder / f"{REMOTE_CODE_MODULE}.py"
     code_path.write_text(REMOTE_CODE)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -635,6 +641,13 @@ def refuse_unmatched_adapter_keys(module, state_dict, prefix: str, *args) -> Non
             "would leave them out and give a partly loaded adapter. Check that the adapter was trained on this "
             "model and that its adapter_config.json targets (target_modules, target_parameters) name its modules"
         )
+
+
+def names_remote_code(config) -> bool:
+    """Whether `config.auto_map` points at the code file `write_remote_code` writes: the config came from such a
+    folder, and a folder it is saved to needs that file too."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    return any(isinstance(target, str) and target.startswith(f"{REMOTE_CODE_MODULE}.") for target in auto_map.values())
 
 
 def is_task_head_key(model, key: str) -> bool:
@@ -786,7 +799,8 @@ class CheckpointMixin:
     ):
         """`PreTrainedModel.save_pretrained`, writing the official MTP layout (`gather_sharded_state_dict_for_save`).
         With `remote_code=True` the folder also loads with `trust_remote_code=True` in a process that never imported
-        this package (`write_remote_code`)."""
+        this package (`write_remote_code`); a model loaded from such a folder keeps it so in every folder it is saved
+        to (a `Trainer` checkpoint included), as its config's `auto_map` names that code."""
         # one rank writes the files of a sharded model; the others pass through the same call
         progress = SaveInProgress(Path(save_directory)) if self.should_save_on_this_rank(is_main_process) else None
         self._save_in_progress = progress  # finished by `barrier_after_gathered_checkpoint_save`, inside the save
@@ -797,7 +811,7 @@ class CheckpointMixin:
             del self._save_in_progress
         if progress is not None:
             progress.finish()  # where transformers' save did not reach the barrier hook
-        if remote_code and is_main_process:
+        if (remote_code or names_remote_code(self.config)) and is_main_process:
             write_remote_code(save_directory)
         return result
 

@@ -44,12 +44,18 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
-from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
+from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
 from .cache import MLACache
 from .mtp import mtp_layer_index, mtp_step
-from .private_api import eos_and_pad_tensors, prepare_cache_for_generation
+from .private_api import eos_and_pad_tensors, generation_defaults, prepare_cache_for_generation
 
 # Processors that act on each row's scores alone, so they apply unchanged to every verified position of a step.
 # Those that read the generated ids (repetition penalty, n-gram bans, minimum lengths, ...) would see them only
@@ -58,7 +64,17 @@ POSITIONWISE_PROCESSORS = (
     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, TypicalLogitsWarper,
     EpsilonLogitsWarper, EtaLogitsWarper, TopHLogitsWarper, LogitNormalization, InfNanRemoveLogitsProcessor,
 )  # fmt: skip
-STOPPING_CRITERIA = (MaxLengthCriteria, EosTokenCriteria)  # applied per row by the loop itself
+STOPPING_CRITERIA = (MaxLengthCriteria, EosTokenCriteria)  # applied per row by the loop itself, on the device
+# Generation-config fields of other decoding methods (prompt lookup and assisted decoding, contrastive search, DoLa,
+# group beam search, constrained beam search) and of plain decoding's chunked prefill. The loop reads none of them
+# and they add no logits processor or stopping criterion, so a value other than transformers' default is refused
+# instead of dropped.
+IGNORED_FIELDS = (
+    "prompt_lookup_num_tokens", "max_matching_ngram_size", "num_assistant_tokens", "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold", "assistant_early_exit", "assistant_lookbehind", "target_lookbehind",
+    "assistant_ensemble_weight", "speculation_type", "penalty_alpha", "dola_layers", "low_memory", "num_beam_groups",
+    "diversity_penalty", "constraints", "force_words_ids", "prefill_chunk_size",
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -115,12 +131,14 @@ def mtp_speculative_decoding(
     stopping_criteria: StoppingCriteriaList,
     generation_config,
     synced_ranks: bool = False,
+    streamer: BaseStreamer | None = None,
     **model_kwargs,
 ) -> SpeculativeDecoderOutput | torch.LongTensor:
     """The `custom_generate` loop that `generate(use_mtp=True)` hands to transformers' `generate`, which prepares
     `input_ids` `[b, w]` (left-padded), the attention mask, the logits processors and the stopping criteria as for
-    plain decoding. With `synced_ranks` (transformers' `synced_gpus`: every rank of a sharded model must run the same
-    forwards) a rank whose rows are done keeps stepping, without adding tokens, until every rank's rows are done.
+    plain decoding (and has put the prompt to the streamer). With `synced_ranks` (transformers' `synced_gpus`: every
+    rank of a sharded model must run the same forwards) a rank whose rows are done keeps stepping, without adding
+    tokens, until every rank's rows are done.
 
     Returns:
         `[b, w + new]` token ids as plain `generate` returns them (finished rows padded with `pad_token_id`), or a
@@ -128,12 +146,14 @@ def mtp_speculative_decoding(
 
     Raises:
         ValueError: for beam search, a static cache, requested scores / logits / attentions / hidden states,
-            inputs_embeds, or a logits processor or stopping criterion that depends on the generated ids.
+            inputs_embeds, a logits processor that depends on the generated ids, or a field of another decoding
+            method (`IGNORED_FIELDS`).
     """
-    _check_request(logits_processor, stopping_criteria, generation_config, model_kwargs)
+    _check_request(logits_processor, generation_config, model_kwargs)
     decoder = SelfSpeculativeDecoder(model, generation_config, logits_processor, synced_ranks)
+    stops = _RowStops(stopping_criteria, input_ids, eos_and_pad_tensors(generation_config)[0])
     # the loop runs in inference mode (its cache never leaves it); a copy made outside is an ordinary tensor
-    sequences = decoder.generate(input_ids, model_kwargs.get("attention_mask")).clone()
+    sequences = decoder.generate(input_ids, model_kwargs.get("attention_mask"), stops, streamer).clone()
     if generation_config.return_dict_in_generate:
         return SpeculativeDecoderOutput(sequences=sequences, speculative_stats=decoder.stats)
     return sequences
@@ -147,20 +167,26 @@ class MTPGenerationMixin(GenerationMixin):
         """`GenerationMixin.generate`, plus self-speculative decoding with the MTP modules when `use_mtp=True` (the
         keyword, or `generation_config.use_mtp`): greedy output identical to plain greedy decoding, sampling with the
         same output distribution as plain sampling, at any batch size (left padding), for any number of modules.
-        With `return_dict_in_generate=True` the output carries `speculative_stats` (`SpeculativeStats`).
+        Streamers, `stop_strings` (with `tokenizer=`) and stopping criteria work as in plain decoding: the streamer
+        receives the same tokens, and every row stops at the same token. With `return_dict_in_generate=True` the
+        output carries `speculative_stats` (`SpeculativeStats`).
 
         Example:
             >>> out = model.generate(**inputs, max_new_tokens=128, use_mtp=True, return_dict_in_generate=True)
             >>> out.speculative_stats.acceptance_rate, out.speculative_stats.tokens_per_forward
 
         Raises:
+            TypeError: if `use_mtp` is not a bool.
             ValueError: with `use_mtp=True`, if the model has no active MTP modules (`num_nextn_predict_layers = 0`
-                or `use_mtp_modules = False`), with an assistant model, a streamer, a cache passed in, or
-                `custom_generate`; and for what the loop does not support (see `mtp_speculative_decoding`).
+                or `use_mtp_modules = False`), with an assistant model, a cache passed in, `custom_generate`, or
+                `stop_strings` without a tokenizer; and for what the loop does not support (see
+                `mtp_speculative_decoding`).
         """
         use_mtp = kwargs.pop("use_mtp", None)
         if use_mtp is None:
-            use_mtp = getattr(generation_config or self.generation_config, "use_mtp", False)
+            use_mtp = getattr(generation_config or self.generation_config, "use_mtp", None) or False
+        if not isinstance(use_mtp, bool):
+            raise TypeError(f"use_mtp = {use_mtp!r} ({type(use_mtp).__name__}) is invalid: it must be True or False")
         # transformers' own `use_mtp` drafter (MTPCandidateGenerator) never runs: the flag is ours. It is switched off
         # in a copy of a given generation config (transformers deprecates passing one together with its fields).
         if generation_config is None:
@@ -175,14 +201,17 @@ class MTPGenerationMixin(GenerationMixin):
                 "use_mtp=True drafts with the MTP modules, but this model has none active (num_nextn_predict_layers="
                 f"{self.config.num_nextn_predict_layers}, use_mtp_modules={self.config.use_mtp_modules})"
             )
-        for name in ("assistant_model", "streamer", "custom_generate", "cache", "past_key_values"):
+        for name in ("assistant_model", "custom_generate", "cache", "past_key_values"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"use_mtp=True runs its own decoding loop and cache; {name} is not supported with it")
+        _stop_strings_to_criterion(self.generation_config, generation_config, kwargs)
         # as transformers' synced_gpus: by default on when FSDP shards the model over several ranks
         synced = kwargs.pop("synced_gpus", None)
         if synced is None:
             synced = is_fsdp_managed_module(self) and dist.is_initialized() and dist.get_world_size() > 1
-        loop = functools.partial(mtp_speculative_decoding, synced_ranks=synced)
+        # transformers puts the prompt to the streamer, then hands a callable loop only the arguments of its own
+        # signature that plain decoding does not have: the streamer reaches the loop here
+        loop = functools.partial(mtp_speculative_decoding, synced_ranks=synced, streamer=kwargs.get("streamer"))
         # transformers prepares inputs, processors and stopping criteria as for plain decoding, then runs our loop
         return super().generate(inputs, generation_config, custom_generate=loop, **kwargs)
 
@@ -200,7 +229,30 @@ class MTPGenerationMixin(GenerationMixin):
                                      max_cache_length)
 
 
-def _check_request(logits_processor, stopping_criteria, generation_config, model_kwargs) -> None:
+def _stop_strings_to_criterion(model_config, generation_config, kwargs: dict) -> None:
+    """Turn the call's stop strings (the keyword, else the given generation config's, else the model's) into a
+    `StopStringCriteria` among `kwargs["stopping_criteria"]`, and take them out of what transformers reads: it hands
+    a callable loop no tokenizer, so its own criterion could not be built."""
+    stop_strings = kwargs.pop("stop_strings", None)
+    for config in (generation_config, model_config):
+        if stop_strings is None and config is not None:
+            stop_strings = config.stop_strings
+    if stop_strings is None:
+        return
+    tokenizer = kwargs.get("tokenizer")
+    if tokenizer is None:
+        raise ValueError(f"stop_strings = {stop_strings!r} needs the model's tokenizer to match text against the "
+                         f"generated ids: pass tokenizer=... to generate()")
+    kwargs["stopping_criteria"] = StoppingCriteriaList(
+        [*(kwargs.get("stopping_criteria") or []), StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)]
+    )
+    if generation_config is not None:
+        generation_config.stop_strings = None  # a copy, made by `generate`
+    if generation_config is None or model_config.stop_strings is not None:
+        kwargs["stop_strings"] = None  # the call's value overrides the model's
+
+
+def _check_request(logits_processor, generation_config, model_kwargs) -> None:
     if generation_config.num_beams > 1:
         raise ValueError(f"use_mtp=True decodes greedily or by sampling, not by beam search "
                          f"(num_beams={generation_config.num_beams}); set num_beams=1")
@@ -213,16 +265,52 @@ def _check_request(logits_processor, stopping_criteria, generation_config, model
     requested = [name for name in outputs if getattr(generation_config, name, False)]
     if requested:
         raise ValueError(f"use_mtp=True returns sequences only; {', '.join(requested)} is not supported")
+    defaults = generation_defaults()
+    ignored = {name: value for name in IGNORED_FIELDS
+               if (value := getattr(generation_config, name, None)) not in (None, defaults.get(name))}
+    if ignored:
+        raise ValueError(f"use_mtp=True runs self-speculative decoding, which does not use {ignored}: these "
+                         f"fields belong to other decoding methods; leave them unset or drop use_mtp=True")
     processors = [type(p).__name__ for p in logits_processor if not isinstance(p, POSITIONWISE_PROCESSORS)]
     if processors:
         raise ValueError(
             f"use_mtp=True applies only logits processors that act on each position's scores alone "
             f"({', '.join(c.__name__ for c in POSITIONWISE_PROCESSORS)}); this call adds {', '.join(processors)}"
         )
-    criteria = [type(c).__name__ for c in stopping_criteria if not isinstance(c, STOPPING_CRITERIA)]
-    if criteria:
-        raise ValueError(f"use_mtp=True stops on max_length / max_new_tokens and eos_token_id only; this call adds "
-                         f"{', '.join(criteria)}")
+
+
+class _RowStops:
+    """The stopping criteria that the loop does not apply on the device itself (stop strings, the caller's own,
+    `max_time`), checked as plain decoding checks them: after every new token, on the row's ids up to it."""
+
+    def __init__(self, stopping_criteria: StoppingCriteriaList, input_ids: torch.Tensor, eos: torch.Tensor | None):
+        self.criteria = StoppingCriteriaList([c for c in stopping_criteria if not isinstance(c, STOPPING_CRITERIA)])
+        self.prompts = input_ids
+        names = [type(c).__name__ for c in self.criteria]
+        if names and eos is None and input_ids.shape[0] > 1:
+            raise ValueError(
+                f"use_mtp=True stops a row of a batch by {', '.join(names)} only with an eos_token_id: without one, "
+                f"plain decoding pads nothing and keeps generating for a stopped row until every row has stopped, "
+                f"which this loop does not reproduce; set eos_token_id, or generate one row at a time"
+            )
+
+    def __bool__(self) -> bool:
+        return bool(self.criteria)
+
+    def cut(self, generated: torch.Tensor, count: torch.Tensor, new: torch.Tensor,
+            lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows append `new[r, :lengths[r]]` after `generated[r, :count[r]]`; returns the lengths cut after the
+        first token at which a criterion stops the row, and which rows it stopped. Plain decoding passes its scores
+        only when they are returned, which this loop never does, so the criteria get None."""
+        lengths, stopped = lengths.tolist(), []
+        for row, (done, n) in enumerate(zip(count.tolist(), list(lengths))):
+            ids = torch.cat([self.prompts[row], generated[row, :done], new[row, :n]])
+            first = next((j for j in range(n) if self.criteria(ids[None, : ids.shape[0] - n + j + 1], None).any()),
+                         None)
+            stopped.append(first is not None)
+            if first is not None:
+                lengths[row] = first + 1
+        return torch.tensor(lengths, device=new.device), torch.tensor(stopped, device=new.device)
 
 
 @dataclasses.dataclass
@@ -246,8 +334,9 @@ class _Window:
 class _Sequences:
     """The generated tokens of every row, with the stopping rules of plain `generate` applied per row."""
 
-    def __init__(self, batch: int, max_new: int, width: int, eos: torch.Tensor | None, pad, device) -> None:
-        self.max_new, self.eos = max_new, eos
+    def __init__(self, batch: int, max_new: int, width: int, eos: torch.Tensor | None, pad, device,
+                 stops: _RowStops) -> None:
+        self.max_new, self.eos, self.stops = max_new, eos, stops
         fill = 0 if pad is None else int(pad)
         self.tokens = torch.full((batch, max_new + width), fill, dtype=torch.long, device=device)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)
@@ -264,6 +353,9 @@ class _Sequences:
             is_eos = torch.isin(new, self.eos) & (offsets < lengths[:, None])
             hit = is_eos.any(-1)
             lengths = torch.where(hit, is_eos.int().argmax(-1) + 1, lengths)
+        if self.stops:
+            lengths, stopped = self.stops.cut(self.tokens, self.count, new, lengths)
+            hit = hit | stopped
         index = self.count[:, None] + offsets
         keep = offsets < lengths[:, None]
         self.tokens.scatter_(1, index, torch.where(keep, new, self.tokens.gather(1, index)))
@@ -277,6 +369,27 @@ class _Sequences:
 
     def result(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.cat([input_ids, self.tokens[:, : int(self.count.max())]], dim=1)
+
+
+class _Streamer:
+    """Puts the generated tokens to a streamer exactly as plain decoding does: one `[b]` column per step, a finished
+    row's column holding the pad id. A column goes out once every unfinished row has reached it."""
+
+    def __init__(self, streamer: BaseStreamer | None) -> None:
+        self.streamer, self.sent = streamer, 0
+
+    def put(self, sequences: _Sequences) -> None:
+        if self.streamer is None:
+            return
+        count, finished = sequences.count.tolist(), sequences.finished.tolist()
+        ready = min((n for n, done in zip(count, finished) if not done), default=max(count))
+        for column in sequences.tokens[:, self.sent : ready].cpu().unbind(1):
+            self.streamer.put(column)
+        self.sent = max(self.sent, ready)
+
+    def end(self) -> None:
+        if self.streamer is not None:
+            self.streamer.end()
 
 
 class SelfSpeculativeDecoder:
@@ -321,15 +434,21 @@ class SelfSpeculativeDecoder:
         probs = F.softmax(scores, dim=-1)
         return torch.multinomial(probs, num_samples=1).squeeze(1), probs
 
-    def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
-        """Decode until every row has hit EOS or `max_length`; returns prompt + new tokens `[b, w + new]`."""
+    def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, stops: _RowStops,
+                 streamer: BaseStreamer | None = None) -> torch.LongTensor:
+        """Decode until every row has stopped (EOS, `max_length`, or a stopping criterion); returns prompt + new
+        tokens `[b, w + new]`. The new tokens go to `streamer` as they are accepted, and `streamer.end()` at the end."""
+        stream = _Streamer(streamer)
         # In inference mode, except for a model sharded by FSDP2: torch cannot unshard a group of one rank (an
         # expert group holding whole experts) in it (`wait_for_unshard` in torch/distributed/fsdp/_fully_shard/
         # _fsdp_param_group.py reads the version counter of a buffer it allocates there).
         with torch.inference_mode(not is_fsdp_managed_module(self.model)):
-            return self._decode(input_ids, attention_mask)
+            sequences = self._decode(input_ids, attention_mask, stops, stream)
+        stream.end()
+        return sequences
 
-    def _decode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
+    def _decode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, stops: _RowStops,
+                stream: _Streamer) -> torch.LongTensor:
         config, depth = self.generation_config, self.depth
         b, w = input_ids.shape
         device = input_ids.device
@@ -340,8 +459,9 @@ class SelfSpeculativeDecoder:
                               cache=self.cache, use_cache=True, return_dict=True).last_hidden_state
         self.stats.main_forwards += 1
         newest, _ = self._choose(self.head(hidden[:, -1:])[:, -1])
-        sequences = _Sequences(b, config.max_length - w, depth + 1, *eos_and_pad_tensors(config), device)
+        sequences = _Sequences(b, config.max_length - w, depth + 1, *eos_and_pad_tensors(config), device, stops)
         sequences.append(newest[:, None], torch.ones_like(newest))
+        stream.put(sequences)
         self.main_mask, self.holes = valid, attention_mask is not None
         self.next_position = valid.sum(-1)  # the position of `newest`
         if self._all_done(sequences.finished.all()):
@@ -353,6 +473,7 @@ class SelfSpeculativeDecoder:
             accepted, step_tokens, hidden, positions = self._verify(newest, drafts, draft_probs)
             accepted = accepted.masked_fill(~active, 0)  # finished rows keep nothing
             kept = sequences.append(step_tokens, accepted + 1)
+            stream.put(sequences)
             self._count(accepted, active, kept)
             # the step's one read-back to the host, as plain decoding's stop check: the most drafts a row accepted,
             # whether another row accepted fewer, whether every row is done

@@ -19,6 +19,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import OutputRecorder
 
 from .attention import MultiHeadLatentAttention
 from .balancing import ExpertBalance, RoutingLog
@@ -82,6 +83,10 @@ class DeepseekV3PreTrainedModel(CheckpointMixin, PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # static-cache decode steps compile as one graph (tests/model/test_compile.py)
+    # What transformers' output recorders (and the tools and tests that look for a MoE) read: the router logits
+    # (`Routing.logits`, index 3 of the router's output) of the decoder's MoE layers, those under `layers`; the MTP
+    # modules' routers (`mtp.k`) are not decoder layers. Our forward fills `router_logits` itself.
+    _can_record_outputs = {"router_logits": OutputRecorder(TopkRouter, index=3, layer_name="layers")}
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """The routed experts compute through their own grouped GEMM over the tokens sorted by expert; transformers'

@@ -60,9 +60,9 @@ OVERRIDDEN_HOOKS = (
 # private attributes transformers reads from our classes or instances
 IGNORED_UNEXPECTED_KEYS = "_keys_to_ignore_on_load_unexpected"  # regexes of checkpoint keys loading may skip
 KEPT_IN_FP32 = "_keep_in_fp32_modules_strict"  # name parts of tensors from_pretrained loads in fp32 whatever its dtype
-# private class attributes our classes set and transformers reads: the head's parallel plans (`parallel.py`), and
-# that a static-cache decode step compiles as one graph (`model.py`)
-DECLARED_CLASS_ATTRIBUTES = ("_tp_plan", "_pp_plan", "_fsdp_plan", "_can_compile_fullgraph")
+# private class attributes our classes set and transformers reads: the head's parallel plans (`parallel.py`), that
+# a static-cache decode step compiles as one graph, and which module outputs are the router logits (`model.py`)
+DECLARED_CLASS_ATTRIBUTES = ("_tp_plan", "_pp_plan", "_fsdp_plan", "_can_compile_fullgraph", "_can_record_outputs")
 
 
 def compile_on_all_devices(config: CompileConfig) -> CompileConfig:
@@ -126,6 +126,11 @@ def prepare_cache_for_generation(model, generation_config, model_kwargs, generat
 def eos_and_pad_tensors(generation_config: GenerationConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The EOS ids and the pad id as tensors on the model's device, as `generate()` prepared them for this call."""
     return generation_config._eos_token_tensor, generation_config._pad_token_tensor
+
+
+def generation_defaults() -> dict:
+    """The values `generate()` gives the generation-config fields that neither the call nor the model sets."""
+    return GenerationConfig._get_default_generation_params()
 
 
 def attention_implementation(config: PreTrainedConfig) -> str:

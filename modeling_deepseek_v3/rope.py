@@ -65,20 +65,24 @@ def rope_frequencies(config: DeepseekV3Config) -> tuple[torch.Tensor, float]:
     if params["rope_type"] != "yarn":
         return inv_freq, 1.0
     factor = params["factor"]
-    original = params["original_max_position_embeddings"]
+    original = params.get("original_max_position_embeddings") or config.max_position_embeddings
     beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
 
     def correction_dim(rotations: float) -> float:
         # the dimension whose wavelength turns `rotations` times over the original context
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):  # whole dimensions (DeepSeek-V3's own code); False: gpt-oss's fractional ramp
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)
     extrapolate = 1 - ramp.clamp(0, 1)  # 1: keep the original frequency (high-frequency dims); 0: interpolate
     inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
     mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
-    if mscale and mscale_all_dim:
+    if params.get("attention_factor") is not None:
+        attention_factor = params["attention_factor"]
+    elif mscale and mscale_all_dim:
         attention_factor = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
     else:
         attention_factor = yarn_get_mscale(factor)
@@ -96,7 +100,9 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def reset_frequencies(self) -> None:
-        """Recompute the table from `config.rope_parameters` (done by `forward` when they changed)."""
+        """Recompute the table from `config.rope_parameters` (done by `forward` when they changed), checking them
+        first: they may have been changed in place, past the config's own checks."""
+        self.config._validate_rope(self.config.rope_parameters)
         inv_freq, self.attention_factor = rope_frequencies(self.config)
         self.inv_freq.copy_(inv_freq)
         self.computed_for = copy.deepcopy(self.config.rope_parameters)

@@ -136,7 +136,7 @@ RULES = [
     ({"rms_norm_eps": 0}, "rms_norm_eps", "positive"),
     ({"rope_theta": -1}, "rope_theta", "positive"),
     ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling.type", "one of"),
-    ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling.original_max_position_embeddings", "required"),
+    ({"rope_scaling": {"type": "yarn"}}, "rope_scaling.factor", "required"),
     ({"rope_scaling": {**YARN, "beta_fast": -1}}, "rope_scaling.beta_fast", "positive"),
     ({"rope_scaling": {**YARN, "factor": 0.5}}, "rope_scaling.factor", ">= 1"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config.quant_method", "fp8"),

@@ -47,6 +47,19 @@ def test_loader_hooks_are_called_by_from_pretrained(tmp_path):
     assert seen == [str(tmp_path)]
 
 
+def test_generation_defaults_are_what_generate_fills_in():
+    defaults = private_api.generation_defaults()
+    assert defaults["num_assistant_tokens"] == 20 and defaults["max_length"] == 20
+    seen = {}
+
+    def capture(model, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
+        seen["value"] = generation_config.num_assistant_tokens
+        return input_ids
+
+    random_model().generate(torch.tensor([[5, 6, 7]]), max_new_tokens=1, custom_generate=capture)
+    assert seen["value"] == defaults["num_assistant_tokens"]
+
+
 def test_generate_prepares_eos_and_pad_tensors():
     seen = {}
 

@@ -11,20 +11,26 @@ import math
 from typing import Any
 
 from transformers import PreTrainedConfig
+from transformers.utils import logging
 
 from . import parallel_plans
+
+logger = logging.get_logger(__name__)
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 DEFAULT_ROPE_THETA = 10000.0
 TOPK_METHODS = ("noaux_tc",)
 MLA_PATHS = ("auto", "expanded", "absorbed")
-YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
-# the settings each RoPE type reads besides `rope_theta`; any other key would be silently ignored, so it is refused
+YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+             "attention_factor")
+# the numeric settings each RoPE type reads besides `rope_theta` (YaRN also reads the bool `truncate`, and every type
+# `partial_rotary_factor`, as transformers' RoPE functions do); other keys are ignored with a warning, as transformers
+# does. YaRN's `original_max_position_embeddings` defaults to `max_position_embeddings`, as in transformers.
 ROPE_TYPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",), "yarn": YARN_KEYS}
 ROPE_TYPES = tuple(ROPE_TYPE_KEYS)
-ROPE_REQUIRED_KEYS = {
-    "linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor", "original_max_position_embeddings")
-}
+ROPE_REQUIRED_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",)}
+ROPE_OTHER_KEYS = {"default": ("partial_rotary_factor",), "linear": ("partial_rotary_factor",),
+                   "dynamic": ("partial_rotary_factor",), "yarn": ("partial_rotary_factor", "truncate")}
 # torch's grouped GEMM (the routed experts on CPU, and FP8 training's weight gradient) needs every row stride to be a
 # multiple of 16 bytes: 8 elements in bf16/fp16, the narrowest dtype a model computes in (4 would do for fp32)
 GROUPED_GEMM_ROW_BYTES = 16
@@ -78,9 +84,16 @@ def _validate_rope_parameters(params: dict) -> None:
     if not _is_finite_number(theta) or theta <= 0:
         _fail("rope_theta", theta, "must be a finite positive number")
     allowed = ROPE_TYPE_KEYS[kind]
-    for key in params.keys() - {"rope_type", "rope_theta"} - set(allowed):
-        _fail(f"rope_scaling.{key}", params[key],
-              f"is not a setting of {kind!r} RoPE, which reads {list(allowed) or 'none'}")
+    unread = sorted(params.keys() - {"rope_type", "rope_theta"} - set(allowed) - set(ROPE_OTHER_KEYS[kind]))
+    if unread:
+        logger.warning_once(f"DeepseekV3Config: rope_scaling keys {unread} are not settings of {kind!r} RoPE, which "
+                            f"reads {list(allowed + ROPE_OTHER_KEYS[kind])}; they are ignored")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        _fail("rope_scaling.partial_rotary_factor", params["partial_rotary_factor"],
+              "must be 1.0: DeepSeek-V3 rotates the whole rope part of each head; set qk_rope_head_dim to rotate "
+              "fewer dimensions")
+    if not isinstance(params.get("truncate", True), bool):
+        _fail("rope_scaling.truncate", params["truncate"], "must be True or False")
     for key in ROPE_REQUIRED_KEYS.get(kind, ()):
         if key not in params:
             _fail(f"rope_scaling.{key}", None, f"is required for {kind!r} RoPE")
@@ -125,7 +138,9 @@ class DeepseekV3Config(PreTrainedConfig):
 
     model_type = "deepseek_v3"
     keys_to_ignore_at_inference = ["cache"]
-    attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+    # the names other MoE code reads (transformers' Mixtral-style helpers, TRL's router loss): the routed experts
+    attribute_map = {"num_local_experts": "n_routed_experts", "num_experts": "n_routed_experts",
+                     "num_mtp_layers": "num_nextn_predict_layers"}
     # parallel plans for transformers' distributed engine; the tensor- and expert-parallel ones are properties below
     base_model_fsdp_plan = parallel_plans.BASE_MODEL_FSDP_PLAN
     base_model_pp_plan = parallel_plans.BASE_MODEL_PP_PLAN

@@ -9,9 +9,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
+from modeling_deepseek_v3.checkpoint import write_remote_code
 from modeling_deepseek_v3.cli import main
 from modeling_deepseek_v3.convert import convert_checkpoint
 from modeling_deepseek_v3.kernels import weight_dequant_ref, weight_quant_ref
@@ -190,6 +192,19 @@ print(type(model).__module__)
 """
 
 
+def logits_in_a_fresh_process(folder, ids, tmp_path) -> torch.Tensor:
+    """`model(ids).logits` of `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` in a process
+    that never imported the package."""
+    torch.save(ids, tmp_path / "ids.pt")
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    script = "import sys; assert 'modeling_deepseek_v3' not in sys.modules\n" + FRESH_PROCESS_LOAD
+    done = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "ids.pt")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("modeling_deepseek_v3_remote")  # the thin subclass of the package's class
+    return torch.load(tmp_path / "ids.pt.logits")
+
+
 @pytest.mark.parametrize("route", ["save_pretrained", "cli"])
 def test_remote_code_loads_in_a_process_that_never_imported_the_package(tmp_path, route):
     model = random_model(tiny_config(num_nextn_predict_layers=1))
@@ -202,15 +217,39 @@ def test_remote_code_loads_in_a_process_that_never_imported_the_package(tmp_path
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_deepseek_v3_remote.DeepseekV3ForCausalLM"
     ids = random_ids(model.config, 2, 7)
-    torch.save(ids, tmp_path / "ids.pt")
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    script = "import sys; assert 'modeling_deepseek_v3' not in sys.modules\n" + FRESH_PROCESS_LOAD
-    done = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "ids.pt")], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("modeling_deepseek_v3_remote")  # the thin subclass of the package's class
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "ids.pt.logits"), model(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(logits_in_a_fresh_process(folder, ids, tmp_path), model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_a_remote_code_folder_saved_again_stays_loadable_without_the_package(tmp_path, trust_remote_code):
+    """A model loaded from a remote-code folder in a process that imported the package (the package's class, or
+    the folder's thin subclass) and saved again, as a Trainer checkpoint does, keeps the code file its auto_map
+    names."""
+    model = random_model(tiny_config())
+    model.save_pretrained(tmp_path / "first", remote_code=True)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "first", trust_remote_code=trust_remote_code)
+    loaded.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "modeling_deepseek_v3_remote.py").is_file()
+    ids = random_ids(model.config, 2, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_in_a_fresh_process(tmp_path / "again", ids, tmp_path), model(ids).logits,
+                                   rtol=0, atol=0)
+
+
+def test_remote_code_adds_to_the_users_auto_map(tmp_path):
+    random_model(tiny_config()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    theirs = {"AutoModelForSequenceClassification": "their_code.Classifier", "AutoTokenizer": ["tok.Slow", None]}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "auto_map": theirs}))
+    write_remote_code(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {**theirs, "AutoConfig": "modeling_deepseek_v3_remote.DeepseekV3Config",
+                        "AutoModel": "modeling_deepseek_v3_remote.DeepseekV3Model",
+                        "AutoModelForCausalLM": "modeling_deepseek_v3_remote.DeepseekV3ForCausalLM"}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "auto_map": ["not", "a", "dict"]}))
+    with pytest.raises(ValueError, match=r"`auto_map` = \['not', 'a', 'dict'\] is invalid"):
+        write_remote_code(tmp_path)
 
 
 def test_remote_code_refuses_a_folder_of_another_model(tmp_path, capsys):

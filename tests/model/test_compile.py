@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLAStaticCache, private_api
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, MLAStaticCache, private_api
 
 from ..utils import random_ids, random_model
 
@@ -69,6 +69,33 @@ def test_generate_compiles_static_cache_decoding_once():
     with torch.compiler.set_stance("fail_on_recompile"):
         compiled = model.generate(ids, max_new_tokens=STEPS + 1, compile_config=compile_config, **kwargs)
     assert len(graphs) == 1 and torch.equal(compiled, eager)
+
+
+@pytest.mark.slow  # two compilations: ~40 s on 2 CPU cores
+def test_generate_compiles_a_fullgraph_forward_for_every_input_set():
+    """transformers' `test_generate_compile_model_forward_fullgraph`: two input sets of one shape (the second with
+    the test's lower-triangular masks), compiled with `fullgraph=True, dynamic=False`, the second set compiled by the
+    first's graph, with the eager outputs' tokens and scores. The default cache (the latent `MLACache`, not
+    transformers' `DynamicCache`) is not compiled; `cache_implementation="static"` is."""
+    torch.compiler.reset()
+    model = random_model()
+    ids = random_ids(model.config, 4, 7)
+    input_sets = [dict(input_ids=ids[:2], attention_mask=torch.ones_like(ids[:2])),
+                  dict(input_ids=ids[2:], attention_mask=torch.tril(torch.ones_like(ids[2:])))]
+    kwargs = dict(do_sample=False, max_new_tokens=5, return_dict_in_generate=True, output_scores=True,
+                  compile_config=cpu_compile_config(fullgraph=True, dynamic=False, backend="aot_eager"))
+    with torch.compiler.set_stance("force_eager"):
+        eager = [model.generate(**inputs, **kwargs) for inputs in input_sets]
+    assert all(isinstance(out.cache, MLACache) and not out.cache.is_compileable for out in eager)
+    assert not hasattr(model, "_compiled_call")
+    compiled = [model.generate(**input_sets[0], cache_implementation="static", **kwargs)]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled.append(model.generate(**input_sets[1], cache_implementation="static", **kwargs))
+    assert hasattr(model, "_compiled_call") and all(out.cache.is_compileable for out in compiled)
+    for expected, got in zip(eager, compiled):
+        assert torch.equal(got.sequences, expected.sequences)
+        for a, b in zip(got.scores, expected.scores):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

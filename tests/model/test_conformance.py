@@ -4,6 +4,9 @@ checkpointing, RoPE types, the sequence / token classification heads, and loadin
 Where transformers' built-in DeepSeek-V3 classes answer the same call, ours are compared with them on the same
 weights (docs/conformance.md lists the deliberate differences)."""
 
+import ast
+import re
+
 import pytest
 import torch
 import transformers
@@ -15,6 +18,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 from transformers.cache_utils import Cache
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.testing_utils import CaptureLogger
 
 from modeling_deepseek_v3 import (
@@ -24,6 +28,7 @@ from modeling_deepseek_v3 import (
     DeepseekV3ForTokenClassification,
     DeepseekV3Model,
 )
+from modeling_deepseek_v3.rope import rope_frequencies
 
 from ..utils import random_ids, random_model, tiny_config
 
@@ -189,8 +194,11 @@ def test_sdpa_answers_output_attentions_as_transformers_does():
         model.config.output_attentions = True  # transformers' own rule: only with eager attention
 
 
-def test_attentions_and_hidden_states_keep_their_gradients():
-    model = eager(DeepseekV3Model(tiny_config())).train()
+@pytest.mark.parametrize("path", ["expanded", "absorbed"])
+def test_attentions_and_hidden_states_keep_their_gradients(path):
+    """transformers' `test_retain_grad_hidden_states_attentions`: the returned tensors are the ones in the graph, on
+    both attention paths (which one a training forward takes depends on the shapes)."""
+    model = eager(DeepseekV3Model(tiny_config(mla_attention_path=path))).train()
     out = model(random_ids(model.config, 2, 6), output_attentions=True, output_hidden_states=True)
     first_hidden, first_attention = out.hidden_states[0], out.attentions[0]
     first_hidden.retain_grad()
@@ -238,6 +246,27 @@ def test_router_logits_from_the_config_add_no_loss():
     out = model(ids, labels=ids)
     assert len(out.router_logits) == model.config.num_hidden_layers - model.config.first_k_dense_replace
     torch.testing.assert_close(model(ids, labels=ids, output_router_logits=False).loss, out.loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_class", [DeepseekV3Model, DeepseekV3ForCausalLM], ids=lambda c: c.__name__)
+def test_the_moe_markers_are_truthful(model_class):
+    """What marks a model as MoE to transformers' tests and tools (its `test_moe_models_record_router_logits`, TRL's
+    router loss): the config's `num_experts` / `num_local_experts`, and `_can_record_outputs["router_logits"]`,
+    whose modules (matched by transformers' rule: the class, and `.{layer_name}.` in the module's dotted name) must
+    output exactly the router logits the forward returns, the MTP modules' routers left out."""
+    config = tiny_config(num_nextn_predict_layers=1)
+    assert config.num_experts == config.num_local_experts == config.n_routed_experts
+    assert not hasattr(config, "router_aux_loss_coef")  # TRL weighs its own router loss by it: none on top of ours
+    model = model_class(config).eval()
+    recorder = model._can_record_outputs["router_logits"]
+    recorded = []
+    for name, module in model.named_modules():
+        if isinstance(module, recorder.target_class) and f".{recorder.layer_name}." in f".{name}.":
+            module.register_forward_hook(lambda module, args, output: recorded.append(output[recorder.index]))
+    out = model(random_ids(config, 2, 7), output_router_logits=True)
+    assert len(recorded) == len(out.router_logits) == config.num_hidden_layers - config.first_k_dense_replace
+    for got, returned in zip(recorded, out.router_logits):
+        assert got is returned
 
 
 def test_output_flags_must_be_booleans():
@@ -312,6 +341,98 @@ def test_rope_scaling_types(rope_type):
     same_short = torch.allclose(model(short).last_hidden_state, original(short).last_hidden_state, atol=1e-5)
     assert same_short == (rope_type == "dynamic")
     assert not torch.allclose(model(long).last_hidden_state, original(long).last_hidden_state, atol=1e-5)
+
+
+def update_rope_in_place(config, settings: dict) -> None:
+    """How transformers' common tests set RoPE: the config's dict updated in place, so the keys of earlier settings
+    stay (`original_max_position_embeddings` under `linear`, `partial_rotary_factor` everywhere)."""
+    config.rope_parameters = config.rope_parameters
+    config.rope_parameters.update(settings)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn"])
+def test_rope_scaling_from_a_config_updated_in_place(rope_type):
+    """transformers' `test_model_rope_scaling_from_config`: two models built from one config between in-place
+    updates that leave keys a type does not read; those are ignored with a warning, and each model computes with the
+    settings it was built with."""
+    config = tiny_config(rope_scaling=None, max_position_embeddings=16)
+    short, long = random_ids(config, 1, 10), random_ids(config, 1, 24)
+    update_rope_in_place(config, {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 1.0,
+                                  "original_max_position_embeddings": 16384})
+    torch.manual_seed(42)
+    original = DeepseekV3Model(config).eval()
+    with torch.no_grad():
+        original_short, original_long = original(short).last_hidden_state, original(long).last_hidden_state
+    logger = transformers.utils.logging.get_logger("modeling_deepseek_v3.configuration.configuration_deepseek_v3")
+    with CaptureLogger(logger) as captured:
+        update_rope_in_place(config, {"rope_type": rope_type, "factor": 10.0, "rope_theta": 10_000.0,
+                                      "partial_rotary_factor": 1.0})
+        torch.manual_seed(42)
+        scaled = DeepseekV3Model(config).eval()
+    if rope_type != "yarn":  # yarn reads the original length (here the stale 16384)
+        assert "['original_max_position_embeddings'] are not settings of" in captured.out
+    with torch.no_grad():
+        same_short = torch.allclose(scaled(short).last_hidden_state, original_short, atol=1e-5)
+        assert same_short == (rope_type == "dynamic")  # dynamic scaling starts past max_position_embeddings
+        assert not torch.allclose(scaled(long).last_hidden_state, original_long, atol=1e-5)
+
+
+def test_rope_frequencies_of_each_type():
+    """transformers' `test_model_rope_scaling_frequencies`, on the rotary module the base model names `rotary_emb`:
+    linear position x is plain position x / factor, dynamic changes only past max_position_embeddings (and only
+    lowers frequencies), yarn changes every position."""
+    config = tiny_config(rope_scaling=None, max_position_embeddings=16)
+    rope_class = type(DeepseekV3Model(config).rotary_emb)
+    x, short, long = torch.randn(1), torch.arange(10)[None], torch.arange(24)[None]
+
+    def tables(settings):
+        update_rope_in_place(config, {"rope_theta": 10_000.0, "partial_rotary_factor": 1.0, **settings})
+        rope = rope_class(config=config)
+        return rope, rope(x, short), rope(x, long)
+
+    plain, (cos_short, sin_short), (cos_long, sin_long) = tables({"rope_type": "default"})
+    torch.testing.assert_close(cos_short, cos_long[:, :10])
+    _, _, (linear_cos, linear_sin) = tables({"rope_type": "linear", "factor": 4})
+    for position in range(0, 24, 4):
+        torch.testing.assert_close(linear_cos[:, position], cos_long[:, position // 4])
+        torch.testing.assert_close(linear_sin[:, position], sin_long[:, position // 4])
+    dynamic, (dynamic_cos_short, _), (dynamic_cos_long, _) = tables({"rope_type": "dynamic", "factor": 4})
+    torch.testing.assert_close(dynamic_cos_short, cos_short)
+    assert not torch.allclose(dynamic_cos_long, cos_long) and (dynamic.inv_freq <= plain.inv_freq).all()
+    _, (yarn_cos_short, yarn_sin_short), (yarn_cos_long, _) = tables({"rope_type": "yarn", "factor": 4})
+    torch.testing.assert_close(yarn_cos_short, yarn_cos_long[:, :10])
+    assert not torch.allclose(yarn_cos_short, cos_short) and not torch.allclose(yarn_sin_short, sin_short)
+
+
+@pytest.mark.parametrize("settings", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "dynamic", "factor": 4.0},
+    {"rope_type": "yarn", "factor": 4.0},  # original_max_position_embeddings: max_position_embeddings
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8, "beta_fast": 16, "beta_slow": 2,
+     "mscale": 1.0, "mscale_all_dim": 0.5},
+    {"rope_type": "yarn", "factor": 4.0, "truncate": False, "attention_factor": 1.5},
+], ids=["linear", "dynamic", "yarn-defaults", "yarn-deepseek", "yarn-untruncated"])
+def test_rope_frequencies_equal_transformers_rope_functions(settings):
+    """Our inverse frequencies and cos/sin factor against transformers' own `ROPE_INIT_FUNCTIONS` on its config of the
+    same settings (its DeepSeek-V3 config rotates `qk_rope_head_dim` dims)."""
+    ours = tiny_config(max_position_embeddings=32, rope_scaling=dict(settings))
+    theirs = transformers.DeepseekV3Config(qk_rope_head_dim=ours.qk_rope_head_dim, max_position_embeddings=32,
+                                           rope_parameters={"rope_theta": ours.rope_theta, **settings})
+    inv_freq, factor = rope_frequencies(ours)
+    expected_inv_freq, expected_factor = ROPE_INIT_FUNCTIONS[settings["rope_type"]](theirs, None)
+    torch.testing.assert_close(inv_freq, expected_inv_freq, rtol=1e-6, atol=0)
+    assert factor == pytest.approx(expected_factor, rel=1e-12)
+
+
+@pytest.mark.parametrize("value", [0.5, 2.0])
+def test_a_partial_rotary_factor_other_than_1_is_refused(value):
+    with pytest.raises(ValueError, match=rf"`rope_scaling.partial_rotary_factor` = {value} is invalid: must be 1.0"):
+        tiny_config(rope_scaling={"type": "linear", "factor": 2.0, "partial_rotary_factor": value})
+    config = tiny_config()
+    model = DeepseekV3Model(config)
+    config.rope_parameters.update(partial_rotary_factor=value)  # in place, past the config's checks
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        model(random_ids(config, 1, 4))
 
 
 # --- the Auto heads -------------------------------------------------------------------------------------------------
@@ -399,6 +520,28 @@ def test_a_missing_decoder_weight_stays_an_error(saved, tmp_path):
     for model_class in ALL_CLASSES:
         with pytest.raises(ValueError, match="missing keys.*kv_b_proj"):
             model_class.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("model_class", [DeepseekV3Model, DeepseekV3ForCausalLM], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_a_folder_without_weights_names_exactly_the_weights_to_load(model_class, tie, tmp_path):
+    """transformers' `test_model_weights_reload_no_missing_tied_weights` (every weight of a nuked checkpoint reported
+    missing, a tied one not): here loading refuses instead of initialising, and its error names every parameter and
+    persistent buffer of the model but the output head, which is the embedding when tied and a task head that may be
+    new when not (docs/conformance.md, Loading a checkpoint of another task)."""
+    config = tiny_config(tie_word_embeddings=tie)
+    model_class(config).save_pretrained(tmp_path)
+    save_file({"tensor": torch.tensor([1, 2])}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing keys") as refused:
+        model_class.from_pretrained(tmp_path)
+    named = ast.literal_eval(re.search(r"missing keys \(\d+\): (\[[^\]]*\])", str(refused.value)).group(1))
+    model = model_class(config)
+    persistent = {name for name, _ in model.named_buffers()} - {
+        f"{module_name}.{buffer}".lstrip(".") for module_name, module in model.named_modules()
+        for buffer in module._non_persistent_buffers_set
+    }
+    expected = {name for name, _ in model.named_parameters()} | persistent
+    assert set(named) == expected - {"lm_head.weight"} and len(named) > 40
 
 
 def test_a_classifier_checkpoint_loads_into_the_causal_lm(saved, tmp_path):

@@ -1,9 +1,12 @@
 """Self-speculative decoding with the MTP modules (`generate(use_mtp=True)`): greedy output identical to plain greedy
 decoding, sampled output distributed as plain sampling, batches with left padding, and clear errors."""
 
+import functools
+from importlib import resources
+
 import pytest
 import torch
-from transformers import TextStreamer
+from transformers import MaxTimeCriteria, StoppingCriteria, StoppingCriteriaList, TextStreamer
 from transformers.generation import (
     GenerateDecoderOnlyOutput,
     LogitsProcessorList,
@@ -11,9 +14,11 @@ from transformers.generation import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.generation.streamers import BaseStreamer
 
 from modeling_deepseek_v3 import generation
 from modeling_deepseek_v3.attention import MultiHeadLatentAttention
+from modeling_deepseek_v3.demo import train_tokenizer
 
 from ..utils import agreeing_mtp_model, random_ids, random_model, reference_mtp_logits, tiny_config
 
@@ -212,11 +217,10 @@ def test_sampling_matches_the_plain_sampling_distribution(depth):
         (dict(use_mtp_modules=False), {}, "use_mtp_modules=False"),
         ({}, dict(num_beams=2), "beam search"),
         ({}, dict(repetition_penalty=1.3), "RepetitionPenaltyLogitsProcessor"),
-        ({}, dict(stop_strings=["x"]), "stop_strings|tokenizer"),
         ({}, dict(output_scores=True, return_dict_in_generate=True), "output_scores"),
         ({}, dict(cache_implementation="static"), "cache_implementation='static'"),
     ],
-    ids=["no-modules", "switched-off", "beams", "repetition-penalty", "stop-strings", "scores", "static-cache"],
+    ids=["no-modules", "switched-off", "beams", "repetition-penalty", "scores", "static-cache"],
 )
 def test_unsupported_requests_are_clear_errors(overrides, kwargs, match):
     model = random_model(tiny_config(**{"num_nextn_predict_layers": 1, **overrides}))
@@ -224,10 +228,126 @@ def test_unsupported_requests_are_clear_errors(overrides, kwargs, match):
         model.generate(random_ids(model.config, 1, 4), max_new_tokens=4, use_mtp=True, **kwargs)
 
 
-def test_streamer_is_a_clear_error():
+@pytest.mark.parametrize("value", ["no", 1, "True"])
+def test_use_mtp_must_be_a_bool(value):
     model = random_model(tiny_config(num_nextn_predict_layers=1))
-    with pytest.raises(ValueError, match="streamer is not supported"):
-        model.generate(random_ids(model.config, 1, 4), max_new_tokens=4, use_mtp=True, streamer=TextStreamer(None))
+    with pytest.raises(TypeError, match=f"use_mtp = {value!r} .*must be True or False"):
+        model.generate(random_ids(model.config, 1, 4), max_new_tokens=4, use_mtp=value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens"),
+        (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha"),
+        (dict(dola_layers="low"), "dola_layers"),
+        (dict(prefill_chunk_size=2), "prefill_chunk_size"),
+        (dict(num_assistant_tokens=5), "num_assistant_tokens"),
+    ],
+)
+def test_fields_of_other_decoding_methods_are_refused_not_dropped(kwargs, field):
+    model = random_model(tiny_config(num_nextn_predict_layers=1))
+    with pytest.raises(ValueError, match=f"does not use .*'{field}'"):
+        model.generate(random_ids(model.config, 1, 4), max_new_tokens=4, use_mtp=True, **kwargs)
+
+
+class Recording(BaseStreamer):
+    """Every `put` and `end` call, in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(value.tolist())
+
+    def end(self):
+        self.calls.append("end")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_streamer_receives_what_plain_decoding_streams(batch):
+    """Accepted drafts reach the streamer in order, as plain decoding's calls: the prompt, then one column of the
+    batch per token (a finished row's column holding the pad id), then `end()`."""
+    model = agreeing_mtp_model(2, context_weight=0.3)
+    ids, mask = left_padded(model.config, PROMPT_LENGTHS[:batch])
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    eos = int(free[-1, ids.shape[1] + 12])  # the last row ends at its 13th token, the others run on or end too
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos)
+    plain, drafted = Recording(), Recording()
+    expected = model.generate(ids, streamer=plain, **kwargs)
+    out = model.generate(ids, streamer=drafted, use_mtp=True, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(out.sequences, expected) and out.speculative_stats.tokens_per_forward > 1.2
+    assert drafted.calls == plain.calls and plain.calls[-1] == "end"
+    assert len(plain.calls) == 2 + expected.shape[1] - ids.shape[1]
+
+
+def test_text_streamer_prints_the_plain_text(capsys):
+    tokenizer = shakespeare_tokenizer()
+    model = agreeing_mtp_model(1, context_weight=0.3)
+    ids = tokenizer("ROMEO:", return_tensors="pt").input_ids
+    texts = []
+    for use_mtp in (False, True):
+        model.generate(ids, max_new_tokens=16, do_sample=False, streamer=TextStreamer(tokenizer), use_mtp=use_mtp)
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("ROMEO:") and len(texts[0]) > len("ROMEO:") + 8
+
+
+@functools.cache
+def shakespeare_tokenizer():
+    text = resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_text(encoding="utf-8")
+    return train_tokenizer(text[:20_000], vocab_size=tiny_config().vocab_size)
+
+
+def test_stop_strings_stop_at_the_token_plain_decoding_stops_at():
+    """A stop string found in the middle of plain greedy output: both loops stop at the same token of each row, the
+    speculative one within a step whose drafts ran past it."""
+    tokenizer = shakespeare_tokenizer()
+    model = agreeing_mtp_model(2, context_weight=0.3, eos_token_id=1)
+    ids, mask = left_padded(model.config, PROMPT_LENGTHS)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    text = tokenizer.decode(free[0, ids.shape[1] + 8 :])
+    stop = text[: max(len(text) // 4, 2)]  # text of the 9th token on: row 0 stops early
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, stop_strings=[stop], tokenizer=tokenizer)
+    plain = model.generate(ids, **kwargs)
+    drafted = model.generate(ids, use_mtp=True, **kwargs)
+    assert torch.equal(drafted, plain)
+    assert (plain[0, ids.shape[1] + 9 :] == model.config.pad_token_id).any()  # row 0 stopped before the end
+
+
+def test_stopping_criteria_stop_each_row_where_plain_decoding_does():
+    """A caller's criterion (stop a row at its first token from a set) sees each row's ids up to every new token."""
+
+    class StopAt(StoppingCriteria):
+        def __init__(self, tokens):
+            self.tokens = torch.tensor(tokens)
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.isin(input_ids[:, -1], self.tokens)
+
+    model = agreeing_mtp_model(2, context_weight=0.3, eos_token_id=1)  # with an EOS id a stopped row is padded
+    ids, mask = left_padded(model.config, PROMPT_LENGTHS)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    criteria = StoppingCriteriaList([StopAt([int(free[0, ids.shape[1] + 10]), int(free[2, ids.shape[1] + 5])])])
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, stopping_criteria=criteria)
+    drafted = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, use_mtp=True,
+                             stopping_criteria=criteria)
+    assert torch.equal(drafted, plain) and not torch.equal(plain, free)
+
+
+def test_stopping_a_row_of_a_batch_without_eos_is_refused():
+    """Without an EOS id plain decoding keeps generating for a row a criterion stopped: refused, saying so."""
+    model = agreeing_mtp_model(1, context_weight=0.3, eos_token_id=None)
+    ids, mask = left_padded(model.config, PROMPT_LENGTHS)
+    criteria = StoppingCriteriaList([MaxTimeCriteria(60.0)])
+    with pytest.raises(ValueError, match="MaxTimeCriteria only with an eos_token_id.*keeps generating"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, use_mtp=True, stopping_criteria=criteria)
+    model.generate(ids[:1], max_new_tokens=4, use_mtp=True, stopping_criteria=criteria)  # one row: no ambiguity
+
+
+def test_stop_strings_without_a_tokenizer_say_so():
+    model = random_model(tiny_config(num_nextn_predict_layers=1))
+    with pytest.raises(ValueError, match=r"stop_strings = \['x'\] needs the model's tokenizer.*tokenizer=\.\.\."):
+        model.generate(random_ids(model.config, 1, 4), max_new_tokens=4, use_mtp=True, stop_strings=["x"])
 
 
 @pytest.mark.parametrize("depth", [1, 2])

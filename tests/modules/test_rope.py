@@ -1,15 +1,18 @@
 """RoPE: the interleaved rotation, the YaRN softmax scale, linear and dynamic (NTK) scaling as transformers' built-in
-DeepSeek-V3 computes them; RoPE settings the model would ignore are refused, also when assigned after construction;
-settings changed on the config of a built model take effect."""
+DeepSeek-V3 computes them; invalid RoPE settings are refused, also when assigned after construction, and keys a type
+does not read are ignored with a warning, as transformers does; settings changed on the config of a built model take
+effect."""
 
 import math
 
 import pytest
 import torch
 from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from modeling_deepseek_v3 import DeepseekV3Config
-from modeling_deepseek_v3.rope import apply_rope, softmax_scale
+from modeling_deepseek_v3.rope import RotaryEmbedding, apply_rope, softmax_scale
 
 from ..utils import random_ids, random_model, tiny_config
 
@@ -101,15 +104,25 @@ def test_rope_settings_changed_on_a_built_model_take_effect(new_settings):
     [
         ({"type": "linear"}, "rope_scaling.factor", "is required for 'linear'"),
         ({"type": "dynamic", "factor": 0.5}, "rope_scaling.factor", ">= 1"),
-        ({"type": "linear", "factor": 2.0, "original_max_position_embeddings": 64},
-         "rope_scaling.original_max_position_embeddings", "not a setting of 'linear' RoPE"),
-        ({**YARN, "attention_factor": 2.0}, "rope_scaling.attention_factor", "not a setting of 'yarn' RoPE"),
+        ({**YARN, "attention_factor": -2.0}, "rope_scaling.attention_factor", "finite positive"),
+        ({**YARN, "truncate": "no"}, "rope_scaling.truncate", "True or False"),
     ],
-    ids=["linear-no-factor", "dynamic-factor-below-1", "linear-unused-key", "yarn-unused-key"],
+    ids=["linear-no-factor", "dynamic-factor-below-1", "yarn-negative-attention-factor", "yarn-truncate-not-bool"],
 )
-def test_rope_settings_that_would_be_ignored_are_refused(rope_scaling, field, rule):
+def test_invalid_rope_settings_are_refused(rope_scaling, field, rule):
     with pytest.raises(ValueError, match=rf"`{field}` = .* is invalid: .*{rule}"):
         tiny_config(rope_scaling=rope_scaling)
+
+
+def test_rope_keys_a_type_does_not_read_are_ignored_with_a_warning():
+    """As transformers does (it warns about unrecognized keys): the config loads, the key changes nothing."""
+    logger = logging.get_logger("modeling_deepseek_v3.configuration.configuration_deepseek_v3")
+    with CaptureLogger(logger) as captured:
+        config = tiny_config(rope_scaling={"type": "linear", "factor": 2.0, "original_max_position_embeddings": 64})
+    assert "['original_max_position_embeddings'] are not settings of 'linear' RoPE" in captured.out
+    assert "they are ignored" in captured.out
+    plain = tiny_config(rope_scaling={"type": "linear", "factor": 2.0})
+    torch.testing.assert_close(RotaryEmbedding(config).inv_freq, RotaryEmbedding(plain).inv_freq, rtol=0, atol=0)
 
 
 def test_dynamic_rope_needs_more_than_two_rope_dims():
@@ -121,8 +134,7 @@ def test_rope_settings_assigned_after_construction_are_validated():
     config = tiny_config()
     for assign, field in (
         (lambda: setattr(config, "rope_parameters", {"rope_type": "longrope", "factor": 2.0}), "rope_scaling.type"),
-        (lambda: setattr(config, "rope_scaling", {"type": "yarn", "factor": 2.0}),
-         "rope_scaling.original_max_position_embeddings"),
+        (lambda: setattr(config, "rope_scaling", {"type": "yarn"}), "rope_scaling.factor"),
         (lambda: setattr(config, "rope_parameters", {"rope_type": "linear", "factor": math.nan}),
          "rope_scaling.factor"),
         (lambda: setattr(config, "rope_theta", -1.0), "rope_theta"),
