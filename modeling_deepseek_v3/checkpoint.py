@@ -526,9 +526,13 @@ def check_loading_info(
 # They are thin subclasses because transformers marks the classes it loads as remote code (and copies their file
 # into every folder they are saved to): the marks land on them, never on the package's own classes.
 REMOTE_CODE_MODULE = "modeling_deepseek_v3_remote"
-REMOTE_CODE = '''"""Loads this checkpoint with the modeling_deepseek_v3 package (pip install modeling-deepseek-v3),
-so that AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) works in a process that never
-imported it."""
+REMOTE_CODE = '''"""Loads this checkpoint with the modeling_deepseek_v3 package, so that
+AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) works in a process that never imported it.
+
+The package is not on the Python package index (transformers' hint `pip install modeling_deepseek_v3` names a
+project that is not ours): install it from a checkout of its source repository, `pip install <checkout folder>`, as
+its README says.
+"""
 
 import modeling_deepseek_v3
 
