@@ -144,6 +144,10 @@ class ExpertBalance:
         self.pending: dict[int, torch.Tensor] = {}  # layer index -> [E] tokens per expert
         self.last_loads: dict[str, torch.Tensor] = {}  # of the last update, e.g. for plots
         self.warned_about_frozen_routers = False
+        # set by DeepseekV3Trainer under DeepSpeed, whose optimizer steps flat partitions instead of the model's
+        # parameters (the optimizer hook never recognises it) and leaves their `.grad` empty: the trainer then reports
+        # every optimizer step (`update`) and every skipped one (`discard`) itself
+        self.steps_reported_by_trainer = False
         self._hook = None
 
     def end_forward(self, log: RoutingLog, gradients_pending: bool) -> torch.Tensor | None:
@@ -158,7 +162,7 @@ class ExpertBalance:
         Raises:
             ValueError: if the balance loss cannot get a gradient (reentrant activation checkpointing).
         """
-        if not gradients_pending:
+        if not gradients_pending and not self.steps_reported_by_trainer:
             self.pending.clear()
         for layer, counts in log.counts.items():
             self.pending[layer] = self.pending[layer] + counts if layer in self.pending else counts
@@ -250,7 +254,7 @@ class ExpertBalance:
 
         def after_step(optimizer, args, kwargs) -> None:
             model = model_ref()
-            if model is None or not model.config.routing_bias_auto_update:
+            if model is None or not model.config.routing_bias_auto_update or self.steps_reported_by_trainer:
                 return
             owned = {id(p) for p in model.parameters()}
             if any(id(p) in owned for group in optimizer.param_groups for p in group["params"]):
