@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from transformers.integrations import deepspeed_config
 from transformers.utils import logging
 
 from .inputs import count_targets
@@ -247,7 +248,23 @@ class ExpertBalance:
     def follow_optimizer_steps(self, model) -> None:
         """Call `model.update_routing_bias()` after every `step()` of any torch optimizer that holds one of the
         model's parameters (plain Trainer, accelerate, a hand-written loop). Idempotent; the hook goes with the
-        model."""
+        model.
+
+        Raises:
+            ValueError: under DeepSpeed set up by transformers or accelerate, unless a trainer reports the steps
+                (`DeepseekV3Trainer`): DeepSpeed's optimizer steps flat partitions, which the hook cannot recognise,
+                so the biases would never move.
+        """
+        config = model.config
+        moving = config.routing_bias_auto_update and config.use_routing_bias and config.routing_bias_update_speed
+        if moving and not self.steps_reported_by_trainer and deepspeed_config() is not None:
+            raise ValueError(
+                "the routing-bias update (routing_bias_auto_update=True) cannot follow DeepSpeed's optimizer steps by "
+                "itself: DeepSpeed's optimizer holds flat partitions instead of the model's parameters, so the biases "
+                "would never move. Train with DeepseekV3Trainer (or a Trainer subclass with DeepseekV3TrainerMixin, "
+                "e.g. DeepseekV3SFTTrainer), which moves them after every step; or set routing_bias_auto_update=False "
+                "and call model.update_routing_bias() after every engine step yourself"
+            )
         if self._hook is not None:
             return
         model_ref = weakref.ref(model)
