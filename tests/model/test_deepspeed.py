@@ -31,35 +31,37 @@ def make_data() -> list[dict]:
     return [{"input_ids": row, "labels": row} for row in random_ids(tiny_config(), STEPS * GLOBAL_BATCH, 8)]
 
 
-def train(out_dir: str, batch: int, deepspeed: dict | None = None):
+def train(out_dir: str, batch: int, accumulation: int = 1, deepspeed: dict | None = None):
     from transformers import TrainingArguments
 
     model = make_model()
     args = TrainingArguments(output_dir=f"{out_dir}/run", per_device_train_batch_size=batch, max_steps=STEPS,
-                             logging_steps=1, learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
-                             disable_tqdm=True, deepspeed=deepspeed)
+                             gradient_accumulation_steps=accumulation, logging_steps=1, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, deepspeed=deepspeed)
     trainer = DeepseekV3Trainer(model=model, args=args, train_dataset=make_data())
     trainer.train()
     losses = [(entry["loss"], entry["mtp_1_loss"]) for entry in trainer.state.log_history if "loss" in entry]
     return model, losses
 
 
-def zero_worker(rank: int, out_dir: str, stage: int) -> None:
+def zero_worker(rank: int, out_dir: str, stage: int, accumulation: int) -> None:
     import deepspeed
 
     config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
               "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
-    model, losses = train(out_dir, GLOBAL_BATCH // WORLD, config)
+    model, losses = train(out_dir, GLOBAL_BATCH // WORLD // accumulation, accumulation, config)
     with deepspeed.zero.GatheredParameters(list(model.parameters())):  # ZeRO-3 holds partitions: gather them whole
         state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     torch.save((state, losses), f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_on_two_gloo_ranks_trains_as_one_process(tmp_path, stage):
+@pytest.mark.parametrize("stage, accumulation", [(2, 2), (3, 1)], ids=["zero2-accumulation", "zero3"])
+def test_zero_on_two_gloo_ranks_trains_as_one_process(tmp_path, stage, accumulation):
+    """Each global batch of 4 rows is 2 ranks x `accumulation` micro-batches under DeepSpeed, one batch in the
+    reference process."""
     pytest.importorskip("deepspeed")
-    run_ranks(zero_worker, str(tmp_path), stage)
+    run_ranks(zero_worker, str(tmp_path), stage, accumulation)
     initial = make_model().state_dict()
     single, single_losses = train(str(tmp_path), GLOBAL_BATCH)
     expected = single.state_dict()
