@@ -1,7 +1,8 @@
-"""DeepSpeed ZeRO under `DeepseekV3Trainer` on two CPU processes (gloo): the routing biases, the MTP weights and the
-logged losses equal one process training on the same global batches. (DeepSpeed's optimizer steps flat partitions,
-which the model's optimizer hook does not recognise: the trainer moves the biases itself; a plain `Trainer` is
-refused.) And the accelerate configs shipped in examples/accelerate start on CPU processes as documented."""
+"""DeepSpeed ZeRO under `DeepseekV3Trainer` on two CPU processes (gloo): the routing biases, the MTP weights (in the
+checkpoint `Trainer` saves) and the logged losses equal one process training on the same global batches.
+(DeepSpeed's optimizer steps flat partitions, which the model's optimizer hook does not recognise: the trainer moves
+the biases itself; a plain `Trainer` is refused.) And the accelerate configs shipped in examples/accelerate start on
+CPU processes as documented."""
 
 import os
 import re
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_deepseek_v3 import DeepseekV3Trainer
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer
 
 from ..multiprocess import WORLD, run_ranks
 from ..utils import random_ids, random_model, spread_routing, tiny_config
@@ -40,19 +41,16 @@ def train(out_dir: str, batch: int, accumulation: int = 1, deepspeed: dict | Non
                              report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, deepspeed=deepspeed)
     trainer = DeepseekV3Trainer(model=model, args=args, train_dataset=make_data())
     trainer.train()
-    losses = [(entry["loss"], entry["mtp_1_loss"]) for entry in trainer.state.log_history if "loss" in entry]
-    return model, losses
+    trainer.save_model(f"{out_dir}/saved")  # under ZeRO-3 every rank takes part in gathering the partitions
+    return [(entry["loss"], entry["mtp_1_loss"]) for entry in trainer.state.log_history if "loss" in entry]
 
 
 def zero_worker(rank: int, out_dir: str, stage: int, accumulation: int) -> None:
-    import deepspeed
-
-    config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
-              "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
-    model, losses = train(out_dir, GLOBAL_BATCH // WORLD // accumulation, accumulation, config)
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):  # ZeRO-3 holds partitions: gather them whole
-        state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    torch.save((state, losses), f"{out_dir}/rank{rank}.pt")
+    config = {"zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+              "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    losses = train(out_dir, GLOBAL_BATCH // WORLD // accumulation, accumulation, config)
+    torch.save(losses, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.slow
@@ -61,21 +59,22 @@ def test_zero_on_two_gloo_ranks_trains_as_one_process(tmp_path, stage, accumulat
     """Each global batch of 4 rows is 2 ranks x `accumulation` micro-batches under DeepSpeed, one batch in the
     reference process."""
     pytest.importorskip("deepspeed")
-    run_ranks(zero_worker, str(tmp_path), stage, accumulation)
+    run_ranks(zero_worker, str(tmp_path / "zero"), stage, accumulation)
     initial = make_model().state_dict()
-    single, single_losses = train(str(tmp_path), GLOBAL_BATCH)
-    expected = single.state_dict()
+    single_losses = train(str(tmp_path / "single"), GLOBAL_BATCH)
+    expected = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "single" / "saved").state_dict()
+    saved = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "zero" / "saved").state_dict()  # written by rank 0
     biases = [name for name in expected if name.endswith("e_score_correction_bias")]
     assert any(not torch.equal(initial[name], expected[name]) for name in biases)  # the biases moved
+    for name in biases:
+        assert torch.equal(saved[name], expected[name]), name
+    mtp = [name for name in expected if name.startswith("mtp.")]
+    assert any(not torch.equal(initial[name], expected[name]) for name in mtp)  # the MTP module trained
+    for name in mtp:
+        torch.testing.assert_close(saved[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
     for rank in range(WORLD):
-        state, losses = torch.load(tmp_path / f"rank{rank}.pt")
-        for name in biases:
-            assert torch.equal(state[name], expected[name]), name
-        for name in expected:
-            if name.startswith("mtp."):
-                torch.testing.assert_close(state[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+        losses = torch.load(tmp_path / "zero" / f"rank{rank}.pt")
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(single_losses), rtol=1e-4, atol=1e-5)
-
 
 def plain_trainer_worker(rank: int, out_dir: str) -> None:
     from transformers import Trainer, TrainingArguments
