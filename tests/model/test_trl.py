@@ -171,3 +171,21 @@ def test_sft_trainer_loads_a_folder_with_the_mtp_modules(tmp_path):
     trainer.save_model(str(tmp_path / "tuned"))
     tuned = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "tuned")
     assert not torch.equal(tuned.mtp[0].eh_proj.weight, model.mtp[0].eh_proj.weight)  # trained and saved
+
+
+def test_trl_given_a_folder_loads_the_built_in_class_without_the_mtp_modules(tmp_path):
+    """The limit docs/training.md states: TRL resolves the checkpoint's architecture name in `transformers`, which is
+    transformers' built-in class, whatever this package registered with the Auto classes."""
+    pytest.importorskip("trl")
+    import transformers
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model = mtp_model()
+    model.save_pretrained(tmp_path / "saved")
+    data = Dataset.from_list([{"input_ids": row} for row in random_ids(model.config, 4, 6).tolist()])
+    trainer = SFTTrainer(model=str(tmp_path / "saved"), args=trl_arguments(SFTConfig, tmp_path), train_dataset=data,
+                         processing_class=word_tokenizer(model.config.vocab_size))
+    assert type(trainer.model) is transformers.DeepseekV3ForCausalLM
+    mtp_layer = f".layers.{model.config.num_hidden_layers}."  # MTP module 1 in the checkpoint's layout
+    assert not any(name.startswith("mtp.") or mtp_layer in name for name in trainer.model.state_dict())
