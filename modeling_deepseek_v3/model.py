@@ -312,6 +312,8 @@ class DeepseekV3ForCausalLM(
                                       return_dict)
         # a training forward that will produce gradients feeds the expert balancing (token counts, balance loss)
         recording = self.training and torch.is_grad_enabled()
+        if recording:  # before anything is counted: refuses DeepSpeed steps that nothing would follow
+            self.expert_balance.follow_optimizer_steps(self)
         if recording and labels is None and kwargs.get("num_items_in_batch") is not None:
             refuse_a_loss_computed_elsewhere(self.config, self.mtp_active)
         log = RoutingLog(recording, self.config.seq_balance_loss_alpha, keep_router_logits=asked.router_logits)
@@ -342,7 +344,6 @@ class DeepseekV3ForCausalLM(
         if recording:
             gradients_pending = any(p.grad is not None for p in self.parameters() if p.requires_grad)
             balance_loss = self.expert_balance.end_forward(log, gradients_pending)
-            self.expert_balance.follow_optimizer_steps(self)
             if mtp is not None:
                 self.training_metrics.add_each("mtp_{}_loss", mtp.losses)
                 self.training_metrics.add_each("mtp_{}_accuracy", mtp.accuracies)
