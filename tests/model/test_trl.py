@@ -85,35 +85,48 @@ def test_sft_trainer_keeps_the_recipe_exactly_as_deepseek_v3_trainer(tmp_path):
     assert logged["mtp_1_loss"] > 0 and logged["balance_loss"] > 0
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo", "grpo"])
-def test_trl_trainers_that_score_hidden_states_themselves_are_refused(tmp_path, name):
-    pytest.importorskip("trl")
+def trl_trainer(name: str, model, tmp_path):
+    """TRL's own trainer `name` over `model`, for 2 steps on a few rows of random words."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-    model = mtp_model()
     tokenizer = word_tokenizer(model.config.vocab_size)
     rows = random_ids(model.config, 4, 6).tolist()
     if name == "sft":
-        trainer = SFTTrainer(model=model, args=trl_arguments(SFTConfig, tmp_path),
-                             train_dataset=Dataset.from_list([{"input_ids": row} for row in rows]),
-                             processing_class=tokenizer)
-    elif name == "dpo":
+        return SFTTrainer(model=model, args=trl_arguments(SFTConfig, tmp_path),
+                          train_dataset=Dataset.from_list([{"input_ids": row} for row in rows]),
+                          processing_class=tokenizer)
+    if name == "dpo":
         data = Dataset.from_list([{"prompt": words(r[:2]), "chosen": words(r[2:4]), "rejected": words(r[4:])}
                                   for r in rows])
-        trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=trl_arguments(DPOConfig, tmp_path),
-                             train_dataset=data, processing_class=tokenizer)
-    else:
-        trainer = GRPOTrainer(
-            model=model, reward_funcs=lambda completions, **kwargs: [float(len(c)) for c in completions],
-            args=trl_arguments(GRPOConfig, tmp_path, per_device_train_batch_size=2, num_generations=2,
-                               max_completion_length=3),
-            train_dataset=Dataset.from_list([{"prompt": words(r[:3])} for r in rows]), processing_class=tokenizer,
-        )
+        return DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=trl_arguments(DPOConfig, tmp_path),
+                          train_dataset=data, processing_class=tokenizer)
+    return GRPOTrainer(
+        model=model, reward_funcs=lambda completions, **kwargs: [float(len(c)) for c in completions],
+        args=trl_arguments(GRPOConfig, tmp_path, per_device_train_batch_size=2, num_generations=2,
+                           max_completion_length=3),
+        train_dataset=Dataset.from_list([{"prompt": words(r[:3])} for r in rows]), processing_class=tokenizer,
+    )
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo", "grpo"])
+def test_trl_trainers_that_score_hidden_states_themselves_are_refused(tmp_path, name):
+    pytest.importorskip("trl")
+    model = mtp_model()
+    trainer = trl_trainer(name, model, tmp_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=rf"{BYPASSED}.*MTP loss.*DeepseekV3SFTTrainer.*use_mtp_modules=False"):
         trainer.train()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # refused before any step
+
+
+@pytest.mark.parametrize("name", ["dpo", "grpo"])
+def test_trl_trainers_train_with_the_recipe_switched_off(tmp_path, name):
+    pytest.importorskip("trl")
+    model = mtp_model(**RECIPE_OFF)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trl_trainer(name, model, tmp_path).train()
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # it trained
 
 
 @pytest.mark.parametrize("options, message", [
