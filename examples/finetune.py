@@ -15,6 +15,7 @@ over the data-parallel ranks before moving the biases.
 from __future__ import annotations
 
 import argparse
+import os
 from importlib import resources
 
 import torch
@@ -75,6 +76,8 @@ def main() -> None:
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=4, learning_rate=1e-3,
         logging_steps=max(1, args.steps // 5), report_to="none", save_strategy="no", disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), seed=0,
+        # `accelerate launch` passes its mixed precision on; DeepSpeed requires TrainingArguments to agree with it
+        bf16=os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16",
     )
     trainer = DeepseekV3Trainer(model=model, args=training, train_dataset=train_ds,
                                 data_collator=default_data_collator)

@@ -26,7 +26,7 @@ from .model import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedM
 from .outputs import DeepseekV3CausalLMOutput
 from .paged_cache import PagedLatentCache
 from .private_api import keep_peft_targets_of
-from .trainer import DeepseekV3Trainer, ExpertBalanceCallback
+from .trainer import DeepseekV3Trainer, DeepseekV3TrainerMixin, ExpertBalanceCallback
 
 AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
 AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)
@@ -45,7 +45,9 @@ __all__ = [
     "DeepseekV3ForSequenceClassification",
     "DeepseekV3ForTokenClassification",
     "DeepseekV3PreTrainedModel",
+    "DeepseekV3SFTTrainer",
     "DeepseekV3Trainer",
+    "DeepseekV3TrainerMixin",
     "ExpertBalanceCallback",
     "LatentCacheLayer",
     "MLACache",
@@ -55,3 +57,12 @@ __all__ = [
     "TrainingMetrics",
     "load_preset",
 ]
+
+
+def __getattr__(name: str):
+    # TRL is an optional dependency: DeepseekV3SFTTrainer imports it on first use
+    if name == "DeepseekV3SFTTrainer":
+        from .sft_trainer import DeepseekV3SFTTrainer
+
+        return DeepseekV3SFTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from transformers.integrations import deepspeed_config
 from transformers.utils import logging
 
 from .inputs import count_targets
@@ -153,6 +154,10 @@ class ExpertBalance:
         self.in_flight: list[dict[int, torch.Tensor]] = []  # per forward whose backward has not run yet
         self.last_loads: dict[str, torch.Tensor] = {}  # of the last update, e.g. for plots
         self.warned_about_frozen_routers = False
+        # set by DeepseekV3Trainer under DeepSpeed, whose optimizer steps flat partitions instead of the model's
+        # parameters (the optimizer hook never recognises it) and leaves their `.grad` empty: the trainer then reports
+        # every optimizer step (`update`) and every skipped one (`discard`) itself
+        self.steps_reported_by_trainer = False
         self._hook = None
 
     def end_forward(
@@ -171,7 +176,7 @@ class ExpertBalance:
         Raises:
             ValueError: if the balance loss cannot get a gradient (reentrant activation checkpointing).
         """
-        if not gradients_pending:
+        if not gradients_pending and not self.steps_reported_by_trainer:
             self.pending.clear()
         if output is not None and output.requires_grad and log.counts:
             counts = dict(log.counts)
@@ -275,14 +280,30 @@ class ExpertBalance:
     def follow_optimizer_steps(self, model) -> None:
         """Call `model.update_routing_bias(optimizer=...)` after every `step()` of any torch optimizer that holds one
         of the model's parameters (plain Trainer, accelerate, a hand-written loop): the layers whose router that
-        optimizer holds move their biases. Idempotent; the hook goes with the model."""
+        optimizer holds move their biases. Idempotent; the hook goes with the model.
+
+        Raises:
+            ValueError: under DeepSpeed set up by transformers or accelerate, unless a trainer reports the steps
+                (`DeepseekV3Trainer`): DeepSpeed's optimizer steps flat partitions, which the hook cannot recognise,
+                so the biases would never move.
+        """
+        config = model.config
+        moving = config.routing_bias_auto_update and config.use_routing_bias and config.routing_bias_update_speed
+        if moving and not self.steps_reported_by_trainer and deepspeed_config() is not None:
+            raise ValueError(
+                "the routing-bias update (routing_bias_auto_update=True) cannot follow DeepSpeed's optimizer steps by "
+                "itself: DeepSpeed's optimizer holds flat partitions instead of the model's parameters, so the biases "
+                "would never move. Train with DeepseekV3Trainer (or a Trainer subclass with DeepseekV3TrainerMixin, "
+                "e.g. DeepseekV3SFTTrainer), which moves them after every step; or set routing_bias_auto_update=False "
+                "and call model.update_routing_bias() after every engine step yourself"
+            )
         if self._hook is not None:
             return
         model_ref = weakref.ref(model)
 
         def after_step(optimizer, args, kwargs) -> None:
             model = model_ref()
-            if model is None or not model.config.routing_bias_auto_update:
+            if model is None or not model.config.routing_bias_auto_update or self.steps_reported_by_trainer:
                 return
             owned = {id(p) for p in model.parameters()}
             if any(id(p) in owned for group in optimizer.param_groups for p in group["params"]):

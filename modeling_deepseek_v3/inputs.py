@@ -107,6 +107,16 @@ def check_causal_lm_inputs(
         values.run()
 
 
+def loss_terms_of_the_model(config: Any, mtp_active: bool) -> list[str]:
+    """The terms of the training objective that only the causal LM's forward computes, described for an error."""
+    terms = []
+    if mtp_active:
+        terms.append(f"the MTP loss (use_mtp_modules, num_nextn_predict_layers={config.num_nextn_predict_layers})")
+    if config.seq_balance_loss_alpha > 0:
+        terms.append(f"the sequence-wise balance loss (seq_balance_loss_alpha={config.seq_balance_loss_alpha})")
+    return terms
+
+
 def refuse_a_loss_computed_elsewhere(config: Any, mtp_active: bool) -> None:
     """A training forward given `num_items_in_batch` without labels: Trainer calls the model that way when it computes
     the loss from the logits itself (`label_smoothing_factor > 0`, a `compute_loss_func`). The terms only the model can
@@ -115,17 +125,47 @@ def refuse_a_loss_computed_elsewhere(config: Any, mtp_active: bool) -> None:
     Raises:
         ValueError: when the objective has an MTP term (`mtp_active`) or a balance term (`seq_balance_loss_alpha`).
     """
-    dropped = []
-    if mtp_active:
-        dropped.append(f"the MTP loss (use_mtp_modules, num_nextn_predict_layers={config.num_nextn_predict_layers})")
-    if config.seq_balance_loss_alpha > 0:
-        dropped.append(f"the sequence-wise balance loss (seq_balance_loss_alpha={config.seq_balance_loss_alpha})")
+    dropped = loss_terms_of_the_model(config, mtp_active)
     if dropped:
         raise ValueError(
             "this training forward got num_items_in_batch but no labels: the loss is computed outside the model "
             "(Trainer does so with label_smoothing_factor > 0 or a compute_loss_func), which would leave out "
             + " and ".join(dropped) + ". Train with label_smoothing_factor=0 and without compute_loss_func, or "
             "switch those terms off (use_mtp_modules=False, seq_balance_loss_alpha=0)"
+        )
+
+
+def refuse_a_bypassed_causal_lm(config: Any, router_logits_asked: bool) -> None:
+    """A training forward of the decoder of a `DeepseekV3ForCausalLM` that does not come through the causal LM's
+    forward: TRL's trainers (SFT, DPO, GRPO, ...) patch in a "fused LM head" that runs the decoder and scores its
+    hidden states with the head's weight themselves. The recipe lives in the causal LM's forward, so the MTP loss, the
+    balance loss and the routing counts that drive the bias update would all be lost without a word.
+
+    Raises:
+        ValueError: when the config has any of those (naming them and how to keep them), or when router logits are
+            asked for (TRL's `output_router_logits` / `router_aux_loss_coef` switch: Mixtral's auxiliary loss over
+            softmax routing, which is not DeepSeek-V3's).
+    """
+    mtp_active = config.num_nextn_predict_layers > 0 and config.use_mtp_modules
+    lost = loss_terms_of_the_model(config, mtp_active)
+    speed = config.routing_bias_update_speed if config.use_routing_bias else 0.0
+    if config.routing_bias_auto_update and speed:
+        lost.append(f"the routing-bias update (routing_bias_update_speed={config.routing_bias_update_speed})")
+    if router_logits_asked:
+        raise ValueError(
+            "output_router_logits=True in a training forward that bypasses DeepseekV3ForCausalLM.forward (TRL's "
+            "output_router_logits / router_aux_loss_coef switch): it adds Mixtral's auxiliary load-balancing loss over "
+            "softmax routing, which is not DeepSeek-V3's. DeepSeek-V3 balances its experts with the routing-bias "
+            "update and the sequence-wise balance loss (seq_balance_loss_alpha); leave router_aux_loss_coef unset and "
+            "output_router_logits=False"
+        )
+    if lost:
+        raise ValueError(
+            "a training forward of the decoder bypassed DeepseekV3ForCausalLM.forward, where the training recipe "
+            "lives (TRL's trainers do so: they score the decoder's hidden states with their own fused LM head). It "
+            "would lose " + ", ".join(lost) + ". Fine-tune with modeling_deepseek_v3.DeepseekV3SFTTrainer (TRL's "
+            "SFTTrainer keeping the recipe), DeepseekV3Trainer or Trainer; or, to train knowingly without them, "
+            "switch them off (use_mtp_modules=False, seq_balance_loss_alpha=0, routing_bias_update_speed=0)"
         )
 
 

@@ -29,7 +29,13 @@ from .configuration import DeepseekV3Config
 from .continuous_batching import ContinuousBatchingMixin, paged_batch
 from .fp8 import FP8Linear, fp8_format, init_fp8_weight
 from .generation import MTPGenerationMixin
-from .inputs import check_causal_lm_inputs, check_model_inputs, count_targets, refuse_a_loss_computed_elsewhere
+from .inputs import (
+    check_causal_lm_inputs,
+    check_model_inputs,
+    count_targets,
+    refuse_a_bypassed_causal_lm,
+    refuse_a_loss_computed_elsewhere,
+)
 from .layers import MLP, RMSNorm
 from .metrics import TrainingMetrics
 from .moe import MoE, RoutedExperts, TopkRouter
@@ -146,6 +152,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # set by DeepseekV3ForCausalLM: its forward carries the training recipe, which a training forward of this
+        # decoder alone would bypass (see refuse_a_bypassed_causal_lm)
+        self.inside_causal_lm = False
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -174,7 +183,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             output_hidden_states, output_attentions, output_router_logits, return_dict: transformers' flags, the
                 config's when None (see `outputs.py`); attentions need `attn_implementation="eager"`.
             routing_log: the forward's `RoutingLog`, to which every MoE layer adds its routing; or None. With
-                `output_router_logits` it must keep them (`keep_router_logits=True`).
+                `output_router_logits` it must keep them (`keep_router_logits=True`). A training forward without one
+                of the decoder of a `DeepseekV3ForCausalLM` bypasses the causal LM's recipe and is refused while the
+                recipe has a term (`inputs.refuse_a_bypassed_causal_lm`).
             check_values: False skips the checks of values (token ids, mask, positions), which read them back to the
                 host, for inputs the model produced itself (speculative verification); shapes are checked anyway.
 
@@ -184,8 +195,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
 
         Raises:
             ValueError, TypeError: on any argument breaking the rules of `inputs.check_model_inputs` (values are
-                checked on an accelerator for prompts, not for one-token decode steps), or on an output flag that is
-                not a bool.
+                checked on an accelerator for prompts, not for one-token decode steps), on an output flag that is
+                not a bool, or on a training forward that bypasses the causal LM's recipe (see `routing_log`).
         """
         # continuous batching: transformers' scheduler lays out a flat batch of many requests over the paged cache; its
         # positions are given and its mask and page indices are its own (the mask is not read, see paged_attention.py)
@@ -197,6 +208,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                            check_values, cache_layer)  # fmt: skip
         asked = OutputRequest.resolve(self.config, output_hidden_states, output_attentions, output_router_logits,
                                       return_dict)
+        if routing_log is None and self.inside_causal_lm and self.training and torch.is_grad_enabled():
+            refuse_a_bypassed_causal_lm(self.config, asked.router_logits)
         if routing_log is None and asked.router_logits:
             routing_log = RoutingLog(recording=False, keep_router_logits=True)
         if asked.router_logits and not routing_log.keep_router_logits:
@@ -252,6 +265,7 @@ class DeepseekV3ForCausalLM(
     def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__(config)
         self.model = DeepseekV3Model(config)
+        self.model.inside_causal_lm = True
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # module k's block: a MoE decoder layer with the index (and cache slot) mtp_layer_index(L, k), not in layers
         self.mtp = nn.ModuleList(
@@ -303,6 +317,8 @@ class DeepseekV3ForCausalLM(
                                       return_dict)
         # a training forward that will produce gradients feeds the expert balancing (token counts, balance loss)
         recording = self.training and torch.is_grad_enabled()
+        if recording:  # before anything is counted: refuses DeepSpeed steps that nothing would follow
+            self.expert_balance.follow_optimizer_steps(self)
         if recording and labels is None and kwargs.get("num_items_in_batch") is not None:
             refuse_a_loss_computed_elsewhere(self.config, self.mtp_active)
         log = RoutingLog(recording, self.config.seq_balance_loss_alpha, keep_router_logits=asked.router_logits)
@@ -333,7 +349,6 @@ class DeepseekV3ForCausalLM(
         if recording:
             gradients_pending = any(p.grad is not None for p in self.parameters() if p.requires_grad)
             balance_loss = self.expert_balance.end_forward(log, gradients_pending, output=hidden_states)
-            self.expert_balance.follow_optimizer_steps(self)
             if mtp is not None:
                 self.training_metrics.add_each("mtp_{}_loss", mtp.losses)
                 self.training_metrics.add_each("mtp_{}_accuracy", mtp.accuracies)

@@ -1,7 +1,8 @@
 """DeepSeek-V3's training recipe in `transformers.Trainer`: the model's training metrics (balance losses, expert
 load, MTP losses) in the regular log lines, steps that fp16 loss scaling skipped leaving the routing biases alone,
-and a resume from an incomplete checkpoint refused. (The bias update itself runs after every optimizer step in any
-loop, see `balancing.py`.)
+the bias update under DeepSpeed, and a resume from an incomplete checkpoint refused. (Elsewhere the bias update
+runs after every optimizer step in any loop, see `balancing.py`.) `DeepseekV3TrainerMixin` carries it into other
+`Trainer` subclasses (TRL's, `sft_trainer.py`).
 
 References: DeepSeek-V3 report §2.1.2; transformers `Trainer.log`, `TrainerCallback.on_optimizer_step`.
 """
@@ -31,8 +32,10 @@ def find_deepseek_v3(model: nn.Module) -> DeepseekV3ForCausalLM:
 
 class ExpertBalanceCallback(TrainerCallback):
     """Discards the routing counts of an optimizer step that fp16 loss scaling skipped (the weights did not move, so
-    neither does the bias), and optionally keeps each step's expert load. `DeepseekV3Trainer` adds it itself; a plain
-    `Trainer` needs it only for `keep_history` (the model's gradients tell skipped steps apart there too).
+    neither does the bias), moves the routing biases after each step where the trainer reports the steps itself
+    (DeepSpeed, see `ExpertBalance.steps_reported_by_trainer`), and optionally keeps each step's expert load.
+    `DeepseekV3Trainer` adds it itself; a plain `Trainer` needs it only for `keep_history` (the model's gradients tell
+    skipped steps apart there too).
 
     Args:
         keep_history: keep each step's expert load in `history` (a list of `{layer: load [E]}`), e.g. for plots.
@@ -47,27 +50,26 @@ class ExpertBalanceCallback(TrainerCallback):
         if getattr(kwargs.get("optimizer"), "step_was_skipped", False):
             lm.discard_routing_counts()  # inf gradients: the step, and the bias update with it, did not happen
             return
+        if lm.expert_balance.steps_reported_by_trainer and lm.config.routing_bias_auto_update:
+            lm.update_routing_bias()
         if self.keep_history:
             self.history.append({name: load.cpu() for name, load in lm.expert_balance.last_loads.items()})
 
 
-class DeepseekV3Trainer(Trainer):
-    """`Trainer` with DeepSeek-V3's recipe: adds `ExpertBalanceCallback` (unless one is given) and merges the model's
-    `training_metrics` into every training log line, beside `loss`: `balance_loss` (and per layer
-    `balance_loss/<layer>`), `expert_load_max_over_mean` (the least balanced layer; per layer
-    `expert_load_max_over_mean/<layer>`), `mtp_<k>_loss` / `mtp_<k>_accuracy`, each the mean over the steps since
-    the previous log and over the data-parallel ranks.
-
-    Example:
-        >>> trainer = DeepseekV3Trainer(model=model, args=TrainingArguments(...), train_dataset=data)
-        >>> trainer.train()
-    """
+class DeepseekV3TrainerMixin:
+    """DeepSeek-V3's recipe for a `Trainer` subclass (put it first among the bases): adds `ExpertBalanceCallback`
+    (unless one is given), has it move the routing biases under DeepSpeed, refuses a resume from a checkpoint that
+    lacks weights of the model, and merges the model's `training_metrics`
+    into every training log line (see `DeepseekV3Trainer`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.deepseek_v3 = find_deepseek_v3(self.model)
         if not any(isinstance(cb, ExpertBalanceCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(ExpertBalanceCallback())
+        # DeepSpeed's optimizer steps flat partitions of the parameters, which the model's optimizer hook does not
+        # recognise, and its engine steps inside `backward`: the callback, called after every step, moves the biases
+        self.deepseek_v3.expert_balance.steps_reported_by_trainer = self.is_deepspeed_enabled
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """Where `Trainer` only warns about the keys a resumed (or best) checkpoint lacks, refuse it: a missing expert,
@@ -93,3 +95,17 @@ class DeepseekV3Trainer(Trainer):
             group = data_parallel_group(getattr(self.deepseek_v3.config, "distributed_config", None))
             logs.update(self.deepseek_v3.training_metrics.pop(distributed=True, group=group))
         super().log(logs, start_time)
+
+
+class DeepseekV3Trainer(DeepseekV3TrainerMixin, Trainer):
+    """`Trainer` with DeepSeek-V3's recipe: adds `ExpertBalanceCallback` (unless one is given) and merges the model's
+    `training_metrics` into every training log line, beside `loss`: `balance_loss` (and per layer
+    `balance_loss/<layer>`), `expert_load_max_over_mean` (the least balanced layer; per layer
+    `expert_load_max_over_mean/<layer>`), `mtp_<k>_loss` / `mtp_<k>_accuracy`, each the mean over the steps since
+    the previous log and over the data-parallel ranks. Under DeepSpeed (ZeRO) it moves the routing biases after every
+    optimizer step, which the model's own optimizer hook cannot do there.
+
+    Example:
+        >>> trainer = DeepseekV3Trainer(model=model, args=TrainingArguments(...), train_dataset=data)
+        >>> trainer.train()
+    """
