@@ -6,6 +6,10 @@ Importing this package registers its classes with `AutoConfig`, `AutoModel`, `Au
 `AutoModelForSequenceClassification` and `AutoModelForTokenClassification` for `model_type = "deepseek_v3"`, replacing
 transformers' built-in DeepSeek-V3 classes for the whole process. The built-in classes stay reachable by importing
 them explicitly from `transformers`.
+
+Tools that pick the class named in a checkpoint's config on the `transformers` module itself (`transformers serve`,
+TRL given a path) still get the built-in class, unless `apply_to_transformers()` is called, or the package is imported
+with `DEEPSEEK_V3_PATCH_TRANSFORMERS=1` set (`restore_transformers()` undoes it; docs/serving.md).
 """
 
 from transformers import (
@@ -25,12 +29,14 @@ from .model import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedM
 from .outputs import DeepseekV3CausalLMOutput
 from .paged_cache import PagedLatentCache
 from .trainer import DeepseekV3Trainer, ExpertBalanceCallback
+from .transformers_patch import apply_from_environment, apply_to_transformers, restore_transformers
 
 AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
 AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)
 AutoModelForCausalLM.register(DeepseekV3Config, DeepseekV3ForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(DeepseekV3Config, DeepseekV3ForSequenceClassification, exist_ok=True)
 AutoModelForTokenClassification.register(DeepseekV3Config, DeepseekV3ForTokenClassification, exist_ok=True)
+apply_from_environment()
 
 __all__ = [
     "PRESET_NAMES",
@@ -49,5 +55,7 @@ __all__ = [
     "PagedLatentCache",
     "SpeculativeStats",
     "TrainingMetrics",
+    "apply_to_transformers",
     "load_preset",
+    "restore_transformers",
 ]

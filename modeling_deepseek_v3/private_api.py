@@ -9,6 +9,8 @@ hooks of transformers and torch (listed in `OVERRIDDEN_HOOKS`); the overrides li
 from __future__ import annotations
 
 import dataclasses
+import gc
+import sys
 import types
 
 import torch
@@ -128,6 +130,27 @@ def is_peft_adapter_model(model: PreTrainedModel) -> bool:
 def register_lora_module(config: LoraConfig, mapping: dict[type, type]) -> None:
     """Tell PEFT which LoRA layer wraps a module type it does not know (PEFT's experimental custom-module API)."""
     config._register_custom_module(mapping)
+
+
+# ---- the names transformers exports its DeepSeek-V3 classes under ---------------------------------------------------
+
+
+def deepseek_v3_export_modules() -> list[types.ModuleType]:
+    """The module objects through which transformers exports its DeepSeek-V3 classes by name: `transformers` and the
+    model's package `transformers.models.deepseek_v3`, which the Auto classes also resolve names through.
+
+    They are lazy modules (`_LazyModule`): a name is imported on its first lookup and kept as an attribute of the
+    module, so an attribute set there shadows the export, and deleting it brings the export back. The top-level module
+    can be two objects: the first import of `transformers.processing_utils` runs the package's `__init__` again
+    (`direct_transformers_import`), which puts a new module object in `sys.modules`, while code that imported
+    transformers before holds the first; every live one is returned (found among the garbage collector's objects)."""
+    import transformers.models.deepseek_v3 as deepseek_v3
+    import transformers.processing_utils  # noqa: F401  (the new top-level module object, if not made yet)
+
+    current = sys.modules["transformers"]
+    earlier = [obj for obj in gc.get_objects() if issubclass(type(obj), types.ModuleType) and obj is not current
+               and vars(obj).get("__name__") == "transformers"]  # fmt: skip
+    return [current, *earlier, deepseek_v3]
 
 
 # ---- continuous batching (transformers' generation/continuous_batching) ---------------------------------------------

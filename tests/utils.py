@@ -25,6 +25,21 @@ def random_model(config: DeepseekV3Config | None = None, **overrides) -> Deepsee
     return model
 
 
+def word_tokenizer(vocab_size: int = 512):
+    """A tokenizer of the words `w0 .. w{vocab_size - 1}` (id = number, split on whitespace; `w3` is `[UNK]`), with
+    `w0` as bos, `w1` as eos and `w2` as pad like the tiny preset, and a chat template that writes each message's
+    role and content on a line: every text of such words encodes and decodes exactly, offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size) if i != 3}
+    tok = Tokenizer(models.WordLevel(vocab={**vocab, "[UNK]": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1", pad_token="w2", bos_token="w0")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
+    return tokenizer
+
+
 def spread_routing(model: DeepseekV3ForCausalLM) -> DeepseekV3ForCausalLM:
     """`model` with its routers' weights scaled up and their biases zeroed, so that each token's experts depend on the
     token (random weights and biases alone tend to send every token to the same experts)."""

@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
+from transformers import AutoModelForCausalLM, pipeline
 from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 
-from ..utils import random_ids, random_model, tiny_config
+from ..utils import random_ids, random_model, tiny_config, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -188,17 +188,10 @@ def test_labels_with_logits_to_keep_is_a_clear_error():
 
 
 def test_pipeline_and_auto_loading_of_a_saved_folder(saved, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     _, path = saved
-    vocab = {f"w{i}": i for i in range(512)}
-    vocab["[UNK]"] = 3
-    tok = Tokenizer(models.WordLevel(vocab={k: v for k, v in vocab.items() if k != "w3"}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1", pad_token="w2", bos_token="w0")
     folder = tmp_path / "with-tokenizer"
     AutoModelForCausalLM.from_pretrained(path).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
     generator = pipeline("text-generation", model=str(folder))
     assert type(generator.model) is DeepseekV3ForCausalLM
     text = generator("w5 w9 w17", max_new_tokens=5, do_sample=False)[0]["generated_text"]
