@@ -194,8 +194,8 @@ def test_pipeline_and_auto_loading_of_a_saved_folder(saved, tmp_path):
     word_tokenizer().save_pretrained(folder)
     generator = pipeline("text-generation", model=str(folder))
     assert type(generator.model) is DeepseekV3ForCausalLM
-    text = generator("w5 w9 w17", max_new_tokens=5, do_sample=False)[0]["generated_text"]
-    assert text.startswith("w5 w9 w17") and text.count("w") == 8  # the prompt's 3 words + 5 new ones
+    text = generator("w005 w009 w017", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("w005 w009 w017") and text.count("w") == 8  # the prompt's 3 words + 5 new ones
 
 
 def test_decoding_under_autocast_runs_both_paths_in_the_compute_dtype():
