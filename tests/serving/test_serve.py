@@ -8,6 +8,7 @@ under test; it is stopped by its process id.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import torch
 from transformers.utils.import_utils import is_serve_available
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
+from modeling_deepseek_v3.checkpoint import write_remote_code
 from modeling_deepseek_v3.transformers_patch import PATCH_ENV_VAR
 
 from ..utils import random_model, spread_routing, word_tokenizer
@@ -37,9 +39,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 OURS, BUILTIN = "modeling_deepseek_v3", "transformers"  # the packages that define the classes
 STARTUP_SECONDS, REQUEST_SECONDS = 240, 120
 
-# The driver script, run as `python driver.py RECORD_FILE (deepseek-v3 | transformers) ARGS...`. transformers serve
-# loads the model in a process it spawns, which runs this file again as `__mp_main__` (as it would the `deepseek-v3`
-# or `transformers` command's script): the top level installs the hook and imports what those scripts import.
+# The driver script, run as `python driver.py RECORD_FILE COMMAND ARGS...`, COMMAND one of `deepseek-v3`,
+# `transformers` (as the `transformers` command) and `transformers-after-import` (the same, in a script that imports
+# this package). serve loads the model in a process it spawns, which runs this file again as `__mp_main__` (as it
+# would the command's script): the top level installs the hook and imports what those scripts import.
 DRIVER = textwrap.dedent("""
     import sys, torch
 
@@ -57,7 +60,8 @@ DRIVER = textwrap.dedent("""
     if command == "deepseek-v3":
         from modeling_deepseek_v3.cli import main  # what the `deepseek-v3` script imports
     else:
-        import modeling_deepseek_v3  # registers the Auto classes; DEEPSEEK_V3_PATCH_TRANSFORMERS decides the patch
+        if command == "transformers-after-import":
+            import modeling_deepseek_v3  # the Auto classes; DEEPSEEK_V3_PATCH_TRANSFORMERS decides the patch
         from transformers.cli.transformers import app  # what the `transformers` command runs
 
     if __name__ == "__main__":
@@ -186,13 +190,34 @@ def test_deepseek_v3_serve_streams_chat_and_serves_concurrent_requests(deepseek_
     assert deepseek_v3_server.classes() == [OURS]
 
 
-@pytest.mark.parametrize("patch_env, expected", [(None, BUILTIN), ("1", OURS)], ids=["plain", "patched"])
-def test_transformers_serve_uses_our_class_only_with_the_patch(folder, tmp_path, patch_env, expected):
-    """transformers' own serve command in a process that imported this package: the built-in class (serve resolves
-    `getattr(transformers, architecture)`), ours once DEEPSEEK_V3_PATCH_TRANSFORMERS=1 has applied the patch."""
-    server = Server(tmp_path, "transformers", [str(folder)], patch_env=patch_env)
+@pytest.fixture(scope="module")
+def remote_code_folder(folder, tmp_path_factory):
+    """The folder with `auto_map` and the code file that imports this package (`deepseek-v3 remote-code`)."""
+    path = tmp_path_factory.mktemp("remote")
+    shutil.copytree(folder, path, dirs_exist_ok=True)
+    write_remote_code(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "how, patch_env, expected",
+    [("after-import", None, BUILTIN), ("after-import", "1", OURS), ("remote-code", None, BUILTIN),
+     ("remote-code", "1", OURS)],
+    ids=["imported-plain", "imported-patched", "remote-code-plain", "remote-code-patched"],
+)
+def test_transformers_serve_uses_our_class_only_with_the_patch(folder, remote_code_folder, tmp_path, how, patch_env,
+                                                                 expected):
+    """transformers' own serve command resolves `getattr(transformers, architecture)`: the built-in class, in a
+    process that imported this package (after-import) and for a folder with `auto_map` under `--trust-remote-code`
+    alike; ours once DEEPSEEK_V3_PATCH_TRANSFORMERS=1 has applied the patch. With the remote-code folder the command
+    never imports the package itself: the folder's code file does, in the model's process, as serve reads the config."""
+    if how == "after-import":
+        command, model, extra = "transformers-after-import", folder, []
+    else:
+        command, model, extra = "transformers", remote_code_folder, ["--trust-remote-code"]
+    server = Server(tmp_path, command, [str(model), *extra], patch_env=patch_env)
     try:
-        body = {"model": str(folder), "prompt": "w005 w009 w017", "max_tokens": 3, "temperature": 0}
+        body = {"model": str(model), "prompt": "w005 w009 w017", "max_tokens": 3, "temperature": 0}
         answer = server.post_json("/v1/completions", body)
         assert answer["choices"][0]["text"].split() == greedy_words(folder, "w005 w009 w017", 3)
         assert server.classes() == [expected]
