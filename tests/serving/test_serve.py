@@ -2,8 +2,8 @@
 OpenAI-compatible endpoints (completion, chat, streaming, concurrent requests) with continuous batching.
 
 Each server is a subprocess started through a small driver script that records which package's DeepSeek-V3 classes
-run a forward (a torch global forward hook on `DeepseekV3*` modules, in the model's process) and runs the command line
-under test; it is stopped by its process id.
+run a forward, and whether an MTP module drafts (a torch global forward hook in the model's process), and runs the
+command line under test; it is stopped by its process id.
 """
 
 import json
@@ -27,7 +27,7 @@ from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3.checkpoint import write_remote_code
 from modeling_deepseek_v3.transformers_patch import PATCH_ENV_VAR
 
-from ..utils import random_model, spread_routing, word_tokenizer
+from ..utils import agreeing_mtp_model, random_model, spread_routing, word_tokenizer
 
 if not is_serve_available():
     pytest.skip('transformers serve needs its serving extra: pip install "transformers[serving]"',
@@ -50,11 +50,12 @@ DRIVER = textwrap.dedent("""
     seen = set()
 
     def record(module, inputs):
-        package = type(module).__module__.split(".")[0]
-        if type(module).__name__.startswith("DeepseekV3") and package not in seen:
-            seen.add(package)
+        name = type(module).__name__
+        what = type(module).__module__.split(".")[0] if name.startswith("DeepseekV3") else name
+        if what not in seen and (name.startswith("DeepseekV3") or name == "MTPLayer"):
+            seen.add(what)
             with open(record_file, "a") as f:
-                f.write(package + "\\n")
+                f.write(what + "\\n")
 
     torch.nn.modules.module.register_module_forward_pre_hook(record)
     if command == "deepseek-v3":
@@ -221,5 +222,34 @@ def test_transformers_serve_uses_our_class_only_with_the_patch(folder, remote_co
         answer = server.post_json("/v1/completions", body)
         assert answer["choices"][0]["text"].split() == greedy_words(folder, "w005 w009 w017", 3)
         assert server.classes() == [expected]
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def mtp_folder(tmp_path_factory):
+    """A tiny model whose MTP module drafts what it will choose most of the time, and a word tokenizer."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("served-mtp")
+    agreeing_mtp_model(1, context_weight=0.3).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.xfail(strict=True, raises=urllib.error.HTTPError, reason=(
+    "serve passes generate() a streamer or a stopping criterion of its own (cancellation), and generate(use_mtp=True) "
+    "refuses both (docs/serving.md): HTTP 400"))
+def test_deepseek_v3_serve_decodes_with_use_mtp_on_request(mtp_folder, tmp_path):
+    """Without continuous batching a request's `generation_config` reaches `generate()`: `use_mtp` drafts with the MTP
+    module, and the answers, whole and streamed, are plain greedy decoding's."""
+    server = Server(tmp_path, "deepseek-v3", [str(mtp_folder)], patch_env=None)
+    try:
+        expected = greedy_words(mtp_folder, "w005 w009 w017", 8)
+        body = {"model": str(mtp_folder), "prompt": "w005 w009 w017", "max_tokens": 8, "temperature": 0,
+                "generation_config": json.dumps({"use_mtp": True})}
+        assert server.post_json("/v1/completions", body)["choices"][0]["text"].split() == expected
+        events = server.post_stream("/v1/completions", body)
+        assert "".join(e["choices"][0].get("text") or "" for e in events if e.get("choices")).split() == expected
+        assert server.classes() == [OURS, "MTPLayer"]
     finally:
         server.stop()
