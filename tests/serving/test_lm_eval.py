@@ -11,7 +11,7 @@ from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3.cli import main
 from modeling_deepseek_v3.transformers_patch import PATCH_ENV_VAR
 
-from ..utils import agreeing_mtp_model, word_tokenizer
+from ..utils import word_tokenizer
 
 pytest.importorskip("lm_eval")
 
@@ -39,20 +39,10 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A tiny model whose MTP module drafts what it will choose most of the time, and a word tokenizer."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("evaluated")
-    agreeing_mtp_model(1, context_weight=0.3).save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def task(folder, tmp_path_factory):
+def task(mtp_folder, tmp_path_factory):
     """The task folder: the first and third questions' answers are the model's own greedy continuations (computed by
     plain `generate`), the others a word it does not say, so exact match is 0.5."""
-    model = DeepseekV3ForCausalLM.from_pretrained(folder).eval()
+    model = DeepseekV3ForCausalLM.from_pretrained(mtp_folder).eval()
     tokenizer = word_tokenizer()
     greedy = []
     for question in QUESTIONS:
@@ -104,8 +94,8 @@ def isolated(monkeypatch, tmp_path):
     modeling_deepseek_v3.restore_transformers()
 
 
-def test_lm_eval_scores_a_folder_with_our_class(folder, task, isolated, tmp_path):
-    score, answers, classes = evaluate(folder, task[0], tmp_path / "out", [])
+def test_lm_eval_scores_a_folder_with_our_class(mtp_folder, task, isolated, tmp_path):
+    score, answers, classes = evaluate(mtp_folder, task[0], tmp_path / "out", [])
     assert [a.split() for a in answers] == [g.split() for g in task[1]]
     assert score == 0.5
     assert classes - {None} == {"modeling_deepseek_v3"}
@@ -114,8 +104,8 @@ def test_lm_eval_scores_a_folder_with_our_class(folder, task, isolated, tmp_path
 @pytest.mark.xfail(strict=True, raises=ValueError, reason=(
     "lm-eval stops on its stop sequences with a StoppingCriteria of its own (MultiTokenEOSCriteria), and "
     "generate(use_mtp=True) refuses stopping criteria other than max-length and EOS (docs/serving.md)"))
-def test_lm_eval_with_use_mtp_scores_as_plain_decoding(folder, task, isolated, tmp_path):
-    score, answers, classes = evaluate(folder, task[0], tmp_path / "out", ["--gen_kwargs", "use_mtp=True"])
+def test_lm_eval_with_use_mtp_scores_as_plain_decoding(mtp_folder, task, isolated, tmp_path):
+    score, answers, classes = evaluate(mtp_folder, task[0], tmp_path / "out", ["--gen_kwargs", "use_mtp=True"])
     assert [a.split() for a in answers] == [g.split() for g in task[1]]
     assert score == 0.5
     assert classes - {None} == {"modeling_deepseek_v3", "MTPLayer"}  # our classes, and the MTP module drafted

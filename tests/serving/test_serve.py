@@ -27,7 +27,7 @@ from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3.checkpoint import write_remote_code
 from modeling_deepseek_v3.transformers_patch import PATCH_ENV_VAR
 
-from ..utils import agreeing_mtp_model, random_model, spread_routing, word_tokenizer
+from ..utils import random_model, spread_routing, word_tokenizer
 
 if not is_serve_available():
     pytest.skip('transformers serve needs its serving extra: pip install "transformers[serving]"',
@@ -224,16 +224,6 @@ def test_transformers_serve_uses_our_class_only_with_the_patch(folder, remote_co
         assert server.classes() == [expected]
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def mtp_folder(tmp_path_factory):
-    """A tiny model whose MTP module drafts what it will choose most of the time, and a word tokenizer."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("served-mtp")
-    agreeing_mtp_model(1, context_weight=0.3).save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.mark.xfail(strict=True, raises=urllib.error.HTTPError, reason=(
