@@ -7,6 +7,10 @@ Importing this package registers its classes with `AutoConfig`, `AutoModel`, `Au
 transformers' built-in DeepSeek-V3 classes for the whole process. The built-in classes stay reachable by importing
 them explicitly from `transformers`. It also exempts its classes from PEFT's rewrite of LoRA targets for this
 model_type (meant for the built-in class's fused experts), so LoRA adapts the modules a config names.
+
+Tools that pick the class named in a checkpoint's config on the `transformers` module itself (`transformers serve`,
+TRL given a path) still get the built-in class, unless `apply_to_transformers()` is called, or the package is imported
+with `DEEPSEEK_V3_PATCH_TRANSFORMERS=1` set (`restore_transformers()` undoes it; docs/serving.md).
 """
 
 from transformers import (
@@ -27,6 +31,7 @@ from .outputs import DeepseekV3CausalLMOutput
 from .paged_cache import PagedLatentCache
 from .private_api import keep_peft_targets_of
 from .trainer import DeepseekV3Trainer, DeepseekV3TrainerMixin, ExpertBalanceCallback
+from .transformers_patch import apply_from_environment, apply_to_transformers, restore_transformers
 
 AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
 AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)
@@ -35,6 +40,7 @@ AutoModelForSequenceClassification.register(DeepseekV3Config, DeepseekV3ForSeque
 AutoModelForTokenClassification.register(DeepseekV3Config, DeepseekV3ForTokenClassification, exist_ok=True)
 # PEFT would rewrite LoRA targets such as shared_experts.gate_proj into the built-in class's fused experts
 keep_peft_targets_of(DeepseekV3PreTrainedModel)
+apply_from_environment()
 
 __all__ = [
     "PRESET_NAMES",
@@ -55,7 +61,9 @@ __all__ = [
     "PagedLatentCache",
     "SpeculativeStats",
     "TrainingMetrics",
+    "apply_to_transformers",
     "load_preset",
+    "restore_transformers",
 ]
 
 

@@ -10,6 +10,7 @@ import argparse
 from modeling_deepseek_v3.checkpoint import write_remote_code
 from modeling_deepseek_v3.convert import DIRECTIONS, convert_checkpoint
 from modeling_deepseek_v3.demo import DEMO_PRESETS, DemoArgumentError, run_demo
+from modeling_deepseek_v3.launch import run_lm_eval, run_transformers_serve
 
 # The errors a user's input causes (an argument, file or folder), per command: reported in one line, no traceback.
 # Anything else is a bug and keeps its traceback.
@@ -17,7 +18,16 @@ USER_ERRORS = {
     "demo": (DemoArgumentError, OSError),
     "convert": (ValueError, OSError),
     "remote-code": (ValueError, OSError),
+    "serve": (ImportError,),
+    "lm-eval": (ImportError,),
 }
+# Commands that run another tool's command line: every argument after the command's name is the tool's, `--help`
+# included (it prints the tool's own help, after `PASS_THROUGH_NOTE`).
+PASS_THROUGH = {"serve": ("transformers serve", run_transformers_serve), "lm-eval": ("lm-eval", run_lm_eval)}
+PASS_THROUGH_NOTE = (
+    "deepseek-v3 {command}: `{tool}` with this package's DeepSeek-V3 classes (transformers.DeepseekV3ForCausalLM and "
+    "the other DeepSeek-V3 names patched, see docs/serving.md); all flags are {tool}'s:\n"
+)
 
 
 def _positive_int(value: str) -> int:
@@ -67,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(installed) without `import modeling_deepseek_v3` first. Same as save_pretrained(..., remote_code=True).",
     )
     remote.add_argument("folder", help="a saved DeepSeek-V3 checkpoint folder")
+
+    sub.add_parser(
+        "serve",
+        add_help=False,
+        help="`transformers serve` (OpenAI-compatible server, same flags) with this package's classes; "
+        "`deepseek-v3 serve --help` lists its flags",
+    )
+    sub.add_parser(
+        "lm-eval",
+        add_help=False,
+        help="lm-eval's command line (`lm-eval run --model hf ...`, same flags) with this package's classes; "
+        "`deepseek-v3 lm-eval --help` lists its flags",
+    )
     return parser
 
 
@@ -77,8 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     interruption (Ctrl-C) with status 130; neither prints a traceback.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, tool_args = parser.parse_known_args(argv)
+    if args.command not in PASS_THROUGH and tool_args:
+        parser.error(f"unrecognized arguments: {' '.join(tool_args)}")
     try:
+        if args.command in PASS_THROUGH:
+            tool, run = PASS_THROUGH[args.command]
+            if {"-h", "--help"} & set(tool_args):
+                print(PASS_THROUGH_NOTE.format(command=args.command, tool=tool))
+            return run(tool_args)
         if args.command == "demo":
             run_demo(
                 steps=args.steps,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
+import sys
 import types
 
 import peft.utils.transformers_weight_conversion as peft_weight_conversion
@@ -180,6 +182,27 @@ def peft_adapter_prefixes() -> tuple[str, ...]:
     """The name prefixes of PEFT's adapter tensors ("lora_", "ia3_", ...): a state-dict key with a part starting with
     one of them is an adapter's."""
     return tuple(sorted(set(PEFT_TYPE_TO_PREFIX_MAPPING.values())))
+
+
+# ---- the names transformers exports its DeepSeek-V3 classes under ---------------------------------------------------
+
+
+def deepseek_v3_export_modules() -> list[types.ModuleType]:
+    """The module objects through which transformers exports its DeepSeek-V3 classes by name: `transformers` and the
+    model's package `transformers.models.deepseek_v3`, which the Auto classes also resolve names through.
+
+    They are lazy modules (`_LazyModule`): a name is imported on its first lookup and kept as an attribute of the
+    module, so an attribute set there shadows the export, and deleting it brings the export back. The top-level module
+    can be two objects: the first import of `transformers.processing_utils` runs the package's `__init__` again
+    (`direct_transformers_import`), which puts a new module object in `sys.modules`, while code that imported
+    transformers before holds the first; every live one is returned (found among the garbage collector's objects)."""
+    import transformers.models.deepseek_v3 as deepseek_v3
+    import transformers.processing_utils  # noqa: F401  (the new top-level module object, if not made yet)
+
+    current = sys.modules["transformers"]
+    earlier = [obj for obj in gc.get_objects() if issubclass(type(obj), types.ModuleType) and obj is not current
+               and vars(obj).get("__name__") == "transformers"]  # fmt: skip
+    return [current, *earlier, deepseek_v3]
 
 
 # ---- continuous batching (transformers' generation/continuous_batching) ---------------------------------------------

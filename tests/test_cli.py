@@ -35,14 +35,46 @@ And I'll no longer be a Capulet.
         ["demo", "--max-new-tokens", "0"],
         ["no-such-command"],
         [],
+        ["remote-code", "folder", "--port", "8000"],  # only serve and lm-eval pass arguments on to a tool
     ],
-    ids=["unknown-preset", "steps-0", "steps-not-int", "max-new-tokens-0", "unknown-command", "no-command"],
+    ids=["unknown-preset", "steps-0", "steps-not-int", "max-new-tokens-0", "unknown-command", "no-command",
+         "unknown-option"],
 )
 def test_bad_arguments_exit_cleanly(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
     assert "usage: deepseek-v3" in capsys.readouterr().err
+
+
+@pytest.fixture
+def unpatched(monkeypatch):
+    """Undo what a pass-through command did to this process: the patch and its environment variable."""
+    from modeling_deepseek_v3 import restore_transformers
+    from modeling_deepseek_v3.transformers_patch import PATCH_ENV_VAR
+
+    monkeypatch.delenv(PATCH_ENV_VAR, raising=False)
+    yield
+    restore_transformers()
+
+
+def test_lm_eval_help_is_lm_evals_own_after_our_note(capsys, unpatched) -> None:
+    pytest.importorskip("lm_eval")
+    assert main(["lm-eval", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("deepseek-v3 lm-eval: `lm-eval` with this package's DeepSeek-V3 classes")
+    assert "usage: lm-eval" in out and "Language Model Evaluation Harness" in out  # lm-eval's own help
+
+
+def test_serve_without_the_serving_extra_exits_cleanly(capsys, unpatched) -> None:
+    from transformers.utils.import_utils import is_serve_available
+
+    if is_serve_available():
+        pytest.skip("transformers' serving extra is installed")
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "some/folder"])
+    assert exc.value.code == 2
+    assert 'pip install "transformers[serving]"' in capsys.readouterr().err
 
 
 def test_missing_corpus_exits_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

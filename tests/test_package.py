@@ -52,8 +52,9 @@ LEVELS = {
     "checkpoint": 5, "generation": 5, "continuous_batching": 5, "parallel": 5,
     "model": 6,
     "training": 7, "trainer": 7, "peft_fp8": 7, "convert": 7, "heads": 7,
-    "demo": 8, "sft_trainer": 8, "plots": 1,
-    "cli": 9,
+    "demo": 8, "sft_trainer": 8, "plots": 1, "transformers_patch": 8,
+    "launch": 9,
+    "cli": 10,
 }  # fmt: skip
 
 

@@ -172,3 +172,29 @@ def test_private_attributes_transformers_reads_from_our_classes():
     for name in private_api.DECLARED_CLASS_ATTRIBUTES:
         assert hasattr(PreTrainedModel, name), name
     assert private_api.compile_on_all_devices(CompileConfig())._compile_all_devices is True
+
+
+def test_deepseek_v3_export_modules_are_lazy_and_shadowable():
+    """An attribute set on each export module shadows transformers' export, and deleting it brings the built-in
+    class back: what `apply_to_transformers` / `restore_transformers` rely on."""
+    import sys
+
+    import transformers
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3ForCausalLM as Builtin
+
+    modules = private_api.deepseek_v3_export_modules()
+    assert modules[0] is sys.modules["transformers"] and modules[-1] is sys.modules["transformers.models.deepseek_v3"]
+    assert {m.__name__ for m in modules[:-1]} == {"transformers"} and any(m is transformers for m in modules)
+    for module in modules:
+        before = vars(module).get("DeepseekV3ForCausalLM")
+        try:
+            vars(module).pop("DeepseekV3ForCausalLM", None)
+            assert module.DeepseekV3ForCausalLM is Builtin  # resolved by the lazy module
+            module.DeepseekV3ForCausalLM = int
+            assert module.DeepseekV3ForCausalLM is int
+            del module.DeepseekV3ForCausalLM
+            assert module.DeepseekV3ForCausalLM is Builtin
+        finally:
+            vars(module).pop("DeepseekV3ForCausalLM", None)
+            if before is not None:
+                module.DeepseekV3ForCausalLM = before

@@ -25,6 +25,24 @@ def random_model(config: DeepseekV3Config | None = None, **overrides) -> Deepsee
     return model
 
 
+def word_tokenizer(vocab_size: int = 512):
+    """A tokenizer of the words `w000 .. w{vocab_size - 1}` (id = number, split on whitespace; `w003` is `[UNK]`),
+    with `w000` as bos, `w001` as eos and `w002` as pad like the tiny preset, and a chat template that writes each
+    message's role and content on a line: every text of such words encodes and decodes exactly, offline. (The
+    numbers have three digits because special tokens match inside words: with `w1` as eos, `w17` would be `w1 7`.)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i:03d}" for i in range(vocab_size)]
+    vocab = {word: i for i, word in enumerate(words) if i != 3}
+    tok = Tokenizer(models.WordLevel(vocab={**vocab, "[UNK]": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=words[0], eos_token=words[1],
+                                        pad_token=words[2])
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
+    return tokenizer
+
+
 def spread_routing(model: DeepseekV3ForCausalLM) -> DeepseekV3ForCausalLM:
     """`model` with its routers' weights scaled up and their biases zeroed, so that each token's experts depend on the
     token (random weights and biases alone tend to send every token to the same experts)."""
@@ -117,14 +135,3 @@ def through_weight_blocks(w):  # through 128×128 blocks
     q, s = weight_quant_ref(w)
     n, k = w.shape[-2:]
     return q.double() * s.double().repeat_interleave(128, dim=-2)[..., :n, :].repeat_interleave(128, dim=-1)[..., :k]
-
-
-def word_tokenizer(vocab_size: int = 512):
-    """A word-level tokenizer of the words `w0` ... `w{vocab_size - 1}` (`w0` BOS, `w1` EOS, `w2` padding)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(vocab_size) if i != 3}
-    tok = Tokenizer(models.WordLevel(vocab=vocab | {"[UNK]": 3}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1", pad_token="w2", bos_token="w0")

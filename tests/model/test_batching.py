@@ -155,7 +155,7 @@ ENTRY_POINTS = {
         torch.tensor(prompts), generation_config=config, cache_implementation="paged",
         continuous_batching_config=batching_config(8)),
     "pipeline": lambda model, prompts, config: pipeline("text-generation", model=model, tokenizer=word_tokenizer())(
-        ["w5 w9 w17"], generation_config=config),
+        ["w005 w009 w017"], generation_config=config),
 }
 
 

@@ -189,14 +189,13 @@ def test_labels_with_logits_to_keep_is_a_clear_error():
 
 def test_pipeline_and_auto_loading_of_a_saved_folder(saved, tmp_path):
     _, path = saved
-    tokenizer = word_tokenizer()
     folder = tmp_path / "with-tokenizer"
     AutoModelForCausalLM.from_pretrained(path).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
     generator = pipeline("text-generation", model=str(folder))
     assert type(generator.model) is DeepseekV3ForCausalLM
-    text = generator("w5 w9 w17", max_new_tokens=5, do_sample=False)[0]["generated_text"]
-    assert text.startswith("w5 w9 w17") and text.count("w") == 8  # the prompt's 3 words + 5 new ones
+    text = generator("w005 w009 w017", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("w005 w009 w017") and text.count("w") == 8  # the prompt's 3 words + 5 new ones
 
 
 def test_decoding_under_autocast_runs_both_paths_in_the_compute_dtype():
