@@ -101,9 +101,6 @@ def test_lm_eval_scores_a_folder_with_our_class(mtp_folder, task, isolated, tmp_
     assert classes - {None} == {"modeling_deepseek_v3"}
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "lm-eval stops on its stop sequences with a StoppingCriteria of its own (MultiTokenEOSCriteria), and "
-    "generate(use_mtp=True) refuses stopping criteria other than max-length and EOS (docs/serving.md)"))
 def test_lm_eval_with_use_mtp_scores_as_plain_decoding(mtp_folder, task, isolated, tmp_path):
     score, answers, classes = evaluate(mtp_folder, task[0], tmp_path / "out", ["--gen_kwargs", "use_mtp=True"])
     assert [a.split() for a in answers] == [g.split() for g in task[1]]

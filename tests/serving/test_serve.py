@@ -226,9 +226,6 @@ def test_transformers_serve_uses_our_class_only_with_the_patch(folder, remote_co
         server.stop()
 
 
-@pytest.mark.xfail(strict=True, raises=urllib.error.HTTPError, reason=(
-    "serve passes generate() a streamer or a stopping criterion of its own (cancellation), and generate(use_mtp=True) "
-    "refuses both (docs/serving.md): HTTP 400"))
 def test_deepseek_v3_serve_decodes_with_use_mtp_on_request(mtp_folder, tmp_path):
     """Without continuous batching a request's `generation_config` reaches `generate()`: `use_mtp` drafts with the MTP
     module, and the answers, whole and streamed, are plain greedy decoding's."""
