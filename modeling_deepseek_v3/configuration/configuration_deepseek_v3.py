@@ -86,8 +86,8 @@ def _validate_rope_parameters(params: dict) -> None:
     allowed = ROPE_TYPE_KEYS[kind]
     unread = sorted(params.keys() - {"rope_type", "rope_theta"} - set(allowed) - set(ROPE_OTHER_KEYS[kind]))
     if unread:
-        logger.warning_once(f"DeepseekV3Config: rope_scaling keys {unread} are not settings of {kind!r} RoPE, which "
-                            f"reads {list(allowed + ROPE_OTHER_KEYS[kind])}; they are ignored")
+        logger.warning(f"DeepseekV3Config: rope_scaling keys {unread} are not settings of {kind!r} RoPE, which "
+                       f"reads {list(allowed + ROPE_OTHER_KEYS[kind])}; they are ignored")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         _fail("rope_scaling.partial_rotary_factor", params["partial_rotary_factor"],
               "must be 1.0: DeepSeek-V3 rotates the whole rope part of each head; set qk_rope_head_dim to rotate "
