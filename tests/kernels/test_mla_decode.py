@@ -97,11 +97,22 @@ def test_rejects_bad_input():
         mla_decode_triton(q_lat, q_pe, c_kv, k_pe, None, SCALE, num_splits=0)
 
 
-def route_through_kernel(monkeypatch) -> None:
-    """Send the model's absorbed path through the Triton kernel (interpreted) although the tensors are on the CPU."""
+def counting(kernel, calls: list):
+    """`kernel`, recording each call in `calls`: a test routed through a kernel proves it ran."""
+    def run(*args, **kwargs):
+        calls.append(kernel.__name__)
+        return kernel(*args, **kwargs)
+    return run
+
+
+def route_through_kernel(monkeypatch) -> list:
+    """Send the model's absorbed path through the Triton kernel (interpreted) although the tensors are on the CPU;
+    returns the list its calls are recorded in."""
     from modeling_deepseek_v3 import attention
 
-    monkeypatch.setattr(attention, "mla_decode", mla_decode_triton)
+    calls = []
+    monkeypatch.setattr(attention, "mla_decode", counting(mla_decode_triton, calls))
+    return calls
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])  # boolean and additive masks
@@ -115,13 +126,14 @@ def test_model_absorbed_path_through_kernel(monkeypatch, attn_implementation, le
     mask = torch.ones_like(ids)
     if left_padding:
         mask[1, :4] = 0
-    logits = []
+    logits, calls = [], []
     for use_kernel in (False, True):
         if use_kernel:
-            route_through_kernel(monkeypatch)
+            calls = route_through_kernel(monkeypatch)
         cache = MLACache(model.config)
         model(ids[:, :-new_tokens], attention_mask=mask[:, :-new_tokens], cache=cache, use_cache=True)
         logits.append(model(ids[:, -new_tokens:], attention_mask=mask, cache=cache, use_cache=True).logits)
+    assert calls, "the kernel did not run"
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
 
 
@@ -130,10 +142,11 @@ def test_static_cache_without_mask_through_kernel(monkeypatch):
     model = random_model(tiny_config(mla_attention_path="absorbed"))
     ids = random_ids(model.config, 2, 8)
     full = model(ids).logits
-    route_through_kernel(monkeypatch)
+    calls = route_through_kernel(monkeypatch)
     cache = MLAStaticCache(config=model.config, max_cache_len=32)
     steps = [model(ids[:, :5], cache=cache, use_cache=True).logits]
     steps += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(5, 8)]
+    assert len(calls) >= 3 * model.config.num_hidden_layers, calls  # every decode step of every layer
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -222,11 +235,12 @@ def test_continuous_batching_through_paged_kernel(monkeypatch):
     prompts = [random_ids(model.config, 1, n)[0].tolist() for n in (3, 40, 17)]
     config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=model.config.eos_token_id)
     cb_config = ContinuousBatchingConfig(num_blocks=12, page_size=16, max_batch_tokens=32)
-    tokens = []
+    tokens, calls = [], []
     for use_kernel in (False, True):
         if use_kernel:  # as on CUDA
             monkeypatch.setattr(paged_attention, "reads_pages_in_place", lambda tensor: True)
-            monkeypatch.setattr(paged_attention, "mla_decode_paged", mla_decode_paged_triton)
+            monkeypatch.setattr(paged_attention, "mla_decode_paged", counting(mla_decode_paged_triton, calls))
         outputs = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb_config)
         tokens.append([output.generated_tokens for output in outputs.values()])
+    assert calls, "the kernel did not run"
     assert tokens[1] == tokens[0]
