@@ -8,6 +8,7 @@ cannot say by themselves.
   on every stage; the MTP modules on the last stage, with the embedding they read.
 * Saving: the state of every pipeline stage gathered on the writing rank.
 * Balancing: the process group over which token counts are summed, one rank per distinct batch.
+* Inputs: the ranks that share a batch check at every prompt that they got the same inputs (`rank_inputs.py`).
 
 Its contacts with transformers' and torch's internals go through `private_api.py`.
 
@@ -34,6 +35,7 @@ from .private_api import (
     remove_pipeline_forward_wrapper,
     run_on_local_shards_under_tensor_parallelism,
 )
+from .rank_inputs import check_inputs_at_prompts
 
 logger = logging.get_logger(__name__)
 
@@ -72,7 +74,18 @@ def distribute_model(model: nn.Module, distributed_config, mesh_manager, apply):
     model = apply(model, distributed_config, mesh_manager)
     if distributed_config.pp_size > 1:
         run_pipeline_stages(model, mesh_manager.get_mesh("pp"), embed)
+    if distributed_config.pp_size * distributed_config.tp_size > 1:
+        check_inputs_across_ranks(getattr(model, model.base_model_prefix, model), distributed_config)
     return model
+
+
+def check_inputs_across_ranks(base: nn.Module, distributed_config) -> None:
+    """Have the decoder `base` check, at every prompt, that the ranks sharing its batch got the same inputs
+    (`rank_inputs.py`): before a pipeline stage receives its predecessor's hidden states, which a prompt of another
+    length would not fit."""
+    group = shared_batch_group(distributed_config)  # created now, while every rank loads
+    cache_layer = next(i for i, layer in enumerate(base.layers) if not isinstance(layer, PipelineIdentityLayer))
+    base.forward = check_inputs_at_prompts(base.forward, group, cache_layer, lambda: next(base.parameters()).device)
 
 
 def run_fp8_linears_on_local_shards(model: nn.Module) -> None:
@@ -239,25 +252,40 @@ class _MTPPlaceholder(PipelineIdentityLayer):
         self.shared_head = _SharedHeadPlaceholder()
 
 
-# (default process group, pp, dp, tp) -> this rank's group: a new default group (after destroy_process_group and
-# init_process_group) gets new subgroups
-_DATA_PARALLEL_GROUPS: dict[tuple, dist.ProcessGroup] = {}
+# (default process group, pp, dp, tp, which ranks) -> this rank's group: a new default group (after
+# destroy_process_group and init_process_group) gets new subgroups
+_RANK_GROUPS: dict[tuple, dist.ProcessGroup] = {}
 
 
 def data_parallel_group(distributed_config) -> dist.ProcessGroup | None:
     """The ranks that hold distinct batches together with this one (the same pipeline stage and tensor-parallel
     index), over which training statistics such as the routing token counts are summed; None without a
     `distributed_config` (then all ranks, as under DDP). Created on first use; every rank must call it."""
+    return _rank_group(distributed_config, data_parallel=True)
+
+
+def shared_batch_group(distributed_config) -> dist.ProcessGroup | None:
+    """The ranks that compute on the same batch as this one (its pipeline stages and tensor-parallel ranks, among
+    which expert parallelism's all-reduce dispatch runs), which must receive the same inputs; None without a
+    `distributed_config`. Created on first use; every rank must call it."""
+    return _rank_group(distributed_config, data_parallel=False)
+
+
+def _rank_group(distributed_config, data_parallel: bool) -> dist.ProcessGroup | None:
     if distributed_config is None or not dist.is_initialized():
         return None
     pp, dp, tp = distributed_config.pp_size, distributed_config.dp_size, distributed_config.tp_size
     if pp * dp * tp != dist.get_world_size():
         raise ValueError(f"distributed_config: pp_size={pp} x dp_size={dp} x tp_size={tp} must equal the "
                          f"{dist.get_world_size()} ranks")
-    key = (dist.group.WORLD, pp, dp, tp)
-    if key not in _DATA_PARALLEL_GROUPS:
+    key = (dist.group.WORLD, pp, dp, tp, data_parallel)
+    if key not in _RANK_GROUPS:
         # transformers lays the ranks out as a row-major (pp, dp_replicate, fsdp, tp) mesh
-        # (`initialize_distributed_mesh`): a group varies the middle two coordinates
-        ranks = [[(stage * dp + d) * tp + t for d in range(dp)] for stage in range(pp) for t in range(tp)]
-        _DATA_PARALLEL_GROUPS[key], _ = dist.new_subgroups_by_enumeration(ranks)
-    return _DATA_PARALLEL_GROUPS[key]
+        # (`initialize_distributed_mesh`): a data-parallel group varies the middle two coordinates, a shared-batch
+        # group the outer and the inner one
+        if data_parallel:
+            ranks = [[(stage * dp + d) * tp + t for d in range(dp)] for stage in range(pp) for t in range(tp)]
+        else:
+            ranks = [[(stage * dp + d) * tp + t for stage in range(pp) for t in range(tp)] for d in range(dp)]
+        _RANK_GROUPS[key], _ = dist.new_subgroups_by_enumeration(ranks)
+    return _RANK_GROUPS[key]

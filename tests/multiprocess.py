@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -23,9 +24,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(fn, *args, world: int = WORLD) -> None:
-    """Run `fn(rank, *args)` on `world` processes and wait; a failure on any rank fails the call."""
-    mp.spawn(_run_rank, args=(world, free_port(), fn, args), nprocs=world, join=True)
+def run_ranks(fn, *args, world: int = WORLD, timeout: float | None = None) -> None:
+    """Run `fn(rank, *args)` on `world` processes and wait; a failure on any rank fails the call. With `timeout`
+    (seconds), ranks still running then (a hang) are killed and the call raises `TimeoutError`."""
+    ranks = mp.spawn(_run_rank, args=(world, free_port(), fn, args), nprocs=world, join=False)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    # join returns False while any rank runs (it wakes as each one ends)
+    while not ranks.join(None if deadline is None else max(deadline - time.monotonic(), 0)):
+        if deadline is not None and time.monotonic() >= deadline:
+            for process in ranks.processes:
+                process.kill()
+            raise TimeoutError(f"{fn.__name__} still ran on some of {world} ranks after {timeout} s")
 
 
 def _run_rank(rank: int, world: int, port: int, fn, args: tuple) -> None:
