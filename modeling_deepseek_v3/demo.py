@@ -226,6 +226,7 @@ def run_demo(
     seed: int = 0,
     prompt: str = "ROMEO:",
     max_new_tokens: int = 60,
+    threads: int | None = None,
 ) -> DemoReport:
     """Train a tokenizer and a DeepSeek-V3 with one MTP module from scratch on a text corpus (the routing biases
     train too), save both with PNG plots of the loss and the expert load, reload them, sample, and compare greedy
@@ -240,6 +241,9 @@ def run_demo(
         seed: seeds weights, data order and sampling.
         prompt: text the sample continues.
         max_new_tokens: length of the sample in tokens (>= 1).
+        threads: torch's intra-op threads for the run (>= 1), restored afterwards; None keeps torch's default (one
+            per core). On a shared or busy machine 1 can be much faster: threads that wait for each other's cores
+            stall every step.
 
     Returns:
         A `DemoReport`.
@@ -249,6 +253,19 @@ def run_demo(
             `DEMO_PRESETS`, a corpus too short for two blocks, or an `out` that is a file or a non-empty folder
             other than an earlier demo output.
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise DemoArgumentError(f"threads must be an int >= 1 (or None for torch's default), got {threads!r}")
+    default_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(steps, Path(out), preset, corpus, seed, prompt, max_new_tokens)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _run_demo(steps: int, out: Path, preset: str, corpus: str | Path | None, seed: int, prompt: str,
+              max_new_tokens: int) -> DemoReport:
     if steps < 1:
         raise DemoArgumentError(f"steps must be >= 1, got {steps}")
     if max_new_tokens < 1:
@@ -258,9 +275,10 @@ def run_demo(
     if not prompt:
         raise DemoArgumentError("prompt must be non-empty")
     text = _read_corpus(corpus)
-    out = Path(out)
     previous = _previous_demo_files(out)
 
+    print(f"[demo] torch uses {torch.get_num_threads()} CPU threads; on a shared or busy machine `--threads 1` can be "
+          "much faster")
     target_vocab = load_preset(preset).vocab_size
     print(f"[demo] corpus: {len(text.encode('utf-8')):,} bytes; training byte-level BPE (target vocab {target_vocab})")
     tokenizer = train_tokenizer(text, target_vocab)
