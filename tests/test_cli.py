@@ -161,7 +161,8 @@ def test_demo_runs_with_the_threads_it_is_given_and_restores_torchs(tmp_path: Pa
     default = torch.get_num_threads()
     threads = default + 1  # not torch's default, so the printed count shows the setting took effect
     run_demo(steps=1, out=tmp_path / "demo", preset="tiny", corpus=corpus, max_new_tokens=2, threads=threads)
-    assert f"[demo] torch uses {threads} CPU threads; on a shared or busy machine `--threads 1`" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"[demo] torch uses {threads} CPU threads; on a shared or busy machine `--threads 1`" in printed
     assert torch.get_num_threads() == default
 
 
