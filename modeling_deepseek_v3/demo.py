@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -48,21 +49,50 @@ SPECULATIVE_PROMPTS = 4  # held-out prompts decoded both ways
 PROMPT_TOKENS = 32
 SPECULATIVE_NEW_TOKENS = 64
 LOG_POINTS = 20  # logged training steps, for the loss plot
+# The loss plot's marker: the final eval on the held-out blocks, text never trained on, so it may sit above the curve
+EVAL_LABEL = "held-out text (not trained on), next token"
 
 
 class DemoArgumentError(ValueError):
     """A bad `run_demo` argument or corpus; the CLI prints it as a one-line error instead of a traceback."""
 
 
+def next_token_loss(logs: dict[str, float], mtp_loss_weight: float) -> float:
+    """The main model's next-token loss in a training log: the logged `loss` is the whole objective,
+    main + λ/D·Σ_k MTP_k + balance, with λ = `mtp_loss_weight` and D the MTP modules in the log."""
+    mtp = [value for key, value in logs.items() if re.fullmatch(r"mtp_\d+_loss", key)]
+    mtp_term = mtp_loss_weight / len(mtp) * sum(mtp) if mtp else 0.0
+    return logs["loss"] - mtp_term - logs.get("balance_loss", 0.0)
+
+
 class ShortLogLines(ProgressCallback):
     """The progress bar, and one short line per training log (the full log, per layer, stays in the Trainer's
-    `log_history`): the objective, the MTP loss and the least balanced layer's max/mean expert load."""
+    `log_history`): the objective, its next-token and MTP parts, and the least balanced layer's max/mean expert
+    load."""
+
+    def __init__(self, mtp_loss_weight: float) -> None:
+        super().__init__()
+        self.mtp_loss_weight = mtp_loss_weight
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
-            shown = {"loss": "loss", "mtp_1_loss": "MTP loss", "expert_load_max_over_mean": "max/mean expert load"}
-            values = ", ".join(f"{label} {logs[key]:.3f}" for key, label in shown.items() if key in logs)
-            self.training_bar.write(f"[demo] step {state.global_step}: {values}")
+            parts = [f"next token {next_token_loss(logs, self.mtp_loss_weight):.3f}"]
+            if "mtp_1_loss" in logs:
+                parts.append(f"MTP {logs['mtp_1_loss']:.3f}")
+            line = f"[demo] step {state.global_step}: loss {logs['loss']:.3f} ({', '.join(parts)})"
+            if "expert_load_max_over_mean" in logs:
+                line += f", max/mean expert load {logs['expert_load_max_over_mean']:.3f}"
+            self.training_bar.write(line)
+
+
+def expert_load_panel_names(layers: list[str], num_hidden_layers: int) -> dict[str, str]:
+    """Names for the expert-load panels: an MTP module's block (a decoder-layer index past the main model's) is
+    named as the module, e.g. `MTP module 1 (model.layers.4)`; the main model's layers keep their names."""
+    names = {}
+    for layer in layers:
+        index = int(layer.rsplit(".", 1)[1])
+        names[layer] = f"MTP module {index - num_hidden_layers + 1} ({layer})" if index >= num_hidden_layers else layer
+    return names
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -330,7 +360,7 @@ def _run_demo(steps: int, out: Path, preset: str, corpus: str | Path | None, see
         callbacks=[balance],
     )
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ShortLogLines())
+    trainer.add_callback(ShortLogLines(config.mtp_loss_weight))
     trainer.train()
 
     # perplexity is the main model's (the next token): the evaluation runs without the MTP term of the objective
@@ -340,13 +370,12 @@ def _run_demo(steps: int, out: Path, preset: str, corpus: str | Path | None, see
     finally:
         model.config.use_mtp_modules = True
     perplexity = math.exp(min(eval_loss, 50.0))
-    print(f"[demo] held-out next-token loss {eval_loss:.4f}, perplexity {perplexity:.2f}")
+    print(f"[demo] held-out next-token loss {eval_loss:.4f}, perplexity {perplexity:.2f} (text not trained on)")
 
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    mtp_weight = config.mtp_loss_weight / MTP_MODULES
-    curves = {  # the logged loss is the whole objective: main + λ/D·Σ_k MTP_k + balance
+    curves = {
         "training objective": [e["loss"] for e in logged],
-        "next token (main)": [e["loss"] - mtp_weight * e["mtp_1_loss"] - e.get("balance_loss", 0.0) for e in logged],
+        "next token (main)": [next_token_loss(e, config.mtp_loss_weight) for e in logged],
         "MTP depth 1": [e["mtp_1_loss"] for e in logged],
     }
     loads = {layer: torch.stack([step[layer] for step in balance.history]) for layer in balance.history[0]}
@@ -358,9 +387,10 @@ def _run_demo(steps: int, out: Path, preset: str, corpus: str | Path | None, see
     _save_replacing(out, previous, [
         model.save_pretrained,
         tokenizer.save_pretrained,
-        lambda _: plot_losses([e["step"] for e in logged], curves, eval_loss, "held-out next token", plots[0]),
+        lambda _: plot_losses([e["step"] for e in logged], curves, eval_loss, EVAL_LABEL, plots[0]),
         lambda _: plot_expert_load(loads, plots[1], f"expert load per MoE layer, {steps} steps, routing-bias update "
-                                   f"γ = {config.routing_bias_update_speed}"),
+                                   f"γ = {config.routing_bias_update_speed}",
+                                   expert_load_panel_names(list(loads), config.num_hidden_layers)),
     ])
     print(f"[demo] saved model and tokenizer to {out}")
 
