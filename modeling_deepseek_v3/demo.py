@@ -307,8 +307,9 @@ def _run_demo(steps: int, out: Path, preset: str, corpus: str | Path | None, see
     text = _read_corpus(corpus)
     previous = _previous_demo_files(out)
 
-    print(f"[demo] torch uses {torch.get_num_threads()} CPU threads; on a shared or busy machine `--threads 1` can be "
-          "much faster")
+    threads = torch.get_num_threads()
+    print(f"[demo] torch uses {threads} CPU thread{'s' if threads > 1 else ''}; on a shared or busy machine "
+          "`--threads 1` can be much faster")
     target_vocab = load_preset(preset).vocab_size
     print(f"[demo] corpus: {len(text.encode('utf-8')):,} bytes; training byte-level BPE (target vocab {target_vocab})")
     tokenizer = train_tokenizer(text, target_vocab)
