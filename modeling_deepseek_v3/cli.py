@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--prompt", default="ROMEO:", help="text to continue (default: 'ROMEO:')")
     demo.add_argument("--max-new-tokens", type=_positive_int, default=60, help="tokens to generate (default: 60)")
+    demo.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's, one per core); on a shared or busy machine 1 can be much faster",
+    )
 
     convert = sub.add_parser(
         "convert",
@@ -118,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 prompt=args.prompt,
                 max_new_tokens=args.max_new_tokens,
+                threads=args.threads,
             )
         elif args.command == "convert":
             convert_checkpoint(args.src, args.dst, args.direction)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -48,21 +49,50 @@ SPECULATIVE_PROMPTS = 4  # held-out prompts decoded both ways
 PROMPT_TOKENS = 32
 SPECULATIVE_NEW_TOKENS = 64
 LOG_POINTS = 20  # logged training steps, for the loss plot
+# The loss plot's marker: the final eval on the held-out blocks, text never trained on, so it may sit above the curve
+EVAL_LABEL = "held-out text (not trained on), next token"
 
 
 class DemoArgumentError(ValueError):
     """A bad `run_demo` argument or corpus; the CLI prints it as a one-line error instead of a traceback."""
 
 
+def next_token_loss(logs: dict[str, float], mtp_loss_weight: float) -> float:
+    """The main model's next-token loss in a training log: the logged `loss` is the whole objective,
+    main + λ/D·Σ_k MTP_k + balance, with λ = `mtp_loss_weight` and D the MTP modules in the log."""
+    mtp = [value for key, value in logs.items() if re.fullmatch(r"mtp_\d+_loss", key)]
+    mtp_term = mtp_loss_weight / len(mtp) * sum(mtp) if mtp else 0.0
+    return logs["loss"] - mtp_term - logs.get("balance_loss", 0.0)
+
+
 class ShortLogLines(ProgressCallback):
     """The progress bar, and one short line per training log (the full log, per layer, stays in the Trainer's
-    `log_history`): the objective, the MTP loss and the least balanced layer's max/mean expert load."""
+    `log_history`): the objective, its next-token and MTP parts, and the least balanced layer's max/mean expert
+    load."""
+
+    def __init__(self, mtp_loss_weight: float) -> None:
+        super().__init__()
+        self.mtp_loss_weight = mtp_loss_weight
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
-            shown = {"loss": "loss", "mtp_1_loss": "MTP loss", "expert_load_max_over_mean": "max/mean expert load"}
-            values = ", ".join(f"{label} {logs[key]:.3f}" for key, label in shown.items() if key in logs)
-            self.training_bar.write(f"[demo] step {state.global_step}: {values}")
+            parts = [f"next token {next_token_loss(logs, self.mtp_loss_weight):.3f}"]
+            if "mtp_1_loss" in logs:
+                parts.append(f"MTP {logs['mtp_1_loss']:.3f}")
+            line = f"[demo] step {state.global_step}: loss {logs['loss']:.3f} ({', '.join(parts)})"
+            if "expert_load_max_over_mean" in logs:
+                line += f", max/mean expert load {logs['expert_load_max_over_mean']:.3f}"
+            self.training_bar.write(line)
+
+
+def expert_load_panel_names(layers: list[str], num_hidden_layers: int) -> dict[str, str]:
+    """Names for the expert-load panels: an MTP module's block (a decoder-layer index past the main model's) is
+    named as the module, e.g. `MTP module 1 (model.layers.4)`; the main model's layers keep their names."""
+    names = {}
+    for layer in layers:
+        index = int(layer.rsplit(".", 1)[1])
+        names[layer] = f"MTP module {index - num_hidden_layers + 1} ({layer})" if index >= num_hidden_layers else layer
+    return names
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -226,6 +256,7 @@ def run_demo(
     seed: int = 0,
     prompt: str = "ROMEO:",
     max_new_tokens: int = 60,
+    threads: int | None = None,
 ) -> DemoReport:
     """Train a tokenizer and a DeepSeek-V3 with one MTP module from scratch on a text corpus (the routing biases
     train too), save both with PNG plots of the loss and the expert load, reload them, sample, and compare greedy
@@ -240,6 +271,9 @@ def run_demo(
         seed: seeds weights, data order and sampling.
         prompt: text the sample continues.
         max_new_tokens: length of the sample in tokens (>= 1).
+        threads: torch's intra-op threads for the run (>= 1), restored afterwards; None keeps torch's default (one
+            per core). On a shared or busy machine 1 can be much faster: threads that wait for each other's cores
+            stall every step.
 
     Returns:
         A `DemoReport`.
@@ -249,6 +283,19 @@ def run_demo(
             `DEMO_PRESETS`, a corpus too short for two blocks, or an `out` that is a file or a non-empty folder
             other than an earlier demo output.
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise DemoArgumentError(f"threads must be an int >= 1 (or None for torch's default), got {threads!r}")
+    default_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(steps, Path(out), preset, corpus, seed, prompt, max_new_tokens)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _run_demo(steps: int, out: Path, preset: str, corpus: str | Path | None, seed: int, prompt: str,
+              max_new_tokens: int) -> DemoReport:
     if steps < 1:
         raise DemoArgumentError(f"steps must be >= 1, got {steps}")
     if max_new_tokens < 1:
@@ -258,9 +305,11 @@ def run_demo(
     if not prompt:
         raise DemoArgumentError("prompt must be non-empty")
     text = _read_corpus(corpus)
-    out = Path(out)
     previous = _previous_demo_files(out)
 
+    threads = torch.get_num_threads()
+    print(f"[demo] torch uses {threads} CPU thread{'s' if threads > 1 else ''}; on a shared or busy machine "
+          "`--threads 1` can be much faster")
     target_vocab = load_preset(preset).vocab_size
     print(f"[demo] corpus: {len(text.encode('utf-8')):,} bytes; training byte-level BPE (target vocab {target_vocab})")
     tokenizer = train_tokenizer(text, target_vocab)
@@ -312,7 +361,7 @@ def run_demo(
         callbacks=[balance],
     )
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ShortLogLines())
+    trainer.add_callback(ShortLogLines(config.mtp_loss_weight))
     trainer.train()
 
     # perplexity is the main model's (the next token): the evaluation runs without the MTP term of the objective
@@ -322,13 +371,12 @@ def run_demo(
     finally:
         model.config.use_mtp_modules = True
     perplexity = math.exp(min(eval_loss, 50.0))
-    print(f"[demo] held-out next-token loss {eval_loss:.4f}, perplexity {perplexity:.2f}")
+    print(f"[demo] held-out next-token loss {eval_loss:.4f}, perplexity {perplexity:.2f} (text not trained on)")
 
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    mtp_weight = config.mtp_loss_weight / MTP_MODULES
-    curves = {  # the logged loss is the whole objective: main + λ/D·Σ_k MTP_k + balance
+    curves = {
         "training objective": [e["loss"] for e in logged],
-        "next token (main)": [e["loss"] - mtp_weight * e["mtp_1_loss"] - e.get("balance_loss", 0.0) for e in logged],
+        "next token (main)": [next_token_loss(e, config.mtp_loss_weight) for e in logged],
         "MTP depth 1": [e["mtp_1_loss"] for e in logged],
     }
     loads = {layer: torch.stack([step[layer] for step in balance.history]) for layer in balance.history[0]}
@@ -340,9 +388,10 @@ def run_demo(
     _save_replacing(out, previous, [
         model.save_pretrained,
         tokenizer.save_pretrained,
-        lambda _: plot_losses([e["step"] for e in logged], curves, eval_loss, "held-out next token", plots[0]),
+        lambda _: plot_losses([e["step"] for e in logged], curves, eval_loss, EVAL_LABEL, plots[0]),
         lambda _: plot_expert_load(loads, plots[1], f"expert load per MoE layer, {steps} steps, routing-bias update "
-                                   f"γ = {config.routing_bias_update_speed}"),
+                                   f"γ = {config.routing_bias_update_speed}",
+                                   expert_load_panel_names(list(loads), config.num_hidden_layers)),
     ])
     print(f"[demo] saved model and tokenizer to {out}")
 

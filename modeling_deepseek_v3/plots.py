@@ -21,9 +21,9 @@ def _pyplot():
     return plt
 
 
-def plot_losses(steps: list[int], curves: dict[str, list[float]], eval_loss: float | None, eval_label: str,
-                path: str | Path) -> Path:
-    """Training losses at each logged step (`{label: values}`), and the final held-out loss as one marker."""
+def loss_figure(steps: list[int], curves: dict[str, list[float]], eval_loss: float | None, eval_label: str):
+    """Training losses at each logged step (`{label: values}`), and the final held-out loss as one marker labelled
+    `eval_label`; returns the matplotlib figure."""
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(6, 3.6))
     for label, values in curves.items():
@@ -34,36 +34,65 @@ def plot_losses(steps: list[int], curves: dict[str, list[float]], eval_loss: flo
     ax.set_ylabel("loss")
     ax.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return Path(path)
+    return figure
 
 
-def plot_expert_load(loads: dict[str, torch.Tensor], path: str | Path, title: str) -> Path:
+def plot_losses(steps: list[int], curves: dict[str, list[float]], eval_loss: float | None, eval_label: str,
+                path: str | Path) -> Path:
+    """`loss_figure` saved as a PNG at `path`."""
+    return _save(loss_figure(steps, curves, eval_loss, eval_label), path)
+
+
+def balance_summary(load: torch.Tensor) -> str:
+    """The per-step max/mean expert load (the statistic the training log prints) over the last `SMOOTHING_STEPS`
+    steps of `load` (`[steps, E]` tokens per expert): its median and range. Steps that routed no tokens are left out.
+    """
+    tail = load[-SMOOTHING_STEPS:].double()
+    tail = tail[tail.sum(dim=1) > 0]
+    if len(tail) == 0:
+        return "no tokens routed"
+    ratio = tail.max(dim=1).values / tail.mean(dim=1)
+    return (f"max/mean per step: median {ratio.median().item():.2f} ({ratio.min().item():.2f}-"
+            f"{ratio.max().item():.2f}), last {len(tail)} steps")
+
+
+def expert_load_figure(loads: dict[str, torch.Tensor], title: str, names: dict[str, str] | None = None):
     """One panel per MoE layer: each expert's share of the layer's routed tokens over the steps (moving average),
-    and the even share `1/E` as a dashed line.
+    the even share `1/E` as a dashed line, and `balance_summary` in the panel's title; returns the figure.
 
     Args:
         loads: `{layer name: tokens per expert [steps, E]}`.
+        title: the figure's title.
+        names: a panel name per layer name (e.g. to name an MTP module); a layer not in it keeps its own name.
     """
+    names = names or {}
     plt = _pyplot()
     layers = list(loads)
-    figure, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.6), sharey=True, squeeze=False)
+    figure, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.8), sharey=True, squeeze=False)
     for ax, layer in zip(axes[0], layers):
         load = loads[layer].double()
         share = load / load.sum(dim=1, keepdim=True).clamp(min=1)  # [steps, E]
         kernel = min(SMOOTHING_STEPS, len(share))
         smooth = torch.nn.functional.avg_pool1d(share.T.unsqueeze(1), kernel, stride=1).squeeze(1).T
         ax.plot(range(kernel, len(share) + 1), smooth.numpy())
-        ax.axhline(1 / load.shape[1], color="black", linestyle="--", linewidth=1)
-        tail = load[-SMOOTHING_STEPS:].sum(0)
-        last = min(SMOOTHING_STEPS, len(load))
-        balance = (tail.max() / tail.mean()).item()
-        ax.set_title(f"{layer}: max/mean {balance:.2f} over the last {last} steps", fontsize=9)
+        n_experts = load.shape[1]
+        even = ax.axhline(1 / n_experts, color="black", linestyle="--", linewidth=1, label=f"even share 1/{n_experts}")
+        ax.legend(handles=[even], fontsize=8, loc="upper right")  # the experts' lines are too many to name
+        ax.set_title(f"{names.get(layer, layer)}\n{balance_summary(load)}", fontsize=9)
         ax.set_xlabel("optimizer step")
-    axes[0][0].set_ylabel("share of routed tokens per expert")
+    axes[0][0].set_ylabel(f"share of routed tokens per expert\n(moving average of {SMOOTHING_STEPS} steps)")
     figure.suptitle(title)
     figure.tight_layout()
+    return figure
+
+
+def plot_expert_load(loads: dict[str, torch.Tensor], path: str | Path, title: str,
+                     names: dict[str, str] | None = None) -> Path:
+    """`expert_load_figure` saved as a PNG at `path`."""
+    return _save(expert_load_figure(loads, title, names), path)
+
+
+def _save(figure, path: str | Path) -> Path:
     figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _pyplot().close(figure)
     return Path(path)

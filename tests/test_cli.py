@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from modeling_deepseek_v3.cli import main
@@ -33,12 +34,13 @@ And I'll no longer be a Capulet.
         ["demo", "--steps", "0"],
         ["demo", "--steps", "ten"],
         ["demo", "--max-new-tokens", "0"],
+        ["demo", "--threads", "0"],
         ["no-such-command"],
         [],
         ["remote-code", "folder", "--port", "8000"],  # only serve and lm-eval pass arguments on to a tool
     ],
-    ids=["unknown-preset", "steps-0", "steps-not-int", "max-new-tokens-0", "unknown-command", "no-command",
-         "unknown-option"],
+    ids=["unknown-preset", "steps-0", "steps-not-int", "max-new-tokens-0", "threads-0", "unknown-command",
+         "no-command", "unknown-option"],
 )
 def test_bad_arguments_exit_cleanly(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -92,8 +94,10 @@ def test_missing_corpus_exits_cleanly(tmp_path: Path, capsys: pytest.CaptureFixt
         ({"preset": "no-such-preset"}, "preset"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"prompt": ""}, "prompt"),
+        ({"threads": 0}, "threads must be an int >= 1"),
+        ({"threads": 1.5}, "threads must be an int >= 1"),
     ],
-    ids=["steps-0", "unknown-preset", "max-new-tokens-0", "empty-prompt"],
+    ids=["steps-0", "unknown-preset", "max-new-tokens-0", "empty-prompt", "threads-0", "threads-float"],
 )
 def test_run_demo_rejects_bad_arguments(kwargs: dict, match: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=match):
@@ -149,6 +153,17 @@ def test_demo_custom_corpus(tmp_path: Path) -> None:
     assert report.identical and 0 <= report.acceptance_rate <= 1 and 1 <= report.tokens_per_forward <= 2
     assert all(path.is_file() for path in report.plots)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_demo_runs_with_the_threads_it_is_given_and_restores_torchs(tmp_path: Path, capsys) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SMALL_CORPUS * 16, encoding="utf-8")
+    default = torch.get_num_threads()
+    threads = default + 1  # not torch's default, so the printed count shows the setting took effect
+    run_demo(steps=1, out=tmp_path / "demo", preset="tiny", corpus=corpus, max_new_tokens=2, threads=threads)
+    printed = capsys.readouterr().out
+    assert f"[demo] torch uses {threads} CPU threads; on a shared or busy machine `--threads 1`" in printed
+    assert torch.get_num_threads() == default
 
 
 def test_demo_refuses_a_folder_that_is_not_its_own_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
