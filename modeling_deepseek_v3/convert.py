@@ -32,11 +32,13 @@ from .checkpoint import (
     SCALE_SUFFIX,
     check_finite,
     check_scale_entries,
+    memory_key_places,
     read_weight_map,
     safetensors_headers,
 )
 from .configuration import DeepseekV3Config
 from .kernels import FP8_BLOCK, weight_dequant_ref, weight_quant_ref
+from .model import DeepseekV3ForCausalLM
 
 DIRECTIONS = ("fp8-to-bf16", "bf16-to-fp8")
 OFFICIAL_QUANTIZATION = {
@@ -89,7 +91,11 @@ def convert_checkpoint(src: str | Path, dst: str | Path, direction: str) -> Path
     config.pop("dtype", None)
 
     weight_map = read_weight_map(src)
-    _check_tensors(src, weight_map, direction, block)
+    headers = {}
+    for shard in sorted(set(weight_map.values())):
+        headers.update(safetensors_headers(src / shard))
+    _check_tensors(src, weight_map, headers, direction, block)
+    _check_shapes_against_config(src, config, weight_map, headers)
     for stale in dst.parent.glob(f".{dst.name}.partial-*"):
         logger.warning(f"{stale} is left from an interrupted conversion to {dst}; delete it to free its space")
     partial = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -137,12 +143,10 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _check_tensors(src: Path, weight_map: dict[str, str], direction: str, block: tuple[int, int]) -> None:
-    """Check every tensor's dtype and shape from the shard headers, and the block scales' values (small), before
-    anything is written. The other tensors' values are checked as each shard is converted."""
-    headers = {}
-    for shard in sorted(set(weight_map.values())):
-        headers.update(safetensors_headers(src / shard))
+def _check_tensors(src: Path, weight_map: dict[str, str], headers: dict, direction: str,
+                   block: tuple[int, int]) -> None:
+    """Check every tensor's dtype and shape from the shard `headers` (`{key: (dtype, shape)}`), and the block scales'
+    values (small), before anything is written. The other tensors' values are checked as each shard is converted."""
     check_scale_entries({key: dtype for key, (dtype, _) in headers.items()}, weight_map)
     if direction == "bf16-to-fp8":
         projections = [key for key, (_, shape) in headers.items() if is_fp8_projection(key, len(shape))]
@@ -170,6 +174,29 @@ def _check_tensors(src: Path, weight_map: dict[str, str], direction: str, block:
             )
         with safe_open(src / weight_map[scale_key], "pt") as f:
             check_finite(scale_key, f.get_tensor(scale_key), weight_map[scale_key])
+
+
+def _check_shapes_against_config(src: Path, config: dict, weight_map: dict[str, str], headers: dict) -> None:
+    """Every stored tensor of the model has the shape `config.json`'s sizes give it (read from a model built on the
+    meta device: no memory), so a folder whose config describes another model is refused before anything is written.
+    Block scales are checked against their weights (`_check_tensors`); keys the model does not have are left to the
+    loader, which refuses them.
+
+    Raises:
+        ValueError: naming the key, its file, the stored shape and the config's.
+    """
+    sizes = DeepseekV3Config(**{key: value for key, value in config.items() if key != "quantization_config"})
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(sizes)
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    stored = {key: shape for key, (_, shape) in headers.items()}
+    for key, place in memory_key_places(sizes, stored, model.has_mtp_modules).items():
+        if place is None or place.shared_copy or place.key not in expected:
+            continue
+        shape = expected[place.key][1:] if place.expert is not None else expected[place.key]
+        if stored[key] != shape:
+            raise ValueError(f"{key} has shape {list(stored[key])} in {weight_map[key]}, but the sizes in "
+                             f"{src}/config.json give it {list(shape)}: config.json does not describe these weights")
 
 
 def _copy_other_files(src: Path, dst: Path) -> None:

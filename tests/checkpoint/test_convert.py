@@ -113,7 +113,8 @@ def test_fp8_from_fp32_weights_keeps_payloads_through_bf16(tmp_path):
     q, s = weight_quant_ref(torch.randn(256, 384) * 0.02)  # fp32 amax: scales not derived from bf16 values
     save_file({"model.layers.0.mlp.down_proj.weight": q, "model.layers.0.mlp.down_proj.weight_scale_inv": s},
               src / "model.safetensors", metadata={"format": "pt"})
-    (src / "config.json").write_text(json.dumps({"model_type": "deepseek_v3",
+    (src / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "hidden_size": 256,
+                                                 "intermediate_size": 384,  # the sizes of the one stored weight
                                                  "quantization_config": {"quant_method": "fp8",
                                                                          "weight_block_size": [128, 128]}}))
     (src / "pytorch_model.bin").write_bytes(b"stale weights in another format")
@@ -248,6 +249,10 @@ BAD_FP8_NUMBERS = [
 ]
 
 
+def config_of_another_size(src):
+    edit_json(src / "config.json", lambda config: config.update(moe_intermediate_size=144))
+
+
 def block_size_mismatch(src):
     edit_json(src / "config.json", lambda config: config["quantization_config"].update(weight_block_size=[64, 64]))
 
@@ -278,6 +283,10 @@ BROKEN_SOURCES = [
     (e5m2_format_in_config, "fp8", "fp8-to-bf16", r"config.json: DeepseekV3Config: `quantization_config.fmt` = 'e5m2'"),
     (config_not_json, "bf16", "bf16-to-fp8", r"config.json is not valid JSON"),
     (nan_bf16_weight, "bf16", "bf16-to-fp8", rf"{PROJECTION} \(in .*\) holds 1 NaN or infinite values"),
+    (config_of_another_size, "bf16", "bf16-to-fp8", r"model.layers.1.mlp.experts.0.down_proj.weight has shape "
+                                                    r"\[192, 136\] in .*, but the sizes in .*config.json give it "
+                                                    r"\[192, 144\]"),
+    (config_of_another_size, "fp8", "fp8-to-bf16", r"has shape .* but the sizes in .*config.json give it"),
     *((break_source, "fp8", "fp8-to-bf16", match) for break_source, match in BAD_FP8_NUMBERS),
 ]
 
@@ -320,7 +329,8 @@ def test_e5m2_payloads_are_dequantised_exactly(tmp_path):
     q = (torch.randn(256, 200) * 4).to(torch.float8_e5m2)
     s = torch.rand(2, 2) + 0.5
     save_file({key: q, f"{key}_scale_inv": s}, src / "model.safetensors", metadata={"format": "pt"})
-    (src / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "quantization_config": QUANTIZATION}))
+    (src / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "hidden_size": 256,
+                                                 "intermediate_size": 200, "quantization_config": QUANTIZATION}))
     out = tensors(convert_checkpoint(src, tmp_path / "bf16", "fp8-to-bf16"))
     assert set(out) == {key}
     assert torch.equal(out[key].float(), (q.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:, :200])
