@@ -672,6 +672,16 @@ class CheckpointMixin:
     initialised and reported by transformers' load report, and the head of another task is left out.
     """
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, after checking a local folder's shard index (valid JSON with a
+        `weight_map`), which transformers would otherwise fail on with a bare JSON error naming no file."""
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+            if (folder / SAFE_INDEX_NAME).is_file():
+                _read_index(folder / SAFE_INDEX_NAME)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def __init__(self, config, *inputs, **kwargs) -> None:
         super().__init__(config, *inputs, **kwargs)
         # MTP modules stored after the decoder layers are not an error for a model without them; a model with them

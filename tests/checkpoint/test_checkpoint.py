@@ -338,3 +338,15 @@ def test_an_interrupted_save_over_an_older_checkpoint_is_refused(tmp_path):
     ids = random_ids(tiny_config(), 1, 5)
     torch.testing.assert_close(DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()(ids).logits,
                                old(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("index_text", ["{not json", '{"weight_map": ["a", "b"]}'], ids=["not-json", "no-weight-map"])
+def test_a_malformed_index_is_named(saved, tmp_path, index_text):
+    """transformers failed on it with a bare JSON error naming no file."""
+    _, state, config = saved
+    write(tmp_path, state, config, "model-00001-of-00001.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(index_text)
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json (is not valid JSON|has no weight_map)"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json (is not valid JSON|has no weight_map)"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
