@@ -104,3 +104,14 @@ def test_a_count_given_as_a_string_is_named(field):
     """transformers' own validators used to fail first on `vocab_size: "12"` with a bare comparison error."""
     with pytest.raises(ValueError, match=rf"`{field}` = '12' is invalid: must be a positive integer"):
         tiny_config(**{field: "12"})
+
+
+@pytest.mark.parametrize("text, kind", [("[1, 2]", "an array"), ('"deepseek_v3"', "a string")])
+def test_a_config_json_that_is_no_object_is_named(tmp_path, text, kind):
+    """Its construction failed with a bare TypeError ("argument after ** must be a mapping")."""
+    from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    (tmp_path / "config.json").write_text(text)
+    for load in (DeepseekV3Config.from_pretrained, DeepseekV3ForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=rf"config.json must hold a JSON object of settings, not {kind}"):
+            load(tmp_path)

@@ -256,6 +256,17 @@ class DeepseekV3Config(PreTrainedConfig):
         )
         self.validate_fields()
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """transformers' reading of `config.json`, refusing a file that holds no JSON object (a list, a number), on
+        which the config's construction would fail with a bare `TypeError`."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if not isinstance(config_dict, dict):
+            kind = {list: "an array", str: "a string"}.get(type(config_dict), type(config_dict).__name__)
+            raise ValueError(f"{pretrained_model_name_or_path}: config.json must hold a JSON object of settings, "
+                             f"not {kind}")
+        return config_dict, kwargs
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` has a MoE FFN (else a dense MLP); the MTP modules' blocks
         (`layer_idx >= num_hidden_layers`) always do."""
