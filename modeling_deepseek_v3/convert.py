@@ -172,8 +172,14 @@ def _check_tensors(src: Path, weight_map: dict[str, str], headers: dict, directi
                 f"weight_block_size {list(block)} of config.json needs {list(expected)}: the block size does not "
                 "match the checkpoint"
             )
-        with safe_open(src / weight_map[scale_key], "pt") as f:
-            check_finite(scale_key, f.get_tensor(scale_key), weight_map[scale_key])
+    scales_by_shard: dict[str, list[str]] = {}
+    for key in headers:
+        if key.endswith(SCALE_SUFFIX):
+            scales_by_shard.setdefault(weight_map[key], []).append(key)
+    for shard, keys in sorted(scales_by_shard.items()):  # each shard opened once
+        with safe_open(src / shard, "pt") as f:
+            for key in keys:
+                check_finite(key, f.get_tensor(key), shard)
 
 
 def _check_shapes_against_config(src: Path, config: dict, weight_map: dict[str, str], headers: dict) -> None:
