@@ -184,8 +184,10 @@ class MTPGenerationMixin(GenerationMixin):
         """
         use_mtp = kwargs.pop("use_mtp", None)
         if use_mtp is None:
-            use_mtp = getattr(generation_config or self.generation_config, "use_mtp", None) or False
-        if not isinstance(use_mtp, bool):
+            use_mtp = getattr(generation_config or self.generation_config, "use_mtp", None)
+        if use_mtp is None:
+            use_mtp = False
+        elif not isinstance(use_mtp, bool):  # 0 or "" would pass as False, "no" as True
             raise TypeError(f"use_mtp = {use_mtp!r} ({type(use_mtp).__name__}) is invalid: it must be True or False")
         # transformers' own `use_mtp` drafter (MTPCandidateGenerator) never runs: the flag is ours. It is switched off
         # in a copy of a given generation config (transformers deprecates passing one together with its fields).

@@ -228,11 +228,18 @@ def test_unsupported_requests_are_clear_errors(overrides, kwargs, match):
         model.generate(random_ids(model.config, 1, 4), max_new_tokens=4, use_mtp=True, **kwargs)
 
 
-@pytest.mark.parametrize("value", ["no", 1, "True"])
+@pytest.mark.parametrize("value", ["no", 1, "True", 0, ""])
 def test_use_mtp_must_be_a_bool(value):
+    """Given to generate or set in the generation config; falsy non-bools (0, "") are not taken for False."""
+    from transformers import GenerationConfig
+
     model = random_model(tiny_config(num_nextn_predict_layers=1))
     with pytest.raises(TypeError, match=f"use_mtp = {value!r} .*must be True or False"):
         model.generate(random_ids(model.config, 1, 4), max_new_tokens=4, use_mtp=value)
+    config = GenerationConfig(max_new_tokens=4)
+    config.use_mtp = value
+    with pytest.raises(TypeError, match=f"use_mtp = {value!r} .*must be True or False"):
+        model.generate(random_ids(model.config, 1, 4), generation_config=config)
 
 
 @pytest.mark.parametrize(
