@@ -4,7 +4,8 @@ batching over a paged latent cache (`generate_batch`).
 
 Importing this package registers its classes with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM`,
 `AutoModelForSequenceClassification` and `AutoModelForTokenClassification` for `model_type = "deepseek_v3"`, replacing
-transformers' built-in DeepSeek-V3 classes for the whole process. The built-in classes stay reachable by importing
+transformers' built-in DeepSeek-V3 classes for the whole process, and for `"kimi_k2"` (Kimi-K2's checkpoints, the same
+architecture). The built-in classes stay reachable by importing
 them explicitly from `transformers`. It also exempts its classes from PEFT's rewrite of LoRA targets for this
 model_type (meant for the built-in class's fused experts), so LoRA adapts the modules a config names.
 
@@ -22,22 +23,27 @@ from transformers import (
 )
 
 from .cache import LatentCacheLayer, MLACache, MLAStaticCache
-from .configuration import PRESET_NAMES, DeepseekV3Config, load_preset
+from .configuration import CONFIG_CLASSES, PRESET_NAMES, DeepseekV3Config, KimiK2Config, load_preset
 from .generation import SpeculativeStats
 from .heads import DeepseekV3ForSequenceClassification, DeepseekV3ForTokenClassification
 from .metrics import TrainingMetrics
 from .model import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
 from .outputs import DeepseekV3CausalLMOutput
 from .paged_cache import PagedLatentCache
-from .private_api import keep_peft_targets_of
+from .private_api import keep_peft_targets_of, register_auto_model
 from .trainer import DeepseekV3Trainer, DeepseekV3TrainerMixin, ExpertBalanceCallback
 from .transformers_patch import apply_from_environment, apply_to_transformers, restore_transformers
 
-AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
-AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)
-AutoModelForCausalLM.register(DeepseekV3Config, DeepseekV3ForCausalLM, exist_ok=True)
-AutoModelForSequenceClassification.register(DeepseekV3Config, DeepseekV3ForSequenceClassification, exist_ok=True)
-AutoModelForTokenClassification.register(DeepseekV3Config, DeepseekV3ForTokenClassification, exist_ok=True)
+AUTO_CLASSES = {
+    AutoModel: DeepseekV3Model,
+    AutoModelForCausalLM: DeepseekV3ForCausalLM,
+    AutoModelForSequenceClassification: DeepseekV3ForSequenceClassification,
+    AutoModelForTokenClassification: DeepseekV3ForTokenClassification,
+}
+for _model_type, _config_class in CONFIG_CLASSES.items():
+    AutoConfig.register(_model_type, _config_class, exist_ok=True)
+    for _auto_class, _model_class in AUTO_CLASSES.items():
+        register_auto_model(_auto_class, _config_class, _model_class)
 # PEFT would rewrite LoRA targets such as shared_experts.gate_proj into the built-in class's fused experts
 keep_peft_targets_of(DeepseekV3PreTrainedModel)
 apply_from_environment()
@@ -55,6 +61,7 @@ __all__ = [
     "DeepseekV3Trainer",
     "DeepseekV3TrainerMixin",
     "ExpertBalanceCallback",
+    "KimiK2Config",
     "LatentCacheLayer",
     "MLACache",
     "MLAStaticCache",

@@ -140,6 +140,13 @@ def attention_implementation(config: PreTrainedConfig) -> str:
     return config._attn_implementation
 
 
+def register_auto_model(auto_class: type, config_class: type, model_class: type) -> None:
+    """Map `config_class` to `model_class` in an Auto class (`AutoModelForCausalLM`, ...). The public `register`
+    requires the model's `config_class` to bear the config's class name; our model classes serve the configs of
+    several model_types (`deepseek_v3`, `kimi_k2`), so the mapping it fills (`_model_mapping`) is filled directly."""
+    auto_class._model_mapping.register(config_class, model_class, exist_ok=True)
+
+
 def has_forward_hooks(module: nn.Module) -> bool:
     """Whether anything wraps `module`'s forward: torch forward (pre-)hooks or an accelerate offload hook."""
     return bool(module._forward_hooks or module._forward_pre_hooks) or hasattr(module, "_hf_hook")

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig
 from transformers import GenerationConfig
 
-from modeling_deepseek_v3 import checkpoint, private_api
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, checkpoint, private_api
 
 from .utils import random_model
 
@@ -82,6 +82,21 @@ def test_module_attributes():
     linear.register_forward_hook(lambda *args: None)
     assert private_api.has_forward_hooks(linear)
     assert not private_api.is_peft_adapter_model(model)
+
+
+def test_auto_model_registration_by_config_class():
+    """`register_auto_model` fills the mapping the Auto classes read: a config class of another name than the model's
+    `config_class` gets that model."""
+    from transformers import AutoModelForCausalLM, PreTrainedConfig
+
+    class ProbeConfig(PreTrainedConfig):
+        model_type = "probe-for-register-auto-model"
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+
+    private_api.register_auto_model(AutoModelForCausalLM, ProbeConfig, DeepseekV3ForCausalLM)
+    assert AutoModelForCausalLM._model_mapping[ProbeConfig] is DeepseekV3ForCausalLM
 
 
 def test_peft_custom_module_registration():

@@ -257,6 +257,16 @@ class DeepseekV3Config(PreTrainedConfig):
         self.validate_fields()
 
     @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> DeepseekV3Config:
+        """transformers' construction from a `config.json` dict, giving a checkpoint of another member of the
+        family the config class of its own `model_type` (a `kimi_k2` folder loaded through `DeepseekV3Config` stays
+        `kimi_k2` when saved)."""
+        member = CONFIG_CLASSES.get(config_dict.get("model_type"))
+        if member is not None and member is not cls and issubclass(member, cls):
+            return member.from_dict(config_dict, **kwargs)
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
         """transformers' reading of `config.json`, refusing a file that holds no JSON object (a list, a number), on
         which the config's construction would fail with a bare `TypeError`."""
@@ -417,7 +427,11 @@ class DeepseekV3Config(PreTrainedConfig):
         if not isinstance(qc, dict):
             _fail("quantization_config", qc, "must be a dict or None")
         if qc.get("quant_method") != "fp8":
-            _fail("quantization_config.quant_method", qc.get("quant_method"), "only 'fp8' is supported")
+            # refused here, when the config is read, before any weight file is opened
+            _fail("quantization_config.quant_method", qc.get("quant_method"),
+                  "this weight format is not implemented (e.g. Kimi-K2-Thinking's INT4 'compressed-tensors'); "
+                  "supported are FP8 e4m3 with block scales (quant_method 'fp8', as DeepSeek-V3 and Kimi-K2 ship) "
+                  "and unquantised bf16/fp32 weights (no quantization_config)")
         if qc.get("fmt", "e4m3") != "e4m3":
             _fail("quantization_config.fmt", qc.get("fmt"), "only 'e4m3' is supported")
         block = qc.get("weight_block_size", [128, 128])
@@ -456,3 +470,21 @@ class DeepseekV3Config(PreTrainedConfig):
         if self.fp8_quantization_config is not None:
             out["quantization_config"] = copy.deepcopy(self.fp8_quantization_config)
         return out
+
+
+class KimiK2Config(DeepseekV3Config):
+    """The configuration of Kimi-K2 checkpoints: the DeepSeek-V3 architecture (`architectures` names
+    `DeepseekV3ForCausalLM`) under its own `model_type = "kimi_k2"`, which `save_pretrained` keeps. Every field and
+    rule is `DeepseekV3Config`'s; the release sets 384 routed experts in one group, one dense layer, no MTP module.
+    """
+
+    model_type = "kimi_k2"
+
+    # defined so that transformers keeps `DeepseekV3Config.__init__` (it gives a config subclass without an
+    # `__init__` of its own a generated dataclass one)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+
+
+# the config class of each model_type of the DeepSeek-V3 architecture that this package loads and saves
+CONFIG_CLASSES: dict[str, type[DeepseekV3Config]] = {"deepseek_v3": DeepseekV3Config, "kimi_k2": KimiK2Config}
