@@ -1,4 +1,7 @@
-"""The DeepSeek-V3 configuration class and its named presets (`tiny`, `small`, `bench`, `deepseek-v3-671b`)."""
+"""The configuration classes of the DeepSeek-V3 architecture (`DeepseekV3Config`, and `KimiK2Config` for
+`model_type = "kimi_k2"`) and the named presets: shapes of our own (`tiny`, `small`, `bench`), the released
+checkpoints' configs (`deepseek-v3-671b`, `deepseek-v3.1`, `kimi-k2`, `kimi-k2-0905`, `moonlight-16b-a3b`), and a
+test-size variant of each released one that keeps its structural switches (`tiny-deepseek-v3`, ...)."""
 
 from __future__ import annotations
 
@@ -6,13 +9,15 @@ import json
 from importlib import resources
 from typing import Any
 
-from .configuration_deepseek_v3 import DeepseekV3Config
+from .configuration_deepseek_v3 import CONFIG_CLASSES, DeepseekV3Config, KimiK2Config
 
-PRESET_NAMES = ("tiny", "small", "bench", "deepseek-v3-671b")
+FAMILY_PRESET_NAMES = ("deepseek-v3-671b", "deepseek-v3.1", "kimi-k2", "kimi-k2-0905", "moonlight-16b-a3b")
+PRESET_NAMES = ("tiny", "small", "bench", *FAMILY_PRESET_NAMES,
+                "tiny-deepseek-v3", "tiny-deepseek-v3.1", "tiny-kimi-k2", "tiny-kimi-k2-0905", "tiny-moonlight")
 
 
 def load_preset(name: str, **overrides: Any) -> DeepseekV3Config:
-    """Build a `DeepseekV3Config` from a shipped preset, with keyword overrides.
+    """Build the config of a shipped preset (a `KimiK2Config` for the Kimi-K2 ones), with keyword overrides.
 
     Raises:
         ValueError: if `name` is not one of `PRESET_NAMES`.
@@ -22,7 +27,7 @@ def load_preset(name: str, **overrides: Any) -> DeepseekV3Config:
     text = resources.files(__package__).joinpath("presets", f"{name}.json").read_text()
     fields = json.loads(text)
     fields.update(overrides)
-    return DeepseekV3Config(**fields)
+    return CONFIG_CLASSES[fields.pop("model_type")](**fields)
 
 
-__all__ = ["DeepseekV3Config", "PRESET_NAMES", "load_preset"]
+__all__ = ["CONFIG_CLASSES", "DeepseekV3Config", "KimiK2Config", "PRESET_NAMES", "load_preset"]
