@@ -36,7 +36,7 @@ from .checkpoint import (
     read_weight_map,
     safetensors_headers,
 )
-from .configuration import DeepseekV3Config
+from .configuration import CONFIG_CLASSES, DeepseekV3Config
 from .kernels import FP8_BLOCK, weight_dequant_ref, weight_quant_ref
 from .model import DeepseekV3ForCausalLM
 
@@ -47,7 +47,6 @@ OFFICIAL_QUANTIZATION = {
     "quant_method": "fp8",
     "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
 }
-MODEL_TYPE = "deepseek_v3"
 FP8_PAYLOADS = ("F8_E4M3", "F8_E5M2")  # safetensors' names of the FP8 formats `fp8-to-bf16` dequantises
 UNQUANTISED = ("BF16", "F16", "F32")  # the formats `bf16-to-fp8` quantises
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
@@ -133,11 +132,12 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise ValueError(f"{path} does not hold a JSON object")
-    if config.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{path} has model_type {config.get('model_type')!r}; only DeepSeek-V3 checkpoints "
-                         f"(model_type {MODEL_TYPE!r}) are converted")
+    config_class = CONFIG_CLASSES.get(config.get("model_type"))
+    if config_class is None:
+        raise ValueError(f"{path} has model_type {config.get('model_type')!r}; only checkpoints of the DeepSeek-V3 "
+                         f"architecture (model_type one of {sorted(CONFIG_CLASSES)}) are converted")
     try:  # the rules the model applies when it loads the folder (quantization_config included)
-        DeepseekV3Config(**config)
+        config_class(**config)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: {e}") from e
     return config
