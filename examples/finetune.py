@@ -57,18 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a saved model folder with its tokenizer (default: a fresh model of --preset and a BPE "
                         "tokenizer trained on the text)")
     parser.add_argument("--preset", default="tiny", help="configuration preset of a fresh model (default: tiny)")
-    parser.add_argument("--text", metavar="PATH", help="UTF-8 text to train on (default: the packaged Shakespeare)")
+    parser.add_argument("--text", metavar="PATH", help=f"UTF-8 text to train on, its first {TEXT_CHARS:,} characters "
+                        "(default: the packaged Shakespeare excerpt)")
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps (default: 50)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
-    parser.add_argument("--out", default="finetune-run",
+    parser.add_argument("--out", default="finetune-run", metavar="FOLDER",
                         help="folder for the adapter (--lora) or the model, and the tokenizer (default: finetune-run)")
     for flag, kind in (("--tp", "tensor"), ("--fsdp", "fully sharded data"), ("--ep", "expert")):
         parser.add_argument(flag, type=int, default=1, help=f"{kind}-parallel ranks (transformers' engine; default: 1)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, float]]:
-    """Run the example with command-line arguments `argv`; returns the Trainer's log history."""
+def main(argv: list[str] | None = None) -> DeepseekV3Trainer:
+    """Run the example with command-line arguments `argv`; returns the trainer (its `model` is what was trained and
+    saved, its `state.log_history` the logs)."""
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     print(f"rank {training.process_index}: routing-bias checksum {biases.double().sum().item():.6f} "
           f"(|b| sum {biases.abs().sum().item():.6f}); final loss {trainer.state.log_history[-2]['loss']:.4f}; "
           f"saved to {args.out}")
-    return trainer.state.log_history
+    return trainer
 
 
 if __name__ == "__main__":

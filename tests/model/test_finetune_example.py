@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, load_preset
 from tests.utils import word_tokenizer
@@ -22,7 +24,8 @@ def _example():
     return module
 
 
-def test_lora_on_a_saved_model_starts_at_the_models_own_loss_and_saves_the_adapter(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_a_saved_model_trains_from_its_own_loss_and_what_it_trained_reloads(tmp_path: Path, lora: bool) -> None:
     torch.manual_seed(0)
     config = load_preset("tiny", use_cache=False)
     folder = tmp_path / "model"
@@ -35,7 +38,8 @@ def test_lora_on_a_saved_model_starts_at_the_models_own_loss_and_saves_the_adapt
     text.write_text(" ".join(words), encoding="utf-8")
 
     out = tmp_path / "out"
-    logs = _example().main(["--model", str(folder), "--lora", "--steps", "1", "--text", str(text), "--out", str(out)])
+    argv = ["--model", str(folder), "--steps", "1", "--text", str(text), "--out", str(out)] + ["--lora"] * lora
+    trainer = _example().main(argv)
 
     # the reference: the saved model's next-token loss on the first block, tokenized by hand (word i -> id i)
     block = torch.tensor([[int(word[1:]) for word in words[:128]]])
@@ -43,12 +47,26 @@ def test_lora_on_a_saved_model_starts_at_the_models_own_loss_and_saves_the_adapt
     with torch.no_grad():
         logits = model(block).logits
     expected = F.cross_entropy(logits[0, :-1], block[0, 1:]).item()
-    first = logs[0]
+    first = trainer.state.log_history[0]
     assert first["step"] == 1 and not any(key.startswith("mtp_") for key in first)  # tiny has no MTP module
     # the logged objective adds the balance loss to the next-token loss
     assert first["loss"] - first.get("balance_loss", 0.0) == pytest.approx(expected, abs=2e-3)
-    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
-    assert (out / "tokenizer.json").is_file()
+
+    # --out holds what was trained: the adapter over the saved model, or the whole model
+    trained = trainer.model.eval()
+    if lora:
+        assert not (out / "model.safetensors").exists()
+        reloaded = PeftModel.from_pretrained(DeepseekV3ForCausalLM.from_pretrained(folder), out).eval()
+        names = [name for name, _ in trained.named_parameters() if "lora_" in name]
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        names = list(trained.state_dict())  # the routing biases included
+        assert any(not torch.equal(trained.state_dict()[n], model.state_dict()[n]) for n in names)  # it trained
+    saved = reloaded.state_dict()
+    assert names and all(torch.equal(saved[n], trained.state_dict()[n]) for n in names)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(block).logits, trained(block).logits, rtol=0, atol=0)
+    assert AutoTokenizer.from_pretrained(out)(" ".join(words[:5]))["input_ids"] == block[0, :5].tolist()
 
 
 def test_a_model_folder_without_a_tokenizer_is_refused(tmp_path: Path, capsys) -> None:
