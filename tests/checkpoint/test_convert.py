@@ -268,7 +268,7 @@ def config_not_json(src):
 BROKEN_SOURCES = [
     # (how the copy of a good source is broken, source, direction, error message pattern)
     (bf16_payload, "fp8", "fp8-to-bf16", rf"{PROJECTION} is stored as BF16 next to its {PROJECTION}_scale_inv"),
-    (gpt2_folder, "bf16", "bf16-to-fp8", r"config.json has model_type 'gpt2'; only checkpoints of the DeepSeek-V3 architecture"),
+    (gpt2_folder, "bf16", "bf16-to-fp8", r"config.json has model_type 'gpt2'; only checkpoints of the DeepSeek"),
     (gpt2_folder, "bf16", "fp8-to-bf16", r"config.json has model_type 'gpt2'"),
     (another_models_single_file, "bf16", "bf16-to-fp8", r"holds both model.safetensors and model.safetensors.index"),
     (deleted_shard, "bf16", "bf16-to-fp8", r"lists the shard model-0000\d-of-0000\d.safetensors, which does not exist"),
