@@ -22,8 +22,6 @@ and `kernel.py` (`act_quant`, `fp8_index`); docs/v32.md.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,9 +29,6 @@ from torch import nn
 from .configuration import DeepseekV32Config
 from .fp8 import FP8Format, make_linear
 from .kernels import act_quant
-
-if TYPE_CHECKING:
-    from .attention import MultiHeadLatentAttention
 
 # DeepSeek-V3.2 rounds the indexer's q and k and the cached latent with power-of-two scales (its release's scale_fmt)
 SCALE_FMT = "ue8m0"
@@ -141,8 +136,16 @@ def refuse_what_is_not_built(cache, paged_batch, attentions, training: bool) -> 
         raise ValueError(f"output_attentions {NOT_BUILT}: the sparse attention keeps no [s, t] probabilities")
 
 
+def refuse_continuous_batching(config) -> None:
+    """Raise `ValueError` for continuous batching of a DeepSeek-V3.2 model, before its manager starts (its worker
+    thread would only log the error of the first forward)."""
+    if isinstance(config, DeepseekV32Config):
+        raise ValueError(f"continuous batching (generate_batch, cache_implementation='paged') {NOT_BUILT}: the "
+                         "indexer's FP8 key cache has no paged form yet")
+
+
 def sparse_attention(
-    mla: MultiHeadLatentAttention,
+    mla: nn.Module,
     hidden_states: torch.Tensor,
     q_latent: torch.Tensor,
     q_nope: torch.Tensor,
@@ -155,7 +158,7 @@ def sparse_attention(
     """MLA of a full forward (no cache) over the keys `mla.indexer` picks for each query.
 
     Args:
-        mla: the layer's attention (its `indexer`, `kv_b_proj`, softmax scale).
+        mla: the layer's `MultiHeadLatentAttention` (its `indexer`, its `absorbed` form, its softmax scale).
         hidden_states: `[b, s, hidden]`, the layer's normed input; q_latent: `[b, s, q_lora_rank]`.
         q_nope, q_pe: `[b, s, h, n]`, `[b, s, h, r]` (rotated); c_kv: `[b, s, c]` (normed); k_pe: `[b, s, r]`.
         position_embeddings: `(cos, sin)`, each `[b, s, r/2]`.
