@@ -153,7 +153,7 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe, cos, sin)  # ONE rope key shared by all heads
         if self.indexer is not None:
-            refuse_what_is_not_built(cache, paged_batch, attentions, self.training)
+            refuse_what_is_not_built(cache, paged_batch, attentions, self.training, _absorbable(self.kv_b_proj))
             allowed = latent_mask(attention_mask, b, s, s, 0, c_kv.device)
             out = sparse_attention(self, hidden_states, q_latent, q_nope, q_pe, c_kv, k_pe, position_embeddings,
                                    allowed)

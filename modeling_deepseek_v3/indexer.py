@@ -120,8 +120,9 @@ class LightningIndexer(nn.Module):
         return indices, allowed.gather(-1, indices)
 
 
-def refuse_what_is_not_built(cache, paged_batch, attentions, training: bool) -> None:
-    """Raise `ValueError` for what this implementation of DeepSeek-V3.2 does not do yet."""
+def refuse_what_is_not_built(cache, paged_batch, attentions, training: bool, absorbable: bool) -> None:
+    """Raise `ValueError` for what this implementation of DeepSeek-V3.2 does not do yet; `absorbable`: whether
+    `kv_b_proj` is a plain linear whose weight the absorbed form may read (not wrapped by an adapter, no hooks)."""
     if cache is not None or paged_batch is not None:
         raise ValueError(
             f"decoding with a cache (use_cache=True, generate(), continuous batching) {NOT_BUILT}: the indexer's FP8 "
@@ -134,6 +135,9 @@ def refuse_what_is_not_built(cache, paged_batch, attentions, training: bool) -> 
         )
     if attentions is not None:
         raise ValueError(f"output_attentions {NOT_BUILT}: the sparse attention keeps no [s, t] probabilities")
+    if not absorbable:
+        raise ValueError(f"attention through a wrapped kv_b_proj (an adapter, hooks, offloaded weights) {NOT_BUILT}: "
+                         "the sparse attention reads its weight (absorbed form); merge adapters first")
 
 
 def refuse_continuous_batching(config) -> None:
@@ -169,8 +173,6 @@ def sparse_attention(
     """
     b, s, _ = hidden_states.shape
     cos, sin = position_embeddings
-    if allowed is None:
-        allowed = torch.ones(s, s, dtype=torch.bool, device=c_kv.device).tril().expand(b, s, s)
     c_kv = fp8_round_trip(c_kv)
     k8, k_scale = mla.indexer.keys(hidden_states, cos, sin)
     q8, weights = mla.indexer.queries(hidden_states, q_latent, cos, sin)
@@ -184,7 +186,12 @@ def sparse_attention(
         for start in range(0, s, rows):
             part = slice(start, start + rows)
             scores = mla.indexer.scores(q8[:, part], weights[:, part], k8, k_scale)
-            indices, valid = mla.indexer.select(scores, allowed[:, part])
+            if allowed is None:  # causal, built per chunk: never [s, s] at once
+                rows_allowed = torch.arange(s, device=c_kv.device) <= torch.arange(s, device=c_kv.device)[part, None]
+                rows_allowed = rows_allowed.expand(b, -1, -1)
+            else:
+                rows_allowed = allowed[:, part]
+            indices, valid = mla.indexer.select(scores, rows_allowed)
             c_sel, pe_sel = c_kv[batch, indices].to(q_lat.dtype), k_pe[batch, indices].to(q_lat.dtype)  # [b,rows,k,.]
             logits = (torch.einsum("bshc,bskc->bshk", q_lat[:, part], c_sel)
                       + torch.einsum("bshr,bskr->bshk", q_pe[:, part].to(q_lat.dtype), pe_sel)) * mla.softmax_scale

@@ -17,7 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV32Config, load_preset
 from modeling_deepseek_v3 import indexer as indexer_module
+from modeling_deepseek_v3.convert import convert_checkpoint
 from modeling_deepseek_v3.indexer import LightningIndexer, fp8_round_trip, hadamard_rotate, sparse_attention
+from modeling_deepseek_v3.rope import apply_rope
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "v32"
 MEMBERS = ("tiny-deepseek-v32", "tiny-deepseek-v32-bf16")
@@ -91,6 +93,18 @@ def test_the_choice_depends_on_the_hadamard_rotation_and_the_fp8_rounding(monkey
             patch.setattr(indexer_module, step, identity)
             chosen = chosen_keys(load("tiny-deepseek-v32-bf16"), ref["prompt"], patch)
         assert any(not torch.equal(ours, theirs) for ours, theirs in zip(chosen, ref["selected"])), step
+
+
+@pytest.mark.parametrize("step, replacement", [("fp8_round_trip", lambda x: x), ("rotate_halves", apply_rope)],
+                         ids=["latent-not-rounded", "indexer-rope-interleaved"])
+def test_the_logits_depend_on_the_latent_rounding_and_the_indexer_rope_layout(step, replacement, monkeypatch):
+    """Leaving out the latent's FP8 rounding, or rotating the indexer's RoPE as interleaved pairs (DeepSeek's earlier
+    V3.2-Exp code), moves the logits far outside the tolerance of the test above."""
+    ref = reference("tiny-deepseek-v32")
+    monkeypatch.setattr(indexer_module, step, replacement)
+    with torch.no_grad():
+        logits = load("tiny-deepseek-v32")(ref["prompt"][None], use_cache=False).logits[0]
+    assert (logits - ref["logits"]).abs().max() > 100 * LOGITS_ATOL
 
 
 def unrounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,3 +272,25 @@ def test_output_attentions_is_refused():
     model = load("tiny-deepseek-v32", attn_implementation="eager")  # sdpa returns no probabilities anyway
     with pytest.raises(ValueError, match="output_attentions is not built yet"):
         model(torch.randint(3, 256, (1, 6)), use_cache=False, output_attentions=True)
+
+
+def test_conversion_keeps_the_release_layout(tmp_path):
+    """bf16 -> FP8 quantises what the release stores in FP8 (the indexer's `wq_b` and `wk`, not its `weights_proj`);
+    FP8 -> bf16 dequantises exactly: the bf16 folder computes the FP8 release's logits."""
+    fp8 = convert_checkpoint(FIXTURES / "tiny-deepseek-v32-bf16", tmp_path / "fp8", "bf16-to-fp8")
+    def dtypes(folder: Path) -> dict[str, torch.dtype]:
+        return {key: tensor.dtype for key, tensor in load_file(folder / "model.safetensors").items()}
+
+    assert dtypes(fp8) == dtypes(FIXTURES / "tiny-deepseek-v32")
+    bf16 = convert_checkpoint(FIXTURES / "tiny-deepseek-v32", tmp_path / "bf16", "fp8-to-bf16")
+    ref = reference("tiny-deepseek-v32")
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32)(ref["prompt"][None], use_cache=False)
+    torch.testing.assert_close(logits.logits[0], ref["logits"], rtol=0, atol=LOGITS_ATOL)
+
+
+def test_an_adapter_on_kv_b_proj_is_refused():
+    model = load("tiny-deepseek-v32")
+    model.model.layers[0].self_attn.kv_b_proj.register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match="wrapped kv_b_proj .* is not built yet"):
+        model(torch.randint(3, 256, (1, 6)), use_cache=False)
