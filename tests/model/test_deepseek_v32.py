@@ -218,6 +218,10 @@ def test_load_and_save_keep_the_release_layout(tmp_path):
     assert config["model_type"] == "deepseek_v32" and config["architectures"] == ["DeepseekV32ForCausalLM"]
     for field in ("index_n_heads", "index_head_dim", "index_topk", "quantization_config"):
         assert config[field] == release_config[field]
+    ref, reloaded = reference("tiny-deepseek-v32"), AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        logits = reloaded(ref["prompt"][None], use_cache=False).logits[0]
+    torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=LOGITS_ATOL)
 
 
 def test_release_preset_is_the_released_config():
