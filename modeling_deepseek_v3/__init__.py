@@ -4,10 +4,11 @@ batching over a paged latent cache (`generate_batch`).
 
 Importing this package registers its classes with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM`,
 `AutoModelForSequenceClassification` and `AutoModelForTokenClassification` for `model_type = "deepseek_v3"`, replacing
-transformers' built-in DeepSeek-V3 classes for the whole process, and for `"kimi_k2"` (Kimi-K2's checkpoints, the same
-architecture). The built-in classes stay reachable by importing
-them explicitly from `transformers`. It also exempts its classes from PEFT's rewrite of LoRA targets for this
-model_type (meant for the built-in class's fused experts), so LoRA adapts the modules a config names.
+transformers' built-in DeepSeek-V3 classes for the whole process, for `"kimi_k2"` (Kimi-K2's checkpoints, the same
+architecture), and for `"deepseek_v32"` (DeepSeek-V3.2: DeepSeek-V3 with sparse attention, docs/v32.md). The
+built-in classes stay reachable by importing them explicitly from `transformers`. It also exempts its classes from
+PEFT's rewrite of LoRA targets for this model_type (meant for the built-in class's fused experts), so LoRA adapts the
+modules a config names.
 
 Tools that pick the class named in a checkpoint's config on the `transformers` module itself (`transformers serve`,
 TRL given a path) still get the built-in class, unless `apply_to_transformers()` is called, or the package is imported
@@ -23,7 +24,14 @@ from transformers import (
 )
 
 from .cache import LatentCacheLayer, MLACache, MLAStaticCache
-from .configuration import CONFIG_CLASSES, PRESET_NAMES, DeepseekV3Config, KimiK2Config, load_preset
+from .configuration import (
+    CONFIG_CLASSES,
+    PRESET_NAMES,
+    DeepseekV3Config,
+    DeepseekV32Config,
+    KimiK2Config,
+    load_preset,
+)
 from .generation import SpeculativeStats
 from .heads import DeepseekV3ForSequenceClassification, DeepseekV3ForTokenClassification
 from .metrics import TrainingMetrics
@@ -52,6 +60,7 @@ __all__ = [
     "PRESET_NAMES",
     "DeepseekV3CausalLMOutput",
     "DeepseekV3Config",
+    "DeepseekV32Config",
     "DeepseekV3ForCausalLM",
     "DeepseekV3Model",
     "DeepseekV3ForSequenceClassification",

@@ -25,8 +25,9 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .configuration import DeepseekV3Config
+from .configuration import DeepseekV3Config, DeepseekV32Config
 from .fp8 import FP8Linear, dense_weight, fp8_format, make_linear
+from .indexer import LightningIndexer, refuse_what_is_not_built, sparse_attention
 from .kernels import mla_decode, mla_decode_ref
 from .layers import RMSNorm
 from .private_api import attention_implementation, has_forward_hooks
@@ -105,6 +106,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
         self.kv_b_proj = make_linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), False, fp8)
         self.o_proj = make_linear(h * self.v_head_dim, hidden, config.attention_bias, fp8)
+        # DeepSeek-V3.2: the lightning indexer picks the keys each query attends to (indexer.py)
+        self.indexer = LightningIndexer(config, fp8) if isinstance(config, DeepseekV32Config) else None
 
     @property
     def softmax_scale(self) -> float:
@@ -139,7 +142,8 @@ class MultiHeadLatentAttention(nn.Module):
         if self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+            q_latent = self.q_a_layernorm(self.q_a_proj(hidden_states))
+            q = self.q_b_proj(q_latent)
         q = q.view(b, s, -1, self.qk_head_dim)  # this rank's heads under tensor parallelism, all heads otherwise
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         cos, sin = position_embeddings
@@ -148,6 +152,12 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe, cos, sin)  # ONE rope key shared by all heads
+        if self.indexer is not None:
+            refuse_what_is_not_built(cache, paged_batch, attentions, self.training, _absorbable(self.kv_b_proj))
+            allowed = latent_mask(attention_mask, b, s, s, 0, c_kv.device)
+            out = sparse_attention(self, hidden_states, q_latent, q_nope, q_pe, c_kv, k_pe, position_embeddings,
+                                   allowed)
+            return self.o_proj(out.flatten(2))
         if paged_batch is not None:
             out = paged_batch.attend(self, q_nope, q_pe, c_kv, k_pe)
             return self.o_proj(out.flatten(2))

@@ -20,6 +20,7 @@ import torch
 from transformers import GenerationMixin
 from transformers.generation.continuous_batching import ContinuousBatchingManager, PagedAttentionCache
 
+from .indexer import refuse_continuous_batching
 from .paged_attention import PagedBatch
 from .paged_cache import PagedLatentCache
 from .private_api import batch_processor_with, discard_unstarted_manager, scheduler_classes
@@ -40,8 +41,9 @@ class ContinuousBatchingMixin(GenerationMixin):
 
         Raises:
             ValueError: when `workload_hints` (set by `generate_batch`) announce a request longer than the pool; the
-                manager is then discarded and the model left as it was.
+                manager is then discarded and the model left as it was. For DeepSeek-V3.2 (not built yet).
         """
+        refuse_continuous_batching(self.config)
         # transformers writes eos_token_id=-1 into a config without one: the caller's config (or the model's, which
         # save_pretrained would then write) stays as it was
         generation_config = copy.deepcopy(self.generation_config if generation_config is None else generation_config)

@@ -36,7 +36,7 @@ from .checkpoint import (
     read_weight_map,
     safetensors_headers,
 )
-from .configuration import CONFIG_CLASSES, DeepseekV3Config
+from .configuration import CONFIG_CLASSES
 from .kernels import FP8_BLOCK, weight_dequant_ref, weight_quant_ref
 from .model import DeepseekV3ForCausalLM
 
@@ -52,7 +52,8 @@ UNQUANTISED = ("BF16", "F16", "F32")  # the formats `bf16-to-fp8` quantises
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 logger = logging.get_logger(__name__)
 # bf16 tensors of the decoder layers that the official release does not quantise (MTP modules included)
-KEPT_IN_BF16 = ("mlp.gate.weight", "embed_tokens.weight", "shared_head.head.weight", "eh_proj.weight")
+KEPT_IN_BF16 = ("mlp.gate.weight", "embed_tokens.weight", "shared_head.head.weight", "eh_proj.weight",
+                "indexer.weights_proj.weight")
 
 
 def is_fp8_projection(key: str, ndim: int) -> bool:
@@ -191,7 +192,8 @@ def _check_shapes_against_config(src: Path, config: dict, weight_map: dict[str, 
     Raises:
         ValueError: naming the key, its file, the stored shape and the config's.
     """
-    sizes = DeepseekV3Config(**{key: value for key, value in config.items() if key != "quantization_config"})
+    config_class = CONFIG_CLASSES[config["model_type"]]
+    sizes = config_class(**{key: value for key, value in config.items() if key != "quantization_config"})
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(sizes)
     expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}

@@ -486,5 +486,60 @@ class KimiK2Config(DeepseekV3Config):
         super().__init__(**kwargs)
 
 
+# DeepSeek's index kernel scores a key with one FP8 scale per query head and one per key: one 1x128 tile per vector
+INDEX_TILE = 128
+
+
+class DeepseekV32Config(DeepseekV3Config):
+    r"""The configuration of DeepSeek-V3.2 checkpoints (`model_type = "deepseek_v32"`): DeepSeek-V3 plus DeepSeek
+    Sparse Attention, whose lightning indexer picks, per query, the `index_topk` past tokens MLA attends to
+    (docs/v32.md). Every DeepSeek-V3 field and rule applies; the indexer adds:
+
+    Args:
+        index_n_heads (`int`, defaults to 64): the indexer's query heads.
+        index_head_dim (`int`, defaults to 128): the width of its query heads and of its one key; a power of two
+            (the Hadamard rotation) of at most 128 (one FP8 tile per vector, as DeepSeek's index kernel scores it),
+            at least `qk_rope_head_dim` (its first `qk_rope_head_dim` dims are rotated).
+        index_topk (`int`, defaults to 2048): how many keys each query attends to.
+
+    The indexer reads the query latent, so `q_lora_rank` must be set.
+    """
+
+    model_type = "deepseek_v32"
+
+    def __init__(self, index_n_heads: int = 64, index_head_dim: int = 128, index_topk: int = 2048,
+                 **kwargs: Any) -> None:
+        self.index_n_heads = index_n_heads
+        self.index_head_dim = index_head_dim
+        self.index_topk = index_topk
+        super().__init__(**kwargs)
+
+    def validate_fields(self) -> None:
+        """`DeepseekV3Config`'s rules, then the indexer's; raise `ValueError` naming field, value and rule."""
+        super().validate_fields()
+        for name in ("index_n_heads", "index_head_dim", "index_topk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                _fail(name, value, "must be a positive integer")
+        dim = self.index_head_dim
+        if dim & (dim - 1) or dim > INDEX_TILE:
+            _fail("index_head_dim", dim, f"must be a power of two (the indexer's Hadamard rotation) of at most "
+                  f"{INDEX_TILE} (one FP8 tile per query head and key, as DeepSeek's index kernel scores them)")
+        if dim < self.qk_rope_head_dim:
+            _fail("index_head_dim", dim, f"must be >= qk_rope_head_dim ({self.qk_rope_head_dim}): the indexer rotates "
+                  "that many of its dims")
+        if self.q_lora_rank is None:
+            _fail("q_lora_rank", None, "DeepSeek-V3.2's indexer reads the query latent, so it must be set")
+
+    def to_dict(self) -> dict[str, Any]:
+        """`DeepseekV3Config.to_dict`, with the release's class names in `architectures` (`DeepseekV32ForCausalLM`,
+        by which serving engines pick their implementation) where `save_pretrained` wrote this package's."""
+        out = super().to_dict()
+        if out.get("architectures"):
+            out["architectures"] = [name.replace("DeepseekV3For", "DeepseekV32For") for name in out["architectures"]]
+        return out
+
+
 # the config class of each model_type of the DeepSeek-V3 architecture that this package loads and saves
-CONFIG_CLASSES: dict[str, type[DeepseekV3Config]] = {"deepseek_v3": DeepseekV3Config, "kimi_k2": KimiK2Config}
+CONFIG_CLASSES: dict[str, type[DeepseekV3Config]] = {"deepseek_v3": DeepseekV3Config, "kimi_k2": KimiK2Config,
+                                                     "deepseek_v32": DeepseekV32Config}
