@@ -207,6 +207,27 @@ def test_deepseek_v3_serve_streams_chat_and_serves_concurrent_requests(deepseek_
     assert deepseek_v3_server.classes() == [OURS]
 
 
+def test_deepseek_v3_serve_fails_a_bad_request_alone_in_continuous_batching(deepseek_v3_server, folder):
+    """An empty prompt (the word tokenizer adds no BOS) is refused as its own request while concurrent requests are
+    answered, and the batch goes on serving. transformers serve answers the failed request with a bare HTTP 500 and
+    logs the reason (the request's error from the batching manager)."""
+    def complete(prompt: str):
+        body = {"model": str(folder), "prompt": prompt, "max_tokens": 4, "temperature": 0}
+        try:
+            return deepseek_v3_server.post_json("/v1/completions", body)["choices"][0]["text"].split()
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    prompts = ["w021 w022", "", "w300 w301 w302"]
+    with ThreadPoolExecutor(3) as pool:
+        good, empty, other = pool.map(complete, prompts)
+    assert empty == 500
+    assert ("Continuous batching failed for the request: request '" in deepseek_v3_server.log.read_text()
+            and "input_ids is empty: a prompt needs at least one token" in deepseek_v3_server.log.read_text())
+    assert good == greedy_words(folder, prompts[0], 4) and other == greedy_words(folder, prompts[2], 4)
+    assert complete("w050") == greedy_words(folder, "w050", 4)
+
+
 @pytest.fixture(scope="module")
 def remote_code_folder(folder, tmp_path_factory):
     """The folder with `auto_map` and the code file that imports this package (`deepseek-v3 remote-code`)."""
