@@ -23,8 +23,9 @@ from .private_api import generation_defaults
 # the generation-config fields transformers' continuous batching reads and applies (the sampling ones through the
 # logits processors it marks as supported), and those that say nothing about the output
 APPLIED_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_return_sequences",
-                  "eos_token_id", "pad_token_id", "bos_token_id")  # fmt: skip
+                  "eos_token_id", "pad_token_id")  # fmt: skip
 NEUTRAL_FIELDS = (
+    "bos_token_id",  # a prompt carries its own
     "use_cache",  # every request is cached anyway
     "disable_compile",  # the batching step is never compiled
     "continuous_batching_config",  # transformers' deprecated way of passing it, still read

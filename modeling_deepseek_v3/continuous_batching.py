@@ -94,9 +94,10 @@ class ContinuousBatchingMixin(GenerationMixin):
                 longer than a given pool; all before a manager exists.
         """
         check_prompt_types(inputs)
-        generation_config, unknown = self._generation_options(generation_config, kwargs)
+        generation_config, others = self._generation_options(generation_config, kwargs)
+        unknown = sorted(name for name, value in others.items() if value is not None)
         if unknown:
-            raise ValueError(f"generate_batch does not take {', '.join(sorted(unknown))}: its keywords are "
+            raise ValueError(f"generate_batch does not take {', '.join(unknown)}: its keywords are "
                              "generation-config fields (max_new_tokens, do_sample, temperature, ...)")  # fmt: skip
         check_generation_options(generation_config, needs_max_new_tokens=True)
         if not inputs:

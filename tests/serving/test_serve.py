@@ -9,6 +9,7 @@ command line under test; it is stopped by its process id.
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -222,8 +223,8 @@ def test_deepseek_v3_serve_fails_a_bad_request_alone_in_continuous_batching(deep
     with ThreadPoolExecutor(3) as pool:
         good, empty, other = pool.map(complete, prompts)
     assert empty == 500
-    assert ("Continuous batching failed for the request: request '" in deepseek_v3_server.log.read_text()
-            and "input_ids is empty: a prompt needs at least one token" in deepseek_v3_server.log.read_text())
+    assert re.search(r"request '[^']+': input_ids is empty: a prompt needs at least one token",
+                     deepseek_v3_server.log.read_text())  # fmt: skip
     assert good == greedy_words(folder, prompts[0], 4) and other == greedy_words(folder, prompts[2], 4)
     assert complete("w050") == greedy_words(folder, "w050", 4)
 
