@@ -33,6 +33,7 @@ from transformers.distributed import DistributedMixin
 # module, and the stage's communication (point-to-point, logits broadcast from the last stage)
 from transformers.distributed.pipeline_parallel import PipelineIdentityLayer, PipelineStage  # noqa: F401
 from transformers.generation.continuous_batching import ContinuousBatchingManager
+from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
 from transformers.generation.continuous_batching.cache_allocators import CacheAllocator
 
 # (owner, name, parameter names) of the private hooks our classes override; the test checks each signature
@@ -128,6 +129,14 @@ def prepare_cache_for_generation(model, generation_config, model_kwargs, generat
 def eos_and_pad_tensors(generation_config: GenerationConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The EOS ids and the pad id as tensors on the model's device, as `generate()` prepared them for this call."""
     return generation_config._eos_token_tensor, generation_config._pad_token_tensor
+
+
+def prepare_generation_config(model, generation_config: GenerationConfig | None,
+                              kwargs: dict) -> tuple[GenerationConfig, dict]:  # fmt: skip
+    """What `generate()` runs with: a copy of `generation_config` (or a blank one) completed with the model's
+    generation config and the global defaults, then updated with the generation-config fields among `kwargs`; and the
+    keywords of `kwargs` that are not such fields."""
+    return GenerationMixin._prepare_generation_config(model, generation_config, **kwargs)
 
 
 def generation_defaults() -> dict:
@@ -242,6 +251,11 @@ def discard_unstarted_manager(manager: ContinuousBatchingManager) -> None:
         manager.model.set_attn_implementation(manager._original_attn_impl)
         manager._original_attn_impl = None
     manager.destroy()
+
+
+def default_max_batch_tokens() -> int:
+    """The tokens per batching step transformers plans for when `ContinuousBatchingConfig.max_batch_tokens` is unset."""
+    return PagedAttentionMemoryHandler._default_max_batch_tokens
 
 
 def init_cache_allocator(allocator: CacheAllocator, index: int, layer_indices: list[int], tokens_per_page: int,

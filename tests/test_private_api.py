@@ -60,6 +60,27 @@ def test_generation_defaults_are_what_generate_fills_in():
     assert seen["value"] == defaults["num_assistant_tokens"]
 
 
+def test_prepare_generation_config_completes_a_config_as_generate_does():
+    """The given config's fields stay, the keywords' apply over them, unset fields come from the model's generation
+    config and then the defaults; keywords that are not fields come back, and the given config is not changed."""
+    model = random_model()
+    model.generation_config.top_p = 0.5
+    given = GenerationConfig(max_new_tokens=2, top_k=7)
+    config, others = private_api.prepare_generation_config(model, given, {"top_k": 3, "attention_mask": 1})
+    assert (config.max_new_tokens, config.top_k, config.top_p, config.num_beams) == (2, 3, 0.5, 1)
+    assert others == {"attention_mask": 1} and given.top_k == 7 and config is not given
+
+
+def test_default_max_batch_tokens_is_what_an_unsized_batching_config_gets():
+    from transformers import ContinuousBatchingConfig
+
+    manager = random_model().init_continuous_batching(
+        continuous_batching_config=ContinuousBatchingConfig(num_blocks=4, page_size=16)
+    )
+    assert manager.batch_processor.cache.max_batch_tokens == private_api.default_max_batch_tokens()
+    private_api.discard_unstarted_manager(manager)
+
+
 def test_generate_prepares_eos_and_pad_tensors():
     seen = {}
 

@@ -9,6 +9,7 @@ command line under test; it is stopped by its process id.
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -205,6 +206,27 @@ def test_deepseek_v3_serve_streams_chat_and_serves_concurrent_requests(deepseek_
     for prompt, answer in zip(prompts, answers):
         assert answer["choices"][0]["text"].split() == greedy_words(folder, prompt, 5), prompt
     assert deepseek_v3_server.classes() == [OURS]
+
+
+def test_deepseek_v3_serve_fails_a_bad_request_alone_in_continuous_batching(deepseek_v3_server, folder):
+    """An empty prompt (the word tokenizer adds no BOS) is refused as its own request while concurrent requests are
+    answered, and the batch goes on serving. transformers serve answers the failed request with a bare HTTP 500 and
+    logs the reason (the request's error from the batching manager)."""
+    def complete(prompt: str):
+        body = {"model": str(folder), "prompt": prompt, "max_tokens": 4, "temperature": 0}
+        try:
+            return deepseek_v3_server.post_json("/v1/completions", body)["choices"][0]["text"].split()
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    prompts = ["w021 w022", "", "w300 w301 w302"]
+    with ThreadPoolExecutor(3) as pool:
+        good, empty, other = pool.map(complete, prompts)
+    assert empty == 500
+    assert re.search(r"request '[^']+': input_ids is empty: a prompt needs at least one token",
+                     deepseek_v3_server.log.read_text())  # fmt: skip
+    assert good == greedy_words(folder, prompts[0], 4) and other == greedy_words(folder, prompts[2], 4)
+    assert complete("w050") == greedy_words(folder, "w050", 4)
 
 
 @pytest.fixture(scope="module")
