@@ -37,6 +37,7 @@ from .kernels import (
     grouped_mm,
     grouped_mm_wgrad,
     grouped_swiglu,
+    use_triton,
     weight_dequant,
     weight_dequant_ref,
     weight_quant,
@@ -62,9 +63,9 @@ def fp8_format(config) -> FP8Format | None:
 
 
 def uses_fp8_kernels(x: torch.Tensor, block_size: tuple[int, int]) -> bool:
-    """Whether the Triton FP8 GEMMs serve `x`: CUDA tensors and 128×128 weight blocks (the kernels' tiles). Everything
-    else computes exactly from the dequantised weights."""
-    return x.is_cuda and tuple(block_size) == (FP8_BLOCK, FP8_BLOCK)
+    """Whether the Triton FP8 GEMMs serve `x`: CUDA tensors (see `kernels.use_triton`) and 128×128 weight blocks (the
+    kernels' tiles). Everything else computes exactly from the dequantised weights."""
+    return use_triton(x) and tuple(block_size) == (FP8_BLOCK, FP8_BLOCK)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, fp8: FP8Format | None) -> nn.Module:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kernels import MLA_DECODE_MAX_QUERIES, mla_decode_paged
+from .kernels import MLA_DECODE_MAX_QUERIES, mla_decode_paged, use_triton
 from .paged_cache import PagedLatentCache
 
 # new tokens per request up to which requests share a padded group (decoding, short chunks): what the kernel serves
@@ -34,9 +34,10 @@ DECODE_MAX_QUERIES = MLA_DECODE_MAX_QUERIES
 
 def reads_pages_in_place(x: torch.Tensor) -> bool:
     """Whether decode groups attend with `mla_decode_paged`, whose Triton kernel reads each request's pages in place
-    (CUDA), rather than through the module's own absorbed path over keys gathered from the pages (elsewhere: the
-    reference of `mla_decode_paged` gathers whole pages and checks the block table, which costs more there)."""
-    return x.is_cuda
+    (CUDA, see `kernels.use_triton`), rather than through the module's own absorbed path over keys gathered from the
+    pages (elsewhere: the reference of `mla_decode_paged` gathers whole pages and checks the block table, which costs
+    more there)."""
+    return use_triton(x)
 
 
 @dataclass

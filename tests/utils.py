@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM, load_preset
-from modeling_deepseek_v3.kernels import act_quant_colwise_ref, act_quant_ref, weight_quant_ref
 
 
 def tiny_config(**overrides) -> DeepseekV3Config:
@@ -121,17 +120,57 @@ SHAPE = dict(hidden_size=192, q_lora_rank=160, kv_lora_rank=136, qk_rope_head_di
              first_k_dense_replace=1)
 
 
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn: 1.75 · 2^8
+
+
+def e4m3_tiles(x: torch.Tensor, tile: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 from the format's definition, written here independently of the package's quantiser: `x` `[..., R, C]`
+    in `tile`-sized blocks over its last two dims (edge blocks may be partial), each block's scale `amax / 448` in
+    fp32 (1 for an all-zero block), the payload `x / scale` cast to float8_e4m3fn (round to nearest even; in range by
+    construction). Returns `(q [..., R, C] e4m3, s [..., ceil(R/r), ceil(C/c)] fp32)`."""
+    r, c = tile
+    rows, cols = x.shape[-2:]
+    rb, cb = -(-rows // r), -(-cols // c)
+    padded = torch.zeros(*x.shape[:-2], rb * r, cb * c, dtype=torch.float64, device=x.device)
+    padded[..., :rows, :cols] = x.double()
+    blocks = padded.unflatten(-1, (cb, c)).unflatten(-3, (rb, r))  # [..., rb, r, cb, c]
+    amax = blocks.abs().amax(dim=(-3, -1)).float()
+    s = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))  # fp32 division, as the definition reads
+    q = (blocks / s.double()[..., :, None, :, None]).flatten(-2).flatten(-3, -2)[..., :rows, :cols]
+    return q.to(torch.float8_e4m3fn), s
+
+
+def e4m3_value(q: torch.Tensor, s: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
+    """The fp64 value `q · s` of `e4m3_tiles`' output (each element times its block's scale)."""
+    rows, cols = q.shape[-2:]
+    scale = s.double().repeat_interleave(tile[0], dim=-2)[..., :rows, :].repeat_interleave(tile[1], dim=-1)
+    return q.double() * scale[..., :cols]
+
+
+def row_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` `[..., K]` in 1×128 tiles along its last dim (activations): `(q [..., K], s [..., ceil(K/128)])`."""
+    q, s = e4m3_tiles(x.reshape(-1, x.shape[-1]), (1, 128))
+    return q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1])
+
+
+def weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`w` `[..., N, K]` in 128×128 blocks (weights, checkpoints' `weight_scale_inv`)."""
+    return e4m3_tiles(w, (128, 128))
+
+
+# The package's quantiser multiplies amax by the fp32-rounded 1/448 where `e4m3_tiles` divides by 448: a scale may be
+# one fp32 step apart, which moves the rare payload that lies on a rounding boundary by one e4m3 step. A GEMM over
+# operands from the two quantisers then differs by up to ~1e-4 (relative Frobenius); a wrong tiling differs by ~5%.
+EMULATION_TOLERANCE = 1e-3
+
+
 def through_row_tiles(x):  # through 1×128 tiles along the last dim, back in fp64
-    q, s = act_quant_ref(x)
-    return q.double() * s.double().repeat_interleave(128, dim=-1)[..., : x.shape[-1]]
+    return e4m3_value(*e4m3_tiles(x.reshape(-1, x.shape[-1]), (1, 128)), (1, 128)).view(x.shape)
 
 
 def through_column_tiles(x):  # through 128×1 tiles along the first dim
-    q, s = act_quant_colwise_ref(x)
-    return q.double() * s.double().repeat_interleave(128, dim=0)[: x.shape[0]]
+    return e4m3_value(*e4m3_tiles(x, (128, 1)), (128, 1))
 
 
 def through_weight_blocks(w):  # through 128×128 blocks
-    q, s = weight_quant_ref(w)
-    n, k = w.shape[-2:]
-    return q.double() * s.double().repeat_interleave(128, dim=-2)[..., :n, :].repeat_interleave(128, dim=-1)[..., :k]
+    return e4m3_value(*e4m3_tiles(w, (128, 128)), (128, 128))

@@ -17,12 +17,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dispatch import count_launch, use_triton
+
 
 def grouped_mm_impl(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """`out[rows of e] = x[rows of e] @ w[e]`: x `[T, K]`, w `[E, K, N]`, offsets `[E]` int32 -> `[T, N]`."""
-    if x.is_cuda:
+    if use_triton(x):
         from .moe_gemm import grouped_mm_triton
 
+        count_launch("grouped_mm")
         return grouped_mm_triton(x, w, offsets)
     # On the CPU one matmul per group that has rows: the same products as torch's grouped_mm, bit for bit, but that
     # visits every group (a decode step of 256 experts x 8 rows takes it ~7x longer). Reading the offsets back is
@@ -42,9 +45,10 @@ def grouped_mm_fake(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> 
 
 def grouped_mm_wgrad_impl(x: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The weight gradient of `grouped_mm`: `[E, K, N]`, per group `x_eᵀ · grad_out_e`."""
-    if x.is_cuda:
+    if use_triton(x):
         from .moe_gemm import grouped_mm_wgrad_triton
 
+        count_launch("grouped_mm_wgrad")
         return grouped_mm_wgrad_triton(x, grad_out, offsets)
     # torch pads rows to 16 bytes (bf16 with N = 12 has row stride 16): contiguous, as the fake implementation says
     return F.grouped_mm(x.t(), grad_out, offs=offsets).contiguous()
@@ -52,7 +56,7 @@ def grouped_mm_wgrad_impl(x: torch.Tensor, grad_out: torch.Tensor, offsets: torc
 
 def grouped_mm_wgrad_fake(x: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     e, k, n = offsets.shape[0], x.shape[1], grad_out.shape[1]
-    if x.is_cuda:  # the Triton kernel writes the layout of the stacked `[E, N, K]` weights
+    if use_triton(x):  # the Triton kernel writes the layout of the stacked `[E, N, K]` weights
         return x.new_empty(e, n, k).transpose(1, 2)
     return x.new_empty(e, k, n)
 
@@ -76,6 +80,7 @@ def grouped_swiglu_impl(
     """The fused Triton `silu(x·w_gate[e]) * (x·w_up[e])` per group, forward only: `[T, N]`."""
     from .moe_gemm import grouped_swiglu_triton
 
+    count_launch("grouped_swiglu")
     return grouped_swiglu_triton(x, w_gate, w_up, offsets)
 
 
@@ -96,6 +101,7 @@ def mla_decode_impl(
     """The Triton latent decode attention, forward only: `o_lat` `[b, s, h, c]` (see `mla_decode_ref`)."""
     from .latent_decode import mla_decode_triton
 
+    count_launch("mla_decode")
     return mla_decode_triton(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .custom_ops import grouped_mm_op, grouped_mm_wgrad_op, grouped_swiglu_op
+from .dispatch import count_launch, use_triton
 from .reference import check_grouped_mm_args
 
 
@@ -66,11 +67,12 @@ def grouped_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, of
         >>> gate, up = experts.gate_proj.transpose(1, 2), experts.up_proj.transpose(1, 2)
         >>> hidden = grouped_swiglu(x_sorted, gate, up, offsets)
     """
-    if x.is_cuda:
+    if use_triton(x):
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate, w_up))
         if torch.compiler.is_compiling() and not needs_grad:
             return grouped_swiglu_op(x, w_gate, w_up, offsets)  # one opaque call in the compiled graph
         from .moe_gemm import grouped_swiglu_triton
 
+        count_launch("grouped_swiglu")
         return grouped_swiglu_triton(x, w_gate, w_up, offsets)
     return F.silu(grouped_mm(x, w_gate, offsets)) * grouped_mm(x, w_up, offsets)

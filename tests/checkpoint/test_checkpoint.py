@@ -16,9 +16,8 @@ from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3.checkpoint import write_remote_code
 from modeling_deepseek_v3.cli import main
 from modeling_deepseek_v3.convert import convert_checkpoint
-from modeling_deepseek_v3.kernels import weight_dequant_ref, weight_quant_ref
 
-from ..utils import QUANTIZATION, random_ids, random_model, tiny_config
+from ..utils import QUANTIZATION, e4m3_value, random_ids, random_model, tiny_config, weight_blocks
 
 PROJECTION = "model.layers.0.self_attn.q_b_proj.weight"
 
@@ -45,7 +44,7 @@ def fp8_state(saved):
     fp8 = {}
     for key, tensor in state.items():
         if key.startswith("model.layers.") and tensor.dim() == 2 and not key.endswith("mlp.gate.weight"):
-            fp8[key], fp8[f"{key}_scale_inv"] = weight_quant_ref(tensor)
+            fp8[key], fp8[f"{key}_scale_inv"] = weight_blocks(tensor)
         else:
             fp8[key] = tensor
     return fp8
@@ -56,7 +55,7 @@ def test_an_fp8_weight_stored_in_bf16_is_refused(saved, fp8_state, tmp_path):
     cast it back to FP8 and multiply by the scales a second time."""
     _, _, config = saved
     state = dict(fp8_state)
-    state[PROJECTION] = weight_dequant_ref(state[PROJECTION], state[f"{PROJECTION}_scale_inv"], torch.bfloat16)
+    state[PROJECTION] = e4m3_value(state[PROJECTION], state[f"{PROJECTION}_scale_inv"], (128, 128)).bfloat16()
     write(tmp_path / "ok", fp8_state, {**config, "quantization_config": QUANTIZATION})
     write(tmp_path / "bf16", state, {**config, "quantization_config": QUANTIZATION})
     DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ok")  # the intact FP8 checkpoint loads

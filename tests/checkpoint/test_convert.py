@@ -15,9 +15,8 @@ from modeling_deepseek_v3 import convert as convert_module
 from modeling_deepseek_v3.cli import main
 from modeling_deepseek_v3.convert import OFFICIAL_QUANTIZATION as QUANTIZATION
 from modeling_deepseek_v3.convert import convert_checkpoint
-from modeling_deepseek_v3.kernels import weight_dequant_ref
 
-from ..utils import SHAPE, random_ids, random_model, tiny_config
+from ..utils import SHAPE, e4m3_value, random_ids, random_model, tiny_config, weight_blocks
 
 
 def tensors(folder) -> dict[str, torch.Tensor]:
@@ -105,12 +104,10 @@ def test_cli_convert(bf16_folder, tmp_path, capsys):
 def test_fp8_from_fp32_weights_keeps_payloads_through_bf16(tmp_path):
     """A checkpoint quantised from fp32 master weights: bf16 cannot carry its scales exactly, so payloads come back
     bit for bit and scales within one bf16 rounding (documented in convert.py)."""
-    from modeling_deepseek_v3.kernels import weight_quant_ref
-
     torch.manual_seed(5)
     src = tmp_path / "fp8"
     src.mkdir()
-    q, s = weight_quant_ref(torch.randn(256, 384) * 0.02)  # fp32 amax: scales not derived from bf16 values
+    q, s = weight_blocks(torch.randn(256, 384) * 0.02)  # fp32 amax: scales not derived from bf16 values
     save_file({"model.layers.0.mlp.down_proj.weight": q, "model.layers.0.mlp.down_proj.weight_scale_inv": s},
               src / "model.safetensors", metadata={"format": "pt"})
     (src / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "hidden_size": 256,
@@ -152,8 +149,8 @@ PROJECTION = "model.layers.1.self_attn.q_b_proj.weight"
 
 def bf16_payload(src):
     def edit(state):
-        state[PROJECTION] = weight_dequant_ref(state[PROJECTION], load_file(shard_of(src, PROJECTION + "_scale_inv"))[
-            PROJECTION + "_scale_inv"], torch.bfloat16)
+        scale = load_file(shard_of(src, PROJECTION + "_scale_inv"))[PROJECTION + "_scale_inv"]
+        state[PROJECTION] = e4m3_value(state[PROJECTION], scale, (128, 128)).bfloat16()
     edit_tensors(shard_of(src, PROJECTION), edit)
 
 

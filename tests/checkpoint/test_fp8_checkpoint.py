@@ -10,9 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3.fp8 import FP8Linear
-from modeling_deepseek_v3.kernels import weight_dequant_ref, weight_quant_ref
 
-from ..utils import QUANTIZATION, SHAPE, random_ids, random_model, tiny_config
+from ..utils import QUANTIZATION, SHAPE, e4m3_value, random_ids, random_model, tiny_config, weight_blocks
 
 
 def is_quantized(key: str, tensor: torch.Tensor) -> bool:
@@ -31,9 +30,9 @@ def folders(tmp_path_factory):
     fp8, dequantized = {}, {}
     for key, tensor in load_file(root / "source" / "model.safetensors").items():
         if is_quantized(key, tensor):
-            q, s = weight_quant_ref(tensor)
+            q, s = weight_blocks(tensor)  # the test's quantiser, from the format's definition
             fp8[key], fp8[f"{key}_scale_inv"] = q, s
-            dequantized[key] = weight_dequant_ref(q, s, torch.float32)
+            dequantized[key] = e4m3_value(q, s, (128, 128)).float()
         else:
             fp8[key] = dequantized[key] = tensor
     for name, state, extra in (("fp8", fp8, {"quantization_config": QUANTIZATION}), ("dequantized", dequantized, {})):

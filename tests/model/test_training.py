@@ -1,7 +1,9 @@
 """FP8 training: the grouped expert matmul's gradients, the one-call switch, and a 200-step training run in FP8 that
-ends within 1% of the same run in full precision."""
+ends as close to the same run in full precision as a change of init seed moves it (`benchmarks/fp8_training.py`)."""
 
-from importlib import resources
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,18 @@ from modeling_deepseek_v3.fp8 import FP8TrainingLinear, fp8_grouped_mm
 from modeling_deepseek_v3.kernels import grouped_mm_ref
 from modeling_deepseek_v3.training import enable_fp8_training
 
-from ..utils import QUANTIZATION, SHAPE, through_column_tiles, through_row_tiles, through_weight_blocks, tiny_config
+from ..utils import (
+    EMULATION_TOLERANCE,
+    QUANTIZATION,
+    SHAPE,
+    through_column_tiles,
+    through_row_tiles,
+    through_weight_blocks,
+    tiny_config,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the training run and its data: benchmarks/fp8_training.py
 
 
 def rel_err(a, b):
@@ -59,54 +72,40 @@ def test_switch_refuses_fp8_weights():
         fp8.model.layers[1].mlp.experts.train_in_fp8()
 
 
-def train(fp8: bool, steps: int, data: torch.Tensor, held_out: torch.Tensor) -> tuple[float, float]:
-    """Returns (first training loss, final loss on the held-out batch). Warm-up then linear decay of the learning
-    rate, so that the end point is settled rather than caught mid-descent (where tiny perturbations move it by %)."""
-    torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(tiny_config(hidden_size=128, q_lora_rank=64, kv_lora_rank=64,
-                                              moe_intermediate_size=64, intermediate_size=256))
-    if fp8:
-        enable_fp8_training(model)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.1, 1 - step / steps)
-    )
-    generator = torch.Generator().manual_seed(1)
-    first = None
-    for _ in range(steps):
-        starts = torch.randint(0, data.numel() - 65, (8,), generator=generator)
-        batch = torch.stack([data[s : s + 64] for s in starts.tolist()])
-        loss = model(batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        first = loss.item() if first is None else first
-    model.eval()
-    with torch.no_grad():
-        return first, model(held_out, labels=held_out).loss.item()
+NOISE = "seed-to-seed noise: |full_i - full_j| / full_j, per pair"
 
 
 @pytest.mark.slow
 def test_fp8_training_tracks_full_precision_training():
-    """200 steps on Shakespeare bytes, same seed and data order, fp32 master weights in both: every decoder GEMM in
-    FP8 (experts included) vs the same GEMMs in full precision, compared on the loss of 64 held-out sequences at the
-    end. Measured here: 2.4566 vs 2.4547 (0.08%; with init seed 1: 0.2%, while the two seeds themselves differ by
-    0.5%); the report's figure is 0.25% at scale. bf16 autocast is not the yardstick: on this model it lands ~2%
-    from full precision by itself."""
-    text = resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_bytes()[:400_000]
-    data = torch.tensor(list(text), dtype=torch.long)  # bytes as token ids (vocab 512 > 256)
-    train_data, held_out = data[:350_000], data[350_000 : 350_000 + 64 * 64].view(64, 64)
-    first, end_fp8 = train(True, 200, train_data, held_out)
-    _, end_full = train(False, 200, train_data, held_out)
+    """200 steps on Shakespeare bytes, init seed 0 and the same data order, fp32 master weights in both: every decoder
+    GEMM in FP8 (experts included) vs the same GEMMs in full precision, compared on the loss of 64 held-out sequences
+    at the end: `benchmarks/fp8_training.py` for one seed.
+
+    Tolerance, from `benchmarks/results/fp8_training.json` (seeds 0, 1, 2; one torch thread): FP8 moved the end loss
+    by +0.197%, +0.069% and -0.154% (seed 0: 2.4604 vs 2.4555), while changing only the init seed moved the
+    full-precision loss by 0.30%, 0.52% and 0.82%. Rule: FP8 must move the loss by less than the median seed-to-seed
+    difference, read from that file (0.52% now): FP8 then changes the result less than a typical change of seed does,
+    with 2.6x the largest measured effect as margin, while FP8 that distorts training (losses off by whole % or more)
+    fails. bf16 autocast is not the yardstick: on this model it lands ~2% from full precision by itself."""
+    from fp8_training import shakespeare, train
+
+    result = json.loads((ROOT / "benchmarks" / "results" / "fp8_training.json").read_text())
+    tolerance = result["series"][NOISE]["median"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the benchmark's setting: the same sums in the same order
+    try:
+        data, held_out = shakespeare()
+        first, end_fp8 = train(True, 200, data, held_out, seed=0)
+        _, end_full = train(False, 200, data, held_out, seed=0)
+    finally:
+        torch.set_num_threads(threads)
     assert end_full < 0.6 * first  # it learned something
-    assert abs(end_fp8 - end_full) / end_full < 0.01, (end_fp8, end_full)
+    assert abs(end_fp8 - end_full) / end_full < tolerance, (end_fp8, end_full, tolerance)
 
 
 def test_fp8_grouped_mm_uses_the_specified_tiles():
     """Each expert's GEMMs equal an fp64 emulation of the recipe's tiles (activations 1×128, weights 128×128 per
-    expert, Wgrad 128×1 along the expert-sorted tokens)."""
+    expert, Wgrad 128×1 along the expert-sorted tokens) by the test's quantiser, within `EMULATION_TOLERANCE`."""
 
     counts = [40, 0, 150, 66]
     offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
@@ -121,7 +120,7 @@ def test_fp8_grouped_mm_uses_the_specified_tiles():
     for e, count in enumerate(counts):
         rows = slice(start, start + count)
         if count:
-            assert rel_err(y[rows], xq[rows] @ wq[e].t()) < 1e-5
-            assert rel_err(dx[rows], dyq[rows] @ wq[e]) < 1e-5
-            assert rel_err(dw[e], dy_cols[rows].t() @ x_cols[rows]) < 1e-5
+            assert rel_err(y[rows], xq[rows] @ wq[e].t()) < EMULATION_TOLERANCE
+            assert rel_err(dx[rows], dyq[rows] @ wq[e]) < EMULATION_TOLERANCE
+            assert rel_err(dw[e], dy_cols[rows].t() @ x_cols[rows]) < EMULATION_TOLERANCE
         start += count
