@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("script", ["kernels_gpu.py", "captured_decode.py"])
 def test_gpu_script_dry_run_writes_its_results(script, tmp_path):
     out = tmp_path / "result.json"
-    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--dry-run", "--json", str(out)], cwd=ROOT,
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--dry-run", "--result-file", str(out)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(out.read_text())["device"] == "cpu (dry run)"
