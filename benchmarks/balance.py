@@ -7,7 +7,7 @@ the busiest expert's tokens over the mean expert's. Prints per MoE layer its med
 steps and both runs' final losses; the result file keeps that statistic for every step of every layer and run, and
 `--out` gets one PNG per run with every expert's share of the routed tokens over the steps (and the raw loads).
 
-    python benchmarks/balance.py --steps 300 --threads 1 --out balance-run   # docs/training.md (plots copied to docs/)
+    python benchmarks/balance.py --steps 150 --threads 1 --out balance-run   # docs/training.md (plots copied to docs/)
 
 References: DeepSeek-V3 report §2.1.2 and Figure 9 (expert load with and without the auxiliary loss).
 """
