@@ -3,8 +3,8 @@
 # benchmarks/results/ (commit them with the text that quotes them). One torch thread each, as the docs' figures were
 # taken: on a shared machine threads that wait for busy cores slow every step many times over.
 #
-#   bash benchmarks/run_cpu.sh           # the docs' sizes: about 1.5 hours on a 2-core CPU (balance and
-#                                        # speculative decoding train models), rewrites benchmarks/results/*.json
+#   bash benchmarks/run_cpu.sh           # the docs' sizes, rewrites benchmarks/results/*.json; long: balance and
+#                                        # speculative decoding train models (hours on a loaded 2-core CPU)
 #   bash benchmarks/run_cpu.sh --quick   # every script at tiny sizes, a few minutes on 2 cores; writes to
 #                                        # benchmarks/results/quick/ (ignored by git), never over the committed files
 #
@@ -41,7 +41,7 @@ elif [ $# -eq 0 ]; then
     run python benchmarks/batching.py --no-builtin --small-pool 0.33 --repeats 3
     run python benchmarks/balance.py --steps 150 --threads 1 --out balance-run
     cp balance-run/expert_load_gamma_*.png docs/  # the plots docs/training.md shows
-    run python benchmarks/speculative.py --retrain --steps 300 --threads 1
+    run python benchmarks/speculative.py --retrain --threads 1
 else
     echo "usage: bash benchmarks/run_cpu.sh [--quick]" >&2
     exit 2

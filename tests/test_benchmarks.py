@@ -47,8 +47,9 @@ def test_gpu_sharded_dry_run_passes_every_check_on_cpu_processes(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     checks = [line for line in result.stdout.splitlines() if line.startswith(("ok ", "BAD ", "skip "))]
     assert [line.split()[1] for line in checks if line.startswith("ok ")] == [
-        "accelerate-fsdp2", "accelerate-zero3", "engine-fsdp-ep", "engine-tp", "generate-tp",
-        "generate-tp-ep-all-reduce", "generate-tp-ep-all-to-all", "generate-pp", "generate-fsdp-ep"], checks
+        "accelerate-fsdp2", "accelerate-zero3", "engine-fsdp-ep", "generate-tp", "generate-tp-ep-all-reduce",
+        "generate-tp-ep-all-to-all", "generate-pp", "generate-fsdp-ep"], checks
+    assert "skip engine-tp: Trainer over a tensor-parallel model needs GPUs" in checks
 
 
 def test_gpu_scripts_refuse_an_unknown_argument():
