@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                   quantization_config=None)
     if args.dry_run:
         config = load_preset("tiny", **widths)
-        compile_options, contexts = {"backend": "eager"}, [min(c, 64) for c in args.contexts]
+        compile_options, contexts = {"backend": "eager"}, sorted({min(c, 64) for c in args.contexts})
         args.steps, args.repeats = min(args.steps, 4), 1  # the script runs; nothing here is a measurement
     else:
         config = load_preset("deepseek-v3-671b", **widths)
