@@ -260,8 +260,8 @@ def time_moe(device: str, tokens: int, hidden: int, inter: int, experts: int, to
 
 def print_table(results: dict) -> None:
     """The decode and MoE tables and the checks' verdict of one run (also printed by `gpu_summary.py`)."""
-    print(f"\nlatent decode ({results.get('decode_shape')})\n{'':<38}{'us':>9}{'GB/s':>8}{'of 4.8 TB/s':>13}"
-          f"{'torch us':>10}{'speed-up':>10}")
+    print(f"\nlatent decode ({results.get('decode_shape')}; {results.get('device')})\n{'':<38}{'us':>9}{'GB/s':>8}"
+          f"{'of 4.8 TB/s':>13}{'torch us':>10}{'speed-up':>10}")
     for r in results["decode"]:
         print(f"{'batch ' + str(r['batch']) + ', context ' + str(r['context']):<38}{r['us']:>9.1f}"
               f"{r['gb_per_s']:>8.0f}{r['fraction_of_h200_peak']:>12.0%} {r['torch_us']:>10.1f}"
