@@ -9,8 +9,8 @@ random weights, so the GPU has real work per launch. Weights go from ours to the
 save_pretrained in a temporary folder (in /dev/shm when it exists). A check compares the captured step's logits with
 the eager step's.
 
-    python benchmarks/captured_decode.py --json captured_decode.json   # on a CUDA machine (run by gpu_check.sh)
-    python benchmarks/captured_decode.py --dry-run                     # CPU, tiny widths, backend "eager"
+    python benchmarks/captured_decode.py            # on a CUDA machine: benchmarks/results/captured_decode.json
+    python benchmarks/captured_decode.py --dry-run --result-file /tmp/c.json   # CPU, tiny widths, backend "eager"
 
 A failing check prints BAD and makes the exit status 1; a path that fails to run is reported and the others still run.
 """
@@ -18,7 +18,6 @@ A failing check prints BAD and makes the exit status 1; a path that fails to run
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -27,6 +26,7 @@ import traceback
 
 import decode  # beside this script
 import torch
+from result_file import ResultFile  # beside this script
 from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, load_preset
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=64, help="decode steps per measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny widths: checks the script, not the GPU")
-    parser.add_argument("--json", help="write the numbers to this file")
+    parser.add_argument("--result-file", default=None, help="default: benchmarks/results/captured_decode.json")
     args = parser.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -89,10 +89,12 @@ def main(argv: list[str] | None = None) -> None:
                   quantization_config=None)
     if args.dry_run:
         config = load_preset("tiny", **widths)
-        compile_options, contexts = {"backend": "eager"}, [min(c, 64) for c in args.contexts]
+        compile_options, contexts = {"backend": "eager"}, sorted({min(c, 64) for c in args.contexts})
+        args.steps, args.repeats = min(args.steps, 4), 1  # the script runs; nothing here is a measurement
     else:
         config = load_preset("deepseek-v3-671b", **widths)
         compile_options, contexts = {"mode": "reduce-overhead"}, args.contexts
+    record = ResultFile("captured_decode", args.result_file)
     torch.manual_seed(0)
     dtype = torch.bfloat16
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
@@ -126,12 +128,13 @@ def main(argv: list[str] | None = None) -> None:
             for name, decoder in decoders.items():
                 times[name].append(1e3 / decode.decode_tokens_per_s(decoder, context, args.steps))
         row = {"context": context_len} | {name: statistics.median(ms) for name, ms in times.items()}
+        for name, ms in times.items():
+            record.add_series(f"context {context_len}: {name.removesuffix('_ms').replace('_', ' ')} ms per token",
+                              ms, "ms")
         results["rows"].append(row)
         print(row, flush=True)
     print_table(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    record.write(extra=results)
     if not all(c["ok"] for c in results["checks"].values()) or results["failures"]:
         raise SystemExit(1)
 

@@ -10,6 +10,8 @@ over the destinations. Two dispatches are counted:
   (token, expert) pairs, as transformers' `AllToAllEP` does);
 * per destination: sent once per other destination that holds any of its experts (as DeepSeek's dispatch does).
 
+Every row printed is kept in the result file (`--result-file`, default `benchmarks/results/dispatch_traffic.json`).
+
     python benchmarks/dispatch_traffic.py --tokens 4096
 
 References: DeepSeek-V3 report §2.1.2 (node-limited routing) and §3.2.2 (dispatch in FP8, combine in bf16).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from result_file import ResultFile  # beside this script
 
 from modeling_deepseek_v3 import load_preset
 from modeling_deepseek_v3.dispatch_traffic import dispatch_traffic
@@ -34,7 +37,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--result-file", default=None, help="default: benchmarks/results/dispatch_traffic.json")
     args = parser.parse_args()
+    record = ResultFile("dispatch_traffic", args.result_file)
+    rows = []
     torch.manual_seed(args.seed)
     base = load_preset("deepseek-v3-671b")
     hidden = torch.randn(args.tokens, base.hidden_size)
@@ -59,14 +65,20 @@ def main() -> None:
             for level, experts_per_destination in levels:
                 destinations = config.n_routed_experts // experts_per_destination
                 source = torch.arange(args.tokens) % destinations
-                cells, worst = [], 0
-                for row in row_bytes.values():
-                    traffic = dispatch_traffic(indices, experts_per_destination, source, row)
-                    worst = traffic.max_destinations
-                    cells += [f"{traffic.per_expert * 1000 / 2**20:>15.1f}",
-                              f"{traffic.per_destination * 1000 / 2**20:>14.1f}"]
                 label = "on" if topk_group < config.n_group else "off"
-                print(f"{name:<15} {level:<5} {f'{topk_group} ({label})':>10} {worst:>9} " + " ".join(cells))
+                row = {"layout": name, "destinations": level, "topk_group": topk_group, "group_limit": label}
+                for rows_of, nbytes in row_bytes.items():
+                    traffic = dispatch_traffic(indices, experts_per_destination, source, nbytes)
+                    row["max_destinations"] = traffic.max_destinations
+                    row[f"per_expert_{rows_of}"] = traffic.per_expert * 1000 / 2**20
+                    row[f"per_destination_{rows_of}"] = traffic.per_destination * 1000 / 2**20
+                rows.append(row)
+                cells = [f"{row[f'per_expert_{d}']:>15.1f} {row[f'per_destination_{d}']:>14.1f}"
+                         for d in row_bytes]
+                print(f"{name:<15} {level:<5} {f'{topk_group} ({label})':>10} {row['max_destinations']:>9} "
+                      + " ".join(cells))
+    # computed from the routes, not timed: no series, every printed row
+    record.write(extra={"args": vars(args), "unit": "MB (2**20 bytes) per 1k tokens per MoE layer", "rows": rows})
 
 
 if __name__ == "__main__":

@@ -2,15 +2,18 @@
 kernel against its torch reference plus TFLOP/s of the FP8 GEMM against torch's bf16 matmul.
 
     python benchmarks/fp8.py               # accuracy table (CPU); on a CUDA machine also the checks and timings
-    python benchmarks/fp8.py --json out.json
+    python benchmarks/fp8.py --result-file /tmp/fp8.json    # default: benchmarks/results/fp8.json
+
+The result file keeps every timed run of the GPU timings (triton's `do_bench`, all its samples) as series.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import statistics
 
 import torch
+from result_file import ResultFile  # beside this script
 
 from modeling_deepseek_v3.fp8 import FP8Linear, fp8_linear
 from modeling_deepseek_v3.kernels import (
@@ -147,18 +150,23 @@ def gpu_timings() -> list[dict]:
         a, a_s = act_quant(x)
         b, b_s = weight_quant(w)
         flops = 2 * m * n * k
-        ms_fp8 = do_bench(lambda: fp8_gemm(a, a_s, b, b_s), warmup=25, rep=100)  # noqa: B023
-        ms_fp8_q = do_bench(lambda: fp8_gemm(*act_quant(x), b, b_s), warmup=25, rep=100)  # noqa: B023
-        ms_bf16 = do_bench(lambda: x @ w.t(), warmup=25, rep=100)  # noqa: B023
-        rows.append({"m": m, "n": n, "k": k, "fp8_tflops": flops / ms_fp8 / 1e9,
-                     "fp8_with_act_quant_tflops": flops / ms_fp8_q / 1e9, "bf16_tflops": flops / ms_bf16 / 1e9})
+        samples = {  # every run's ms
+            "fp8": do_bench(lambda: fp8_gemm(a, a_s, b, b_s), warmup=25, rep=100, return_mode="all"),  # noqa: B023
+            "fp8_with_act_quant": do_bench(lambda: fp8_gemm(*act_quant(x), b, b_s), warmup=25, rep=100,  # noqa: B023
+                                           return_mode="all"),
+            "bf16": do_bench(lambda: x @ w.t(), warmup=25, rep=100, return_mode="all"),  # noqa: B023
+        }
+        row = {"m": m, "n": n, "k": k, "ms_samples": samples}
+        row |= {f"{path}_tflops": flops / statistics.median(ms) / 1e9 for path, ms in samples.items()}
+        rows.append(row)
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--result-file", default=None, help="default: benchmarks/results/fp8.json")
     args = parser.parse_args(argv)
+    record = ResultFile("fp8", args.result_file)
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -182,9 +190,9 @@ def main(argv: list[str] | None = None) -> None:
         for r in results["timings"]:
             print(f"{r['m']:>6}{r['n']:>7}{r['k']:>7}{r['fp8_tflops']:>13.1f}{r['fp8_with_act_quant_tflops']:>15.1f}"
                   f"{r['bf16_tflops']:>14.1f}{r['fp8_tflops'] / r['bf16_tflops']:>9.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            for path, ms in r["ms_samples"].items():
+                record.add_series(f"GEMM M{r['m']} N{r['n']} K{r['k']}: {path} ms", ms, "ms")
+    record.write(extra=results)
     if cuda and not all(results["checks"].values()):
         raise SystemExit("some GPU checks failed")
 

@@ -8,10 +8,26 @@
 #     fsdp+ep, where greedy and self-speculative tokens must be identical.
 # Logs land in $OUT (or the current folder). A failed check prints BAD and makes the exit status 1 without stopping
 # the later ones.
+#
+# `bash benchmarks/gpu_sharded.sh --dry-run` runs the same checks on 2 CPU processes (gloo; accelerate's FSDP2 config
+# then runs plain DDP, it warns), 2 training steps and 4 new tokens each, with this checkout's package: it shows that
+# every command starts and prints what its check reads, so a GPU session does not lose its minutes to a script that
+# cannot run. Training under --tp is skipped there: accelerate refuses a tensor-parallel Trainer on CPU processes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
-GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
+STEPS=20
+NEW_TOKENS=16
+DRY_RUN=0
+if [ "${1:-}" = "--dry-run" ]; then
+    GPUS=2 STEPS=2 NEW_TOKENS=4 DRY_RUN=1
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+elif [ $# -gt 0 ]; then
+    echo "usage: bash benchmarks/gpu_sharded.sh [--dry-run]" >&2
+    exit 2
+else
+    GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
+fi
 export PYTHONUNBUFFERED=1
 status=0
 
@@ -35,24 +51,29 @@ train() {  # name, processes, command...: every process prints the same routing-
 generate() {  # name, layout flags: greedy and speculative tokens identical
     local name=$1 log="$OUT/$1.log"
     shift
-    torchrun --standalone --nproc_per_node 2 examples/parallel_generate.py "$@" --out "$OUT/parallel-generate-model" \
+    torchrun --standalone --nproc_per_node 2 examples/parallel_generate.py "$@" --new-tokens "$NEW_TOKENS" \
+        --out "$OUT/parallel-generate-model" \
         > "$log" 2>&1 && grep -q "identical: True" "$log"
     report "$name" "$log" $?
 }
 
 train accelerate-fsdp2 "$GPUS" accelerate launch --config_file examples/accelerate/fsdp2.yaml \
-    --num_processes "$GPUS" examples/finetune.py --steps 20 --out "$OUT/run-fsdp2"
+    --num_processes "$GPUS" examples/finetune.py --steps "$STEPS" --out "$OUT/run-fsdp2"
 if python3 -c "import deepspeed" 2> /dev/null; then
     train accelerate-zero3 "$GPUS" accelerate launch --config_file examples/accelerate/deepspeed_zero3.yaml \
-        --num_processes "$GPUS" examples/finetune.py --steps 20 --out "$OUT/run-zero3"
+        --num_processes "$GPUS" examples/finetune.py --steps "$STEPS" --out "$OUT/run-zero3"
 else
     echo "skip accelerate-zero3: deepspeed is not installed"
 fi
 if [ "$GPUS" -ge 2 ]; then
-    train engine-fsdp-ep 2 torchrun --standalone --nproc_per_node 2 examples/finetune.py --fsdp 2 --ep 2 --steps 20 \
-        --out "$OUT/run-fsdp-ep"
-    train engine-tp 2 torchrun --standalone --nproc_per_node 2 examples/finetune.py --tp 2 --steps 20 \
-        --out "$OUT/run-tp"
+    train engine-fsdp-ep 2 torchrun --standalone --nproc_per_node 2 examples/finetune.py --fsdp 2 --ep 2 \
+        --steps "$STEPS" --out "$OUT/run-fsdp-ep"
+    if [ "$DRY_RUN" = 1 ]; then  # accelerate refuses a tensor-parallel Trainer on CPU processes (MULTI_CPU)
+        echo "skip engine-tp: Trainer over a tensor-parallel model needs GPUs"
+    else
+        train engine-tp 2 torchrun --standalone --nproc_per_node 2 examples/finetune.py --tp 2 --steps "$STEPS" \
+            --out "$OUT/run-tp"
+    fi
     generate generate-tp --tp 2
     generate generate-tp-ep-all-reduce --tp 2 --ep 2 --ep-implementation all_reduce
     generate generate-tp-ep-all-to-all --tp 2 --ep 2 --ep-implementation all_to_all

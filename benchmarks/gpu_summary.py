@@ -1,4 +1,4 @@
-"""The one table at the end of `gpu_check.sh`: reads the JSON files of its steps (kernels_gpu.json, gpu_check.json,
+"""The one table at the end of `gpu_check.sh`: reads the result files of its steps (kernels_gpu.json, gpu_check.json,
 fp8.json, captured_decode.json) from a folder, prints their headline numbers together and writes all of them to
 gpu_all.json there.
 
@@ -45,11 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     if data["kernels_gpu"] is not None:
         kernels_gpu.print_table(data["kernels_gpu"])
     if data["gpu_check"] is not None:
-        print(f"\n{'end-to-end, preset bench, bf16':<44}{'ours':>12}{'built-in':>12}{'ours/built-in':>15}")
+        print(f"\n{'end-to-end decode benchmark, bf16 (decode.py result files)':<80}{'median':>12}")
         for batch, run in data["gpu_check"].get("timings", {}).items():
-            for row in run["rows"]:
-                print(f"{batch + ' ' + row['measure']:<44}{row['ours']:>12.1f}{row['builtin']:>12.1f}"
-                      f"{row['ours'] / row['builtin']:>14.2f}x")
+            for label, series in run.get("series", {}).items():
+                print(f"{batch + ' ' + label:<80}{series['median']:>12.2f} {series['unit']}")
     if data["fp8"] is not None:
         print(f"\n{'FP8 GEMM (M N K)':<44}{'FP8 TFLOP/s':>12}{'bf16 TFLOP/s':>14}{'FP8/bf16':>10}")
         for r in data["fp8"].get("timings", []):

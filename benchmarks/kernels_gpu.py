@@ -13,16 +13,16 @@
    (fused gate+up SwiGLU, down), torch's bf16 `grouped_mm` with a separate SiLU·up, and the Triton FP8 kernels
    (activation quantisation included).
 
-    python benchmarks/kernels_gpu.py --json kernels_gpu.json   # on a CUDA machine (run by gpu_check.sh)
-    python benchmarks/kernels_gpu.py --dry-run                 # CPU, tiny shapes, reference dispatch: the script runs
+    python benchmarks/kernels_gpu.py                     # on a CUDA machine: benchmarks/results/kernels_gpu.json
+    python benchmarks/kernels_gpu.py --dry-run --result-file /tmp/k.json   # CPU, tiny shapes: the script runs
 
-A failing check prints BAD and makes the exit status 1; the timings still run and the JSON is still written.
+The result file keeps every timed run (series "... us" / "... ms") beside the rows printed. A failing check prints
+BAD and makes the exit status 1; the timings still run and the result file is still written.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import traceback
@@ -30,6 +30,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 import triton
+from result_file import ResultFile  # beside this script
 
 from modeling_deepseek_v3.kernels import (
     act_quant,
@@ -153,8 +154,8 @@ def check_moe(device: str, n: int, k: int, counts, dtypes) -> None:
 # ---- timing ---------------------------------------------------------------------------------------------------------
 
 
-def median_ms(fn, device: str, runs: int) -> float:
-    """Median time of `fn` over `runs` calls after two warm-up calls (which also autotune): CUDA events, with the L2
+def times_ms(fn, device: str, runs: int) -> list[float]:
+    """Every time of `fn` over `runs` calls after two warm-up calls (which also autotune): CUDA events, with the L2
     cache flushed before each run, so a cache smaller than L2 is still read from memory."""
     fn()
     fn()
@@ -164,7 +165,7 @@ def median_ms(fn, device: str, runs: int) -> float:
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return times
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
     for start, end in events:
@@ -173,7 +174,7 @@ def median_ms(fn, device: str, runs: int) -> float:
         fn()
         end.record()
     torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def time_decode(device: str, batches, contexts, h: int, c: int, r: int, runs: int) -> None:
@@ -185,12 +186,15 @@ def time_decode(device: str, batches, contexts, h: int, c: int, r: int, runs: in
             q_lat, q_pe, c_kv, k_pe = (torch.randn(*shape, device=device, dtype=dtype)
                                        for shape in ((b, 1, h, c), (b, 1, h, r), (b, t, c), (b, t, r)))
             with torch.inference_mode():
-                ms = median_ms(lambda: mla_decode(q_lat, q_pe, c_kv, k_pe, None, scale), device, runs)  # noqa: B023
-                ms_torch = median_ms(lambda: mla_decode_ref(q_lat, q_pe, c_kv, k_pe, None, scale), device,  # noqa: B023
-                                     runs)
+                samples = times_ms(lambda: mla_decode(q_lat, q_pe, c_kv, k_pe, None, scale), device,  # noqa: B023
+                                   runs)
+                torch_samples = times_ms(lambda: mla_decode_ref(q_lat, q_pe, c_kv, k_pe, None, scale),  # noqa: B023
+                                         device, runs)
+            ms, ms_torch = statistics.median(samples), statistics.median(torch_samples)
             moved = sum(x.nbytes for x in (c_kv, k_pe, q_lat, q_pe)) + q_lat.nbytes  # + o_lat written, as q_lat
             row = {"batch": b, "context": t, "us": ms * 1e3, "gb_per_s": moved / ms / 1e6,
-                   "torch_us": ms_torch * 1e3, "speedup_vs_torch": ms_torch / ms}
+                   "torch_us": ms_torch * 1e3, "speedup_vs_torch": ms_torch / ms,
+                   "us_samples": [x * 1e3 for x in samples], "torch_us_samples": [x * 1e3 for x in torch_samples]}
             row["fraction_of_h200_peak"] = row["gb_per_s"] / H200_PEAK_GBS
             results["decode"].append(row)
             print(f"decode b{b:<3} t{t:<6} {row['us']:9.1f} us {row['gb_per_s']:8.0f} GB/s   torch absorbed "
@@ -239,9 +243,11 @@ def time_moe(device: str, tokens: int, hidden: int, inter: int, experts: int, to
         for group, variants in paths.items():
             flops = 2 * rows * hidden * inter * (2 if group == "gate+up" else 1)
             for variant, fn in variants.items():
-                ms = median_ms(fn, device, runs)
+                samples = times_ms(fn, device, runs)
+                ms = statistics.median(samples)
                 totals[variant] = totals.get(variant, 0.0) + ms
-                results["moe"].append({"projections": group, "path": variant, "ms": ms, "tflops": flops / ms / 1e9})
+                results["moe"].append({"projections": group, "path": variant, "ms": ms, "tflops": flops / ms / 1e9,
+                                       "ms_samples": samples})
     for variant, ms in totals.items():
         results["moe"].append({"projections": "all three", "path": variant, "ms": ms,
                                "tflops": 2 * rows * 3 * hidden * inter / ms / 1e9})
@@ -254,8 +260,8 @@ def time_moe(device: str, tokens: int, hidden: int, inter: int, experts: int, to
 
 def print_table(results: dict) -> None:
     """The decode and MoE tables and the checks' verdict of one run (also printed by `gpu_summary.py`)."""
-    print(f"\nlatent decode ({results.get('decode_shape')})\n{'':<38}{'us':>9}{'GB/s':>8}{'of 4.8 TB/s':>13}"
-          f"{'torch us':>10}{'speed-up':>10}")
+    print(f"\nlatent decode ({results.get('decode_shape')}; {results.get('device')})\n{'':<38}{'us':>9}{'GB/s':>8}"
+          f"{'of 4.8 TB/s':>13}{'torch us':>10}{'speed-up':>10}")
     for r in results["decode"]:
         print(f"{'batch ' + str(r['batch']) + ', context ' + str(r['context']):<38}{r['us']:>9.1f}"
               f"{r['gb_per_s']:>8.0f}{r['fraction_of_h200_peak']:>12.0%} {r['torch_us']:>10.1f}"
@@ -271,13 +277,14 @@ def print_table(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", help="write the numbers to this file")
+    parser.add_argument("--result-file", default=None, help="default: benchmarks/results/kernels_gpu.json")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script, not the kernels")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per measurement (median)")
     args = parser.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("kernels_gpu.py needs a CUDA GPU (or --dry-run)")
+    record = ResultFile("kernels_gpu", args.result_file)
     torch.manual_seed(0)
     results.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
                    torch=torch.__version__, triton=triton.__version__)
@@ -302,9 +309,14 @@ def main(argv: list[str] | None = None) -> None:
     guarded("decode timings", time_decode, device, batches, contexts, heads, c, r, args.runs)
     guarded("moe timings", time_moe, device, *moe_timing, args.runs)
     print_table(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    for r in results["decode"]:
+        label = f"latent decode batch {r['batch']}, context {r['context']}"
+        record.add_series(f"{label}: triton us", r["us_samples"], "us")
+        record.add_series(f"{label}: torch absorbed us", r["torch_us_samples"], "us")
+    for r in results["moe"]:
+        if "ms_samples" in r:  # the "all three" rows are sums of the medians of the others
+            record.add_series(f"routed experts {r['projections']}, {r['path']}: ms", r["ms_samples"], "ms")
+    record.write(extra=results)
     if results["failures"] or not all(c["ok"] for c in results["checks"].values()):
         raise SystemExit(1)
 

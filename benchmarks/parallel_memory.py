@@ -11,12 +11,17 @@ bf16 copy of the layer being computed. The latent KV cache (`kv_lora_rank + qk_r
 and layer) is shared by all heads, so tensor parallelism does not split it: every GPU of a tensor-parallel group
 holds the cache of every sequence it serves.
 
+Every row printed is kept in the result file (`--result-file`, default `benchmarks/results/parallel_memory.json`).
+
     python benchmarks/parallel_memory.py          # prints a markdown table
 """
 
 from __future__ import annotations
 
+import argparse
+
 import torch
+from result_file import ResultFile  # beside this script
 from transformers.distributed import DistributedConfig
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, load_preset
@@ -64,6 +69,11 @@ def per_gpu(model: DeepseekV3ForCausalLM, parts: dict[str, int], bytes_of) -> fl
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--result-file", default=None, help="default: benchmarks/results/parallel_memory.json")
+    args = parser.parse_args()
+    record = ResultFile("parallel_memory", args.result_file)
+    rows = []
     config = load_preset("deepseek-v3-671b")
     with torch.device("meta"):
         fp8 = DeepseekV3ForCausalLM(config)
@@ -79,6 +89,8 @@ def main() -> None:
         weights = [per_gpu(m, shares(m, sizes), lambda n, p, f=f: element_bytes(n, p, f))
                    for m, f in ((fp8, True), (bf16, False))]
         arguments = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        rows.append({"layout": name, "gpus": gpus, "distributed_config": sizes, "weights_fp8_gib": weights[0],
+                     "weights_bf16_gib": weights[1], "latent_cache_gib_per_1k_tokens": latent})
         print(f"| {name} | {gpus} | `{arguments}` | {weights[0]:.1f} | {weights[1]:.1f} | {latent:.3f} |")
     print(f"\nThe latent cache is {layers} layers × {config.kv_lora_rank + config.qk_rope_head_dim} bf16 values per "
           f"token; per-head keys and values would take {expanded:.2f} GiB per 1k tokens "
@@ -88,8 +100,12 @@ def main() -> None:
     for name, gpus, sizes in TRAINING:
         weights = per_gpu(bf16, shares(bf16, sizes), lambda n, p: 4)
         arguments = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        rows.append({"layout": name, "gpus": gpus, "distributed_config": sizes, "training_fp32_weights_gib": weights,
+                     "training_total_gib": 4 * weights})
         print(f"| {name} | {gpus} | `{arguments}` | {weights:.1f} | {weights:.1f} | {2 * weights:.1f} | "
               f"{4 * weights:.1f} |")
+    # computed from the config and the plans, not measured: no series, every printed row
+    record.write(extra={"parameters": total, "expanded_cache_gib_per_1k_tokens": expanded, "rows": rows})
 
 
 if __name__ == "__main__":

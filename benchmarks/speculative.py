@@ -9,13 +9,15 @@ checked to be identical.
     python benchmarks/speculative.py                      # trains once (cached in benchmarks/results/), then measures
     python benchmarks/speculative.py --threads 1 --repeats 5
     python benchmarks/speculative.py --retrain --steps 1000
-    python benchmarks/speculative.py --layers 12 --cache-dir benchmarks/results/speculative-model-12-layers
+    python benchmarks/speculative.py --layers 12 --cache-dir benchmarks/results/speculative-model-12-layers \
+        --result-file benchmarks/results/speculative-12-layers.json
+
+The result file (default `benchmarks/results/speculative.json`) keeps every timed run of both kinds, per batch size.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import decode  # beside this script
 import torch
+from result_file import ResultFile  # beside this script
 from transformers import AutoTokenizer, GenerationConfig, TrainingArguments, default_data_collator, set_seed
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, load_preset
@@ -126,8 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each kind (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--clock", default="wall", choices=sorted(decode.CLOCKS), help=decode.CLOCK_HELP)
-    parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    parser.add_argument("--result-file", default=None, help="default: benchmarks/results/speculative.json")
     args = parser.parse_args(argv)
+    record = ResultFile("speculative", args.result_file)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -166,6 +170,10 @@ def main(argv: list[str] | None = None) -> None:
             if not all(torch.equal(a, b) for a, b in zip(plain, speculative)):
                 raise AssertionError(f"batch {batch}: speculative output differs from plain greedy")
         tokens = len(PROMPT_LENGTHS) * args.new_tokens
+        record.add_series(f"batch {batch}: plain tokens/s", [tokens / s for s in plain_times], "tok/s")
+        record.add_series(f"batch {batch}: speculative tokens/s", [tokens / s for s in spec_times], "tok/s")
+        record.add_series(f"batch {batch}: speculative / plain (per alternating pair)",
+                          [p / s for p, s in zip(plain_times, spec_times)], "x")  # fmt: skip
         row = {
             "batch": batch,
             "acceptance": accepted / drafted,
@@ -180,8 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\nidentical outputs: yes")
     sample, _, _ = timed_generate(model, prompt_batches(blocks, 1, model.config.pad_token_id)[:1], 48, True)
     print("sample (speculative, greedy):", tokenizer.decode(sample[0][0]))
-    if args.json:
-        args.json.write_text(json.dumps({"quality": quality, "rows": rows}, indent=2))
+    record.write(extra={"args": {k: str(v) for k, v in vars(args).items()}, "quality": quality, "rows": rows})
 
 
 if __name__ == "__main__":
