@@ -133,9 +133,12 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3" and config["num_nextn_predict_layers"] == 1
     assert config["vocab_size"] == len(AutoTokenizer.from_pretrained(out))  # embedding rows == tokenizer size
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "held-out next-token loss" in printed
-    assert "[demo] step 20: loss " in printed and "{'loss'" not in printed  # short log lines, not the full dicts
+    # short log lines naming each loss, not the full dicts
+    assert "[demo] step 20/20: next-token loss " in printed and "{'loss'" not in printed
+    assert "it/s]" not in captured.err and "it/s]" not in printed  # no progress bars between the demo's lines
     assert config.get("use_mtp_modules", True) is True  # switched off for the evaluation only
     assert "\nROMEO:" in printed  # the sample is printed, and it continues the default prompt
     assert "tokens per main-model forward" in printed and "outputs identical: yes" in printed
