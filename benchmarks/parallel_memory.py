@@ -16,6 +16,8 @@ holds the cache of every sequence it serves.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from transformers.distributed import DistributedConfig
 
@@ -64,6 +66,8 @@ def per_gpu(model: DeepseekV3ForCausalLM, parts: dict[str, int], bytes_of) -> fl
 
 
 def main() -> None:
+    # no options: the parser gives `--help` (this docstring) and refuses unknown arguments
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     config = load_preset("deepseek-v3-671b")
     with torch.device("meta"):
         fp8 = DeepseekV3ForCausalLM(config)
