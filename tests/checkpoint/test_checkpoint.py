@@ -14,9 +14,9 @@ from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3.checkpoint import write_remote_code
-from modeling_deepseek_v3.cli import main
 from modeling_deepseek_v3.convert import convert_checkpoint
 from modeling_deepseek_v3.kernels import weight_dequant_ref, weight_quant_ref
+from modeling_deepseek_v3_cli import main
 
 from ..utils import QUANTIZATION, random_ids, random_model, tiny_config
 

@@ -12,10 +12,10 @@ from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3 import convert as convert_module
-from modeling_deepseek_v3.cli import main
 from modeling_deepseek_v3.convert import OFFICIAL_QUANTIZATION as QUANTIZATION
 from modeling_deepseek_v3.convert import convert_checkpoint
 from modeling_deepseek_v3.kernels import weight_dequant_ref
+from modeling_deepseek_v3_cli import main
 
 from ..utils import SHAPE, random_ids, random_model, tiny_config
 
