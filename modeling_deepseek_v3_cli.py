@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Callable, Iterator
+
+# `modeling_deepseek_v3.transformers_patch.PATCH_ENV_VAR`, which `serve` and `lm-eval` set for the processes their tool
+# starts. transformers serve runs its model in a spawned process, which imports this module (the main module's import)
+# and nothing else of ours: importing the package here applies the patch in that process too.
+PATCH_ENV_VAR = "DEEPSEEK_V3_PATCH_TRANSFORMERS"
+if PATCH_ENV_VAR in os.environ:
+    import modeling_deepseek_v3  # noqa: F401
 
 # The choices the parser offers, without importing their modules; tests/test_cli.py checks that they equal
 # `modeling_deepseek_v3.demo.DEMO_PRESETS` and `modeling_deepseek_v3.convert.DIRECTIONS`.

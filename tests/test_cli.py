@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from modeling_deepseek_v3.demo import run_demo
+from modeling_deepseek_v3.transformers_patch import PATCH_ENV_VAR
 from modeling_deepseek_v3_cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +76,9 @@ def test_help_and_argument_errors_import_neither_torch_nor_transformers() -> Non
         "        pass\n"
         "print(sorted(m for m in ('torch', 'transformers', 'modeling_deepseek_v3') if m in sys.modules))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != PATCH_ENV_VAR}  # with it, the package is imported at once
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
     assert "usage: deepseek-v3 demo" in done.stdout and "--threads THREADS" in done.stdout
@@ -87,13 +91,13 @@ def test_the_command_line_offers_what_the_commands_accept() -> None:
 
     assert modeling_deepseek_v3_cli.DEMO_PRESETS == DEMO_PRESETS
     assert modeling_deepseek_v3_cli.CONVERT_DIRECTIONS == DIRECTIONS
+    assert modeling_deepseek_v3_cli.PATCH_ENV_VAR == PATCH_ENV_VAR
 
 
 @pytest.fixture
 def unpatched(monkeypatch):
     """Undo what a pass-through command did to this process: the patch and its environment variable."""
     from modeling_deepseek_v3 import restore_transformers
-    from modeling_deepseek_v3.transformers_patch import PATCH_ENV_VAR
 
     monkeypatch.delenv(PATCH_ENV_VAR, raising=False)
     yield
