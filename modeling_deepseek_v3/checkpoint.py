@@ -526,15 +526,23 @@ def check_loading_info(
 # They are thin subclasses because transformers marks the classes it loads as remote code (and copies their file
 # into every folder they are saved to): the marks land on them, never on the package's own classes.
 REMOTE_CODE_MODULE = "modeling_deepseek_v3_remote"
+# The import sits in a `try` so that transformers' own check of the file's imports skips it: that check would tell a
+# user without the package to pip-install it by its import name, which the package index does not hold for us.
 REMOTE_CODE = '''"""Loads this checkpoint with the modeling_deepseek_v3 package, so that
 AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) works in a process that never imported it.
 
-The package is not on the Python package index (transformers' hint `pip install modeling_deepseek_v3` names a
-project that is not ours): install it from a checkout of its source repository, `pip install <checkout folder>`, as
-its README says.
+The package is not on the Python package index, and a project there under its name would not be ours: install it
+from a clone of its repository, `pip install -e <path-to-clone>` (its README, "Set up").
 """
 
-import modeling_deepseek_v3
+try:
+    import modeling_deepseek_v3
+except ImportError as error:
+    raise ImportError(
+        "This checkpoint loads with the modeling_deepseek_v3 package, which is not installed. The package is not on "
+        "the Python package index (a project there under its name would not be ours): install it from a clone of "
+        "its repository, `pip install -e <path-to-clone>` (its README, Set up)"
+    ) from error
 
 
 class DeepseekV3Config(modeling_deepseek_v3.DeepseekV3Config):

@@ -29,7 +29,8 @@ from transformers import (
     pipeline,
     set_seed,
 )
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, TrainerCallback
+from transformers.utils import logging as hf_logging
 
 from .configuration import load_preset
 from .model import DeepseekV3ForCausalLM
@@ -50,7 +51,13 @@ PROMPT_TOKENS = 32
 SPECULATIVE_NEW_TOKENS = 64
 LOG_POINTS = 20  # logged training steps, for the loss plot
 # The loss plot's marker: the final eval on the held-out blocks, text never trained on, so it may sit above the curve
-EVAL_LABEL = "held-out text (not trained on), next token"
+EVAL_LABEL = "held-out next-token loss (text not trained on)"
+# The loss plot's curves, by what the line names (the objective's weights are filled in from the config)
+OBJECTIVE_LABEL = "total objective (next token + {weight:g} x MTP + balance)"
+NEXT_TOKEN_LABEL = "next-token loss (main model)"
+MTP_LABEL = "MTP loss (module 1)"
+EVAL_CAPTION = ("The red marker is the next-token loss on held-out text the model never trained on, after the last "
+                "step; unseen text is harder, so it may sit above the training next-token curve.")
 
 
 class DemoArgumentError(ValueError):
@@ -65,24 +72,34 @@ def next_token_loss(logs: dict[str, float], mtp_loss_weight: float) -> float:
     return logs["loss"] - mtp_term - logs.get("balance_loss", 0.0)
 
 
-class ShortLogLines(ProgressCallback):
-    """The progress bar, and one short line per training log (the full log, per layer, stays in the Trainer's
-    `log_history`): the objective, its next-token and MTP parts, and the least balanced layer's max/mean expert
-    load."""
+class ShortLogLines(TrainerCallback):
+    """The demo's own progress: one short line per training log (the full log, per layer, stays in the Trainer's
+    `log_history`), in place of transformers' progress bar and log dictionaries. A line names each loss: the main
+    model's next-token loss, the MTP loss, and the total objective the optimizer minimises; then the least balanced
+    layer's max/mean expert load and the seconds per step so far (a slow machine shows at the first line)."""
 
-    def __init__(self, mtp_loss_weight: float) -> None:
-        super().__init__()
+    def __init__(self, mtp_loss_weight: float, clock: Callable[[], float] = time.perf_counter) -> None:
         self.mtp_loss_weight = mtp_loss_weight
+        self.clock = clock
+        self.start = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self.start = self.clock()
+        if state.is_world_process_zero:
+            print(f"[demo] each line: the main model's next-token loss, the MTP module's loss, and the total objective "
+                  f"trained (next token + {self.mtp_loss_weight:g} x MTP + balance loss)")
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
-        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
-            parts = [f"next token {next_token_loss(logs, self.mtp_loss_weight):.3f}"]
-            if "mtp_1_loss" in logs:
-                parts.append(f"MTP {logs['mtp_1_loss']:.3f}")
-            line = f"[demo] step {state.global_step}: loss {logs['loss']:.3f} ({', '.join(parts)})"
-            if "expert_load_max_over_mean" in logs:
-                line += f", max/mean expert load {logs['expert_load_max_over_mean']:.3f}"
-            self.training_bar.write(line)
+        if not (state.is_world_process_zero and logs and "loss" in logs):
+            return
+        parts = [f"next-token loss {next_token_loss(logs, self.mtp_loss_weight):.3f}"]
+        if "mtp_1_loss" in logs:
+            parts.append(f"MTP loss {logs['mtp_1_loss']:.3f}")
+        parts.append(f"total objective {logs['loss']:.3f}")
+        if "expert_load_max_over_mean" in logs:
+            parts.append(f"max/mean expert load {logs['expert_load_max_over_mean']:.3f}")
+        seconds = (self.clock() - self.start) / max(state.global_step, 1)
+        print(f"[demo] step {state.global_step}/{state.max_steps}: {', '.join(parts)}; {seconds:.2f} s/step")
 
 
 def expert_load_panel_names(layers: list[str], num_hidden_layers: int) -> dict[str, str]:
@@ -288,10 +305,14 @@ def run_demo(
     default_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' loading and saving bars: the demo prints its own progress lines
     try:
         return _run_demo(steps, Path(out), preset, corpus, seed, prompt, max_new_tokens)
     finally:
         torch.set_num_threads(default_threads)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _run_demo(steps: int, out: Path, preset: str, corpus: str | Path | None, seed: int, prompt: str,
@@ -351,8 +372,9 @@ def _run_demo(steps: int, out: Path, preset: str, corpus: str | Path | None, see
         use_cpu=use_cpu,
         save_strategy="no",
         eval_strategy="no",
-        disable_tqdm=False,
+        disable_tqdm=True,  # the demo prints its own progress lines (ShortLogLines), no bars between them
         dataloader_num_workers=0,
+        dataloader_pin_memory=not use_cpu,  # pinned memory only serves copies to a GPU
         seed=seed,
     )
     balance = ExpertBalanceCallback(keep_history=True)  # every step's expert load, for the plot
@@ -360,7 +382,7 @@ def _run_demo(steps: int, out: Path, preset: str, corpus: str | Path | None, see
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=default_data_collator,
         callbacks=[balance],
     )
-    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)  # it prints every log as a dictionary
     trainer.add_callback(ShortLogLines(config.mtp_loss_weight))
     trainer.train()
 
@@ -371,13 +393,15 @@ def _run_demo(steps: int, out: Path, preset: str, corpus: str | Path | None, see
     finally:
         model.config.use_mtp_modules = True
     perplexity = math.exp(min(eval_loss, 50.0))
-    print(f"[demo] held-out next-token loss {eval_loss:.4f}, perplexity {perplexity:.2f} (text not trained on)")
+    print(f"[demo] held-out next-token loss {eval_loss:.4f}, perplexity {perplexity:.2f}, on text not trained on "
+          "(harder than the training text, so it may sit above the training next-token loss; the red marker in "
+          "loss.png)")
 
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     curves = {
-        "training objective": [e["loss"] for e in logged],
-        "next token (main)": [next_token_loss(e, config.mtp_loss_weight) for e in logged],
-        "MTP depth 1": [e["mtp_1_loss"] for e in logged],
+        OBJECTIVE_LABEL.format(weight=config.mtp_loss_weight): [e["loss"] for e in logged],
+        NEXT_TOKEN_LABEL: [next_token_loss(e, config.mtp_loss_weight) for e in logged],
+        MTP_LABEL: [e["mtp_1_loss"] for e in logged],
     }
     loads = {layer: torch.stack([step[layer] for step in balance.history]) for layer in balance.history[0]}
     plots = [out / "loss.png", out / "expert_load.png"]
@@ -388,7 +412,7 @@ def _run_demo(steps: int, out: Path, preset: str, corpus: str | Path | None, see
     _save_replacing(out, previous, [
         model.save_pretrained,
         tokenizer.save_pretrained,
-        lambda _: plot_losses([e["step"] for e in logged], curves, eval_loss, EVAL_LABEL, plots[0]),
+        lambda _: plot_losses([e["step"] for e in logged], curves, eval_loss, EVAL_LABEL, plots[0], EVAL_CAPTION),
         lambda _: plot_expert_load(loads, plots[1], f"expert load per MoE layer, {steps} steps, routing-bias update "
                                    f"γ = {config.routing_bias_update_speed}",
                                    expert_load_panel_names(list(loads), config.num_hidden_layers)),

@@ -28,7 +28,6 @@ from transformers.utils import logging
 
 from .configuration.parallel_plans import mtp_plan
 from .fp8 import FP8Linear
-from .moe import RoutedExperts
 from .private_api import (
     PipelineIdentityLayer,
     PipelineStage,
@@ -63,9 +62,7 @@ def distribute_model(model: nn.Module, distributed_config, mesh_manager, apply):
     check_pipeline_layout(model, distributed_config)
     tp_plan = model.tp_plan | (distributed_config.tp_plan if isinstance(distributed_config.tp_plan, dict) else {})
     if distributed_config.tp_size > 1:
-        # expert parallelism takes precedence over the experts' tensor-parallel rules
-        experts_split = distributed_config.ep_size == 1
-        check_tensor_parallel_layout(model, tp_plan, distributed_config.tp_size, experts_split)
+        check_tensor_parallel_layout(model, tp_plan, distributed_config.tp_size)
     if distributed_config.ep_size > 1:
         check_expert_parallel_layout(model.config, distributed_config.ep_size)
     run_fp8_linears_on_local_shards(model)
@@ -115,12 +112,11 @@ def check_pipeline_layout(model: nn.Module, distributed_config) -> None:
                          "pipeline stage needs a decoder layer")
 
 
-def check_tensor_parallel_layout(model: nn.Module, tp_plan: dict[str, str], tp_size: int,
-                                 experts_split: bool = True) -> None:
+def check_tensor_parallel_layout(model: nn.Module, tp_plan: dict[str, str], tp_size: int) -> None:
     """Raise a `ValueError` before sharding if tensor parallelism would split an attention head (the attention of a
     rank runs whole heads) or an FP8 scale block (a rank's weight rows and columns must be whole blocks, so that its
-    scales are the scale rows and columns it holds). `experts_split`: whether the routed experts are split by
-    tensor parallelism (not under expert parallelism, which keeps them whole)."""
+    scales are the scale rows and columns it holds). The routed experts have no tensor-parallel rule (expert
+    parallelism keeps them whole), so nothing of theirs is split here."""
     heads = model.config.num_attention_heads
     if heads % tp_size and any(name.endswith(("q_proj", "q_b_proj")) for name in tp_plan):
         raise ValueError(f"tensor parallelism shards attention by heads: num_attention_heads = {heads} does not "
@@ -132,13 +128,6 @@ def check_tensor_parallel_layout(model: nn.Module, tp_plan: dict[str, str], tp_s
                 size = (module.out_features, module.in_features)[split]
                 _check_whole_blocks(f"{name}.weight", ("rows", "columns")[split], size, module.block_size[split],
                                     tp_size)
-        elif isinstance(module, RoutedExperts) and module.fp8 is not None and experts_split:
-            for projection in module.PROJECTIONS:
-                split = _split_dim(tp_plan, f"{name}.{projection}")
-                if split is not None:  # stacked [E, rows, cols]
-                    size = getattr(module, projection).shape[1 + split]
-                    _check_whole_blocks(f"{name}.{projection}", ("rows", "columns")[split], size,
-                                        module.fp8.block_size[split], tp_size)
 
 
 def plan_style(plan: dict[str, str], name: str, parameter: bool = False) -> str | None:
@@ -161,8 +150,8 @@ def _check_whole_blocks(name: str, what: str, size: int, block: int, tp_size: in
         raise ValueError(
             f"tensor parallelism shards FP8 weights in whole {block}-wide scale blocks: {name} has {size} {what}, "
             f"which tp_size = {tp_size} ranks cannot share in whole blocks ({size} / {tp_size} = {size / tp_size:g} "
-            f"{what} each). Use a tp_size that divides its {math.ceil(size / block)} blocks, expert parallelism "
-            "for the experts, or a bf16 checkpoint (deepseek-v3 convert fp8-to-bf16)"
+            f"{what} each). Use a tp_size that divides its {math.ceil(size / block)} blocks or a bf16 "
+            "checkpoint (deepseek-v3 convert fp8-to-bf16)"
         )
 
 

@@ -21,26 +21,29 @@ def _pyplot():
     return plt
 
 
-def loss_figure(steps: list[int], curves: dict[str, list[float]], eval_loss: float | None, eval_label: str):
-    """Training losses at each logged step (`{label: values}`), and the final held-out loss as one marker labelled
-    `eval_label`; returns the matplotlib figure."""
+def loss_figure(steps: list[int], curves: dict[str, list[float]], eval_loss: float | None, eval_label: str,
+                caption: str | None = None):
+    """Training losses at each logged step (`{label: values}`), the final held-out loss as one marker labelled
+    `eval_label`, and `caption` (e.g. what the marker means) under the axes; returns the matplotlib figure."""
     plt = _pyplot()
-    figure, ax = plt.subplots(figsize=(6, 3.6))
+    figure, ax = plt.subplots(figsize=(7, 4.4 if caption else 3.8))
     for label, values in curves.items():
         ax.plot(steps, values, label=label)
     if eval_loss is not None:
         ax.scatter([steps[-1]], [eval_loss], color="tab:red", zorder=3, label=f"{eval_label} {eval_loss:.3f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.legend()
-    figure.tight_layout()
+    ax.legend(fontsize=8)
+    if caption:
+        figure.text(0.01, 0.01, caption, fontsize=8, wrap=True, va="bottom")
+    figure.tight_layout(rect=(0, 0.09 if caption else 0, 1, 1))
     return figure
 
 
 def plot_losses(steps: list[int], curves: dict[str, list[float]], eval_loss: float | None, eval_label: str,
-                path: str | Path) -> Path:
+                path: str | Path, caption: str | None = None) -> Path:
     """`loss_figure` saved as a PNG at `path`."""
-    return _save(loss_figure(steps, curves, eval_loss, eval_label), path)
+    return _save(loss_figure(steps, curves, eval_loss, eval_label, caption), path)
 
 
 def balance_summary(load: torch.Tensor) -> str:

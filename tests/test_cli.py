@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from modeling_deepseek_v3.cli import main
 from modeling_deepseek_v3.demo import run_demo
+from modeling_deepseek_v3.transformers_patch import PATCH_ENV_VAR
+from modeling_deepseek_v3_cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 # Enough text for BPE to learn a few hundred merges and for two blocks of 256 tokens.
 SMALL_CORPUS = """\
 ROMEO:
@@ -35,11 +40,13 @@ And I'll no longer be a Capulet.
         ["demo", "--steps", "ten"],
         ["demo", "--max-new-tokens", "0"],
         ["demo", "--threads", "0"],
+        ["demo", "--threads", "two"],
         ["no-such-command"],
         [],
         ["remote-code", "folder", "--port", "8000"],  # only serve and lm-eval pass arguments on to a tool
     ],
-    ids=["unknown-preset", "steps-0", "steps-not-int", "max-new-tokens-0", "threads-0", "unknown-command",
+    ids=["unknown-preset", "steps-0", "steps-not-int", "max-new-tokens-0", "threads-0", "threads-not-int",
+         "unknown-command",
          "no-command", "unknown-option"],
 )
 def test_bad_arguments_exit_cleanly(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -49,11 +56,48 @@ def test_bad_arguments_exit_cleanly(argv: list[str], capsys: pytest.CaptureFixtu
     assert "usage: deepseek-v3" in capsys.readouterr().err
 
 
+def test_a_bad_thread_count_is_named_with_the_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    for value, shown in (("two", "'two'"), ("0", "0"), ("1.5", "'1.5'")):
+        with pytest.raises(SystemExit):
+            main(["demo", "--threads", value])
+        assert f"argument --threads: must be a whole number >= 1, got {shown}" in capsys.readouterr().err
+
+
+def test_help_and_argument_errors_import_neither_torch_nor_transformers() -> None:
+    """`deepseek-v3 --help` and a mistyped argument answer at once: the package (torch, transformers) is imported only
+    by a command that runs."""
+    script = (
+        "import sys\n"
+        "from modeling_deepseek_v3_cli import main\n"
+        "for argv in (['--help'], ['demo', '--help'], ['demo', '--threads', 'two'], ['convert', 'nowhere']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'modeling_deepseek_v3') if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != PATCH_ENV_VAR}  # with it, the package is imported at once
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
+    assert "usage: deepseek-v3 demo" in done.stdout and "--threads THREADS" in done.stdout
+
+
+def test_the_command_line_offers_what_the_commands_accept() -> None:
+    import modeling_deepseek_v3_cli
+    from modeling_deepseek_v3.convert import DIRECTIONS
+    from modeling_deepseek_v3.demo import DEMO_PRESETS
+
+    assert modeling_deepseek_v3_cli.DEMO_PRESETS == DEMO_PRESETS
+    assert modeling_deepseek_v3_cli.CONVERT_DIRECTIONS == DIRECTIONS
+    assert modeling_deepseek_v3_cli.PATCH_ENV_VAR == PATCH_ENV_VAR
+
+
 @pytest.fixture
 def unpatched(monkeypatch):
     """Undo what a pass-through command did to this process: the patch and its environment variable."""
     from modeling_deepseek_v3 import restore_transformers
-    from modeling_deepseek_v3.transformers_patch import PATCH_ENV_VAR
 
     monkeypatch.delenv(PATCH_ENV_VAR, raising=False)
     yield
@@ -133,9 +177,12 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3" and config["num_nextn_predict_layers"] == 1
     assert config["vocab_size"] == len(AutoTokenizer.from_pretrained(out))  # embedding rows == tokenizer size
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "held-out next-token loss" in printed
-    assert "[demo] step 20: loss " in printed and "{'loss'" not in printed  # short log lines, not the full dicts
+    # short log lines naming each loss, not the full dicts
+    assert "[demo] step 20/20: next-token loss " in printed and "{'loss'" not in printed
+    assert "it/s]" not in captured.err and "it/s]" not in printed  # no progress bars between the demo's lines
     assert config.get("use_mtp_modules", True) is True  # switched off for the evaluation only
     assert "\nROMEO:" in printed  # the sample is printed, and it continues the default prompt
     assert "tokens per main-model forward" in printed and "outputs identical: yes" in printed

@@ -6,7 +6,16 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from modeling_deepseek_v3.demo import EVAL_LABEL, ShortLogLines, expert_load_panel_names, next_token_loss
+from modeling_deepseek_v3.demo import (
+    EVAL_CAPTION,
+    EVAL_LABEL,
+    MTP_LABEL,
+    NEXT_TOKEN_LABEL,
+    OBJECTIVE_LABEL,
+    ShortLogLines,
+    expert_load_panel_names,
+    next_token_loss,
+)
 from modeling_deepseek_v3.plots import balance_summary, expert_load_figure, loss_figure
 
 
@@ -18,23 +27,20 @@ def test_next_token_loss_takes_the_mtp_and_balance_terms_out_of_the_objective() 
     assert next_token_loss({"loss": 5.0}, 0.3) == 5.0
 
 
-class _Bar:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def write(self, line: str) -> None:
-        self.lines.append(line)
-
-
-def test_the_log_line_shows_the_objective_and_its_next_token_and_mtp_parts(tmp_path) -> None:
-    callback = ShortLogLines(mtp_loss_weight=0.3)
-    callback.training_bar = _Bar()
-    logs = {"loss": 5.0, "mtp_1_loss": 4.0, "balance_loss": 0.01, "expert_load_max_over_mean": 1.25}
-    state = TrainerState(global_step=7)
+def test_the_log_line_names_the_next_token_and_mtp_losses_and_the_total_objective(tmp_path, capsys) -> None:
+    ticks = iter([100.0, 114.0])  # training begins at 100 s, the log at step 7 comes 14 s later
+    callback = ShortLogLines(mtp_loss_weight=0.3, clock=lambda: next(ticks))
+    state = TrainerState(global_step=7, max_steps=300)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    callback.on_train_begin(args, state, TrainerControl())
+    logs = {"loss": 5.0, "mtp_1_loss": 4.0, "balance_loss": 0.01, "expert_load_max_over_mean": 1.25}
     callback.on_log(args, state, TrainerControl(), logs=logs)
-    assert callback.training_bar.lines == [
-        "[demo] step 7: loss 5.000 (next token 3.790, MTP 4.000), max/mean expert load 1.250"
+    callback.on_log(args, state, TrainerControl(), logs={"eval_loss": 4.5})  # not a training log: no line
+    assert capsys.readouterr().out.splitlines() == [
+        "[demo] each line: the main model's next-token loss, the MTP module's loss, and the total objective trained "
+        "(next token + 0.3 x MTP + balance loss)",
+        "[demo] step 7/300: next-token loss 3.790, MTP loss 4.000, total objective 5.000, max/mean expert load 1.250; "
+        "2.00 s/step",
     ]
 
 
@@ -55,7 +61,11 @@ def test_expert_load_panels_name_the_mtp_module_and_the_even_share() -> None:
     assert [t.get_text() for t in mtp.get_legend().get_texts()] == ["even share 1/2"]
 
 
-def test_the_loss_plot_labels_the_held_out_marker_as_text_not_trained_on() -> None:
-    figure = loss_figure([1, 2], {"training objective": [6.0, 5.0]}, 5.5, EVAL_LABEL)
+def test_the_loss_plot_labels_every_curve_and_explains_the_held_out_marker() -> None:
+    curves = {OBJECTIVE_LABEL.format(weight=0.3): [6.0, 5.0], NEXT_TOKEN_LABEL: [4.0, 3.5], MTP_LABEL: [4.2, 3.6]}
+    figure = loss_figure([1, 2], curves, 5.5, EVAL_LABEL, EVAL_CAPTION)
     labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
-    assert labels == ["training objective", "held-out text (not trained on), next token 5.500"]
+    assert labels == ["total objective (next token + 0.3 x MTP + balance)", "next-token loss (main model)",
+                      "MTP loss (module 1)", "held-out next-token loss (text not trained on) 5.500"]
+    assert [t.get_text() for t in figure.texts] == [EVAL_CAPTION]
+    assert "held-out text the model never trained on" in EVAL_CAPTION

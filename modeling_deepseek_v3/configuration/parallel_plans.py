@@ -7,10 +7,12 @@ reads them from the config (`base_model_tp_plan`, `base_model_ep_plan`, `base_mo
 
 * tensor parallelism: MLA by heads (`q_b_proj` / `q_proj` and `kv_b_proj` column-wise in whole heads, `o_proj`
   row-wise; the latent projection `kv_a_proj_with_mqa` and the latent cache replicated), the dense MLPs and shared
-  experts (gate/up column-wise, down row-wise), the stacked routed experts (each expert's intermediate dimension
-  split, `moe_tp_experts` summing the partial outputs) and the vocabulary (embedding by rows, head by columns);
+  experts (gate/up column-wise, down row-wise) and the vocabulary (embedding by rows, head by columns). The routed
+  experts have no tensor-parallel rule, as in transformers' own MoE models since 5.25 (which deprecates the
+  `moe_tp_experts` style that split each expert's width): alone, tensor parallelism replicates them;
 * expert parallelism: whole routed experts per rank (`grouped_gemm` shards the stacked dim 0, `ep_dispatch_experts`
-  brings them their tokens); it takes precedence over the experts' tensor-parallel rules;
+  brings them their tokens). With `ep_size = tp_size` it splits the experts over the tensor-parallel ranks, and
+  `ep_implementation="all_reduce"` sums each rank's experts' outputs over the shared batch;
 * FSDP: one unit per decoder layer and per part of an MTP module that is called on its own;
 * FP8 block scales (`*_scale_inv`) are sharded with their weights, by the same rule.
 
@@ -41,16 +43,9 @@ def decoder_layer_tp_plan(config, dense_mlp: bool, moe: bool) -> dict[str, str]:
     }
     if dense_mlp:
         plan |= {f"mlp.{name}": style for name, style in MLP_PROJECTIONS.items()}
-    if not moe:
-        return plan
-    if config.n_shared_experts > 0:
+    if moe and config.n_shared_experts > 0:
         plan |= {f"mlp.shared_experts.{name}": style for name, style in MLP_PROJECTIONS.items()}
-    # stacked [E, rows, cols]: column-wise splits the rows (dim 1), row-wise the columns (dim 2), and so their scales
-    plan |= {f"mlp.experts.{name}": style for name, style in MLP_PROJECTIONS.items()}
-    if _fp8(config):
-        plan |= {f"mlp.experts.{name}_scale_inv": style for name, style in MLP_PROJECTIONS.items()}
-    plan["mlp.experts"] = "moe_tp_experts"
-    return plan
+    return plan  # the routed experts: expert parallelism only (`decoder_layer_ep_plan`)
 
 
 def decoder_layer_ep_plan(config) -> dict[str, str]:

@@ -14,8 +14,8 @@ from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3.checkpoint import write_remote_code
-from modeling_deepseek_v3.cli import main
 from modeling_deepseek_v3.convert import convert_checkpoint
+from modeling_deepseek_v3_cli import main
 
 from ..utils import QUANTIZATION, e4m3_value, random_ids, random_model, tiny_config, weight_blocks
 
@@ -218,6 +218,23 @@ def test_remote_code_loads_in_a_process_that_never_imported_the_package(tmp_path
     ids = random_ids(model.config, 2, 7)
     with torch.no_grad():
         torch.testing.assert_close(logits_in_a_fresh_process(folder, ids, tmp_path), model(ids).logits, rtol=0, atol=0)
+
+
+def test_remote_code_without_the_package_says_to_install_it_from_a_clone(tmp_path):
+    """transformers' own hint for a missing import, `pip install modeling_deepseek_v3`, names a project on the package
+    index that is not ours: the code file's error says how to install the package instead."""
+    random_model(tiny_config()).save_pretrained(tmp_path / "model", remote_code=True)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    script = ("import sys; sys.modules['modeling_deepseek_v3'] = None  # as if not installed\n"
+              "from transformers import AutoModelForCausalLM\n"
+              "AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("ImportError: This checkpoint loads with the modeling_deepseek_v3 package"), error
+    assert "install it from a clone of its repository, `pip install -e <path-to-clone>`" in error
+    assert "pip install modeling" not in done.stderr
 
 
 @pytest.mark.parametrize("trust_remote_code", [False, True])

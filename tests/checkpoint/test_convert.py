@@ -12,9 +12,9 @@ from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3 import convert as convert_module
-from modeling_deepseek_v3.cli import main
 from modeling_deepseek_v3.convert import OFFICIAL_QUANTIZATION as QUANTIZATION
 from modeling_deepseek_v3.convert import convert_checkpoint
+from modeling_deepseek_v3_cli import main
 
 from ..utils import SHAPE, e4m3_value, random_ids, random_model, tiny_config, weight_blocks
 

@@ -10,7 +10,10 @@ what the model builds, and the dispatch traffic of node-limited routing.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+import warnings
 
 import pytest
 import torch
@@ -125,6 +128,23 @@ def training_step(model: DeepseekV3ForCausalLM, ids: torch.Tensor) -> dict:
     return dict(loss=loss, grads=grads, loads=loads, biases=routing_biases(model))
 
 
+@contextlib.contextmanager
+def recorded_warnings():
+    """The messages of the warnings issued inside the block, through Python's `warnings` or transformers' logging."""
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    library = logging.getLogger("transformers")
+    library.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+    finally:
+        library.removeHandler(handler)
+    messages += [str(w.message) for w in caught]
+
+
 def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
@@ -149,8 +169,9 @@ def run_trainer(model: DeepseekV3ForCausalLM, ids: torch.Tensor, out) -> dict:
 def layout_worker(rank: int, name: str, folders: dict[str, str], out: str) -> None:
     inputs = torch.load(folders["inputs"])
     ids, mask = inputs["ids"], inputs["mask"]
-    model = load(folders["mtp"], LAYOUTS[name])
-    results = {}
+    with recorded_warnings() as load_warnings:
+        model = load(folders["mtp"], LAYOUTS[name])
+    results = {"load_warnings": load_warnings}
     with torch.no_grad():
         results["logits"] = model(ids, attention_mask=mask).logits
     generation = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -208,6 +229,8 @@ def test_layout_equals_one_process(reference, tmp_path, name):
         assert results["acceptance"] == reference["acceptance"]  # the same drafts accepted as in one process
         if name.startswith("fsdp"):
             assert torch.equal(results["speculative_uneven"], reference["uneven"][rank])
+        # no deprecated style in the plans (transformers 5.25 warns, on rank 0, of `moe_tp_experts`)
+        assert not [m for m in results["load_warnings"] if "deprecated" in m.lower()], results["load_warnings"]
         if name != "pp":
             check_training(results["training"], reference["training"]["expanded"])
         else:
@@ -279,20 +302,25 @@ def test_every_plan_rule_names_a_module_or_parameter(overrides):
     assert experts and experts <= model.ep_plan.keys()
     mtp_rules = [name for name in model.tp_plan if name.startswith("mtp.*.block.self_attn")]
     assert len(mtp_rules) == (4 if model.config.num_nextn_predict_layers else 0)  # the blocks' attention by heads
+    # the routed experts have no tensor-parallel rule: transformers 5.25 deprecates `moe_tp_experts` for them
+    assert not any(".mlp.experts" in name for name in model.tp_plan), sorted(model.tp_plan)
 
 
 def test_layout_checks_refuse_what_cannot_be_split(caplog):
     """Checked before anything is sharded: whole heads and whole FP8 blocks per tensor-parallel rank (the routed
-    experts only where tensor parallelism splits them, not under expert parallelism), whole experts per
-    expert-parallel rank, pipelines that can run."""
+    experts are never split by tensor parallelism), whole experts per expert-parallel rank, pipelines that can
+    run."""
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(tiny_config(**FP8_SHAPE | dict(moe_intermediate_size=128, n_shared_experts=2),
                                                   quantization_config=OFFICIAL_QUANTIZATION))
+        narrow_shared = DeepseekV3ForCausalLM(tiny_config(**FP8_SHAPE | dict(moe_intermediate_size=128),
+                                                          quantization_config=OFFICIAL_QUANTIZATION))
     with pytest.raises(ValueError, match="num_attention_heads = 8 does not divide into tp_size = 3"):
         check_tensor_parallel_layout(model, model.tp_plan, 3)
-    with pytest.raises(ValueError, match=r"experts\.gate_proj.*128 rows"):
-        check_tensor_parallel_layout(model, model.tp_plan, 2)
-    check_tensor_parallel_layout(model, model.tp_plan, 2, experts_split=False)  # whole experts: nothing to split
+    # routed experts 128 wide and shared experts 2 x 128: only the shared ones are split, in whole blocks
+    check_tensor_parallel_layout(model, model.tp_plan, 2)
+    with pytest.raises(ValueError, match=r"shared_experts\.gate_proj\.weight has 128 rows"):
+        check_tensor_parallel_layout(narrow_shared, narrow_shared.tp_plan, 2)
     with pytest.raises(ValueError, match="n_routed_experts = 4 does not divide into ep_size = 3"):
         check_expert_parallel_layout(model.config, 3)
     with caplog.at_level("WARNING"):
@@ -311,7 +339,8 @@ def test_plans_follow_the_layer_kinds():
     dense = tiny_config(num_hidden_layers=2, first_k_dense_replace=2)
     assert not any(".experts." in name for name in (*dense.base_model_tp_plan, *dense.base_model_ep_plan))
     moe = tiny_config(num_hidden_layers=1, first_k_dense_replace=0, moe_layer_freq=1)
-    assert "layers.*.mlp.gate_proj" not in moe.base_model_tp_plan and "layers.*.mlp.experts" in moe.base_model_tp_plan
+    assert "layers.*.mlp.gate_proj" not in moe.base_model_tp_plan and "layers.*.mlp.experts" in moe.base_model_ep_plan
+    assert "layers.*.mlp.shared_experts.gate_proj" in moe.base_model_tp_plan
 
 
 def test_dispatch_traffic_counts_copies_per_expert_and_per_destination():

@@ -8,8 +8,8 @@ import torch
 
 import modeling_deepseek_v3
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
-from modeling_deepseek_v3.cli import main
 from modeling_deepseek_v3.transformers_patch import PATCH_ENV_VAR
+from modeling_deepseek_v3_cli import main
 
 from ..utils import word_tokenizer
 

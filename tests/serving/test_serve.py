@@ -74,7 +74,7 @@ DRIVER = textwrap.dedent("""
 
     torch.nn.modules.module.register_module_forward_pre_hook(record)
     if command == "deepseek-v3":
-        from modeling_deepseek_v3.cli import main  # what the `deepseek-v3` script imports
+        from modeling_deepseek_v3_cli import main  # what the `deepseek-v3` script imports
     else:
         if command == "transformers-after-import":
             import modeling_deepseek_v3  # the Auto classes; DEEPSEEK_V3_PATCH_TRANSFORMERS decides the patch
