@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> DeepseekV3Trainer:
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=4, learning_rate=1e-3,
         logging_steps=max(1, args.steps // 5), report_to="none", save_strategy="no", disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), seed=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only speeds copies to a GPU
+        # every trainable tensor takes part in each step (the stacked experts are one tensor per projection, used
+        # whichever experts get tokens), so DDP need not search for unused ones (it warns when told to and finds none)
+        ddp_find_unused_parameters=False,
         # `accelerate launch` passes its mixed precision on; DeepSpeed requires TrainingArguments to agree with it
         bf16=os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16",
     )

@@ -72,3 +72,5 @@ def test_torchrun_example_trains_with_two_ranks(tmp_path):
     assert sorted(rank for rank, _, _ in checksums) == ["0", "1"]
     assert checksums[0][1:] == checksums[1][1:]
     assert float(checksums[0][2]) > 0  # the biases moved (a fresh model's are all 0)
+    for noise in ("find_unused_parameters", "pin_memory"):  # neither DDP's nor the data loader's warning
+        assert noise not in result.stderr, result.stderr[-3000:]
