@@ -21,6 +21,7 @@ import contextlib
 import torch
 
 from .configuration import DeepseekV3Config
+from .configuration.configuration_deepseek_v3 import INDEXER_TRAINING_STAGES
 
 
 class IndexerObjective:
@@ -33,10 +34,18 @@ class IndexerObjective:
 
     @classmethod
     def for_forward(cls, config: DeepseekV3Config, training: bool) -> IndexerObjective | None:
-        """The objective of a training forward (train mode, gradients on) of a model with a stage set; else None."""
+        """The objective of a training forward (train mode, gradients on) of a model with a stage set; else None.
+
+        Raises:
+            ValueError: for a stage that is not one of `INDEXER_TRAINING_STAGES` (set on the config after it was
+                built, which validates only at construction).
+        """
         stage = getattr(config, "indexer_training_stage", None)
         if stage is None or not (training and torch.is_grad_enabled()):
             return None
+        if stage not in INDEXER_TRAINING_STAGES:
+            raise ValueError(f"indexer_training_stage = {stage!r} is invalid: must be one of {INDEXER_TRAINING_STAGES} "
+                             "(docs/v32.md#training)")
         return cls(stage)
 
     @property

@@ -330,7 +330,7 @@ class DeepseekV3ForCausalLM(
         recording = self.training and torch.is_grad_enabled() and not (objective is not None and objective.dense)
         if recording:  # before anything is counted: refuses DeepSpeed steps that nothing would follow
             self.expert_balance.follow_optimizer_steps(self)
-        if recording and labels is None and kwargs.get("num_items_in_batch") is not None:
+        if (recording or objective is not None) and labels is None and kwargs.get("num_items_in_batch") is not None:
             refuse_a_loss_computed_elsewhere(self.config, self.mtp_active)
         log = RoutingLog(recording, self.config.seq_balance_loss_alpha, keep_router_logits=asked.router_logits)
         with contextlib.nullcontext() if objective is None else objective.main_model_scope():

@@ -153,8 +153,28 @@ def test_sparse_stage_detaches_the_indexer_and_the_lm_loss_trains_the_rest():
     assert last < 0.9 * first, (first, last)
 
 
-def test_trainer_logs_the_indexer_loss(tmp_path):
-    model = v32_model("sparse")
+@pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
+def test_activation_checkpointing_gives_the_same_gradients(stage):
+    model = v32_model(stage)
+    ids = random_ids(model.config, 2, 12)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        grads.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, plain), (checkpointed_loss, checkpointed) = grads
+    torch.testing.assert_close(checkpointed_loss, loss)
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
+
+
+@pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
+def test_trainer_logs_the_indexer_loss(tmp_path, stage):
+    model = v32_model(stage)
     trainer = DeepseekV3Trainer(model=model, args=arguments(tmp_path, max_steps=2, per_device_train_batch_size=2),
                                 train_dataset=dataset(model.config, rows=4, length=8))
     trainer.train()
@@ -171,6 +191,16 @@ def test_training_without_a_stage_is_refused():
         assert model(ids, labels=ids).indexer_loss is None  # a forward that trains nothing needs no stage
 
 
+@pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
+def test_a_loss_computed_outside_the_model_is_refused(stage):
+    """Trainer with label smoothing calls the model with num_items_in_batch and no labels: the indexer loss would be
+    left out of its loss."""
+    model = v32_model(stage, use_mtp_modules=False, seq_balance_loss_alpha=0.0)
+    ids = random_ids(model.config, 1, 6)
+    with pytest.raises(ValueError, match=rf"leave out DeepSeek-V3.2's indexer loss \(indexer_training_stage='{stage}'"):
+        model(ids, num_items_in_batch=torch.tensor(5))
+
+
 @pytest.mark.parametrize("field, value, rule", [
     ("indexer_training_stage", "warmup", r"must be one of \(None, 'dense_warmup', 'sparse'\)"),
     ("indexer_training_stage", "off", "must be one of"),
@@ -180,3 +210,11 @@ def test_training_without_a_stage_is_refused():
 def test_bad_training_fields_are_refused(field, value, rule):
     with pytest.raises(ValueError, match=rf"`{field}` = .* is invalid: {rule}"):
         load_preset("tiny-deepseek-v32", **{field: value})
+
+
+def test_a_bad_stage_set_after_construction_is_refused_by_the_training_forward():
+    model = v32_model(None)
+    model.config.indexer_training_stage = "warm-up"
+    ids = random_ids(model.config, 1, 6)
+    with pytest.raises(ValueError, match=r"indexer_training_stage = 'warm-up' is invalid: must be one of"):
+        model(ids, labels=ids)
