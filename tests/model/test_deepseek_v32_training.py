@@ -87,6 +87,20 @@ def test_indexer_loss_equals_a_hand_computation(stage):
     torch.testing.assert_close(out.indexer_loss.detach(), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
+def test_left_padding_leaves_the_indexer_loss_of_a_sequence_as_alone(stage):
+    """Padding queries attend to no key and are not counted; padding keys are never in the target or the softmax."""
+    model = v32_model(stage)
+    short = random_ids(model.config, 1, 12)[0]
+    batch = torch.cat((torch.full((5,), 2), short))[None]
+    mask = torch.ones_like(batch)
+    mask[0, :5] = 0
+    padded = model(batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).indexer_loss
+    torch.testing.assert_close(padded, model(short[None]).indexer_loss, rtol=1e-4, atol=1e-6)
+    padded.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_kl_skips_queries_without_keys_and_masked_slots():
     torch.manual_seed(1)
     probs, scores = torch.rand(2, 3, 4, 5).softmax(-1), torch.randn(2, 3, 5, requires_grad=True)
