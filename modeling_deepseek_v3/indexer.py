@@ -105,7 +105,8 @@ class LightningIndexer(nn.Module):
         return hadamard_rotate(torch.cat((rotate_halves(pe, cos, sin), rest), dim=-1))
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`x` `[b, t, hidden]` -> the FP8 keys `[b, t, D]` and their scales `[b, t]`."""
+        """`x` `[b, t, hidden]` -> the FP8 keys `[b, t, D]` (their values in fp32 where they carry a gradient,
+        `round_to_fp8`) and their scales `[b, t]`."""
         k = self.wk(x)
         k = F.layer_norm(k.float(), (self.head_dim,), self.k_norm.weight.float(), self.k_norm.bias.float(),
                          self.k_norm.eps).to(k.dtype)
@@ -113,8 +114,8 @@ class LightningIndexer(nn.Module):
 
     def queries(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> the FP8 queries `[b, s, H, D]` and each head's weight `[b, s, H]` (fp32), its FP8 scale and the
-        score's scale `D^-½` folded in."""
+        """-> the FP8 queries `[b, s, H, D]` (as the keys, `keys`) and each head's weight `[b, s, H]` (fp32), its FP8
+        scale and the score's scale `D^-½` folded in."""
         b, s, _ = x.shape
         q = self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim)
         q8, q_scale = round_to_fp8(self._rotate(q, cos, sin))

@@ -6,11 +6,12 @@ index scores over the same keys; the loss of a layer is the mean over the querie
 * "dense_warmup": the main attention runs densely over every causal key and the indexer's softmax spans them all;
   everything but the indexer runs without gradient (`IndexerObjective.main_model_scope`), so only the indexer trains.
 * "sparse": the main attention runs over the indexer's top-k choice and trains by the language-model loss; the
-  indexer's KL is taken over the chosen keys only (both distributions restricted to them).
+  indexer's KL is taken over the chosen keys only: the target is the main attention's own distribution, which
+  spans them only (each head's softmax over them), and the indexer's softmax is over them too.
 In both, the indexer reads a detached copy of its inputs (`sparse_attention`), so it learns from its KL loss alone
 and its loss moves nothing else.
 Dimension letters: b batch, s queries, h MLA heads, k keys attended to.
-References: DeepSeek-V3.2 report §2.1.1 (continued pre-training: dense warm-up stage, sparse training stage);
+References: DeepSeek-V3.2 report (continued pre-training: the dense warm-up stage, the sparse training stage);
 docs/v32.md#training.
 """
 

@@ -488,7 +488,7 @@ class KimiK2Config(DeepseekV3Config):
 
 # DeepSeek's index kernel scores a key with one FP8 scale per query head and one per key: one 1x128 tile per vector
 INDEX_TILE = 128
-# how a training forward trains the lightning indexer (None: training is refused); DeepSeek-V3.2 report, §2.1.1
+# how a training forward trains the lightning indexer (None: training is refused); the DeepSeek-V3.2 report's stages
 INDEXER_TRAINING_STAGES = (None, "dense_warmup", "sparse")
 
 
