@@ -19,7 +19,7 @@ from .test_trainer import arguments, dataset
 
 
 def v32_model(stage: str | None, seed: int = 0, **overrides):
-    """A tiny bf16-free V3.2 model (trainable weights, no FP8) with random norms; `initializer_range` 0.1 makes the
+    """A tiny V3.2 model with trainable fp32 weights (no FP8) and random norms; `initializer_range` 0.1 makes the
     main attention peaked, so that its distribution is far from the untrained indexer's."""
     torch.manual_seed(seed)
     config = load_preset("tiny-deepseek-v32", quantization_config=None, indexer_training_stage=stage,
