@@ -12,8 +12,10 @@ chosen rows of the latent cache are gathered per query and attended to in the ab
 mask over all keys. The latent itself is rounded through FP8 (1×128 tiles, ue8m0 scales) and back first, as
 DeepSeek's deployment caches it in FP8.
 
-Built here: prefill without a cache (a full forward, `use_cache=False`). Decoding over a cache, continuous batching,
-training the indexer, and attention probabilities as outputs are refused (docs/v32.md).
+Built here: prefill without a cache (a full forward, `use_cache=False`), and training in the report's two stages
+(`indexer_training.py`): the indexer reads a detached copy of its inputs and its FP8 rounding passes gradients
+straight through. Decoding over a cache, continuous batching and attention probabilities as outputs are refused
+(docs/v32.md).
 Dimension letters: b batch, s queries, t keys, h MLA heads, H indexer heads, D index head dim, k chosen keys,
 c kv_lora_rank, r qk_rope_head_dim.
 References: DeepSeek-V3.2 report (DeepSeek Sparse Attention); DeepSeek-V3.2 `inference/model.py` (`Indexer`, `MLA`)
@@ -22,12 +24,15 @@ and `kernel.py` (`act_quant`, `fp8_index`); docs/v32.md.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .configuration import DeepseekV32Config
 from .fp8 import FP8Format, make_linear
+from .indexer_training import IndexerObjective, indexer_kl
 from .kernels import FP8_BLOCK, act_quant
 
 # DeepSeek-V3.2 rounds the indexer's q and k and the cached latent with power-of-two scales (its release's scale_fmt)
@@ -62,6 +67,17 @@ def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def round_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` `[..., D]` (D <= 128: one tile) rounded to FP8 e4m3 with a power-of-two scale: `(q [..., D], scale [...])`.
+    Where `x` carries a gradient, `q` holds the same values in fp32 and passes the gradient of `x / scale` straight
+    through the rounding (whose own derivative is zero almost everywhere), so that the indexer trains."""
+    q8, scale = act_quant(x.detach().contiguous(), SCALE_FMT)
+    if not x.requires_grad:
+        return q8, scale[..., 0]
+    unit = x.float() / scale
+    return q8.float() + (unit - unit.detach()), scale[..., 0]  # exactly q8's values, the gradient of x / scale
+
+
 def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
     """`x` rounded to FP8 e4m3 in 1×128 tiles with power-of-two scales and back, in its dtype (the cached latent)."""
     q, s = act_quant(x.contiguous(), SCALE_FMT)
@@ -89,22 +105,22 @@ class LightningIndexer(nn.Module):
         return hadamard_rotate(torch.cat((rotate_halves(pe, cos, sin), rest), dim=-1))
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`x` `[b, t, hidden]` -> the FP8 keys `[b, t, D]` and their scales `[b, t]`."""
+        """`x` `[b, t, hidden]` -> the FP8 keys `[b, t, D]` (their values in fp32 where they carry a gradient,
+        `round_to_fp8`) and their scales `[b, t]`."""
         k = self.wk(x)
         k = F.layer_norm(k.float(), (self.head_dim,), self.k_norm.weight.float(), self.k_norm.bias.float(),
                          self.k_norm.eps).to(k.dtype)
-        k8, k_scale = act_quant(self._rotate(k, cos, sin).contiguous(), SCALE_FMT)
-        return k8, k_scale[..., 0]
+        return round_to_fp8(self._rotate(k, cos, sin))
 
     def queries(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> the FP8 queries `[b, s, H, D]` and each head's weight `[b, s, H]` (fp32), its FP8 scale and the
-        score's scale `D^-½` folded in."""
+        """-> the FP8 queries `[b, s, H, D]` (as the keys, `keys`) and each head's weight `[b, s, H]` (fp32), its FP8
+        scale and the score's scale `D^-½` folded in."""
         b, s, _ = x.shape
         q = self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim)
-        q8, q_scale = act_quant(self._rotate(q, cos, sin).contiguous(), SCALE_FMT)
+        q8, q_scale = round_to_fp8(self._rotate(q, cos, sin))
         weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads**-0.5
-        return q8, weights * q_scale[..., 0] * self.head_dim**-0.5
+        return q8, weights * q_scale * self.head_dim**-0.5
 
     @staticmethod
     def scores(q8: torch.Tensor, weights: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:
@@ -119,10 +135,17 @@ class LightningIndexer(nn.Module):
         indices = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
         return indices, allowed.gather(-1, indices)
 
+    @staticmethod
+    def select_all(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every key, marked valid where allowed (the dense warm-up's attention), in `select`'s form."""
+        indices = torch.arange(allowed.shape[-1], device=allowed.device).expand(allowed.shape)
+        return indices, allowed
+
 
 def refuse_what_is_not_built(cache, paged_batch, attentions, training: bool, absorbable: bool) -> None:
-    """Raise `ValueError` for what this implementation of DeepSeek-V3.2 does not do yet; `absorbable`: whether
-    `kv_b_proj` is a plain linear whose weight the absorbed form may read (not wrapped by an adapter, no hooks)."""
+    """Raise `ValueError` for what this implementation of DeepSeek-V3.2 does not do; `training`: a forward that would
+    train without an `IndexerObjective`; `absorbable`: whether `kv_b_proj` is a plain linear whose weight the
+    absorbed form may read (not wrapped by an adapter, no hooks)."""
     if cache is not None or paged_batch is not None:
         raise ValueError(
             f"decoding with a cache (use_cache=True, generate(), continuous batching) {NOT_BUILT}: the indexer's FP8 "
@@ -130,8 +153,10 @@ def refuse_what_is_not_built(cache, paged_batch, attentions, training: bool, abs
         )
     if training and torch.is_grad_enabled():
         raise ValueError(
-            f"training (the indexer's dense warm-up with its KL loss, and the sparse training stage) {NOT_BUILT}; "
-            "call model.eval() or run under torch.no_grad()"
+            "training DeepSeek-V3.2 needs a stage for its indexer: set config.indexer_training_stage to "
+            "'dense_warmup' or 'sparse' (docs/v32.md#training) and train through DeepseekV3ForCausalLM, whose forward "
+            "computes the indexer's loss; for a forward without training call model.eval() or run under "
+            "torch.no_grad()"
         )
     if attentions is not None:
         raise ValueError(f"output_attentions {NOT_BUILT}: the sparse attention keeps no [s, t] probabilities")
@@ -158,8 +183,10 @@ def sparse_attention(
     k_pe: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     allowed: torch.Tensor | None,
+    objective: IndexerObjective | None = None,
 ) -> torch.Tensor:
-    """MLA of a full forward (no cache) over the keys `mla.indexer` picks for each query.
+    """MLA of a full forward (no cache) over the keys `mla.indexer` picks for each query, or over every allowed key
+    in the dense warm-up.
 
     Args:
         mla: the layer's `MultiHeadLatentAttention` (its `indexer`, its `absorbed` form, its softmax scale).
@@ -167,6 +194,8 @@ def sparse_attention(
         q_nope, q_pe: `[b, s, h, n]`, `[b, s, h, r]` (rotated); c_kv: `[b, s, c]` (normed); k_pe: `[b, s, r]`.
         position_embeddings: `(cos, sin)`, each `[b, s, r/2]`.
         allowed: `[b, s, s]` bool (True = may attend), or None for plain causal attention.
+        objective: in a training forward, the `IndexerObjective` that receives this layer's KL loss; its stage picks
+            the keys attended to.
 
     Returns:
         `[b, s, h, v]`, before `o_proj`.
@@ -174,31 +203,50 @@ def sparse_attention(
     b, s, _ = hidden_states.shape
     cos, sin = position_embeddings
     c_kv = fp8_round_trip(c_kv)
-    k8, k_scale = mla.indexer.keys(hidden_states, cos, sin)
-    q8, weights = mla.indexer.queries(hidden_states, q_latent, cos, sin)
-    k = min(mla.indexer.topk, s)
+    # the indexer learns from its own loss only: it reads its inputs detached from the main model's graph
+    hidden_states, q_latent = hidden_states.detach(), q_latent.detach()
+    indexer_scope = contextlib.nullcontext if objective is None else objective.indexer_scope
+    dense = objective is not None and objective.dense
+    with indexer_scope():
+        k8, k_scale = mla.indexer.keys(hidden_states, cos, sin)
+        q8, weights = mla.indexer.queries(hidden_states, q_latent, cos, sin)
+    k = s if dense else min(mla.indexer.topk, s)
     rows = max(1, CHUNK_ELEMENTS // max(mla.indexer.n_heads * s, k * (c_kv.shape[-1] + k_pe.shape[-1]),
                                         q_nope.shape[2] * k))
     batch = torch.arange(b, device=c_kv.device)[:, None, None]
 
+    kl_sum, queries = 0.0, 0
+
     def latent_attention(q_lat: torch.Tensor) -> torch.Tensor:
+        nonlocal kl_sum, queries
         out = []
         for start in range(0, s, rows):
             part = slice(start, start + rows)
-            scores = mla.indexer.scores(q8[:, part], weights[:, part], k8, k_scale)
+            with indexer_scope():
+                scores = mla.indexer.scores(q8[:, part], weights[:, part], k8, k_scale)
             if allowed is None:  # causal, built per chunk: never [s, s] at once
                 rows_allowed = torch.arange(s, device=c_kv.device) <= torch.arange(s, device=c_kv.device)[part, None]
                 rows_allowed = rows_allowed.expand(b, -1, -1)
             else:
                 rows_allowed = allowed[:, part]
-            indices, valid = mla.indexer.select(scores, rows_allowed)
+            if dense:
+                indices, valid = mla.indexer.select_all(rows_allowed)
+            else:
+                indices, valid = mla.indexer.select(scores, rows_allowed)
             c_sel, pe_sel = c_kv[batch, indices].to(q_lat.dtype), k_pe[batch, indices].to(q_lat.dtype)  # [b,rows,k,.]
             logits = (torch.einsum("bshc,bskc->bshk", q_lat[:, part], c_sel)
                       + torch.einsum("bshr,bskr->bshk", q_pe[:, part].to(q_lat.dtype), pe_sel)) * mla.softmax_scale
             # finfo.min, not -inf: a query with no allowed key (padding) must not give NaN
             logits = logits.masked_fill(~valid[:, :, None, :], torch.finfo(logits.dtype).min)
-            probs = logits.softmax(dim=-1, dtype=torch.float32).to(q_lat.dtype)
-            out.append(torch.einsum("bshk,bskc->bshc", probs, c_sel))
+            probs = logits.softmax(dim=-1, dtype=torch.float32)
+            if objective is not None:
+                with indexer_scope():
+                    part_kl, part_queries = indexer_kl(probs, scores.gather(-1, indices), valid)
+                    kl_sum, queries = kl_sum + part_kl, queries + part_queries
+            out.append(torch.einsum("bshk,bskc->bshc", probs.to(q_lat.dtype), c_sel))
         return torch.cat(out, dim=1)
 
-    return mla.absorbed(q_nope, latent_attention)
+    out = mla.absorbed(q_nope, latent_attention)
+    if objective is not None:
+        objective.add_layer(kl_sum, queries)
+    return out

@@ -114,6 +114,9 @@ def loss_terms_of_the_model(config: Any, mtp_active: bool) -> list[str]:
         terms.append(f"the MTP loss (use_mtp_modules, num_nextn_predict_layers={config.num_nextn_predict_layers})")
     if config.seq_balance_loss_alpha > 0:
         terms.append(f"the sequence-wise balance loss (seq_balance_loss_alpha={config.seq_balance_loss_alpha})")
+    stage = getattr(config, "indexer_training_stage", None)
+    if stage is not None:
+        terms.append(f"DeepSeek-V3.2's indexer loss (indexer_training_stage={stage!r})")
     return terms
 
 
@@ -123,7 +126,8 @@ def refuse_a_loss_computed_elsewhere(config: Any, mtp_active: bool) -> None:
     compute would silently leave the objective.
 
     Raises:
-        ValueError: when the objective has an MTP term (`mtp_active`) or a balance term (`seq_balance_loss_alpha`).
+        ValueError: when the objective has an MTP term (`mtp_active`), a balance term (`seq_balance_loss_alpha`) or
+            DeepSeek-V3.2's indexer term (`indexer_training_stage`).
     """
     dropped = loss_terms_of_the_model(config, mtp_active)
     if dropped:

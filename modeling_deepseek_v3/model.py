@@ -2,12 +2,15 @@
 
 Decoder layer: `h = x + MLA(norm(x)); y = h + FFN(norm(h))`, FFN dense SwiGLU for the first
 `first_k_dense_replace` layers and DeepSeekMoE after. The causal LM adds the output head, the loss
-(`L_main + λ/D · Σ_k L_MTP,k + L_bal`) and the MTP modules; generation, checkpoints, MTP, expert balancing and the
-optional outputs (`outputs.py`) each live in their own module. Dimension letters: b batch, s new tokens.
+(`L_main + λ/D · Σ_k L_MTP,k + L_bal`, plus DeepSeek-V3.2's indexer loss in a training stage) and the MTP
+modules; generation, checkpoints, MTP, expert balancing, the indexer's training and the optional outputs
+(`outputs.py`) each live in their own module. Dimension letters: b batch, s new tokens.
 References: DeepSeek-V3 report §2-3; docs/design.md.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -29,6 +32,7 @@ from .configuration import DeepseekV3Config
 from .continuous_batching import ContinuousBatchingMixin, paged_batch
 from .fp8 import FP8Linear, fp8_format, init_fp8_weight
 from .generation import MTPGenerationMixin
+from .indexer_training import IndexerObjective
 from .inputs import (
     check_causal_lm_inputs,
     check_model_inputs,
@@ -302,12 +306,15 @@ class DeepseekV3ForCausalLM(
         Args:
             labels: `[b, s]` unshifted next-token targets (-100 ignored), the loss normalised by Trainer's
                 `num_items_in_batch`. With active MTP modules and `s >= D + 2`: `loss = main + mtp_loss_weight / D ·
-                Σ_k CE_k` (`mtp_objective`). The output flags are `DeepseekV3Model`'s.
+                Σ_k CE_k` (`mtp_objective`). DeepSeek-V3.2 in a training stage adds `indexer_loss_weight ·
+                indexer_loss` (`indexer_training.py`; in the dense warm-up only that term carries gradient). The
+                output flags are `DeepseekV3Model`'s.
             logits_to_keep: logits for the last `n` positions only (0 = all), or for the given indices.
 
         Returns:
             `DeepseekV3CausalLMOutput` (`loss`, `logits`, `cache`, what was asked, a training forward's `balance_loss`,
-            with labels `mtp_losses` / `mtp_accuracies` `[D]`), or its tuple with `return_dict=False`.
+            with labels `mtp_losses` / `mtp_accuracies` `[D]`, DeepSeek-V3.2's `indexer_loss`), or its tuple with
+            `return_dict=False`.
 
         Raises:
             ValueError: on bad inputs (`inputs.py`), or a loss computed outside the model that would drop terms.
@@ -315,35 +322,42 @@ class DeepseekV3ForCausalLM(
         check_causal_lm_inputs(input_ids, inputs_embeds, labels, logits_to_keep, self.config.vocab_size)
         asked = OutputRequest.resolve(self.config, output_hidden_states, output_attentions, output_router_logits,
                                       return_dict)
-        # a training forward that will produce gradients feeds the expert balancing (token counts, balance loss)
-        recording = self.training and torch.is_grad_enabled()
+        # DeepSeek-V3.2 in a training stage: the indexer's KL loss (and in the dense warm-up a main model without
+        # gradient)
+        objective = IndexerObjective.for_forward(self.config, self.training)
+        # a training forward that will produce gradients feeds the expert balancing (token counts, balance loss); not
+        # the warm-up, which trains the indexers alone (their routers and biases stay)
+        recording = self.training and torch.is_grad_enabled() and not (objective is not None and objective.dense)
         if recording:  # before anything is counted: refuses DeepSpeed steps that nothing would follow
             self.expert_balance.follow_optimizer_steps(self)
-        if recording and labels is None and kwargs.get("num_items_in_batch") is not None:
+        if (recording or objective is not None) and labels is None and kwargs.get("num_items_in_batch") is not None:
             refuse_a_loss_computed_elsewhere(self.config, self.mtp_active)
         log = RoutingLog(recording, self.config.seq_balance_loss_alpha, keep_router_logits=asked.router_logits)
-        outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=asked.hidden_states,
-            output_attentions=asked.attentions, output_router_logits=asked.router_logits, return_dict=True,
-            routing_log=log, **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = mtp = None
-        num_items = kwargs.get("num_items_in_batch")
-        if labels is not None:
-            loss_kwargs = dict(kwargs)
-            if loss_kwargs.get("num_items_in_batch") is None:
-                # the mean over the targets, taken as sum / count so that a batch without any target has loss 0
-                # (transformers' mean over nothing is NaN)
-                loss_kwargs["num_items_in_batch"] = count_targets(labels).clamp(min=1)
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-            if self.mtp_active and labels.shape[1] >= len(self.mtp) + 2:
-                embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-                mtp = mtp_objective(self, embeds, hidden_states, labels, attention_mask, position_ids, num_items, log)
-                loss = loss + self.config.mtp_loss_weight / len(self.mtp) * mtp.total
+        with contextlib.nullcontext() if objective is None else objective.main_model_scope():
+            outputs = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=asked.hidden_states,
+                output_attentions=asked.attentions, output_router_logits=asked.router_logits, return_dict=True,
+                routing_log=log, indexer_objective=objective, **kwargs,
+            )
+            hidden_states = outputs.last_hidden_state
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])
+            loss = mtp = None
+            num_items = kwargs.get("num_items_in_batch")
+            if labels is not None:
+                loss_kwargs = dict(kwargs)
+                if loss_kwargs.get("num_items_in_batch") is None:
+                    # the mean over the targets, taken as sum / count so that a batch without any target has loss 0
+                    # (transformers' mean over nothing is NaN)
+                    loss_kwargs["num_items_in_batch"] = count_targets(labels).clamp(min=1)
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                          **loss_kwargs)
+                if self.mtp_active and labels.shape[1] >= len(self.mtp) + 2:
+                    embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+                    mtp = mtp_objective(self, embeds, hidden_states, labels, attention_mask, position_ids, num_items,
+                                        log, indexer_objective=objective)
+                    loss = loss + self.config.mtp_loss_weight / len(self.mtp) * mtp.total
         log.close()  # activation-checkpoint replays during backward add nothing more
         balance_loss = None
         if recording:
@@ -354,10 +368,16 @@ class DeepseekV3ForCausalLM(
                 self.training_metrics.add_each("mtp_{}_accuracy", mtp.accuracies)
         if balance_loss is not None and loss is not None:
             loss = loss + balance_loss * self.expert_balance.loss_share(labels, num_items)
+        indexer_loss = None if objective is None else objective.loss()
+        if indexer_loss is not None:
+            self.training_metrics.add("indexer_loss", indexer_loss)
+            if loss is not None:
+                loss = loss + self.config.indexer_loss_weight * indexer_loss
         return asked.returned(DeepseekV3CausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions, router_logits=outputs.router_logits, balance_loss=balance_loss,
             mtp_losses=None if mtp is None else mtp.losses, mtp_accuracies=None if mtp is None else mtp.accuracies,
+            indexer_loss=indexer_loss,
         ))
 
     def update_routing_bias(

@@ -139,6 +139,7 @@ def mtp_objective(
     position_ids: torch.LongTensor | None,
     num_items_in_batch: torch.Tensor | int | None = None,
     routing_log=None,
+    **block_kwargs,
 ) -> MTPLoss:
     """The MTP chain over a training sequence and the cross-entropy of each depth.
 
@@ -157,6 +158,7 @@ def mtp_objective(
         labels: `[b, s]`; attention_mask: `[b, s]` 2-D padding mask, a prepared `[b, 1, s, s]` mask, or None;
         position_ids: `[b, s]` or None.
         routing_log: the forward's `RoutingLog`, to which the modules' MoE layers add their routing.
+        block_kwargs: passed on to the modules' blocks (DeepSeek-V3.2's `indexer_objective`).
     """
     b, s, _ = main_hidden.shape
     if position_ids is None:
@@ -176,7 +178,7 @@ def mtp_objective(
         )
         hidden, logits = mtp_step(
             lm, k, token_embeds[:, k : k + n], hidden[:, :n], position_ids[:, :n], mask,
-            token_mask=own_mask.bool() if padding else None, routing_log=routing_log,
+            token_mask=own_mask.bool() if padding else None, routing_log=routing_log, **block_kwargs,
         )
         logits = logits.float()  # [b, n, V]
         targets = labels[:, k + 1 :].to(logits.device)

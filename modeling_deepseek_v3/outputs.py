@@ -41,12 +41,15 @@ class DeepseekV3CausalLMOutput(CausalLMOutputWithPast):
         mtp_losses: `[D]`, the mean cross-entropy of each MTP depth k (predicting the token k + 1 ahead); `loss`
             includes `mtp_loss_weight / D` times their sum. None without labels or with the MTP modules off.
         mtp_accuracies: `[D]`, the top-1 accuracy of each MTP depth on the same targets.
+        indexer_loss: DeepSeek-V3.2 in a training stage: the lightning indexer's KL loss, the mean over layers and
+            queries (`loss` includes `indexer_loss_weight` times it; docs/v32.md#training).
     """
 
     router_logits: tuple[torch.Tensor, ...] | None = None
     balance_loss: torch.Tensor | None = None
     mtp_losses: torch.Tensor | None = None
     mtp_accuracies: torch.Tensor | None = None
+    indexer_loss: torch.Tensor | None = None
 
 
 def _flag(name: str, value, config) -> bool:

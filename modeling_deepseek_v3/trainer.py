@@ -101,7 +101,8 @@ class DeepseekV3Trainer(DeepseekV3TrainerMixin, Trainer):
     """`Trainer` with DeepSeek-V3's recipe: adds `ExpertBalanceCallback` (unless one is given) and merges the model's
     `training_metrics` into every training log line, beside `loss`: `balance_loss` (and per layer
     `balance_loss/<layer>`), `expert_load_max_over_mean` (the least balanced layer; per layer
-    `expert_load_max_over_mean/<layer>`), `mtp_<k>_loss` / `mtp_<k>_accuracy`, each the mean over the steps since
+    `expert_load_max_over_mean/<layer>`), `mtp_<k>_loss` / `mtp_<k>_accuracy`, DeepSeek-V3.2's `indexer_loss` in a
+    training stage (docs/v32.md#training), each the mean over the steps since
     the previous log and over the data-parallel ranks. Under DeepSpeed (ZeRO) it moves the routing biases after every
     optimizer step, which the model's own optimizer hook cannot do there.
 

@@ -48,6 +48,7 @@ LEVELS = {
     "kernels": 0, "configuration": 0,
     "private_api": 1, "dtypes": 1, "metrics": 1, "inputs": 1, "outputs": 1, "dispatch_traffic": 1,
     "fp8": 2, "rope": 2, "cache": 2, "paged_cache": 2, "shards": 2, "rank_inputs": 2, "batch_requests": 2,
+    "indexer_training": 2,
     "layers": 3, "balancing": 3, "paged_attention": 3, "indexer": 3,
     "attention": 4, "moe": 4, "mtp": 4,
     "checkpoint": 5, "generation": 5, "continuous_batching": 5, "parallel": 5,

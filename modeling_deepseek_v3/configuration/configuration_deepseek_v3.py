@@ -488,6 +488,8 @@ class KimiK2Config(DeepseekV3Config):
 
 # DeepSeek's index kernel scores a key with one FP8 scale per query head and one per key: one 1x128 tile per vector
 INDEX_TILE = 128
+# how a training forward trains the lightning indexer (None: training is refused); the DeepSeek-V3.2 report's stages
+INDEXER_TRAINING_STAGES = (None, "dense_warmup", "sparse")
 
 
 class DeepseekV32Config(DeepseekV3Config):
@@ -501,6 +503,12 @@ class DeepseekV32Config(DeepseekV3Config):
             (the Hadamard rotation) of at most 128 (one FP8 tile per vector, as DeepSeek's index kernel scores it),
             at least `qk_rope_head_dim` (its first `qk_rope_head_dim` dims are rotated).
         index_topk (`int`, defaults to 2048): how many keys each query attends to.
+        indexer_training_stage (`str`, *optional*): how a training forward (train mode, gradients enabled) trains
+            the indexer (docs/v32.md#training): "dense_warmup" (the main attention dense over every causal key, only
+            the indexer trained, by its KL loss against the main attention), "sparse" (the main attention over the
+            indexer's choice, trained by the language-model loss; the indexer by its KL loss over the chosen keys),
+            or None, which refuses training forwards. Evaluation forwards ignore it.
+        indexer_loss_weight (`float`, defaults to 1.0): the weight of the indexer's KL loss in `loss`.
 
     The indexer reads the query latent, so `q_lora_rank` must be set.
     """
@@ -508,10 +516,13 @@ class DeepseekV32Config(DeepseekV3Config):
     model_type = "deepseek_v32"
 
     def __init__(self, index_n_heads: int = 64, index_head_dim: int = 128, index_topk: int = 2048,
+                 indexer_training_stage: str | None = None, indexer_loss_weight: float = 1.0,
                  **kwargs: Any) -> None:
         self.index_n_heads = index_n_heads
         self.index_head_dim = index_head_dim
         self.index_topk = index_topk
+        self.indexer_training_stage = indexer_training_stage
+        self.indexer_loss_weight = indexer_loss_weight
         super().__init__(**kwargs)
 
     def validate_fields(self) -> None:
@@ -530,6 +541,11 @@ class DeepseekV32Config(DeepseekV3Config):
                   "that many of its dims")
         if self.q_lora_rank is None:
             _fail("q_lora_rank", None, "DeepSeek-V3.2's indexer reads the query latent, so it must be set")
+        if self.indexer_training_stage not in INDEXER_TRAINING_STAGES:
+            _fail("indexer_training_stage", self.indexer_training_stage,
+                  f"must be one of {INDEXER_TRAINING_STAGES} (docs/v32.md#training)")
+        if not _is_finite_number(self.indexer_loss_weight) or self.indexer_loss_weight < 0:
+            _fail("indexer_loss_weight", self.indexer_loss_weight, "must be a finite non-negative number")
 
     def to_dict(self) -> dict[str, Any]:
         """`DeepseekV3Config.to_dict`, with the release's class names in `architectures` (`DeepseekV32ForCausalLM`,

@@ -262,16 +262,6 @@ def test_continuous_batching_is_refused(tiny_model):
         tiny_model.generate_batch([[5, 6, 7]], generation_config=GenerationConfig(max_new_tokens=2, do_sample=False))
 
 
-def test_training_is_refused(tiny_model):
-    ids = torch.randint(3, 256, (1, 6))
-    tiny_model.train()
-    try:
-        with pytest.raises(ValueError, match=r"training \(the indexer's dense warm-up"):
-            tiny_model(ids, labels=ids, use_cache=False)
-    finally:
-        tiny_model.eval()
-
-
 def test_output_attentions_is_refused():
     model = load("tiny-deepseek-v32", attn_implementation="eager")  # sdpa returns no probabilities anyway
     with pytest.raises(ValueError, match="output_attentions is not built yet"):
