@@ -10,7 +10,7 @@ experts multiply, and the FP8 training recipe.
 * `FP8TrainingLinear` / `fp8_grouped_mm` keep bf16/fp32 master weights and quantise them every step: Fprop
   `Y = X·Wᵀ` (X in 1×128 tiles, W in 128×128 blocks), Dgrad `dX = dY·W` (dY in 1×128 tiles along N), Wgrad
   `dW = dYᵀ·X` (dY and X in 128×1 tiles along the tokens); the weight gradient is computed in fp32 and returned in the
-  master weight's dtype.
+  master weight's dtype. `FP8Training` says how their tiles are scaled (`amax / 448`, or powers of two).
 Dimension letters: M (or T) tokens, N out features, K in features, E experts, B = 128.
 References: DeepSeek-V3 report §3.3 (FP8 training, Fig. 6-7); DeepSeek-V3 `inference/model.py` (`Linear`,
 `linear`); docs/fp8.md.
@@ -80,11 +80,30 @@ def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return linear.dequantize(dtype) if isinstance(linear, FP8Linear) else linear.weight
 
 
-def weight_quant_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quant_blocks(
+    w: torch.Tensor, block: tuple[int, int], scale_fmt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise `w` `[..., N, K]` into e4m3 with `block`-sized scale blocks (the Triton kernel for 128×128 matrices)."""
     if tuple(block) == (FP8_BLOCK, FP8_BLOCK) and w.dim() == 2:
-        return weight_quant(w)
-    return weight_quant_ref(w, block=tuple(block))
+        return weight_quant(w, scale_fmt)
+    return weight_quant_ref(w, block=tuple(block), scale_fmt=scale_fmt)
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Training:
+    """How the FP8 training recipe scales its tiles: `amax / 448` as in the DeepSeek-V3 report (`scale_fmt` None),
+    or that rounded up to a power of two (`"ue8m0"`, the scale format of DeepSeek-V3.1's checkpoints).
+
+    Raises:
+        ValueError: for any other `scale_fmt`.
+    """
+
+    scale_fmt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scale_fmt not in (None, "ue8m0"):
+            raise ValueError(f"FP8 training: scale_fmt = {self.scale_fmt!r} is invalid: it must be None (amax / 448 "
+                             "scales) or 'ue8m0' (power-of-two scales)")
 
 
 def init_fp8_weight(
@@ -175,13 +194,13 @@ class _FP8LinearFunction(torch.autograd.Function):
     """`Y = X·Wᵀ` with all three GEMMs of the step in block-scaled FP8 (docs/design.md, FP8)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-        x_q, x_s = act_quant(x2)
-        w_q, w_s = weight_quant(weight)
+        x_q, x_s = act_quant(x2, scale_fmt)
+        w_q, w_s = weight_quant(weight, scale_fmt)
         y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)  # Fprop
         ctx.save_for_backward(x2, w_q, w_s)
-        ctx.x_shape, ctx.weight_dtype = x.shape, weight.dtype
+        ctx.x_shape, ctx.weight_dtype, ctx.scale_fmt = x.shape, weight.dtype, scale_fmt
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -190,39 +209,41 @@ class _FP8LinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()  # [M, N]
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dy_q, dy_s = act_quant(dy2)  # 1×128 along N, the contraction dim of dX = dY·W
+            dy_q, dy_s = act_quant(dy2, ctx.scale_fmt)  # 1×128 along N, the contraction dim of dX = dY·W
             # Wᵀ's 128×128 blocks are W's blocks transposed: transposing payload and scales is exact
             dx = fp8_gemm(dy_q, dy_s, w_q.t().contiguous(), w_s.t().contiguous(), out_dtype=dy.dtype)
             dx = dx.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dy_q, dy_s = act_quant_colwise(dy2)  # 128×1 along M, the contraction dim of dW = dYᵀ·X
-            x_q, x_s = act_quant_colwise(x2)
+            dy_q, dy_s = act_quant_colwise(dy2, ctx.scale_fmt)  # 128×1 along M, the contraction dim of dW = dYᵀ·X
+            x_q, x_s = act_quant_colwise(x2, ctx.scale_fmt)
             dw = fp8_gemm(dy_q.t().contiguous(), dy_s.t().contiguous(), x_q.t().contiguous(), x_s.t().contiguous(),
                           out_dtype=torch.float32)  # [N, K]
             dw = dw.to(ctx.weight_dtype)
-        return dx, dw
+        return dx, dw, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_fmt: str | None = None) -> torch.Tensor:
     """Differentiable `x·weightᵀ` in FP8 (Fprop, Dgrad and Wgrad); `weight` is the bf16/fp32 master weight."""
-    return _FP8LinearFunction.apply(x, weight)
+    return _FP8LinearFunction.apply(x, weight, FP8Training(scale_fmt).scale_fmt)
 
 
 class FP8TrainingLinear(nn.Linear):
     """`nn.Linear` whose forward and backward GEMMs run in FP8 from the master `weight` (same parameter names, so
-    checkpoints and optimizers see an ordinary linear layer)."""
+    checkpoints and optimizers see an ordinary linear layer), its tiles scaled as `recipe` says."""
+
+    recipe: FP8Training = FP8Training()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.weight)
+        y = fp8_linear(x, self.weight, self.recipe.scale_fmt)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-def _fake_quant_act(x: torch.Tensor, colwise: bool = False) -> torch.Tensor:
+def _fake_quant_act(x: torch.Tensor, scale_fmt: str | None, colwise: bool = False) -> torch.Tensor:
     """`x` through FP8: 1×128 tiles along the last dim (or 128×1 tiles along the first), back in fp32."""
     if colwise:
-        q, s = act_quant_colwise(x)
+        q, s = act_quant_colwise(x, scale_fmt)
         return q.float() * s.repeat_interleave(FP8_BLOCK, dim=0)[: x.shape[0]]
-    q, s = act_quant(x)
+    q, s = act_quant(x, scale_fmt)
     return q.float() * s.repeat_interleave(FP8_BLOCK, dim=-1)[..., : x.shape[-1]]
 
 
@@ -237,12 +258,12 @@ class _FP8GroupedMMFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        x_fq = _fake_quant_act(x)  # [T, K]
-        w_q, w_s = weight_quant_blocks(weight, (FP8_BLOCK, FP8_BLOCK))  # weight [E, N, K]
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, scale_fmt: str | None):
+        x_fq = _fake_quant_act(x, scale_fmt)  # [T, K]
+        w_q, w_s = weight_quant_blocks(weight, (FP8_BLOCK, FP8_BLOCK), scale_fmt)  # weight [E, N, K]
         w_fq = weight_dequant_ref(w_q, w_s, torch.float32)
         ctx.save_for_backward(x, w_fq, offsets)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.scale_fmt = weight.dtype, scale_fmt
         return grouped_mm(x_fq, w_fq.transpose(1, 2), offsets).to(x.dtype)
 
     @staticmethod
@@ -251,18 +272,20 @@ class _FP8GroupedMMFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = grouped_mm(_fake_quant_act(dy), w_fq, offsets).to(dy.dtype)  # [T, K]
+            dx = grouped_mm(_fake_quant_act(dy, ctx.scale_fmt), w_fq, offsets).to(dy.dtype)  # [T, K]
         if ctx.needs_input_grad[1]:
-            dy_fq, x_fq = _fake_quant_act(dy, colwise=True), _fake_quant_act(x, colwise=True)
+            dy_fq, x_fq = _fake_quant_act(dy, ctx.scale_fmt, colwise=True), _fake_quant_act(x, ctx.scale_fmt, True)
             # per expert (x_eᵀ · dy_e)ᵀ = dy_eᵀ · x_e: [E, N, K], as the stacked weight
             dw = grouped_mm_wgrad(x_fq, dy_fq, offsets).transpose(1, 2).to(ctx.weight_dtype)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
-def fp8_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def fp8_grouped_mm(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, scale_fmt: str | None = None
+) -> torch.Tensor:
     """FP8-recipe grouped matmul for training the routed experts: `x` `[T, K]` sorted by expert, `weight` the stacked
     master weight `[E, N, K]`, `offsets` `[E]` int32 cumulative rows; returns `[T, N]`."""
-    return _FP8GroupedMMFunction.apply(x, weight, offsets)
+    return _FP8GroupedMMFunction.apply(x, weight, offsets, FP8Training(scale_fmt).scale_fmt)
 
 
 def expert_projection(
@@ -271,7 +294,7 @@ def expert_projection(
     scale_inv: torch.Tensor | None,
     offsets: torch.Tensor,
     fp8: FP8Format | None,
-    fp8_training: bool = False,
+    fp8_training: FP8Training | None = None,
 ) -> torch.Tensor:
     """Every routed expert's rows through its projection, `rows_e · W_eᵀ`, in one grouped GEMM; the one place that
     decides how:
@@ -290,8 +313,8 @@ def expert_projection(
     Returns:
         `[T, N]` in the dtype of `rows`.
     """
-    if fp8_training:
-        return fp8_grouped_mm(rows, weight, offsets)
+    if fp8_training is not None:
+        return fp8_grouped_mm(rows, weight, offsets, fp8_training.scale_fmt)
     if fp8 is None:
         return grouped_mm(rows, weight.transpose(1, 2), offsets)
     if uses_fp8_kernels(rows, fp8.block_size):
@@ -308,11 +331,11 @@ def expert_swiglu(
     up: tuple[torch.Tensor, torch.Tensor | None],
     offsets: torch.Tensor,
     fp8: FP8Format | None,
-    fp8_training: bool = False,
+    fp8_training: FP8Training | None = None,
 ) -> torch.Tensor:
     """`silu(rows_e · G_eᵀ) * (rows_e · U_eᵀ)` for every expert; `gate` and `up` are `(weight, scale_inv)` pairs as for
     `expert_projection`. Master weights run gate and up as one fused grouped kernel on CUDA."""
-    if fp8 is None and not fp8_training:
+    if fp8 is None and fp8_training is None:
         return grouped_swiglu(rows, gate[0].transpose(1, 2), up[0].transpose(1, 2), offsets)
     return F.silu(expert_projection(rows, *gate, offsets, fp8, fp8_training)) * expert_projection(
         rows, *up, offsets, fp8, fp8_training

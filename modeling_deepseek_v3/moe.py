@@ -19,7 +19,7 @@ from torch import nn
 
 from .configuration import DeepseekV3Config
 from .dtypes import KeepsTensorDtypes
-from .fp8 import expert_projection, expert_swiglu, fp8_format
+from .fp8 import FP8Training, expert_projection, expert_swiglu, fp8_format
 from .layers import MLP
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class RoutedExperts(KeepsTensorDtypes):
         self.n_routed_experts = e
         self.num_experts = e  # this module's experts: fewer under expert parallelism, which sets it
         self.fp8 = fp8_format(config)
-        self.fp8_training = False  # train_in_fp8()
+        self.fp8_training: FP8Training | None = None  # train_in_fp8()
         for name, (rows, cols) in zip(self.PROJECTIONS, ((i, h), (i, h), (h, i))):
             if self.fp8 is None:
                 self.register_parameter(name, nn.Parameter(torch.empty(e, rows, cols)))
@@ -101,13 +101,13 @@ class RoutedExperts(KeepsTensorDtypes):
             self.register_parameter(name, nn.Parameter(q, requires_grad=False))
             self.register_parameter(f"{name}_scale_inv", nn.Parameter(s, requires_grad=False))
 
-    def train_in_fp8(self) -> None:
-        """Run the projections of bf16/fp32 master weights through the FP8 training recipe from now on (see
-        `training.enable_fp8_training`). The module stays itself: what expert parallelism set on it (its forward,
-        its expert count) is kept."""
+    def train_in_fp8(self, recipe: FP8Training | None = None) -> None:
+        """Run the projections of bf16/fp32 master weights through the FP8 training recipe from now on, its tiles
+        scaled as `recipe` says (see `training.enable_fp8_training`). The module stays itself: what expert
+        parallelism set on it (its forward, its expert count) is kept."""
         if self.fp8 is not None:
             raise ValueError("train_in_fp8 needs bf16/fp32 master weights; these experts store FP8 weights")
-        self.fp8_training = True
+        self.fp8_training = FP8Training() if recipe is None else recipe
 
     def dtype_kept_tensors(self) -> tuple[str, ...]:
         if self.fp8 is None:

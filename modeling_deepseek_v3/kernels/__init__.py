@@ -50,14 +50,14 @@ def act_quant_colwise(x: torch.Tensor, scale_fmt: str | None = None) -> tuple[to
     return act_quant_colwise_ref(x, scale_fmt=scale_fmt)
 
 
-def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quant(w: torch.Tensor, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 128×128 weight blocks: `(q [N, K] e4m3, s [ceil(N/128), ceil(K/128)] fp32)`."""
     if use_triton(w):
         from .fp8_quant import weight_quant_triton
 
         count_launch("weight_quant")
-        return weight_quant_triton(w)
-    return weight_quant_ref(w)
+        return weight_quant_triton(w, scale_fmt)
+    return weight_quant_ref(w, scale_fmt=scale_fmt)
 
 
 def weight_dequant(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -82,7 +82,8 @@ def act_quant_colwise_triton(x: torch.Tensor, scale_fmt: str | None = None) -> t
 
 @triton.jit
 def weight_quant_kernel(
-    w_ptr, q_ptr, s_ptr, N, K, KB, INV_FP8_MAX: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr
+    w_ptr, q_ptr, s_ptr, N, K, KB, INV_FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = (pid_n * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
@@ -90,13 +91,16 @@ def weight_quant_kernel(
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)  # [B, B]
     scale = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), EPS) * INV_FP8_MAX
+    if UE8M0:
+        scale = tl.exp2(tl.ceil(tl.log2(scale)))
     q = tl.math.div_rn(w, scale)
     tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + pid_n * KB + pid_k, scale)
 
 
-def weight_quant_triton(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quant_triton(w: torch.Tensor, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """128×128 blocks of `w` `[N, K]`; returns `(q [N, K] e4m3, s [ceil(N/128), ceil(K/128)] fp32)`."""
+    _check_scale_fmt(scale_fmt)
     if w.dim() != 2 or w.numel() == 0:
         raise ValueError(f"weight_quant: w must be a non-empty [N, K] matrix, got shape {tuple(w.shape)}")
     w = w.contiguous()
@@ -104,7 +108,8 @@ def weight_quant_triton(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nb, kb = triton.cdiv(n, FP8_BLOCK), triton.cdiv(k, FP8_BLOCK)
     q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty(nb, kb, dtype=torch.float32, device=w.device)
-    weight_quant_kernel[(nb, kb)](w, q, s, n, k, kb, INV_FP8_MAX=INV_FP8_E4M3_MAX, EPS=SCALE_EPS, BLOCK=FP8_BLOCK)
+    weight_quant_kernel[(nb, kb)](w, q, s, n, k, kb, INV_FP8_MAX=INV_FP8_E4M3_MAX, EPS=SCALE_EPS,
+                                  UE8M0=scale_fmt == "ue8m0", BLOCK=FP8_BLOCK)
     return q, s
 
 

@@ -245,9 +245,9 @@ def act_quant_colwise_ref(x: torch.Tensor, scale_fmt: str | None = None, block: 
     return q_t.t().contiguous(), s_t.t().contiguous()
 
 
-def weight_quant_ref(w: torch.Tensor, block: int | tuple[int, int] = FP8_BLOCK):
+def weight_quant_ref(w: torch.Tensor, block: int | tuple[int, int] = FP8_BLOCK, scale_fmt: str | None = None):
     """Quantise `w` `[..., N, K]` (a matrix or stacked experts) in `block`×`block` tiles; the last row / column
-    block may be partial.
+    block may be partial. Scales as `fp8_scale_ref` (powers of two for `scale_fmt="ue8m0"`).
 
     Returns:
         `(q [..., N, K] float8_e4m3fn, s [..., ceil(N/block), ceil(K/block)] fp32)`, the checkpoint's
@@ -258,7 +258,7 @@ def weight_quant_ref(w: torch.Tensor, block: int | tuple[int, int] = FP8_BLOCK):
     nb, kb = -(-n // block_n), -(-k // block_k)
     padded = torch.nn.functional.pad(w.float(), (0, kb * block_k - k, 0, nb * block_n - n))
     tiles = padded.unflatten(-1, (kb, block_k)).unflatten(-3, (nb, block_n))  # [..., nb, Bn, kb, Bk]
-    scale = fp8_scale_ref(tiles.abs().amax(dim=(-3, -1)))  # [..., nb, kb]
+    scale = fp8_scale_ref(tiles.abs().amax(dim=(-3, -1)), scale_fmt)  # [..., nb, kb]
     q = (tiles / scale[..., :, None, :, None]).flatten(-4, -3).flatten(-2)[..., :n, :k].to(torch.float8_e4m3fn)
     return q, scale
 

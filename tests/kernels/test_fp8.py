@@ -116,6 +116,19 @@ def test_weight_quant(n, k):
     assert ((deq - w).abs() <= torch.maximum(w.abs() * 2**-4, block_scales * FP8_E4M3_MAX * 2**-10)).all()
 
 
+@pytest.mark.parametrize("n, k", [(256, 320), (100, 100)], ids=str)
+def test_weight_quant_with_power_of_two_scales(n, k):
+    """`scale_fmt="ue8m0"` (DeepSeek-V3.1's format): each block's scale is amax / 448 rounded up to a power of two,
+    by the definition written here; the kernel and the reference agree."""
+    w = fresh(n, k, scale=0.05)
+    q, s = weight_quant_triton(w, "ue8m0")
+    q_ref, s_ref = weight_quant_ref(w, scale_fmt="ue8m0")
+    by_definition = torch.exp2(torch.ceil(torch.log2(e4m3_tiles(w, (128, 128))[1])))
+    assert torch.equal(s, by_definition) and torch.equal(s_ref, by_definition)
+    block_scales = tile_scales(s_ref.repeat_interleave(128, dim=0)[:n], k)
+    assert_fp8_payload_equal(q, q_ref, w / block_scales)
+
+
 @pytest.mark.parametrize("n, k", [(256, 320), (100, 100), (1, 128)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_weight_dequant(n, k, dtype):

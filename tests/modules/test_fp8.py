@@ -5,15 +5,19 @@ import pytest
 import torch
 from torch import nn
 
-from modeling_deepseek_v3.fp8 import FP8Linear, FP8TrainingLinear, fp8_linear
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM
+from modeling_deepseek_v3.fp8 import FP8Linear, FP8Training, FP8TrainingLinear, fp8_grouped_mm, fp8_linear
+from modeling_deepseek_v3.training import enable_fp8_training
 
 from ..utils import (
     E4M3_MAX,
     EMULATION_TOLERANCE,
+    e4m3_tiles,
     e4m3_value,
     through_column_tiles,
     through_row_tiles,
     through_weight_blocks,
+    tiny_config,
     weight_blocks,
 )
 
@@ -107,3 +111,52 @@ def test_fp8_training_gemms_use_the_specified_tiles():
     assert rel_err(y, through_row_tiles(x.detach()) @ through_weight_blocks(w.detach()).t()) < EMULATION_TOLERANCE
     assert rel_err(dx, through_row_tiles(dy) @ through_weight_blocks(w.detach())) < EMULATION_TOLERANCE
     assert rel_err(dw, through_column_tiles(dy).t() @ through_column_tiles(x.detach())) < EMULATION_TOLERANCE
+
+
+def through_power_of_two_tiles(x: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
+    """`x` through e4m3 tiles whose scale is amax / 448 rounded up to a power of two (DeepSeek-V3.1's `ue8m0`),
+    written here from the definition: the payload `x / scale` cast to e4m3, back in fp64."""
+    _, s = e4m3_tiles(x, tile)
+    s = torch.exp2(torch.ceil(torch.log2(s))).double()
+    rows, cols = x.shape[-2:]
+    full = s.repeat_interleave(tile[0], dim=-2)[..., :rows, :].repeat_interleave(tile[1], dim=-1)[..., :cols]
+    return (x.double() / full).to(torch.float8_e4m3fn).double() * full
+
+
+def test_fp8_training_with_power_of_two_scales_uses_them_in_every_gemm():
+    """`scale_fmt="ue8m0"`: Fprop, Dgrad and Wgrad against fp64 emulations with power-of-two tiles (the same tiles as
+    the default recipe); the default recipe's scales give a clearly different result, so the format is not ignored."""
+    x = torch.randn(200, 320, requires_grad=True)
+    w = (torch.randn(192, 320) * 0.05).requires_grad_()
+    dy = torch.randn(200, 192)
+    y = fp8_linear(x, w, "ue8m0")
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    row, col, block = (1, 128), (128, 1), (128, 128)
+    xd, wd = x.detach(), w.detach()
+    y_ref = through_power_of_two_tiles(xd, row) @ through_power_of_two_tiles(wd, block).t()
+    assert rel_err(y, y_ref) < EMULATION_TOLERANCE
+    dx_ref = through_power_of_two_tiles(dy, row) @ through_power_of_two_tiles(wd, block)
+    assert rel_err(dx, dx_ref) < EMULATION_TOLERANCE
+    dw_ref = through_power_of_two_tiles(dy, col).t() @ through_power_of_two_tiles(xd, col)
+    assert rel_err(dw, dw_ref) < EMULATION_TOLERANCE
+    assert rel_err(y, through_row_tiles(xd) @ through_weight_blocks(wd).t()) > 10 * EMULATION_TOLERANCE
+
+
+def test_fp8_grouped_mm_with_power_of_two_scales():
+    counts = torch.tensor([40, 0, 150])
+    offsets = counts.cumsum(0).to(torch.int32)
+    x, w = torch.randn(190, 160), torch.randn(3, 96, 160) * 0.05
+    y = fp8_grouped_mm(x, w, offsets, "ue8m0")
+    xq = through_power_of_two_tiles(x, (1, 128))
+    ref = torch.cat([xq[:40] @ through_power_of_two_tiles(w[0], (128, 128)).t(),
+                     xq[40:] @ through_power_of_two_tiles(w[2], (128, 128)).t()])
+    assert rel_err(y, ref) < EMULATION_TOLERANCE
+
+
+def test_enable_fp8_training_takes_the_scale_format_and_refuses_others():
+    model = enable_fp8_training(DeepseekV3ForCausalLM(tiny_config()), scale_fmt="ue8m0")
+    layer = model.model.layers[1]
+    assert layer.self_attn.q_b_proj.recipe == FP8Training("ue8m0")
+    assert layer.mlp.experts.fp8_training == FP8Training("ue8m0")
+    with pytest.raises(ValueError, match=r"scale_fmt = 'e5m2' is invalid: it must be None .* or 'ue8m0'"):
+        enable_fp8_training(DeepseekV3ForCausalLM(tiny_config()), scale_fmt="e5m2")
