@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache, DynamicLayer, StaticCache
 
 from .configuration import DeepseekV3Config
 
-MIN_CAPACITY = 256
+MIN_CAPACITY = 256  # also the room left after a prompt, so that the decode steps after it do not copy it
 
 
 class LatentCacheLayer(DynamicLayer):
@@ -59,7 +59,8 @@ class LatentCacheLayer(DynamicLayer):
         self.values = self._k_pe[:, :, : self.length]
 
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self._c_kv.shape[2], MIN_CAPACITY)
+        # the first fill (a prompt) gets MIN_CAPACITY tokens of room; later ones double
+        capacity = max(needed + MIN_CAPACITY if self.length == 0 else needed, 2 * self._c_kv.shape[2])
         old_c_kv, old_k_pe = self._c_kv[:, :, : self.length], self._k_pe[:, :, : self.length]
         self._allocate(old_c_kv, old_k_pe, capacity)
         self._c_kv[:, :, : self.length] = old_c_kv
