@@ -100,9 +100,9 @@ def _generate(model, context: torch.Tensor, new_tokens: int, **kwargs) -> None:
 
 
 @torch.inference_mode()
-def untraced_step_ms(model, context: torch.Tensor, steps: int, repeats: int, **kwargs) -> float:
-    """ms per decode step of `generate` without the tracer: the time of `steps` + 1 new tokens minus that of 1,
-    median over `repeats` alternating pairs."""
+def untraced_step_ms(model, context: torch.Tensor, steps: int, repeats: int, **kwargs) -> list[float]:
+    """ms per decode step of `generate` without the tracer: the time of `steps` + 1 new tokens minus that of 1, for
+    each of `repeats` alternating pairs."""
     per_step = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -111,22 +111,25 @@ def untraced_step_ms(model, context: torch.Tensor, steps: int, repeats: int, **k
         start = time.perf_counter()
         _generate(model, context, steps + 1, **kwargs)
         per_step.append((time.perf_counter() - start - one) / steps * 1e3)
-    return statistics.median(per_step)
+    return per_step
 
 
 @torch.inference_mode()
 def profile_decode(model, context: torch.Tensor, steps: int, repeats: int, **kwargs) -> dict:
     """Breakdown (ms per decode step) of `generate(context, max_new_tokens=steps + 1)`, greedy, plus the traced and
-    untraced step times. `kwargs` go to `generate` (e.g. `cache_implementation="static"`)."""
+    untraced step times (the median, and every sample). `kwargs` go to `generate` (e.g.
+    `cache_implementation="static"`)."""
     _generate(model, context, 4, **kwargs)  # warm-up
     with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
         _generate(model, context, steps + 1, **kwargs)
     totals, counted = decode_loop_breakdown(prof.events(), model)
     components = {name: us / counted / 1e3 for name, us in sorted(totals.items(), key=lambda kv: -kv[1])}
+    untraced = untraced_step_ms(model, context, steps, repeats, **kwargs)
     return {
         "components_ms": components,
         "traced_step_ms": sum(components.values()),
-        "untraced_step_ms": untraced_step_ms(model, context, steps, repeats, **kwargs),
+        "untraced_step_ms": statistics.median(untraced),
+        "untraced_step_ms_samples": untraced,
         "steps": counted,
     }
 

@@ -5,7 +5,9 @@
 * absorbed (decoding, short queries over a cache): `kv_b_proj` is folded into the query and the output, so the
   cached latent is never expanded:  `q_lat = q_nope·W_UK`, `o_lat = softmax((q_lat·c_kvᵀ + q_pe·k_peᵀ)·scale)·c_kv`,
   `o = o_lat·W_UVᵀ`. The attention over the latent is `kernels.mla_decode` (a Triton kernel on CUDA, its torch
-  reference elsewhere).
+  reference elsewhere); on a CPU, a single new query per row over a cache that holds `[c_kv | k_pe]` rows (the
+  dynamic latent cache) runs as torch's fused `scaled_dot_product_attention` instead, keys and values both those rows,
+  which reads each cached row once per step instead of twice (`latent_sdpa`).
 `MultiHeadLatentAttention.use_absorbed` picks, per call, the path with fewer multiply-adds.
 
 Dimension letters: b batch, s new tokens, t all keys (cached + new), h heads, d head dim (n nope, v value),
@@ -271,6 +273,10 @@ class MultiHeadLatentAttention(nn.Module):
             return tuple(x.to(q_lat.dtype) for x in (q_pe, c_kv, k_pe))
 
         if not want_probs:
+            rows = side_by_side(c_kv, k_pe) if s == 1 and mask is None and c_kv.device.type == "cpu" else None
+            if rows is not None and not (torch.is_grad_enabled() and rows.requires_grad):
+                return self.absorbed(q_nope, lambda q_lat: latent_sdpa(q_lat, q_pe.to(q_lat.dtype),
+                                                                       rows.to(q_lat.dtype), scale)), None
             return self.absorbed(q_nope, lambda q_lat: mla_decode(q_lat, *latents(q_lat), mask, scale)), None
         formed = {}
 
@@ -320,3 +326,41 @@ def latent_mask(
     if attention_mask.dtype != torch.bool:
         attention_mask = attention_mask == 0
     return attention_mask.expand(b, 1, s, t)[:, 0]
+
+
+def side_by_side(c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor | None:
+    """`[b, t, c + r]` rows `[c_kv | k_pe]` when `c_kv` `[b, t, c]` and `k_pe` `[b, t, r]` are the two column ranges of
+    one buffer (as the dynamic latent cache stores them), viewed without a copy; None otherwise."""
+    (b, t, c), r = c_kv.shape, k_pe.shape[-1]
+    same_rows = (
+        c_kv.dtype == k_pe.dtype
+        and c_kv.untyped_storage().data_ptr() == k_pe.untyped_storage().data_ptr()
+        and k_pe.storage_offset() == c_kv.storage_offset() + c
+        and c_kv.stride() == k_pe.stride()
+        and c_kv.stride(-1) == 1
+        and (t == 1 or c_kv.stride(1) == c + r)
+    )
+    return c_kv.as_strided((b, t, c + r), c_kv.stride()) if same_rows else None
+
+
+def latent_sdpa(q_lat: torch.Tensor, q_pe: torch.Tensor, rows: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """`kernels.mla_decode` of one new query per row with no mask, through torch's fused attention: the latent
+    attention is multi-query attention with keys `[c_kv | k_pe]` (`rows`), values `c_kv` and queries `[q_lat | q_pe]`.
+    The values are given as the whole rows (the output's last r columns, weighted `k_pe`, are dropped), so keys and
+    values are one tensor, read once, and the fused kernel needs equal head dims. The heads go in as groups sharing the
+    one key head, as many groups as torch threads (a divisor of the heads): the kernel splits work by head.
+
+    Args:
+        q_lat: `[b, 1, h, c]`; q_pe: `[b, 1, h, r]`; rows: `[b, t, c + r]`; every query sees all t keys.
+
+    Returns:
+        `o_lat` `[b, 1, h, c]`.
+    """
+    b, s, h, c = q_lat.shape
+    if s != 1:
+        raise ValueError(f"latent_sdpa: one new query per row, got {s} (q_lat of shape {tuple(q_lat.shape)})")
+    groups = max(g for g in range(1, min(h, torch.get_num_threads()) + 1) if h % g == 0)
+    query = torch.cat((q_lat, q_pe), dim=-1).view(b, groups, h // groups, -1)  # the heads of a group as its queries
+    keys = rows[:, None]  # [b, 1, t, c + r]: one key head
+    out = F.scaled_dot_product_attention(query, keys, keys, scale=softmax_scale, enable_gqa=groups > 1)
+    return out[..., :c].reshape(b, 1, h, c)

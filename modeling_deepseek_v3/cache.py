@@ -3,7 +3,9 @@
 The latents are kept as the keys (`c_kv`, `[b, 1, t, c]`) and values (`k_pe`, `[b, 1, t, r]`) of transformers cache
 layers, so everything `generate()` does with a cache (masks, beam reordering, cropping, batch selection) works
 unchanged. The dynamic layer grows into pre-allocated storage (capacity doubles), so a decode step writes one token
-instead of re-allocating the whole cache as `torch.cat` would.
+instead of re-allocating the whole cache as `torch.cat` would. Each token's `c_kv` and `k_pe` sit side by side in one
+row of that storage (when their dtypes agree), so the absorbed decode step can read the cache as one `[t, c + r]`
+tensor, keys and values at once (`attention.side_by_side`).
 Dimension letters: b batch, t cached tokens, c kv_lora_rank, r qk_rope_head_dim.
 References: DeepSeek-V3 report §2.1.1 (only c_kv and k_pe are cached); docs/design.md (Multi-head Latent Attention).
 """
@@ -15,7 +17,7 @@ from transformers.cache_utils import Cache, DynamicLayer, StaticCache
 
 from .configuration import DeepseekV3Config
 
-MIN_CAPACITY = 256
+MIN_CAPACITY = 256  # also the room left after a prompt, so that the decode steps after it do not copy it
 
 
 class LatentCacheLayer(DynamicLayer):
@@ -27,15 +29,29 @@ class LatentCacheLayer(DynamicLayer):
         super().__init__(**kwargs)
         self._c_kv: torch.Tensor | None = None  # [b, 1, capacity, c]
         self._k_pe: torch.Tensor | None = None  # [b, 1, capacity, r]
+        self._rows: torch.Tensor | None = None  # [b, 1, capacity, c + r]: both above as views, when dtypes agree
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        self._c_kv = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
-        self._k_pe = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[-1])
+        self._allocate(key_states, value_states, 0)
         self.length = 0
         self._publish()
         self.is_initialized = True
+
+    def _allocate(self, c_kv: torch.Tensor, k_pe: torch.Tensor, capacity: int) -> None:
+        """Empty storage for `capacity` tokens of rows like `c_kv` and `k_pe`: one buffer of `[c_kv | k_pe]` rows
+        when their dtypes agree (under autocast they may not), two buffers otherwise."""
+        b, c, r = c_kv.shape[0], c_kv.shape[-1], k_pe.shape[-1]
+        if c_kv.dtype == k_pe.dtype:
+            self._set_rows(c_kv.new_empty(b, 1, capacity, c + r), c)
+        else:
+            self._rows = None
+            self._c_kv = c_kv.new_empty(b, 1, capacity, c)
+            self._k_pe = k_pe.new_empty(b, 1, capacity, r)
+
+    def _set_rows(self, rows: torch.Tensor, c: int) -> None:
+        self._rows, self._c_kv, self._k_pe = rows, rows[..., :c], rows[..., c:]
 
     def _publish(self) -> None:
         # `keys` / `values` are what transformers reads (offload, iteration): views of the filled part.
@@ -43,12 +59,12 @@ class LatentCacheLayer(DynamicLayer):
         self.values = self._k_pe[:, :, : self.length]
 
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self._c_kv.shape[2], MIN_CAPACITY)
-        for name in ("_c_kv", "_k_pe"):
-            old = getattr(self, name)
-            new = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
-            new[:, :, : self.length] = old[:, :, : self.length]
-            setattr(self, name, new)
+        # the first fill (a prompt) gets MIN_CAPACITY tokens of room; later ones double
+        capacity = max(needed + MIN_CAPACITY if self.length == 0 else needed, 2 * self._c_kv.shape[2])
+        old_c_kv, old_k_pe = self._c_kv[:, :, : self.length], self._k_pe[:, :, : self.length]
+        self._allocate(old_c_kv, old_k_pe, capacity)
+        self._c_kv[:, :, : self.length] = old_c_kv
+        self._k_pe[:, :, : self.length] = old_k_pe
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -69,7 +85,7 @@ class LatentCacheLayer(DynamicLayer):
         return self.length if self.is_initialized else 0
 
     def reset(self) -> None:
-        self._c_kv = self._k_pe = None
+        self._c_kv = self._k_pe = self._rows = None
         self.length = 0
         super().reset()
 
@@ -82,9 +98,13 @@ class LatentCacheLayer(DynamicLayer):
         self._publish()
 
     def _map_batch(self, fn) -> None:
-        if self.is_initialized:
+        if not self.is_initialized:
+            return
+        if self._rows is None:
             self._c_kv, self._k_pe = fn(self._c_kv), fn(self._k_pe)
-            self._publish()
+        else:
+            self._set_rows(fn(self._rows), self._c_kv.shape[-1])
+        self._publish()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -31,3 +31,67 @@ def test_cost_rule_picks_absorbed_for_decode_and_expanded_for_prefill():
     assert attn.use_absorbed(1, 200)
     assert attn.use_absorbed(4, 200)
     assert not attn.use_absorbed(200, 200)
+
+
+def latent_attention_fp32(q_lat, q_pe, c_kv, k_pe, scale):
+    """The absorbed formula written out, in fp64: softmax((q_lat·c_kvᵀ + q_pe·k_peᵀ)·scale)·c_kv, every query over
+    every key."""
+    scores = (torch.einsum("bshc,btc->bsht", q_lat.double(), c_kv.double())
+              + torch.einsum("bshr,btr->bsht", q_pe.double(), k_pe.double())) * scale
+    return torch.einsum("bsht,btc->bshc", scores.softmax(-1), c_kv.double())
+
+
+@pytest.mark.parametrize("heads, threads", [(6, 1), (6, 2), (16, 2), (5, 2)])
+def test_latent_sdpa_equals_the_absorbed_formula(heads, threads):
+    """The fused decode step over a buffer of [c_kv | k_pe] rows (with room after the tokens, as the cache has)
+    gives the absorbed formula's output, whatever the grouping of the heads."""
+    from modeling_deepseek_v3.attention import latent_sdpa, side_by_side
+
+    torch.manual_seed(0)
+    b, t, c, r = 2, 37, 16, 8
+    buffer = torch.randn(b, 1, 64, c + r)[:, 0]  # capacity 64, t filled
+    c_kv, k_pe = buffer[:, :t, :c], buffer[:, :t, c:]
+    rows = side_by_side(c_kv, k_pe)
+    assert rows is not None and rows.data_ptr() == buffer.data_ptr()
+    assert side_by_side(c_kv.clone(), k_pe.clone()) is None  # two separate tensors: no rows to read at once
+    q_lat, q_pe = torch.randn(b, 1, heads, c), torch.randn(b, 1, heads, r)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = latent_sdpa(q_lat, q_pe, rows, 0.3)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out.double(), latent_attention_fp32(q_lat, q_pe, c_kv, k_pe, 0.3),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one new query per row, got 2"):
+        latent_sdpa(q_lat.expand(b, 2, heads, c), q_pe.expand(b, 2, heads, r), rows, 0.3)
+
+
+def test_decode_step_reads_the_dynamic_cache_rows_at_once(monkeypatch):
+    """A one-token decode step without padding, gradients off as in `generate`, reads the dynamic cache's
+    [c_kv | k_pe] rows through `latent_sdpa` and gives the expanded path's logits; with left padding (a mask) or with
+    gradients on it keeps the latent decode kernel."""
+    from modeling_deepseek_v3 import attention
+
+    calls = []
+    latent_sdpa = attention.latent_sdpa
+    monkeypatch.setattr(attention, "latent_sdpa", lambda *args: calls.append(1) or latent_sdpa(*args))
+    expanded = random_model(tiny_config(mla_attention_path="expanded"))
+    absorbed = random_model(tiny_config(mla_attention_path="absorbed"))
+    absorbed.load_state_dict(expanded.state_dict())
+    ids = random_ids(expanded.config, 2, 12)
+    for padded, grad in ((False, False), (True, False), (False, True)):
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0 if padded else 1
+        logits = []
+        for model in (expanded, absorbed):
+            cache = MLACache(model.config)
+            with torch.set_grad_enabled(grad):
+                model(ids[:, :-3], attention_mask=mask[:, :-3], cache=cache, use_cache=True)
+                steps = [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True).logits
+                         for t in range(9, 12)]
+            logits.append(torch.cat(steps, dim=1))
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+        fused = not padded and not grad
+        assert len(calls) == (3 * expanded.config.num_hidden_layers if fused else 0)
+        calls.clear()

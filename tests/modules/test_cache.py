@@ -51,6 +51,23 @@ def test_growth_keeps_storage_between_steps():
     assert cache.get_seq_length() == 15
 
 
+def test_decode_steps_after_a_long_prompt_write_into_its_storage():
+    """The prompt's storage leaves room for the next tokens: the first decode steps do not copy the prompt's latent
+    (as doubling from a storage of exactly the prompt would)."""
+    from modeling_deepseek_v3.cache import MIN_CAPACITY
+
+    model = random_model()
+    cache = MLACache(model.config)
+    ids = random_ids(model.config, 1, MIN_CAPACITY + 44)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+        storage = cache.layers[0].keys.untyped_storage().data_ptr()
+        for _ in range(3):
+            model(ids[:, :1], cache=cache, use_cache=True)
+    assert cache.layers[0].keys.untyped_storage().data_ptr() == storage
+    assert cache.get_seq_length() == MIN_CAPACITY + 47
+
+
 def test_incremental_decoding_equals_full_forward():
     model = random_model()
     ids = random_ids(model.config, 2, 16)
