@@ -30,7 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration import DeepseekV3Config, DeepseekV32Config
 from .fp8 import FP8Linear, dense_weight, fp8_format, make_linear
 from .indexer import LightningIndexer, refuse_what_is_not_built, sparse_attention
-from .kernels import mla_decode, mla_decode_ref
+from .kernels import mla_decode, mla_decode_ref, use_triton
 from .layers import RMSNorm
 from .private_api import attention_implementation, has_forward_hooks
 from .rope import apply_rope, softmax_scale
@@ -273,7 +273,9 @@ class MultiHeadLatentAttention(nn.Module):
             return tuple(x.to(q_lat.dtype) for x in (q_pe, c_kv, k_pe))
 
         if not want_probs:
-            rows = side_by_side(c_kv, k_pe) if s == 1 and mask is None and c_kv.device.type == "cpu" else None
+            # where the dispatch would not run the Triton kernel (a CPU, outside `triton_on_cpu()`)
+            fused = s == 1 and mask is None and c_kv.device.type == "cpu" and not use_triton(c_kv)
+            rows = side_by_side(c_kv, k_pe) if fused else None
             if rows is not None and not (torch.is_grad_enabled() and rows.requires_grad):
                 return self.absorbed(q_nope, lambda q_lat: latent_sdpa(q_lat, q_pe.to(q_lat.dtype),
                                                                        rows.to(q_lat.dtype), scale)), None
