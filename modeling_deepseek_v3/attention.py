@@ -156,11 +156,12 @@ class MultiHeadLatentAttention(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin)  # ONE rope key shared by all heads
         if self.indexer is not None:
             objective = kwargs.get("indexer_objective")  # the causal LM's, in a training forward (indexer_training.py)
-            refuse_what_is_not_built(cache, paged_batch, attentions, self.training and objective is None,
-                                     _absorbable(self.kv_b_proj))
-            allowed = latent_mask(attention_mask, b, s, s, 0, c_kv.device)
+            refuse_what_is_not_built(cache, self.layer_idx, paged_batch, attentions,
+                                     self.training and objective is None, objective, _absorbable(self.kv_b_proj))
+            past = 0 if cache is None else cache.get_seq_length(self.layer_idx)
+            allowed = latent_mask(attention_mask, b, s, past + s, past, c_kv.device)
             out = sparse_attention(self, hidden_states, q_latent, q_nope, q_pe, c_kv, k_pe, position_embeddings,
-                                   allowed, objective)
+                                   allowed, objective, cache, past)
             return self.o_proj(out.flatten(2))
         if paged_batch is not None:
             out = paged_batch.attend(self, q_nope, q_pe, c_kv, k_pe)

@@ -6,7 +6,9 @@ unchanged. The dynamic layer grows into pre-allocated storage (capacity doubles)
 instead of re-allocating the whole cache as `torch.cat` would. Each token's `c_kv` and `k_pe` sit side by side in one
 row of that storage (when their dtypes agree), so the absorbed decode step can read the cache as one `[t, c + r]`
 tensor, keys and values at once (`attention.side_by_side`).
-Dimension letters: b batch, t cached tokens, c kv_lora_rank, r qk_rope_head_dim.
+For DeepSeek-V3.2 each layer also keeps its lightning indexer's keys beside the latents (`IndexedLatentCacheLayer`):
+one FP8 e4m3 key `[D]` and its fp32 scale per token, as DeepSeek's code keeps `k_cache` and `k_scale_cache`.
+Dimension letters: b batch, t cached tokens, c kv_lora_rank, r qk_rope_head_dim, D index_head_dim.
 References: DeepSeek-V3 report §2.1.1 (only c_kv and k_pe are cached); docs/design.md (Multi-head Latent Attention).
 """
 
@@ -15,9 +17,14 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticCache
 
-from .configuration import DeepseekV3Config
+from .configuration import DeepseekV3Config, DeepseekV32Config
 
 MIN_CAPACITY = 256  # also the room left after a prompt, so that the decode steps after it do not copy it
+
+
+def latent_token_bytes(layer) -> int:
+    """Bytes of one token's `c_kv` and `k_pe` in one row of a cache layer."""
+    return layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
 
 
 class LatentCacheLayer(DynamicLayer):
@@ -84,6 +91,14 @@ class LatentCacheLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
+    def stored_bytes(self) -> int:
+        """Bytes of the cached tokens (all rows)."""
+        return self.keys.nbytes + self.values.nbytes
+
+    def token_bytes(self) -> int:
+        """Bytes one token occupies in one row."""
+        return latent_token_bytes(self)
+
     def reset(self) -> None:
         self._c_kv = self._k_pe = self._rows = None
         self.length = 0
@@ -116,6 +131,63 @@ class LatentCacheLayer(DynamicLayer):
         self._map_batch(lambda t: t[indices])
 
 
+class IndexedLatentCacheLayer(LatentCacheLayer):
+    """A `LatentCacheLayer` that also keeps the DeepSeek-V3.2 indexer's keys of the cached tokens: FP8 e4m3 values
+    `[b, t, D]` and their power-of-two scales `[b, t]` fp32, grown, cropped and batch-mapped with the latents."""
+
+    _layer_type = "mla_latent_indexed"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._index_keys: torch.Tensor | None = None  # [b, capacity, D] float8_e4m3fn
+        self._index_scales: torch.Tensor | None = None  # [b, capacity] fp32
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None,
+               *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the latents as `LatentCacheLayer.update`, and the new tokens' indexer keys from `cache_kwargs`:
+        `"index_keys"` `[b, s, D]` (FP8) and `"index_scales"` `[b, s]`. Read them back with `index_keys()`."""
+        if not cache_kwargs or "index_keys" not in cache_kwargs:
+            raise ValueError("IndexedLatentCacheLayer.update needs cache_kwargs with 'index_keys' and 'index_scales' "
+                             "(the DeepSeek-V3.2 indexer's keys of the new tokens)")
+        start = self.length
+        keys, values = super().update(key_states, value_states)
+        if self._index_keys is None or self.length > self._index_keys.shape[1]:
+            self._grow_index(cache_kwargs["index_keys"], cache_kwargs["index_scales"], start)
+        self._index_keys[:, start : self.length] = cache_kwargs["index_keys"]
+        self._index_scales[:, start : self.length] = cache_kwargs["index_scales"]
+        return keys, values
+
+    def _grow_index(self, index_keys: torch.Tensor, index_scales: torch.Tensor, kept: int) -> None:
+        # the same capacity as the latents' storage, so that both grow together
+        capacity = self._c_kv.shape[2]
+        new_keys = index_keys.new_empty(index_keys.shape[0], capacity, index_keys.shape[-1])
+        new_scales = index_scales.new_empty(index_scales.shape[0], capacity)
+        if self._index_keys is not None:
+            new_keys[:, :kept], new_scales[:, :kept] = self._index_keys[:, :kept], self._index_scales[:, :kept]
+        self._index_keys, self._index_scales = new_keys, new_scales
+
+    def index_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The indexer keys of the cached tokens: `(FP8 values [b, t, D], scales [b, t])`."""
+        return self._index_keys[:, : self.length], self._index_scales[:, : self.length]
+
+    def stored_bytes(self) -> int:
+        keys, scales = self.index_keys()
+        return super().stored_bytes() + keys.nbytes + scales.nbytes
+
+    def token_bytes(self) -> int:
+        return super().token_bytes() + self._index_keys.shape[-1] * self._index_keys.element_size() + \
+            self._index_scales.element_size()
+
+    def reset(self) -> None:
+        self._index_keys = self._index_scales = None
+        super().reset()
+
+    def _map_batch(self, fn) -> None:
+        if self.is_initialized and self._index_keys is not None:
+            self._index_keys, self._index_scales = fn(self._index_keys), fn(self._index_scales)
+        super()._map_batch(fn)
+
+
 class LatentCacheMixin:
     """Byte accounting shared by the dynamic and the static latent cache."""
 
@@ -123,13 +195,13 @@ class LatentCacheMixin:
 
     def nbytes(self) -> int:
         """Bytes of the cached latents (`c_kv` and `k_pe` of the stored tokens, all layers and rows)."""
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self._filled_layers())
+        return sum(layer.stored_bytes() for layer in self._filled_layers())
 
     def bytes_per_token(self) -> int:
-        """Bytes one token occupies in one layer: `(kv_lora_rank + qk_rope_head_dim) × element size`."""
+        """Bytes one token occupies in one layer: `(kv_lora_rank + qk_rope_head_dim) × element size`, plus for
+        DeepSeek-V3.2 its indexer key (`index_head_dim` bytes of FP8 and a 4-byte scale)."""
         for layer in self._filled_layers():
-            keys, values = layer.keys, layer.values
-            return keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
+            return layer.token_bytes() if isinstance(layer, LatentCacheLayer) else latent_token_bytes(layer)
         raise ValueError("bytes_per_token: the cache holds no tokens yet")
 
     def _filled_layers(self) -> list:
@@ -137,7 +209,8 @@ class LatentCacheMixin:
 
 
 class MLACache(LatentCacheMixin, Cache):
-    """The default cache of `DeepseekV3ForCausalLM`: one `LatentCacheLayer` per decoder layer.
+    """The default cache of `DeepseekV3ForCausalLM`: one `LatentCacheLayer` per decoder layer (an
+    `IndexedLatentCacheLayer`, which also keeps the indexer's keys, for a `DeepseekV32Config`).
 
     `num_layers` (default `num_hidden_layers`) may add slots after the decoder layers' for the MTP modules' blocks
     (layer index `num_hidden_layers + k - 1` for module k), as self-speculative decoding does.
@@ -153,7 +226,8 @@ class MLACache(LatentCacheMixin, Cache):
             super().__init__(layer_class_to_replicate=LatentCacheLayer)
         else:
             num_layers = config.num_hidden_layers if num_layers is None else num_layers
-            super().__init__(layers=[LatentCacheLayer() for _ in range(num_layers)])
+            layer = IndexedLatentCacheLayer if isinstance(config, DeepseekV32Config) else LatentCacheLayer
+            super().__init__(layers=[layer() for _ in range(num_layers)])
 
 
 class MLAStaticCache(LatentCacheMixin, StaticCache):
@@ -169,9 +243,7 @@ class MLAStaticCache(LatentCacheMixin, StaticCache):
 
     @staticmethod
     def _row_bytes(layer) -> int:
-        return layer.keys.shape[0] * (
-            layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
-        )
+        return layer.keys.shape[0] * latent_token_bytes(layer)
 
     def allocated_bytes(self) -> int:
         """Bytes reserved up front for `max_cache_len` tokens."""

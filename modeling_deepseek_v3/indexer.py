@@ -12,10 +12,11 @@ chosen rows of the latent cache are gathered per query and attended to in the ab
 mask over all keys. The latent itself is rounded through FP8 (1×128 tiles, ue8m0 scales) and back first, as
 DeepSeek's deployment caches it in FP8.
 
-Built here: prefill without a cache (a full forward, `use_cache=False`), and training in the report's two stages
-(`indexer_training.py`): the indexer reads a detached copy of its inputs and its FP8 rounding passes gradients
-straight through. Decoding over a cache, continuous batching and attention probabilities as outputs are refused
-(docs/v32.md).
+Built here: a full forward, prefill and decoding over `MLACache(config)` (whose layers keep the indexer's FP8 keys
+and scales beside the latents, `cache.IndexedLatentCacheLayer`: each new token's key is computed once), and training
+in the report's two stages (`indexer_training.py`): the indexer reads a detached copy of its inputs and its FP8
+rounding passes gradients straight through. A static or paged cache (continuous batching) and attention
+probabilities as outputs are refused (docs/v32.md).
 Dimension letters: b batch, s queries, t keys, h MLA heads, H indexer heads, D index head dim, k chosen keys,
 c kv_lora_rank, r qk_rope_head_dim.
 References: DeepSeek-V3.2 report (DeepSeek Sparse Attention); DeepSeek-V3.2 `inference/model.py` (`Indexer`, `MLA`)
@@ -29,7 +30,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import Cache
 
+from .cache import IndexedLatentCacheLayer
 from .configuration import DeepseekV32Config
 from .fp8 import FP8Format, make_linear
 from .indexer_training import IndexerObjective, indexer_kl
@@ -41,6 +44,8 @@ SCALE_FMT = "ue8m0"
 # [b, rows, k, c + r], attention scores [b, rows, h, k]): bounds the memory of long prefills
 CHUNK_ELEMENTS = 1 << 26
 NOT_BUILT = "is not built yet for DeepSeek-V3.2 (model_type 'deepseek_v32'; docs/v32.md)"
+PAGED_NOT_BUILT = (f"continuous batching (generate_batch, cache_implementation='paged') {NOT_BUILT}: the indexer's "
+                   "FP8 key cache has no paged form yet")
 
 
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
@@ -142,15 +147,25 @@ class LightningIndexer(nn.Module):
         return indices, allowed
 
 
-def refuse_what_is_not_built(cache, paged_batch, attentions, training: bool, absorbable: bool) -> None:
-    """Raise `ValueError` for what this implementation of DeepSeek-V3.2 does not do; `training`: a forward that would
-    train without an `IndexerObjective`; `absorbable`: whether `kv_b_proj` is a plain linear whose weight the
-    absorbed form may read (not wrapped by an adapter, no hooks)."""
-    if cache is not None or paged_batch is not None:
-        raise ValueError(
-            f"decoding with a cache (use_cache=True, generate(), continuous batching) {NOT_BUILT}: the indexer's FP8 "
-            "key cache is not implemented; run full forwards with use_cache=False"
-        )
+def refuse_what_is_not_built(cache, layer_idx: int, paged_batch, attentions, training: bool, objective,
+                              absorbable: bool) -> None:
+    """Raise `ValueError` for what this implementation of DeepSeek-V3.2 does not do; `cache`: the forward's cache, whose
+    layer `layer_idx` must keep indexer keys (`MLACache(config)`); `training`: a forward that would train without an
+    `IndexerObjective`; `objective`: a training forward's (no cache with it); `absorbable`: whether `kv_b_proj` is a
+    plain linear whose weight the absorbed form may read (not wrapped by an adapter, no hooks)."""
+    if paged_batch is not None:
+        raise ValueError(PAGED_NOT_BUILT)
+    if cache is not None:
+        layers = getattr(cache, "layers", [])
+        if not (layer_idx < len(layers) and isinstance(layers[layer_idx], IndexedLatentCacheLayer)):
+            raise ValueError(
+                f"a cache whose layer {layer_idx} keeps no indexer keys ({type(cache).__name__}: a static cache, "
+                f"cache_implementation='static', or an MLACache built without the config) {NOT_BUILT}: the "
+                "indexer's FP8 keys are kept only in the layers of MLACache(model.config), which generate() builds"
+            )
+        if objective is not None:
+            raise ValueError("a training forward of DeepSeek-V3.2 with a cache: the FP8 indexer key cache holds no "
+                             "gradient; train with use_cache=False")
     if training and torch.is_grad_enabled():
         raise ValueError(
             "training DeepSeek-V3.2 needs a stage for its indexer: set config.indexer_training_stage to "
@@ -169,8 +184,29 @@ def refuse_continuous_batching(config) -> None:
     """Raise `ValueError` for continuous batching of a DeepSeek-V3.2 model, before its manager starts (its worker
     thread would only log the error of the first forward)."""
     if isinstance(config, DeepseekV32Config):
-        raise ValueError(f"continuous batching (generate_batch, cache_implementation='paged') {NOT_BUILT}: the "
-                         "indexer's FP8 key cache has no paged form yet")
+        raise ValueError(PAGED_NOT_BUILT)
+
+
+def chosen_latent_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                            indices: torch.Tensor, valid: torch.Tensor,
+                            softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The absorbed attention of each query over its chosen latent rows only, gathered (no mask over all keys).
+
+    Args:
+        q_lat: `[b, s, h, c]`; q_pe: `[b, s, h, r]`; c_kv: `[b, t, c]`; k_pe: `[b, t, r]`.
+        indices, valid: `[b, s, k]`, from `LightningIndexer.select`.
+
+    Returns:
+        `(o_lat [b, s, h, c], probs [b, s, h, k] fp32)`.
+    """
+    batch = torch.arange(c_kv.shape[0], device=c_kv.device)[:, None, None]
+    c_sel, pe_sel = c_kv[batch, indices].to(q_lat.dtype), k_pe[batch, indices].to(q_lat.dtype)  # [b, s, k, .]
+    logits = (torch.einsum("bshc,bskc->bshk", q_lat, c_sel)
+              + torch.einsum("bshr,bskr->bshk", q_pe.to(q_lat.dtype), pe_sel)) * softmax_scale
+    # finfo.min, not -inf: a query with no allowed key (padding) must not give NaN
+    logits = logits.masked_fill(~valid[:, :, None, :], torch.finfo(logits.dtype).min)
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    return torch.einsum("bshk,bskc->bshc", probs.to(q_lat.dtype), c_sel), probs
 
 
 def sparse_attention(
@@ -184,25 +220,31 @@ def sparse_attention(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     allowed: torch.Tensor | None,
     objective: IndexerObjective | None = None,
+    cache: Cache | None = None,
+    past: int = 0,
 ) -> torch.Tensor:
-    """MLA of a full forward (no cache) over the keys `mla.indexer` picks for each query, or over every allowed key
-    in the dense warm-up.
+    """MLA over the keys `mla.indexer` picks for each query (or over every allowed key in the dense warm-up), for a
+    full forward or for new tokens over a cache (prefill, a decode step, or a speculative verification).
 
     Args:
         mla: the layer's `MultiHeadLatentAttention` (its `indexer`, its `absorbed` form, its softmax scale).
         hidden_states: `[b, s, hidden]`, the layer's normed input; q_latent: `[b, s, q_lora_rank]`.
-        q_nope, q_pe: `[b, s, h, n]`, `[b, s, h, r]` (rotated); c_kv: `[b, s, c]` (normed); k_pe: `[b, s, r]`.
+        q_nope, q_pe: `[b, s, h, n]`, `[b, s, h, r]` (rotated); c_kv: `[b, s, c]` (normed); k_pe: `[b, s, r]`, of
+            the new tokens.
         position_embeddings: `(cos, sin)`, each `[b, s, r/2]`.
-        allowed: `[b, s, s]` bool (True = may attend), or None for plain causal attention.
+        allowed: `[b, s, t]` bool (True = may attend) over all t = past + s keys, or None for plain causal attention
+            (query i at position past + i).
         objective: in a training forward, the `IndexerObjective` that receives this layer's KL loss; its stage picks
             the keys attended to.
+        cache: an `MLACache(config)`: the new tokens' rounded latents and indexer keys are appended to its layer
+            `mla.layer_idx`, and the queries attend over all its tokens; past: the tokens it held before.
 
     Returns:
         `[b, s, h, v]`, before `o_proj`.
     """
     b, s, _ = hidden_states.shape
     cos, sin = position_embeddings
-    c_kv = fp8_round_trip(c_kv)
+    c_kv = fp8_round_trip(c_kv)  # as DeepSeek's deployment caches the latent
     # the indexer learns from its own loss only: it reads its inputs detached from the main model's graph
     hidden_states, q_latent = hidden_states.detach(), q_latent.detach()
     indexer_scope = contextlib.nullcontext if objective is None else objective.indexer_scope
@@ -210,10 +252,17 @@ def sparse_attention(
     with indexer_scope():
         k8, k_scale = mla.indexer.keys(hidden_states, cos, sin)
         q8, weights = mla.indexer.queries(hidden_states, q_latent, cos, sin)
-    k = s if dense else min(mla.indexer.topk, s)
-    rows = max(1, CHUNK_ELEMENTS // max(mla.indexer.n_heads * s, k * (c_kv.shape[-1] + k_pe.shape[-1]),
+    if cache is not None:
+        c_kv, k_pe = cache.update(c_kv[:, None], k_pe[:, None], mla.layer_idx,
+                                  {"index_keys": k8, "index_scales": k_scale})
+        c_kv, k_pe = c_kv[:, 0], k_pe[:, 0]
+        k8, k_scale = cache.layers[mla.layer_idx].index_keys()
+    t = c_kv.shape[1]
+    k = t if dense else min(mla.indexer.topk, t)
+    rows = max(1, CHUNK_ELEMENTS // max(mla.indexer.n_heads * t, k * (c_kv.shape[-1] + k_pe.shape[-1]),
                                         q_nope.shape[2] * k))
-    batch = torch.arange(b, device=c_kv.device)[:, None, None]
+    key_positions = torch.arange(t, device=c_kv.device)
+    query_positions = torch.arange(s, device=c_kv.device) + past
 
     kl_sum, queries = 0.0, 0
 
@@ -224,26 +273,21 @@ def sparse_attention(
             part = slice(start, start + rows)
             with indexer_scope():
                 scores = mla.indexer.scores(q8[:, part], weights[:, part], k8, k_scale)
-            if allowed is None:  # causal, built per chunk: never [s, s] at once
-                rows_allowed = torch.arange(s, device=c_kv.device) <= torch.arange(s, device=c_kv.device)[part, None]
-                rows_allowed = rows_allowed.expand(b, -1, -1)
+            if allowed is None:  # causal, built per chunk: never [s, t] at once
+                rows_allowed = (key_positions <= query_positions[part, None]).expand(b, -1, -1)
             else:
                 rows_allowed = allowed[:, part]
             if dense:
                 indices, valid = mla.indexer.select_all(rows_allowed)
             else:
                 indices, valid = mla.indexer.select(scores, rows_allowed)
-            c_sel, pe_sel = c_kv[batch, indices].to(q_lat.dtype), k_pe[batch, indices].to(q_lat.dtype)  # [b,rows,k,.]
-            logits = (torch.einsum("bshc,bskc->bshk", q_lat[:, part], c_sel)
-                      + torch.einsum("bshr,bskr->bshk", q_pe[:, part].to(q_lat.dtype), pe_sel)) * mla.softmax_scale
-            # finfo.min, not -inf: a query with no allowed key (padding) must not give NaN
-            logits = logits.masked_fill(~valid[:, :, None, :], torch.finfo(logits.dtype).min)
-            probs = logits.softmax(dim=-1, dtype=torch.float32)
+            o_lat, probs = chosen_latent_attention(q_lat[:, part], q_pe[:, part], c_kv, k_pe, indices, valid,
+                                                   mla.softmax_scale)
             if objective is not None:
                 with indexer_scope():
                     part_kl, part_queries = indexer_kl(probs, scores.gather(-1, indices), valid)
                     kl_sum, queries = kl_sum + part_kl, queries + part_queries
-            out.append(torch.einsum("bshk,bskc->bshc", probs.to(q_lat.dtype), c_sel))
+            out.append(o_lat)
         return torch.cat(out, dim=1)
 
     out = mla.absorbed(q_nope, latent_attention)

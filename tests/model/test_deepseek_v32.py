@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV32Config, load_preset
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV32Config, MLACache, load_preset
 from modeling_deepseek_v3 import indexer as indexer_module
 from modeling_deepseek_v3.convert import convert_checkpoint
 from modeling_deepseek_v3.indexer import LightningIndexer, fp8_round_trip, hadamard_rotate, sparse_attention
@@ -249,12 +249,12 @@ def tiny_model():
     return DeepseekV3ForCausalLM(load_preset("tiny-deepseek-v32")).eval()
 
 
-def test_decoding_with_a_cache_is_refused(tiny_model):
+def test_a_cache_without_indexer_keys_is_refused(tiny_model):
     ids = torch.randint(3, 256, (1, 6))
-    with pytest.raises(ValueError, match="decoding with a cache .* is not built yet for DeepSeek-V3.2"):
-        tiny_model(ids)  # the release config says use_cache: true
-    with pytest.raises(ValueError, match="decoding with a cache"):
-        tiny_model.generate(ids, max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match=r"keeps no indexer keys \(StaticCache: .* is not built yet for DeepSeek"):
+        tiny_model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    with pytest.raises(ValueError, match=r"keeps no indexer keys \(MLACache: "):
+        tiny_model(ids, cache=MLACache())  # no config: its layers keep no indexer keys
 
 
 def test_continuous_batching_is_refused(tiny_model):
