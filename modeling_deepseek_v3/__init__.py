@@ -23,7 +23,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from .cache import LatentCacheLayer, MLACache, MLAStaticCache
+from .cache import IndexedLatentCacheLayer, LatentCacheLayer, MLACache, MLAStaticCache
 from .configuration import (
     CONFIG_CLASSES,
     PRESET_NAMES,
@@ -71,6 +71,7 @@ __all__ = [
     "DeepseekV3TrainerMixin",
     "ExpertBalanceCallback",
     "KimiK2Config",
+    "IndexedLatentCacheLayer",
     "LatentCacheLayer",
     "MLACache",
     "MLAStaticCache",

@@ -158,8 +158,14 @@ class MultiHeadLatentAttention(nn.Module):
             objective = kwargs.get("indexer_objective")  # the causal LM's, in a training forward (indexer_training.py)
             refuse_what_is_not_built(cache, self.layer_idx, paged_batch, attentions,
                                      self.training and objective is None, objective, _absorbable(self.kv_b_proj))
-            past = 0 if cache is None else cache.get_seq_length(self.layer_idx)
-            allowed = latent_mask(attention_mask, b, s, past + s, past, c_kv.device)
+            past, t = 0, s
+            if cache is not None:
+                past = cache.get_seq_length(self.layer_idx)
+                if isinstance(past, torch.Tensor):  # a static layer: all its slots are keys, empty ones masked
+                    past, t = past.clone(), cache.layers[self.layer_idx].max_cache_len
+                else:
+                    t = past + s
+            allowed = latent_mask(attention_mask, b, s, t, past, c_kv.device)
             out = sparse_attention(self, hidden_states, q_latent, q_nope, q_pe, c_kv, k_pe, position_embeddings,
                                    allowed, objective, cache, past)
             return self.o_proj(out.flatten(2))

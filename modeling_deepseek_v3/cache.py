@@ -15,7 +15,7 @@ References: DeepSeek-V3 report §2.1.1 (only c_kv and k_pe are cached); docs/des
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, StaticCache
+from transformers.cache_utils import Cache, DynamicLayer, StaticCache, StaticLayer
 
 from .configuration import DeepseekV3Config, DeepseekV32Config
 
@@ -23,8 +23,20 @@ MIN_CAPACITY = 256  # also the room left after a prompt, so that the decode step
 
 
 def latent_token_bytes(layer) -> int:
-    """Bytes of one token's `c_kv` and `k_pe` in one row of a cache layer."""
-    return layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
+    """Bytes of one token's `c_kv` and `k_pe` in one row of a cache layer (and its indexer key where it keeps one)."""
+    latent = layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
+    if getattr(layer, "_index_keys", None) is None:
+        return latent
+    return latent + layer._index_keys.shape[-1] * layer._index_keys.element_size() + layer._index_scales.element_size()
+
+
+def new_index_keys(cache_kwargs: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new tokens' indexer keys a DeepSeek-V3.2 layer passes to its cache: `(FP8 values [b, s, D],
+    scales [b, s])`."""
+    if not cache_kwargs or "index_keys" not in cache_kwargs or "index_scales" not in cache_kwargs:
+        raise ValueError("a DeepSeek-V3.2 cache layer's update needs cache_kwargs with 'index_keys' and 'index_scales' "
+                         "(the indexer's keys of the new tokens)")
+    return cache_kwargs["index_keys"], cache_kwargs["index_scales"]
 
 
 class LatentCacheLayer(DynamicLayer):
@@ -91,13 +103,6 @@ class LatentCacheLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
-    def stored_bytes(self) -> int:
-        """Bytes of the cached tokens (all rows)."""
-        return self.keys.nbytes + self.values.nbytes
-
-    def token_bytes(self) -> int:
-        """Bytes one token occupies in one row."""
-        return latent_token_bytes(self)
 
     def reset(self) -> None:
         self._c_kv = self._k_pe = self._rows = None
@@ -146,15 +151,13 @@ class IndexedLatentCacheLayer(LatentCacheLayer):
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the latents as `LatentCacheLayer.update`, and the new tokens' indexer keys from `cache_kwargs`:
         `"index_keys"` `[b, s, D]` (FP8) and `"index_scales"` `[b, s]`. Read them back with `index_keys()`."""
-        if not cache_kwargs or "index_keys" not in cache_kwargs:
-            raise ValueError("IndexedLatentCacheLayer.update needs cache_kwargs with 'index_keys' and 'index_scales' "
-                             "(the DeepSeek-V3.2 indexer's keys of the new tokens)")
+        index_keys, index_scales = new_index_keys(cache_kwargs)
         start = self.length
         keys, values = super().update(key_states, value_states)
         if self._index_keys is None or self.length > self._index_keys.shape[1]:
-            self._grow_index(cache_kwargs["index_keys"], cache_kwargs["index_scales"], start)
-        self._index_keys[:, start : self.length] = cache_kwargs["index_keys"]
-        self._index_scales[:, start : self.length] = cache_kwargs["index_scales"]
+            self._grow_index(index_keys, index_scales, start)
+        self._index_keys[:, start : self.length] = index_keys
+        self._index_scales[:, start : self.length] = index_scales
         return keys, values
 
     def _grow_index(self, index_keys: torch.Tensor, index_scales: torch.Tensor, kept: int) -> None:
@@ -170,14 +173,6 @@ class IndexedLatentCacheLayer(LatentCacheLayer):
         """The indexer keys of the cached tokens: `(FP8 values [b, t, D], scales [b, t])`."""
         return self._index_keys[:, : self.length], self._index_scales[:, : self.length]
 
-    def stored_bytes(self) -> int:
-        keys, scales = self.index_keys()
-        return super().stored_bytes() + keys.nbytes + scales.nbytes
-
-    def token_bytes(self) -> int:
-        return super().token_bytes() + self._index_keys.shape[-1] * self._index_keys.element_size() + \
-            self._index_scales.element_size()
-
     def reset(self) -> None:
         self._index_keys = self._index_scales = None
         super().reset()
@@ -188,6 +183,48 @@ class IndexedLatentCacheLayer(LatentCacheLayer):
         super()._map_batch(fn)
 
 
+class IndexedStaticLayer(StaticLayer):
+    """A static layer of `MLAStaticCache` for DeepSeek-V3.2: beside `c_kv` and `k_pe`, the indexer's keys in
+    pre-allocated `[b, max_cache_len, D]` FP8 values and `[b, max_cache_len]` scales, written at the same slots.
+    `index_keys()` returns all slots; those past the stored tokens hold zeros, which the attention mask leaves out."""
+
+    def __init__(self, max_cache_len: int, **kwargs) -> None:
+        super().__init__(max_cache_len, **kwargs)
+        self._index_keys: torch.Tensor | None = None
+        self._index_scales: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None,
+               *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        index_keys, index_scales = new_index_keys(cache_kwargs)
+        if self._index_keys is None:
+            b, device = index_keys.shape[0], index_keys.device
+            self._index_keys = torch.zeros(b, self.max_cache_len, index_keys.shape[-1], dtype=index_keys.dtype,
+                                           device=device)
+            self._index_scales = torch.zeros(b, self.max_cache_len, dtype=index_scales.dtype, device=device)
+        slots = torch.arange(index_keys.shape[1], device=index_keys.device) + self.get_seq_length()
+        keys, values = super().update(key_states, value_states)
+        # index_copy_ has no FP8 kernel on every device: the bytes are copied
+        self._index_keys.view(torch.uint8).index_copy_(1, slots, index_keys.view(torch.uint8))
+        self._index_scales.index_copy_(1, slots, index_scales)
+        return keys, values
+
+    def index_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The indexer keys of every slot: `(FP8 values [b, max_cache_len, D], scales [b, max_cache_len])`."""
+        return self._index_keys, self._index_scales
+
+    def reset(self) -> None:
+        super().reset()
+        if self._index_keys is not None:
+            self._index_keys.view(torch.uint8).zero_()
+            self._index_scales.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self._index_keys is not None:
+            self._index_keys = self._index_keys.index_select(0, beam_idx.to(self._index_keys.device))
+            self._index_scales = self._index_scales.index_select(0, beam_idx.to(self._index_scales.device))
+
+
 class LatentCacheMixin:
     """Byte accounting shared by the dynamic and the static latent cache."""
 
@@ -195,13 +232,14 @@ class LatentCacheMixin:
 
     def nbytes(self) -> int:
         """Bytes of the cached latents (`c_kv` and `k_pe` of the stored tokens, all layers and rows)."""
-        return sum(layer.stored_bytes() for layer in self._filled_layers())
+        return sum(layer.keys.shape[0] * int(layer.get_seq_length()) * latent_token_bytes(layer)
+                   for layer in self._filled_layers())
 
     def bytes_per_token(self) -> int:
         """Bytes one token occupies in one layer: `(kv_lora_rank + qk_rope_head_dim) × element size`, plus for
         DeepSeek-V3.2 its indexer key (`index_head_dim` bytes of FP8 and a 4-byte scale)."""
         for layer in self._filled_layers():
-            return layer.token_bytes() if isinstance(layer, LatentCacheLayer) else latent_token_bytes(layer)
+            return latent_token_bytes(layer)
         raise ValueError("bytes_per_token: the cache holds no tokens yet")
 
     def _filled_layers(self) -> list:
@@ -231,20 +269,19 @@ class MLACache(LatentCacheMixin, Cache):
 
 
 class MLAStaticCache(LatentCacheMixin, StaticCache):
-    """Pre-allocated latent cache of `max_cache_len` tokens (for `torch.compile`); `c_kv` and `k_pe` only.
+    """Pre-allocated latent cache of `max_cache_len` tokens (for `torch.compile`); `c_kv` and `k_pe` only, and for a
+    `DeepseekV32Config` the indexer's keys (`IndexedStaticLayer`).
 
-    `generate(cache_implementation="static")` builds the same layout; this class adds the byte accounting.
+    `generate(cache_implementation="static")` builds the same layout (this class for DeepSeek-V3.2); this class adds
+    the byte accounting.
     """
 
-    def nbytes(self) -> int:
-        return sum(
-            int(layer.get_seq_length()) * self._row_bytes(layer) for layer in self.layers if layer.is_initialized
-        )
-
-    @staticmethod
-    def _row_bytes(layer) -> int:
-        return layer.keys.shape[0] * latent_token_bytes(layer)
+    def __init__(self, config: DeepseekV3Config, max_cache_len: int, *args, **kwargs) -> None:
+        super().__init__(config, max_cache_len, *args, **kwargs)
+        if isinstance(config, DeepseekV32Config):
+            self.layers = [IndexedStaticLayer(max_cache_len=layer.max_cache_len) for layer in self.layers]
 
     def allocated_bytes(self) -> int:
         """Bytes reserved up front for `max_cache_len` tokens."""
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+        return sum(layer.keys.shape[0] * layer.max_cache_len * latent_token_bytes(layer)
+                   for layer in self.layers if layer.is_initialized)

@@ -53,7 +53,8 @@ from transformers.generation.stopping_criteria import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
-from .cache import MLACache
+from .cache import MLACache, MLAStaticCache
+from .configuration import DeepseekV32Config
 from .mtp import mtp_layer_index, mtp_step
 from .private_api import eos_and_pad_tensors, generation_defaults, prepare_cache_for_generation
 
@@ -226,6 +227,13 @@ class MTPGenerationMixin(GenerationMixin):
             and generation_config.cache_implementation in (None, "dynamic")
         ):
             model_kwargs["cache"] = MLACache(self.config)
+            return
+        if (  # DeepSeek-V3.2's static cache keeps the indexer keys too: transformers' StaticCache would not
+            isinstance(self.config, DeepseekV32Config)
+            and model_kwargs.get("cache") is None
+            and generation_config.cache_implementation == "static"
+        ):
+            model_kwargs["cache"] = MLAStaticCache(config=self.config, max_cache_len=max_cache_length)
             return
         prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                      max_cache_length)

@@ -12,11 +12,12 @@ chosen rows of the latent cache are gathered per query and attended to in the ab
 mask over all keys. The latent itself is rounded through FP8 (1×128 tiles, ue8m0 scales) and back first, as
 DeepSeek's deployment caches it in FP8.
 
-Built here: a full forward, prefill and decoding over `MLACache(config)` (whose layers keep the indexer's FP8 keys
-and scales beside the latents, `cache.IndexedLatentCacheLayer`: each new token's key is computed once), and training
-in the report's two stages (`indexer_training.py`): the indexer reads a detached copy of its inputs and its FP8
-rounding passes gradients straight through. A static or paged cache (continuous batching) and attention
-probabilities as outputs are refused (docs/v32.md).
+Built here: a full forward, prefill and decoding over `MLACache(config)` or `MLAStaticCache(config, ...)` (whose
+layers keep the indexer's FP8 keys and scales beside the latents, `cache.IndexedLatentCacheLayer` and
+`cache.IndexedStaticLayer`: each new token's key is computed once), and training in the report's two stages
+(`indexer_training.py`): the indexer reads a detached copy of its inputs and its FP8 rounding passes gradients
+straight through. The paged cache (continuous batching) and attention probabilities as outputs are refused
+(docs/v32.md).
 Dimension letters: b batch, s queries, t keys, h MLA heads, H indexer heads, D index head dim, k chosen keys,
 c kv_lora_rank, r qk_rope_head_dim.
 References: DeepSeek-V3.2 report (DeepSeek Sparse Attention); DeepSeek-V3.2 `inference/model.py` (`Indexer`, `MLA`)
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .cache import IndexedLatentCacheLayer
+from .cache import IndexedLatentCacheLayer, IndexedStaticLayer
 from .configuration import DeepseekV32Config
 from .fp8 import FP8Format, make_linear
 from .indexer_training import IndexerObjective, indexer_kl
@@ -157,11 +158,13 @@ def refuse_what_is_not_built(cache, layer_idx: int, paged_batch, attentions, tra
         raise ValueError(PAGED_NOT_BUILT)
     if cache is not None:
         layers = getattr(cache, "layers", [])
-        if not (layer_idx < len(layers) and isinstance(layers[layer_idx], IndexedLatentCacheLayer)):
+        if not (layer_idx < len(layers) and isinstance(layers[layer_idx], (IndexedLatentCacheLayer,
+                                                                            IndexedStaticLayer))):
             raise ValueError(
-                f"a cache whose layer {layer_idx} keeps no indexer keys ({type(cache).__name__}: a static cache, "
-                f"cache_implementation='static', or an MLACache built without the config) {NOT_BUILT}: the "
-                "indexer's FP8 keys are kept only in the layers of MLACache(model.config), which generate() builds"
+                f"a cache whose layer {layer_idx} keeps no indexer keys ({type(cache).__name__}: transformers' "
+                f"caches, or an MLACache / MLAStaticCache built without the config) {NOT_BUILT}: the indexer's FP8 "
+                "keys are kept only in the layers of MLACache(model.config) and MLAStaticCache(model.config, ...), "
+                "which generate() builds"
             )
         if objective is not None:
             raise ValueError("a training forward of DeepSeek-V3.2 with a cache: the FP8 indexer key cache holds no "
@@ -221,7 +224,7 @@ def sparse_attention(
     allowed: torch.Tensor | None,
     objective: IndexerObjective | None = None,
     cache: Cache | None = None,
-    past: int = 0,
+    past: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """MLA over the keys `mla.indexer` picks for each query (or over every allowed key in the dense warm-up), for a
     full forward or for new tokens over a cache (prefill, a decode step, or a speculative verification).
@@ -236,8 +239,9 @@ def sparse_attention(
             (query i at position past + i).
         objective: in a training forward, the `IndexerObjective` that receives this layer's KL loss; its stage picks
             the keys attended to.
-        cache: an `MLACache(config)`: the new tokens' rounded latents and indexer keys are appended to its layer
-            `mla.layer_idx`, and the queries attend over all its tokens; past: the tokens it held before.
+        cache: an `MLACache(config)` or `MLAStaticCache(config, ...)`: the new tokens' rounded latents and indexer keys
+            are stored in its layer `mla.layer_idx`, and the queries attend over all its slots (`allowed` masks a
+            static cache's empty ones); past: the tokens it held before (a tensor for a static cache).
 
     Returns:
         `[b, s, h, v]`, before `o_proj`.

@@ -6,7 +6,7 @@ the cache's batch operations keep the indexer keys with their latents."""
 import pytest
 import torch
 
-from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, load_preset
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, MLAStaticCache, load_preset
 from modeling_deepseek_v3.indexer import LightningIndexer
 
 from .test_deepseek_v32 import LOGITS_ATOL, MEMBERS, decided_queries, load, reference
@@ -126,3 +126,21 @@ def test_cache_operations_keep_the_indexer_keys_with_the_latents(model):
         logits = torch.cat([model(ids[[0, 2], i : i + 1], cache=cache, use_cache=True).logits for i in range(8, 12)],
                            dim=1)
     torch.testing.assert_close(logits, full_logits(model, ids[[0, 2]])[:, 8:], rtol=0, atol=1e-5)
+
+
+def test_static_cache_keeps_the_indexer_keys(model):
+    """`MLAStaticCache` (and generate's cache_implementation="static") decodes as the full forward; its byte
+    accounting counts the indexer keys."""
+    ids = random_ids(2, 20)
+    cache, logits = MLAStaticCache(config=model.config, max_cache_len=32), []
+    with torch.no_grad():
+        for start, end in [(0, 12)] + [(i, i + 1) for i in range(12, 20)]:
+            logits.append(model(ids[:, start:end], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(logits, dim=1), full_logits(model, ids), rtol=0, atol=1e-5)
+    c, r, d = model.config.kv_lora_rank, model.config.qk_rope_head_dim, model.config.index_head_dim
+    assert cache.bytes_per_token() == 4 * (c + r) + d + 4
+    assert cache.nbytes() == 2 * 20 * cache.bytes_per_token() * model.config.num_hidden_layers
+    assert cache.allocated_bytes() == 2 * 32 * cache.bytes_per_token() * model.config.num_hidden_layers
+    plain = model.generate(ids[:, :6], max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids[:, :6], max_new_tokens=8, do_sample=False, cache_implementation="static"),
+                       plain)
