@@ -9,6 +9,7 @@ import torch
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, MLAStaticCache, load_preset
 from modeling_deepseek_v3.indexer import LightningIndexer
 
+from .test_compile import greedy_steps
 from .test_deepseek_v32 import LOGITS_ATOL, MEMBERS, decided_queries, load, reference
 
 SEED = 0
@@ -116,6 +117,9 @@ def test_cache_operations_keep_the_indexer_keys_with_the_latents(model):
     assert cache.bytes_per_token() == 4 * (c + r) + d + 4  # fp32 latents, an FP8 key and its fp32 scale
     assert cache.nbytes() == 3 * 12 * cache.bytes_per_token() * model.config.num_hidden_layers
 
+    with pytest.raises(ValueError, match="needs cache_kwargs with 'index_keys' and 'index_scales'"):
+        cache.update(cache.layers[0].keys[:, :, :1], cache.layers[0].values[:, :, :1], 0)  # latents alone
+
     cache.batch_select_indices(torch.tensor([2, 0]))
     assert_same_cache(cache, prefilled(model, ids[[2, 0]]))
     cache.reorder_cache(torch.tensor([1, 0]))
@@ -144,3 +148,18 @@ def test_static_cache_keeps_the_indexer_keys(model):
     plain = model.generate(ids[:, :6], max_new_tokens=8, do_sample=False)
     assert torch.equal(model.generate(ids[:, :6], max_new_tokens=8, do_sample=False, cache_implementation="static"),
                        plain)
+
+
+def test_static_cache_decoding_compiles_to_one_graph(model):
+    """torch.compile(fullgraph=True) of the decode step over the static cache: no graph break, no recompile as the
+    position advances, eager decoding's tokens."""
+    torch.compiler.reset()
+    prompt = random_ids(2, 6)
+    eager = greedy_steps(model, model.forward, prompt, MLAStaticCache(config=model.config, max_cache_len=32), 8)
+    step = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+    cache = MLAStaticCache(config=model.config, max_cache_len=32)
+    greedy_steps(model, step, prompt, cache, 1)  # compiles the step
+    cache.reset()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled = greedy_steps(model, step, prompt, cache, 8)
+    assert torch.equal(compiled, eager)
