@@ -255,13 +255,17 @@ def sparse_attention(
     dense = objective is not None and objective.dense
     with indexer_scope():
         k8, k_scale = mla.indexer.keys(hidden_states, cos, sin)
-        q8, weights = mla.indexer.queries(hidden_states, q_latent, cos, sin)
     if cache is not None:
         c_kv, k_pe = cache.update(c_kv[:, None], k_pe[:, None], mla.layer_idx,
                                   {"index_keys": k8, "index_scales": k_scale})
         c_kv, k_pe = c_kv[:, 0], k_pe[:, 0]
         k8, k_scale = cache.layers[mla.layer_idx].index_keys()
     t = c_kv.shape[1]
+    if objective is None and t <= mla.indexer.topk:
+        # every allowed key would be chosen, whatever the scores: dense MLA over them, without scoring
+        return mla.attend(q_nope, q_pe, c_kv, k_pe, None if allowed is None else allowed[:, None], past)
+    with indexer_scope():
+        q8, weights = mla.indexer.queries(hidden_states, q_latent, cos, sin)
     k = t if dense else min(mla.indexer.topk, t)
     rows = max(1, CHUNK_ELEMENTS // max(mla.indexer.n_heads * t, k * (c_kv.shape[-1] + k_pe.shape[-1]),
                                         q_nope.shape[2] * k))
