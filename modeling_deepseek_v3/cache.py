@@ -6,8 +6,9 @@ unchanged. The dynamic layer grows into pre-allocated storage (capacity doubles)
 instead of re-allocating the whole cache as `torch.cat` would. Each token's `c_kv` and `k_pe` sit side by side in one
 row of that storage (when their dtypes agree), so the absorbed decode step can read the cache as one `[t, c + r]`
 tensor, keys and values at once (`attention.side_by_side`).
-For DeepSeek-V3.2 each layer also keeps its lightning indexer's keys beside the latents (`IndexedLatentCacheLayer`):
-one FP8 e4m3 key `[D]` and its fp32 scale per token, as DeepSeek's code keeps `k_cache` and `k_scale_cache`.
+For DeepSeek-V3.2 each layer also keeps its lightning indexer's keys beside the latents (`IndexedLatentCacheLayer`,
+`IndexedStaticLayer` in the static cache): one FP8 e4m3 key `[D]` and its fp32 scale per token, as DeepSeek's code
+keeps `k_cache` and `k_scale_cache`.
 Dimension letters: b batch, t cached tokens, c kv_lora_rank, r qk_rope_head_dim, D index_head_dim.
 References: DeepSeek-V3 report §2.1.1 (only c_kv and k_pe are cached); docs/design.md (Multi-head Latent Attention).
 """

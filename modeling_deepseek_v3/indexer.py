@@ -151,9 +151,10 @@ class LightningIndexer(nn.Module):
 def refuse_what_is_not_built(cache, layer_idx: int, paged_batch, attentions, training: bool, objective,
                               absorbable: bool) -> None:
     """Raise `ValueError` for what this implementation of DeepSeek-V3.2 does not do; `cache`: the forward's cache, whose
-    layer `layer_idx` must keep indexer keys (`MLACache(config)`); `training`: a forward that would train without an
-    `IndexerObjective`; `objective`: a training forward's (no cache with it); `absorbable`: whether `kv_b_proj` is a
-    plain linear whose weight the absorbed form may read (not wrapped by an adapter, no hooks)."""
+    layer `layer_idx` must keep indexer keys (`MLACache(config)`, `MLAStaticCache(config, ...)`); `training`: a
+    forward that would train without an `IndexerObjective`; `objective`: a training forward's (no cache with it);
+    `absorbable`: whether `kv_b_proj` is a plain linear whose weight the absorbed form may read (not wrapped by an
+    adapter, no hooks)."""
     if paged_batch is not None:
         raise ValueError(PAGED_NOT_BUILT)
     if cache is not None:
