@@ -163,3 +163,11 @@ def test_static_cache_decoding_compiles_to_one_graph(model):
     with torch.compiler.set_stance("fail_on_recompile"):
         compiled = greedy_steps(model, step, prompt, cache, 8)
     assert torch.equal(compiled, eager)
+
+
+def test_a_training_forward_with_a_cache_is_refused():
+    config = load_preset("tiny-deepseek-v32", quantization_config=None, indexer_training_stage="sparse")
+    model = DeepseekV3ForCausalLM(config).train()
+    ids = random_ids(1, 6)
+    with pytest.raises(ValueError, match="a training forward of DeepSeek-V3.2 with a cache: .* use_cache=False"):
+        model(ids, labels=ids, use_cache=True)
