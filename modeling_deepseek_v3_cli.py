@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="ROMEO:", help="text to continue (default: 'ROMEO:')")
     demo.add_argument("--max-new-tokens", type=_positive_int, default=60, help="tokens to generate (default: 60)")
     demo.add_argument(
+        "--compare-tokens",
+        type=_positive_int,
+        default=64,
+        help="tokens per held-out prompt in the comparison of speculative and plain decoding (default: 64)",
+    )
+    demo.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
@@ -116,7 +122,8 @@ def _demo(args: argparse.Namespace, _: list[str]) -> int:
 
     with _as_user_errors(DemoArgumentError, OSError):
         run_demo(steps=args.steps, out=args.out, preset=args.preset, corpus=args.corpus, seed=args.seed,
-                 prompt=args.prompt, max_new_tokens=args.max_new_tokens, threads=args.threads)
+                 prompt=args.prompt, max_new_tokens=args.max_new_tokens, threads=args.threads,
+                 compare_tokens=args.compare_tokens)
     return 0
 
 

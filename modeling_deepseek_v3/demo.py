@@ -48,7 +48,6 @@ DEMO_RECORD = "demo-output.json"
 MTP_MODULES = 1  # as in DeepSeek-V3
 SPECULATIVE_PROMPTS = 4  # held-out prompts decoded both ways
 PROMPT_TOKENS = 32
-SPECULATIVE_NEW_TOKENS = 64
 LOG_POINTS = 20  # logged training steps, for the loss plot
 # The loss plot's marker: the final eval on the held-out blocks, text never trained on, so it may sit above the curve
 EVAL_LABEL = "held-out next-token loss (text not trained on)"
@@ -274,6 +273,7 @@ def run_demo(
     prompt: str = "ROMEO:",
     max_new_tokens: int = 60,
     threads: int | None = None,
+    compare_tokens: int = 64,
 ) -> DemoReport:
     """Train a tokenizer and a DeepSeek-V3 with one MTP module from scratch on a text corpus (the routing biases
     train too), save both with PNG plots of the loss and the expert load, reload them, sample, and compare greedy
@@ -291,6 +291,8 @@ def run_demo(
         threads: torch's intra-op threads for the run (>= 1), restored afterwards; None keeps torch's default (one
             per core). On a shared or busy machine 1 can be much faster: threads that wait for each other's cores
             stall every step.
+        compare_tokens: tokens each held-out prompt decodes in the comparison of speculative and plain decoding
+            (>= 1).
 
     Returns:
         A `DemoReport`.
@@ -308,7 +310,7 @@ def run_demo(
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' loading and saving bars: the demo prints its own progress lines
     try:
-        return _run_demo(steps, Path(out), preset, corpus, seed, prompt, max_new_tokens)
+        return _run_demo(steps, Path(out), preset, corpus, seed, prompt, max_new_tokens, compare_tokens)
     finally:
         torch.set_num_threads(default_threads)
         if bars:
@@ -316,11 +318,13 @@ def run_demo(
 
 
 def _run_demo(steps: int, out: Path, preset: str, corpus: str | Path | None, seed: int, prompt: str,
-              max_new_tokens: int) -> DemoReport:
+              max_new_tokens: int, compare_tokens: int) -> DemoReport:
     if steps < 1:
         raise DemoArgumentError(f"steps must be >= 1, got {steps}")
     if max_new_tokens < 1:
         raise DemoArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if compare_tokens < 1:
+        raise DemoArgumentError(f"compare_tokens must be >= 1, got {compare_tokens}")
     if preset not in DEMO_PRESETS:
         raise DemoArgumentError(f"preset: {preset!r} is not one of the demo presets {', '.join(DEMO_PRESETS)}")
     if not prompt:
@@ -428,9 +432,9 @@ def _run_demo(steps: int, out: Path, preset: str, corpus: str | Path | None, see
 
     prompts = [eval_ds[i]["input_ids"][None, :PROMPT_TOKENS].to(generator.model.device)
                for i in range(min(SPECULATIVE_PROMPTS, len(eval_ds)))]
-    speedup, acceptance, per_forward, identical = compare_decoding(generator.model, prompts, SPECULATIVE_NEW_TOKENS)
+    speedup, acceptance, per_forward, identical = compare_decoding(generator.model, prompts, compare_tokens)
     print(f"[demo] speculative decoding with the MTP module, {len(prompts)} held-out prompts x "
-          f"{SPECULATIVE_NEW_TOKENS} new tokens, greedy: acceptance {acceptance:.1%}, {per_forward:.2f} tokens per "
+          f"{compare_tokens} new tokens, greedy: acceptance {acceptance:.1%}, {per_forward:.2f} tokens per "
           f"main-model forward, {speedup:.2f}x the speed of plain decoding; outputs identical: "
           f"{'yes' if identical else 'NO'}")
     print(f"[demo] plots: {plots[0]}, {plots[1]}")

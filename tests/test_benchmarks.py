@@ -4,24 +4,11 @@ write their result files, so a GPU session does not lose its minutes to a script
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("script", ["kernels_gpu.py", "captured_decode.py"])
-def test_gpu_script_dry_run_writes_its_results(script, tmp_path):
-    out = tmp_path / "result.json"
-    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--dry-run", "--result-file", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads(out.read_text())
-    assert record["device"] == "cpu (dry run)"
-    assert record["series"] and all(len(s["samples"]) == s["n"] >= 1 for s in record["series"].values())
 
 
 def run_dry(script: str, out: Path) -> subprocess.CompletedProcess:
@@ -35,7 +22,11 @@ def test_gpu_check_dry_run_runs_every_step_and_the_summary(tmp_path):
     result = run_dry("gpu_check.sh", tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     for step in ("kernels_gpu", "gpu_check", "fp8", "captured_decode"):
-        assert json.loads((tmp_path / f"{step}.json").read_text())["benchmark"] == step
+        record = json.loads((tmp_path / f"{step}.json").read_text())
+        assert record["benchmark"] == step
+        if step in ("kernels_gpu", "captured_decode"):  # the GPU scripts' own dry runs, each with raw samples
+            assert record["device"] == "cpu (dry run)"
+            assert record["series"] and all(len(s["samples"]) == s["n"] >= 1 for s in record["series"].values())
     assert "BAD" not in result.stdout and "GPU check summary" in result.stdout
     assert set(json.loads((tmp_path / "gpu_all.json").read_text())) == {"kernels_gpu", "gpu_check", "fp8",
                                                                          "captured_decode"}

@@ -39,15 +39,15 @@ And I'll no longer be a Capulet.
         ["demo", "--steps", "0"],
         ["demo", "--steps", "ten"],
         ["demo", "--max-new-tokens", "0"],
+        ["demo", "--compare-tokens", "0"],
         ["demo", "--threads", "0"],
         ["demo", "--threads", "two"],
         ["no-such-command"],
         [],
         ["remote-code", "folder", "--port", "8000"],  # only serve and lm-eval pass arguments on to a tool
     ],
-    ids=["unknown-preset", "steps-0", "steps-not-int", "max-new-tokens-0", "threads-0", "threads-not-int",
-         "unknown-command",
-         "no-command", "unknown-option"],
+    ids=["unknown-preset", "steps-0", "steps-not-int", "max-new-tokens-0", "compare-tokens-0", "threads-0",
+         "threads-not-int", "unknown-command", "no-command", "unknown-option"],
 )
 def test_bad_arguments_exit_cleanly(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -137,11 +137,13 @@ def test_missing_corpus_exits_cleanly(tmp_path: Path, capsys: pytest.CaptureFixt
         ({"steps": 0}, "steps"),
         ({"preset": "no-such-preset"}, "preset"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"compare_tokens": 0}, "compare_tokens"),
         ({"prompt": ""}, "prompt"),
         ({"threads": 0}, "threads must be an int >= 1"),
         ({"threads": 1.5}, "threads must be an int >= 1"),
     ],
-    ids=["steps-0", "unknown-preset", "max-new-tokens-0", "empty-prompt", "threads-0", "threads-float"],
+    ids=["steps-0", "unknown-preset", "max-new-tokens-0", "compare-tokens-0", "empty-prompt", "threads-0",
+         "threads-float"],
 )
 def test_run_demo_rejects_bad_arguments(kwargs: dict, match: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=match):
@@ -169,7 +171,7 @@ def test_run_demo_rejects_the_full_size_preset(tmp_path: Path) -> None:
 def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     # the README's command with fewer steps: default preset `small` and the packaged corpus
-    assert main(["demo", "--steps", "20", "--out", str(out), "--max-new-tokens", "20"]) == 0
+    assert main(["demo", "--steps", "8", "--out", str(out), "--max-new-tokens", "20", "--compare-tokens", "16"]) == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "loss.png",
                  "expert_load.png"):
         assert (out / name).is_file(), name
@@ -181,7 +183,7 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     printed = captured.out
     assert "held-out next-token loss" in printed
     # short log lines naming each loss, not the full dicts
-    assert "[demo] step 20/20: next-token loss " in printed and "{'loss'" not in printed
+    assert "[demo] step 8/8: next-token loss " in printed and "{'loss'" not in printed
     assert "it/s]" not in captured.err and "it/s]" not in printed  # no progress bars between the demo's lines
     assert config.get("use_mtp_modules", True) is True  # switched off for the evaluation only
     assert "\nROMEO:" in printed  # the sample is printed, and it continues the default prompt
@@ -195,7 +197,8 @@ def test_demo_custom_corpus(tmp_path: Path) -> None:
     corpus.write_text(SMALL_CORPUS * 16, encoding="utf-8")  # ~4 KB
     assert 3_000 < corpus.stat().st_size < 8_000
     out = tmp_path / "demo"
-    report = run_demo(steps=3, out=out, preset="tiny", corpus=corpus, prompt="JULIET:", max_new_tokens=10)
+    report = run_demo(steps=3, out=out, preset="tiny", corpus=corpus, prompt="JULIET:", max_new_tokens=10,
+                      compare_tokens=8)
     assert isinstance(report.sample, str) and report.sample.startswith("JULIET:")
     assert report.identical and 0 <= report.acceptance_rate <= 1 and 1 <= report.tokens_per_forward <= 2
     assert all(path.is_file() for path in report.plots)
@@ -207,7 +210,8 @@ def test_demo_runs_with_the_threads_it_is_given_and_restores_torchs(tmp_path: Pa
     corpus.write_text(SMALL_CORPUS * 16, encoding="utf-8")
     default = torch.get_num_threads()
     threads = default + 1  # not torch's default, so the printed count shows the setting took effect
-    run_demo(steps=1, out=tmp_path / "demo", preset="tiny", corpus=corpus, max_new_tokens=2, threads=threads)
+    run_demo(steps=1, out=tmp_path / "demo", preset="tiny", corpus=corpus, max_new_tokens=2, threads=threads,
+             compare_tokens=4)
     printed = capsys.readouterr().out
     assert f"[demo] torch uses {threads} CPU threads; on a shared or busy machine `--threads 1`" in printed
     assert torch.get_num_threads() == default
@@ -237,14 +241,14 @@ def test_demo_replaces_its_own_earlier_output(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(SMALL_CORPUS * 16, encoding="utf-8")
     out = tmp_path / "demo"
-    run_demo(steps=1, out=out, preset="tiny", corpus=corpus, max_new_tokens=2)
+    run_demo(steps=1, out=out, preset="tiny", corpus=corpus, max_new_tokens=2, compare_tokens=4)
     record = json.loads((out / "demo-output.json").read_text())
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(record["files"])
     # as if the earlier run had saved a sharded checkpoint: its index must not outlive the new single file
     (out / "model.safetensors.index.json").write_text('{"weight_map": {"x": "model-00001-of-00002.safetensors"}}')
     (out / "demo-output.json").write_text(json.dumps({"files": record["files"] + ["model.safetensors.index.json"]}))
     (out / "notes.txt").write_text("mine")  # not the demo's: kept
-    run_demo(steps=1, out=out, preset="tiny", corpus=corpus, max_new_tokens=2, seed=1)
+    run_demo(steps=1, out=out, preset="tiny", corpus=corpus, max_new_tokens=2, seed=1, compare_tokens=4)
     assert not (out / "model.safetensors.index.json").exists()
     assert (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / "demo-output.json").read_text())["files"] == record["files"]
@@ -264,7 +268,7 @@ def test_a_rerun_after_an_interrupted_demo_save_replaces_it(tmp_path: Path) -> N
     (out / "demo-output.json").write_text(json.dumps({"unfinished": True, "kept": ["notes.txt"]}))
     (out / "model-00001-of-00002.safetensors").write_text("partial")
     (out / ".unfinished-save").write_text("")
-    run_demo(steps=1, out=out, preset="tiny", corpus=corpus, max_new_tokens=2)
+    run_demo(steps=1, out=out, preset="tiny", corpus=corpus, max_new_tokens=2, compare_tokens=4)
     assert not (out / "model-00001-of-00002.safetensors").exists() and not (out / ".unfinished-save").exists()
     assert (out / "notes.txt").read_text() == "mine"
     assert "notes.txt" not in json.loads((out / "demo-output.json").read_text())["files"]
