@@ -1,0 +1,183 @@
+"""The FP8 latent cache (`cache_dtype="fp8"`): what it stores against DeepSeek-V3.2's `act_quant` formulas written out
+here, the absorbed decode over it against decoding over the cache dequantised here, and generation through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeling_deepseek_v3 import MLACache, MLAStaticCache
+from modeling_deepseek_v3.cache import LatentCacheLayer
+from modeling_deepseek_v3.kernels import (
+    act_quant,
+    kernel_launches,
+    mla_decode_fp8,
+    mla_decode_fp8_ref,
+    mla_decode_ref,
+    triton_on_cpu,
+)
+from tests.utils import random_ids, random_model, tiny_config
+
+TILE = 128
+E4M3_MAX = 448.0
+RTOL = 1e-5  # fp32: the FP8 paths against the same attention over the dequantised cache
+
+
+def deepseek_act_quant(x: torch.Tensor, scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3.2's `act_quant` (inference/kernel.py) from its formulas, per 1×128 tile of the last dim (a partial
+    last tile on its own values): amax floored at 1e-4, scale = amax · fp32(1/448), for "ue8m0" rounded up to a power
+    of two by its exponent bits (2^(exponent + 1 if a mantissa bit is set)), payload clamp(x / scale, ±448) in e4m3."""
+    c = x.shape[-1]
+    tiles = -(-c // TILE)
+    scales, payloads = [], []
+    for i in range(tiles):
+        tile = x[..., i * TILE : (i + 1) * TILE].float()
+        amax = tile.abs().amax(dim=-1).clamp(min=1e-4)
+        scale = amax * torch.tensor(1 / E4M3_MAX, dtype=torch.float32)
+        if scale_fmt == "ue8m0":
+            mantissa, exponent = torch.frexp(scale)  # scale = mantissa · 2^exponent, mantissa in [0.5, 1)
+            scale = torch.ldexp(torch.ones_like(scale), torch.where(mantissa == 0.5, exponent - 1, exponent))
+        payloads.append((tile / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn))
+        scales.append(scale)
+    return torch.cat(payloads, dim=-1), torch.stack(scales, dim=-1)
+
+
+def dequantised(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Each e4m3 value times its tile's scale, in fp32."""
+    return values.float() * scales.repeat_interleave(TILE, dim=-1)[..., : values.shape[-1]]
+
+
+def varied_latents(b: int, t: int, c: int) -> torch.Tensor:
+    """Random `[b, 1, t, c]` latents whose tiles span magnitudes from 1e-3 to 1e3, some below the 1e-4 floor."""
+    x = torch.randn(b, 1, t, c) * 10 ** torch.empty(b, 1, t, 1).uniform_(-3, 3)
+    x[0, 0, 0, :TILE] *= 1e-7  # a tile whose amax is floored
+    return x
+
+
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+@pytest.mark.parametrize("static", [False, True])
+def test_stored_values_and_scales_are_deepseek_act_quant(scale_fmt, static):
+    config = tiny_config(kv_lora_rank=192)  # one full tile and a partial one
+    if static:
+        cache = MLAStaticCache(config=config, max_cache_len=400, cache_dtype="fp8", scale_fmt=scale_fmt)
+    else:
+        cache = MLACache(config, cache_dtype="fp8", scale_fmt=scale_fmt)
+    torch.manual_seed(0)
+    prompt, more = varied_latents(2, 5, 192), varied_latents(2, 300, 192)  # the second fill grows the dynamic cache
+    k_pe = torch.randn(2, 1, 305, config.qk_rope_head_dim)
+    cache.update(prompt, k_pe[:, :, :5], 0)
+    latent, rope = cache.update(more, k_pe[:, :, 5:], 0)
+    values, scales = deepseek_act_quant(torch.cat([prompt, more], dim=2)[:, 0], scale_fmt)
+    assert torch.equal(latent.values[:, :305].view(torch.uint8), values.view(torch.uint8))
+    assert torch.equal(latent.scales[:, :305], scales)
+    assert torch.equal(rope[:, :, :305], k_pe)  # the rope part is stored as given
+    if scale_fmt == "ue8m0":
+        assert torch.equal(torch.frexp(scales)[0], torch.full_like(scales, 0.5))
+
+
+def test_bytes_per_token_is_deepseek_v3_fp8_layout():
+    """FlashMLA's FP8 row: 512 e4m3 values, 4 fp32 scales, 64 bf16 rope values = 656 bytes against 1,152 in bf16."""
+    config = tiny_config(kv_lora_rank=512, qk_rope_head_dim=64)
+    sizes = {}
+    for cache_dtype in (None, "fp8"):
+        cache = MLACache(config, cache_dtype=cache_dtype)
+        cache.update(torch.randn(1, 1, 3, 512, dtype=torch.bfloat16), torch.randn(1, 1, 3, 64, dtype=torch.bfloat16), 0)
+        sizes[cache_dtype] = cache.bytes_per_token()
+        assert cache.nbytes() == 3 * sizes[cache_dtype]
+    assert sizes == {None: 1152, "fp8": 656}
+
+
+def random_fp8_cache(b: int, t: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values, scales = deepseek_act_quant(varied_latents(b, t, c)[:, 0], None)
+    return values, scales
+
+
+@pytest.mark.parametrize("s, masked", [(1, False), (3, True)])
+def test_absorbed_decode_over_fp8_cache_equals_decoding_the_dequantised_cache(s, masked):
+    torch.manual_seed(1)
+    b, h, c, r, t = 2, 4, 192, 8, 300
+    values, scales = random_fp8_cache(b, t, c)
+    q_lat, q_pe, k_pe = torch.randn(b, s, h, c) * 0.05, torch.randn(b, s, h, r), torch.randn(b, t, r)
+    mask = torch.rand(b, s, t) > 0.3 if masked else None
+    expected = mla_decode_ref(q_lat, q_pe, dequantised(values, scales), k_pe, mask, 0.2)
+    tolerance = dict(rtol=RTOL, atol=RTOL * expected.abs().max().item())
+    chunked = mla_decode_fp8_ref(q_lat, q_pe, values, scales, k_pe, mask, 0.2, chunk=64)  # five chunks, one partial
+    torch.testing.assert_close(chunked, expected, **tolerance)
+    before = kernel_launches["mla_decode_fp8"]
+    with triton_on_cpu():
+        kernel = mla_decode_fp8(q_lat, q_pe, values, scales, k_pe, mask, 0.2)
+    assert kernel_launches["mla_decode_fp8"] == before + 1
+    torch.testing.assert_close(kernel, expected, **tolerance)
+
+
+class RoundTripLayer(LatentCacheLayer):
+    """A full-precision cache layer storing `c_kv` rounded through FP8 tiles (`quantise`) and back (`dequantised`)."""
+
+    def __init__(self, scale_fmt: str | None, quantise=deepseek_act_quant) -> None:
+        super().__init__()
+        self.scale_fmt, self.quantise = scale_fmt, quantise
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return super().update(dequantised(*self.quantise(key_states.contiguous(), self.scale_fmt)), value_states)
+
+
+def generated_logits(model, ids, cache, new_tokens: int = 4) -> torch.Tensor:
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, cache=cache, output_logits=True,
+                         return_dict_in_generate=True)  # fmt: skip
+    return torch.stack(out.logits)
+
+
+def rounded_latent_cache(config, scale_fmt: str | None = None, quantise=deepseek_act_quant) -> MLACache:
+    cache = MLACache(config)
+    cache.layers = [RoundTripLayer(scale_fmt, quantise) for _ in cache.layers]
+    return cache
+
+
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_generate_with_fp8_cache_equals_generating_over_the_rounded_latent(scale_fmt):
+    """Prefill (expanded path over the dequantised cache) and decode steps (absorbed, chunked) through the FP8 cache
+    give the logits of a full-precision cache holding the FP8-rounded latent; they differ from the unrounded cache by
+    FP8's rounding, a little. (Dense layers only: in a random MoE the rounding may flip an expert choice, which moves
+    the logits by far more than the rounding itself.)"""
+    torch.manual_seed(2)
+    model = random_model(kv_lora_rank=192, first_k_dense_replace=3)
+    ids = random_ids(model.config, 2, 7)
+    full = generated_logits(model, ids, MLACache(model.config))
+    fp8 = generated_logits(model, ids, MLACache(model.config, cache_dtype="fp8", scale_fmt=scale_fmt))
+    expected = generated_logits(model, ids, rounded_latent_cache(model.config, scale_fmt))
+    torch.testing.assert_close(fp8, expected, rtol=RTOL, atol=RTOL * expected.abs().max().item())
+    difference = (fp8 - full).abs().max().item()
+    assert 0 < difference < 0.05 * full.abs().max().item()
+    static = MLAStaticCache(config=model.config, max_cache_len=16, cache_dtype="fp8", scale_fmt=scale_fmt)
+    torch.testing.assert_close(generated_logits(model, ids, static), fp8, rtol=RTOL, atol=RTOL * fp8.abs().max().item())
+
+
+def test_generate_runs_the_fp8_decode_kernel():
+    torch.manual_seed(3)
+    model = random_model()  # kv_lora_rank 64: a single partial tile
+    ids = random_ids(model.config, 1, 5)
+    before = kernel_launches["mla_decode_fp8"]
+    # the other ops run on their kernels too, on both sides; the latent is rounded by the package's `act_quant` on
+    # both, which is then the Triton interpreter's, whose float8 casts differ from a GPU's (tests/kernels/test_fp8.py):
+    # here the decode kernel is what is compared (the rounding is checked against DeepSeek's formulas above)
+    with triton_on_cpu():
+        got = generated_logits(model, ids, MLACache(model.config, cache_dtype="fp8"), new_tokens=2)
+        expected = generated_logits(model, ids, rounded_latent_cache(model.config, None, act_quant), new_tokens=2)
+    assert kernel_launches["mla_decode_fp8"] > before
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=RTOL * expected.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(cache_dtype="fp16"), r"cache_dtype must be one of \(None, 'fp8'\), got 'fp16'"),
+        (dict(cache_dtype="fp8", scale_fmt="e8m0"), r"scale_fmt must be one of \(None, 'ue8m0'\), got 'e8m0'"),
+        (dict(scale_fmt="ue8m0"), r"scale_fmt='ue8m0' applies to cache_dtype='fp8' only"),
+    ],
+)
+def test_bad_cache_options_are_refused(options, message):
+    config = tiny_config()
+    with pytest.raises(ValueError, match=message):
+        MLACache(config, **options)
+    with pytest.raises(ValueError, match=message):
+        MLAStaticCache(config=config, max_cache_len=8, **options)
