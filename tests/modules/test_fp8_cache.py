@@ -154,7 +154,7 @@ def test_generate_with_fp8_cache_equals_generating_over_the_rounded_latent(scale
 
 def test_generate_runs_the_fp8_decode_kernel():
     torch.manual_seed(3)
-    model = random_model()  # kv_lora_rank 64: a single partial tile
+    model = random_model()  # kv_lora_rank 32: a single partial tile
     ids = random_ids(model.config, 1, 5)
     before = kernel_launches["mla_decode_fp8"]
     # the other ops run on their kernels too, on both sides; the latent is rounded by the package's `act_quant` on
