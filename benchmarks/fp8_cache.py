@@ -21,15 +21,15 @@ import math
 import os
 import statistics
 import time
-from importlib import resources
 from pathlib import Path
 
+import speculative  # beside this script: the demo's training recipe
 import torch
 from result_file import ResultFile  # beside this script
-from transformers import AutoTokenizer, TrainingArguments, default_data_collator, set_seed
+from transformers import AutoTokenizer
 
-from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Trainer, MLACache, load_preset
-from modeling_deepseek_v3.demo import BATCH_SIZE, BLOCK_SIZE, SPECIAL_TOKEN, make_datasets, train_tokenizer
+from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, load_preset
+from modeling_deepseek_v3.demo import BLOCK_SIZE, make_datasets
 
 CACHES = {
     "full precision": {},
@@ -37,33 +37,6 @@ CACHES = {
     "fp8 ue8m0": {"cache_dtype": "fp8", "scale_fmt": "ue8m0"},
 }
 LATENT = {"kv_lora_rank": 512, "qk_rope_head_dim": 64}  # DeepSeek-V3's
-
-
-def corpus_ids(tokenizer) -> list[int]:
-    text = resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_text(encoding="utf-8")
-    return tokenizer.backend_tokenizer.encode(text).ids
-
-
-def train(folder: Path, steps: int, seed: int) -> None:
-    """The demo's recipe on the `small` preset with kv_lora_rank 128; saves model and tokenizer."""
-    text = resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_text(encoding="utf-8")
-    tokenizer = train_tokenizer(text, load_preset("small").vocab_size)
-    special = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
-    config = load_preset("small", vocab_size=len(tokenizer), bos_token_id=special, eos_token_id=special,
-                         pad_token_id=special, kv_lora_rank=128, use_cache=False)  # fmt: skip
-    train_ds, _, _ = make_datasets(corpus_ids(tokenizer), BLOCK_SIZE)
-    set_seed(seed)
-    model = DeepseekV3ForCausalLM(config)
-    args = TrainingArguments(
-        output_dir=str(folder / "trainer"), max_steps=steps, per_device_train_batch_size=BATCH_SIZE,
-        learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.1,
-        logging_steps=max(1, steps // 10), report_to="none", use_cpu=not torch.cuda.is_available(),
-        save_strategy="no", eval_strategy="no", dataloader_num_workers=0, seed=seed,
-    )  # fmt: skip
-    DeepseekV3Trainer(model=model, args=args, train_dataset=train_ds, data_collator=default_data_collator).train()
-    model.config.use_cache = True
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def bytes_per_token() -> dict[str, int]:
@@ -169,10 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     folder = args.cache_dir
     if not (folder / "config.json").is_file():
         start = time.perf_counter()
-        train(folder, args.steps_train, args.seed)
+        # the demo's recipe on the `small` preset, kv_lora_rank 128 (one whole tile), no MTP module
+        speculative.train(folder, args.steps_train, depth=0, layers=None, seed=args.seed, kv_lora_rank=128)
         print(f"trained {args.steps_train} steps in {time.perf_counter() - start:.0f} s -> {folder}")
     model = DeepseekV3ForCausalLM.from_pretrained(folder).eval()
-    _, eval_ds, _ = make_datasets(corpus_ids(AutoTokenizer.from_pretrained(folder)), BLOCK_SIZE)
+    _, eval_ds, _ = make_datasets(speculative.corpus_ids(AutoTokenizer.from_pretrained(folder)), BLOCK_SIZE)
     blocks = eval_ds.blocks[: args.eval_blocks, : args.eval_tokens]
     held_out = quality(model, blocks)
     print("held-out, teacher-forced decode:", held_out)
