@@ -181,3 +181,34 @@ def test_bad_cache_options_are_refused(options, message):
         MLACache(config, **options)
     with pytest.raises(ValueError, match=message):
         MLAStaticCache(config=config, max_cache_len=8, **options)
+
+
+def test_generate_cache_config_builds_the_fp8_cache():
+    """`generate(cache_config={"cache_dtype": "fp8", ...})` decodes over the FP8 latent cache, plain and speculative
+    (the MTP loop's own cache), and speculative greedy decoding keeps plain greedy decoding's tokens."""
+    torch.manual_seed(4)
+    model = random_model(num_nextn_predict_layers=1)
+    ids = random_ids(model.config, 2, 6)
+    options = {"cache_dtype": "fp8", "scale_fmt": "ue8m0"}
+    by_config = model.generate(ids, max_new_tokens=4, do_sample=False, cache_config=options, output_logits=True,
+                               return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(torch.stack(by_config.logits), generated_logits(model, ids, MLACache(model.config, **options)))
+    speculative = model.generate(ids, max_new_tokens=4, do_sample=False, use_mtp=True, cache_config=options)
+    assert torch.equal(speculative, by_config.sequences)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(cache_config={"cache_dtype": "fp16"}), r"cache_dtype must be one of"),
+        (dict(cache_config={"dtype": "fp8"}), r"cache_config: the latent MLACache takes cache_dtype, scale_fmt, got"),
+        (dict(cache_config={"cache_dtype": "fp8"}, cache_implementation="static"), "not cache_implementation='static'"),
+    ],
+)
+def test_bad_generate_cache_config_is_refused(options, message):
+    model = random_model()
+    ids = random_ids(model.config, 1, 4)
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, max_new_tokens=2, **options)
+    with pytest.raises(ValueError, match="but a cache was passed in"):
+        model.generate(ids, max_new_tokens=2, cache_config={"cache_dtype": "fp8"}, cache=MLACache(model.config))
