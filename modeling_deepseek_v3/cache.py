@@ -210,8 +210,7 @@ class FP8StaticLayer(StaticLayer):
         self.scale_fmt = scale_fmt
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        values, _ = act_quant(key_states[:, :, :1].contiguous(), self.scale_fmt)  # the stored dtypes and shapes
-        super().lazy_initialization(values, value_states)
+        super().lazy_initialization(torch.empty_like(key_states, dtype=torch.float8_e4m3fn), value_states)
         b, _, _, c = key_states.shape
         self.scales = torch.zeros(b, 1, self.max_cache_len, -(-c // 128), dtype=torch.float32, device=self.device)
 

@@ -212,3 +212,17 @@ def test_bad_generate_cache_config_is_refused(options, message):
         model.generate(ids, max_new_tokens=2, **options)
     with pytest.raises(ValueError, match="but a cache was passed in"):
         model.generate(ids, max_new_tokens=2, cache_config={"cache_dtype": "fp8"}, cache=MLACache(model.config))
+
+
+def test_beam_search_reorders_the_scales_with_the_values():
+    """Beam search reorders and repeats cache rows: the FP8 cache moves its scales along (same beams as a full-precision
+    cache holding the rounded latent)."""
+    torch.manual_seed(5)
+    model = random_model(kv_lora_rank=192, first_k_dense_replace=3)
+    ids = random_ids(model.config, 2, 5)
+    beams = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False, output_scores=True,
+                 return_dict_in_generate=True)  # fmt: skip
+    fp8 = model.generate(ids, cache_config={"cache_dtype": "fp8"}, **beams)
+    expected = model.generate(ids, cache=rounded_latent_cache(model.config), **beams)
+    assert torch.equal(fp8.sequences, expected.sequences)
+    torch.testing.assert_close(fp8.sequences_scores, expected.sequences_scores, rtol=RTOL, atol=RTOL)
