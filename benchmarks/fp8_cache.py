@@ -8,7 +8,7 @@
    |logit difference| from the full-precision cache.
 3. Speed: a decode step (fp32 model of two layers at DeepSeek-V3's latent shape, random weights) over a cache filled
    to 1k / 4k / 16k tokens, both caches alternating, median of a few steps; on a CPU the FP8 cache is decoded by the
-   torch path, which dequantises 1024 cached tokens at a time.
+   torch path, which dequantises 256 cached tokens at a time.
 
     python benchmarks/fp8_cache.py --result-file benchmarks/results/fp8_cache.json
     python benchmarks/fp8_cache.py --contexts 1024 4096 --steps 5 --eval-blocks 4 --threads 1
