@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-blocks", type=int, default=8, help="held-out blocks decoded (default: 8)")
     parser.add_argument("--eval-tokens", type=int, default=128, help="tokens of each block decoded (default: 128)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--steps", type=int, default=5, help="timed decode steps per cache and context (default: 5)")
+    parser.add_argument("--steps", type=int, default=15, help="timed decode steps per cache and context (default: 15)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--result-file", default=None, help="default: benchmarks/results/fp8_cache.json")
     args = parser.parse_args(argv)
