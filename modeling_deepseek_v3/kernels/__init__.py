@@ -25,6 +25,7 @@ from .reference import (
     grouped_mm_ref,
     grouped_swiglu_ref,
     mla_decode_fp8_ref,
+    mla_decode_paged_fp8_ref,
     mla_decode_paged_ref,
     mla_decode_ref,
     weight_dequant_ref,
@@ -170,6 +171,28 @@ def mla_decode_paged(
     return mla_decode_paged_ref(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table, seq_lens, softmax_scale)
 
 
+def mla_decode_paged_fp8(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv_pages: torch.Tensor,
+    c_kv_scale_pages: torch.Tensor,
+    k_pe_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """`mla_decode_paged` over FP8 pages: `c_kv_pages` `[num_pages, P, c]` float8_e4m3fn with `c_kv_scale_pages`
+    `[num_pages, P, ceil(c/128)]` fp32 (see `mla_decode_paged_fp8_ref`); the kernel dequantises in registers."""
+    if use_triton(q_lat):
+        from .latent_decode import mla_decode_paged_fp8_triton
+
+        count_launch("mla_decode_paged_fp8")
+        return mla_decode_paged_fp8_triton(q_lat, q_pe, c_kv_pages, c_kv_scale_pages, k_pe_pages, block_table,
+                                           seq_lens, softmax_scale)  # fmt: skip
+    return mla_decode_paged_fp8_ref(q_lat, q_pe, c_kv_pages, c_kv_scale_pages, k_pe_pages, block_table, seq_lens,
+                                    softmax_scale)  # fmt: skip
+
+
 __all__ = [
     "FP8_BLOCK",
     "FP8_E4M3_MAX",
@@ -193,6 +216,8 @@ __all__ = [
     "mla_decode_fp8",
     "mla_decode_fp8_ref",
     "mla_decode_paged",
+    "mla_decode_paged_fp8",
+    "mla_decode_paged_fp8_ref",
     "mla_decode_paged_ref",
     "mla_decode_ref",
     "triton_on_cpu",

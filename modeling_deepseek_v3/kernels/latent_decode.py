@@ -253,6 +253,26 @@ def mla_decode_paged_triton(
                    num_splits)
 
 
+def mla_decode_paged_fp8_triton(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv_pages: torch.Tensor,
+    c_kv_scale_pages: torch.Tensor,
+    k_pe_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """`mla_decode_paged_triton` over FP8 pages (`c_kv_pages` e4m3 with `c_kv_scale_pages` fp32, views of one pool
+    read in place); same contract as `mla_decode_paged_fp8_ref`."""
+    stand_in = q_lat.new_empty(1, 1, 1).expand(c_kv_pages.shape)  # the pages' checks in the queries' dtype
+    check_mla_decode_paged_args(q_lat, q_pe, stand_in, k_pe_pages, block_table, seq_lens, softmax_scale)
+    max_keys = block_table.shape[1] * c_kv_pages.shape[1]
+    return _launch(q_lat, q_pe, c_kv_pages, k_pe_pages, max_keys, None, (block_table, seq_lens), softmax_scale,
+                   num_splits, c_kv_scale_pages)  # fmt: skip
+
+
 def _launch(q_lat, q_pe, c_kv, k_pe, t, mask, paging, softmax_scale, num_splits, scales=None) -> torch.Tensor:
     """Launches the split kernel (and the merge) over dense `[b, t, *]` keys, or paged keys when `paging` is
     `(block_table, seq_lens)`, with `t` the longest row's key count; `scales` are the 1×128 tile scales of an FP8

@@ -163,19 +163,43 @@ def mla_decode_paged_ref(
         ValueError: on shapes, dtypes, page ids or key counts that do not fit.
     """
     check_mla_decode_paged_args(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table, seq_lens, softmax_scale)
-    b, s = q_lat.shape[:2]
-    page_size = c_kv_pages.shape[1]
+    (c_kv, k_pe), mask = gather_pages(block_table, seq_lens, q_lat.shape[1], c_kv_pages, k_pe_pages)
+    return mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
+
+
+def mla_decode_paged_fp8_ref(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv_pages: torch.Tensor,
+    c_kv_scale_pages: torch.Tensor,
+    k_pe_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """`mla_decode_paged_ref` over FP8 pages: `c_kv_pages` `[num_pages, P, c]` float8_e4m3fn with
+    `c_kv_scale_pages` `[num_pages, P, ceil(c/128)]` fp32 (see `mla_decode_fp8_ref`)."""
+    stand_in = q_lat.new_empty(1, 1, 1).expand(c_kv_pages.shape)  # the pages' checks in the queries' dtype
+    check_mla_decode_paged_args(q_lat, q_pe, stand_in, k_pe_pages, block_table, seq_lens, softmax_scale)
+    s = q_lat.shape[1]
+    (c_kv, scales, k_pe), mask = gather_pages(block_table, seq_lens, s, c_kv_pages, c_kv_scale_pages, k_pe_pages)
+    return mla_decode_fp8_ref(q_lat, q_pe, c_kv, scales, k_pe, mask, softmax_scale)
+
+
+def gather_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, s: int, *pages: torch.Tensor):
+    """The keys of each row gathered from `pages` (tensors `[num_pages, P, *]`) into `[b, t, *]`, t the block table's
+    pages × P, and the mask `[b, s, t]` of query i of row b at position `seq_lens[b] - s + i`."""
+    num_pages, page_size = pages[0].shape[:2]
     t = block_table.shape[1] * page_size
     if (seq_lens > t).any() or (seq_lens < 0).any():
         raise ValueError(f"mla_decode_paged: seq_lens must lie in [0, {t}] (the block table's pages × {page_size})")
     pages_read = torch.arange(block_table.shape[1], device=block_table.device) * page_size < seq_lens[:, None]
-    if (block_table[pages_read] < 0).any() or (block_table[pages_read] >= c_kv_pages.shape[0]).any():
-        raise ValueError(f"mla_decode_paged: block_table holds page ids outside [0, {c_kv_pages.shape[0]})")
-    pages = block_table.masked_fill(~pages_read, 0).long()  # unread entries may hold anything
-    c_kv, k_pe = c_kv_pages[pages].flatten(1, 2), k_pe_pages[pages].flatten(1, 2)  # [b, t, c], [b, t, r]
+    if (block_table[pages_read] < 0).any() or (block_table[pages_read] >= num_pages).any():
+        raise ValueError(f"mla_decode_paged: block_table holds page ids outside [0, {num_pages})")
+    ids = block_table.masked_fill(~pages_read, 0).long()  # unread entries may hold anything
     positions = seq_lens[:, None].long() - s + torch.arange(s, device=seq_lens.device)  # [b, s]
     mask = torch.arange(t, device=seq_lens.device) <= positions[:, :, None]  # [b, s, t]
-    return mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
+    return tuple(x[ids].flatten(1, 2) for x in pages), mask
 
 
 def check_mla_decode_paged_args(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table, seq_lens, softmax_scale) -> None:

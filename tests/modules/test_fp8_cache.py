@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from modeling_deepseek_v3 import MLACache, MLAStaticCache
 from modeling_deepseek_v3.cache import LatentCacheLayer
@@ -13,6 +14,7 @@ from modeling_deepseek_v3.kernels import (
     kernel_launches,
     mla_decode_fp8,
     mla_decode_fp8_ref,
+    mla_decode_paged_fp8,
     mla_decode_ref,
     triton_on_cpu,
 )
@@ -226,3 +228,58 @@ def test_beam_search_reorders_the_scales_with_the_values():
     expected = model.generate(ids, cache=rounded_latent_cache(model.config), **beams)
     assert torch.equal(fp8.sequences, expected.sequences)
     torch.testing.assert_close(fp8.sequences_scores, expected.sequences_scores, rtol=RTOL, atol=RTOL)
+
+
+# ---- paged (continuous batching) ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_generate_batch_over_fp8_pages_matches_generate_over_the_fp8_cache(scale_fmt):
+    torch.manual_seed(6)
+    model = random_model(kv_lora_rank=192, first_k_dense_replace=3)
+    prompts = [random_ids(model.config, 1, n)[0].tolist() for n in (5, 9, 3)]
+    options = {"cache_dtype": "fp8", "scale_fmt": scale_fmt}
+    out = model.generate_batch(prompts, max_new_tokens=6, do_sample=False, cache_config=options)
+    for i, prompt in enumerate(prompts):
+        dense = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                               cache=MLACache(model.config, **options))  # fmt: skip
+        assert out[f"req_{i}"].generated_tokens == dense[0, len(prompt) :].tolist()
+
+
+def test_paged_fp8_cache_reports_its_row_bytes():
+    """A paged FP8 row: 192 e4m3 values, 2 fp32 scales, 8 fp32 rope values = 232 bytes per token and layer."""
+    model = random_model(kv_lora_rank=192)
+    config = GenerationConfig(max_new_tokens=4, cache_config={"cache_dtype": "fp8"})
+    with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=(
+            ContinuousBatchingConfig(num_blocks=4, page_size=16))) as manager:  # fmt: skip
+        assert manager.batch_processor.cache.bytes_per_token() == model.config.num_hidden_layers * 232
+
+
+def test_paged_fp8_decode_equals_decoding_the_dequantised_pages():
+    torch.manual_seed(7)
+    pages, page_size, b, s, h, c, r = 6, 16, 2, 2, 4, 192, 8
+    values, scales = random_fp8_cache(pages, page_size, c)  # [pages, P, c], [pages, P, 2]
+    k_pe = torch.randn(pages, page_size, r)
+    block_table = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+    seq_lens = torch.tensor([37, 20], dtype=torch.int32)
+    q_lat, q_pe = torch.randn(b, s, h, c) * 0.05, torch.randn(b, s, h, r)
+    # the test's own gather: row b's key j is token j % P of page block_table[b, j // P]
+    dense_c_kv = dequantised(values, scales)[block_table.long()].flatten(1, 2)
+    dense_k_pe = k_pe[block_table.long()].flatten(1, 2)
+    positions = seq_lens[:, None] - s + torch.arange(s)
+    mask = torch.arange(dense_c_kv.shape[1]) <= positions[:, :, None]
+    expected = mla_decode_ref(q_lat, q_pe, dense_c_kv, dense_k_pe, mask, 0.2)
+    tolerance = dict(rtol=RTOL, atol=RTOL * expected.abs().max().item())
+    reference = mla_decode_paged_fp8(q_lat, q_pe, values, scales, k_pe, block_table, seq_lens, 0.2)
+    torch.testing.assert_close(reference, expected, **tolerance)
+    before = kernel_launches["mla_decode_paged_fp8"]
+    with triton_on_cpu():
+        kernel = mla_decode_paged_fp8(q_lat, q_pe, values, scales, k_pe, block_table, seq_lens, 0.2)
+    assert kernel_launches["mla_decode_paged_fp8"] == before + 1
+    torch.testing.assert_close(kernel, expected, **tolerance)
+
+
+def test_bad_paged_cache_options_are_refused():
+    model = random_model()
+    with pytest.raises(ValueError, match=r"cache_dtype must be one of \(None, 'fp8'\), got 'int8'"):
+        model.generate_batch([[5, 6]], max_new_tokens=2, cache_config={"cache_dtype": "int8"})
