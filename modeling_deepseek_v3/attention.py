@@ -31,11 +31,11 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .cache import FP8Latent
 from .configuration import DeepseekV3Config, DeepseekV32Config
 from .fp8 import FP8Linear, dense_weight, fp8_format, make_linear
 from .indexer import LightningIndexer, refuse_what_is_not_built, sparse_attention
 from .kernels import mla_decode, mla_decode_fp8, mla_decode_ref, use_triton
+from .latent_fp8 import FP8Latent
 from .layers import RMSNorm
 from .private_api import attention_implementation, has_forward_hooks
 from .rope import apply_rope, softmax_scale

@@ -20,16 +20,13 @@ latent cache); docs/design.md (Multi-head Latent Attention); docs/inference.md (
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticCache, StaticLayer
 
 from .configuration import DeepseekV3Config
-from .kernels import act_dequant_ref, act_quant
-
-CACHE_DTYPES = (None, "fp8")  # None: the latent in the dtype it arrives in (the model's)
-CACHE_SCALE_FMTS = (None, "ue8m0")  # fp32 scales, or powers of two (DeepSeek-V3.2's `scale_fmt`)
+from .kernels import act_quant
+from .latent_fp8 import FP8Latent, check_cache_dtype
 
 MIN_CAPACITY = 256  # also the room left after a prompt, so that the decode steps after it do not copy it
 
@@ -128,31 +125,6 @@ class LatentCacheLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices])
-
-
-class FP8Latent(NamedTuple):
-    """The cached `c_kv` of an FP8 cache: e4m3 values and the fp32 scale of each 1×128 tile."""
-
-    values: torch.Tensor  # [b, t, c] float8_e4m3fn
-    scales: torch.Tensor  # [b, t, ceil(c / 128)] float32
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.values.shape
-
-    def dequantise(self, dtype: torch.dtype) -> torch.Tensor:
-        """`[b, t, c]` values × scales in `dtype`: the whole cache in full precision (the expanded path's input)."""
-        return act_dequant_ref(self.values, self.scales, dtype)
-
-
-def check_cache_dtype(cache_dtype: str | None, scale_fmt: str | None) -> None:
-    """Raise `ValueError` for a cache dtype or a scale format this cache does not store."""
-    if cache_dtype not in CACHE_DTYPES:
-        raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, got {cache_dtype!r}")
-    if scale_fmt not in CACHE_SCALE_FMTS:
-        raise ValueError(f"scale_fmt must be one of {CACHE_SCALE_FMTS}, got {scale_fmt!r}")
-    if scale_fmt is not None and cache_dtype != "fp8":
-        raise ValueError(f"scale_fmt={scale_fmt!r} applies to cache_dtype='fp8' only, got cache_dtype={cache_dtype!r}")
 
 
 class FP8LatentCacheLayer(LatentCacheLayer):

@@ -25,9 +25,8 @@ from transformers import ContinuousBatchingConfig, GenerationConfig, GenerationM
 from transformers.generation.continuous_batching import ContinuousBatchingManager, PagedAttentionCache
 
 from .batch_requests import check_generation_options, check_prompt_types, prompt_refusal
-from .cache import check_cache_dtype
-from .generation import latent_cache_options
 from .indexer import refuse_continuous_batching
+from .latent_fp8 import check_cache_dtype, latent_cache_options
 from .paged_attention import PagedBatch
 from .paged_cache import PagedLatentCache
 from .private_api import (

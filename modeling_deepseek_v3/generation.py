@@ -54,6 +54,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
 from .cache import MLACache
+from .latent_fp8 import LATENT_CACHE_OPTIONS, latent_cache_options
 from .mtp import mtp_layer_index, mtp_step
 from .private_api import eos_and_pad_tensors, generation_defaults, prepare_cache_for_generation
 
@@ -238,19 +239,6 @@ class MTPGenerationMixin(GenerationMixin):
                              "cache_dtype='fp8')")  # fmt: skip
         prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                      max_cache_length)
-
-
-LATENT_CACHE_OPTIONS = ("cache_dtype", "scale_fmt")  # what `generation_config.cache_config` may set on MLACache
-
-
-def latent_cache_options(generation_config) -> dict:
-    """`generation_config.cache_config` as options of generate()'s latent `MLACache` (`cache_dtype`, `scale_fmt`)."""
-    options = dict(generation_config.cache_config or {})
-    unknown = sorted(set(options) - set(LATENT_CACHE_OPTIONS))
-    if unknown:
-        raise ValueError(f"cache_config: the latent MLACache takes {', '.join(LATENT_CACHE_OPTIONS)}, got {unknown} "
-                         f"in {generation_config.cache_config!r}")  # fmt: skip
-    return options
 
 
 def _stop_strings_to_criterion(model_config, generation_config, kwargs: dict) -> None:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .cache import FP8Latent
 from .kernels import MLA_DECODE_MAX_QUERIES, mla_decode_paged, mla_decode_paged_fp8, use_triton
+from .latent_fp8 import FP8Latent
 from .paged_cache import PagedLatentCache
 
 # new tokens per request up to which requests share a padded group (decoding, short chunks): what the kernel serves

@@ -23,9 +23,9 @@ import torch
 from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
 
-from .cache import FP8Latent, check_cache_dtype
 from .configuration import DeepseekV3Config
 from .kernels import act_quant
+from .latent_fp8 import FP8Latent, check_cache_dtype
 from .private_api import init_cache_allocator, register_allocator_tensor
 
 

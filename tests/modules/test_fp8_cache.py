@@ -283,3 +283,16 @@ def test_bad_paged_cache_options_are_refused():
     model = random_model()
     with pytest.raises(ValueError, match=r"cache_dtype must be one of \(None, 'fp8'\), got 'int8'"):
         model.generate_batch([[5, 6]], max_new_tokens=2, cache_config={"cache_dtype": "int8"})
+
+
+def test_generate_batch_reads_fp8_pages_through_the_kernel():
+    torch.manual_seed(8)
+    model = random_model(first_k_dense_replace=3)
+    prompts = [random_ids(model.config, 1, n)[0].tolist() for n in (4, 6)]
+    run = dict(max_new_tokens=3, do_sample=False, cache_config={"cache_dtype": "fp8"})
+    expected = model.generate_batch(prompts, **run)
+    before = kernel_launches["mla_decode_paged_fp8"]
+    with triton_on_cpu():
+        got = model.generate_batch(prompts, **run)
+    assert kernel_launches["mla_decode_paged_fp8"] > before
+    assert all(got[key].generated_tokens == expected[key].generated_tokens for key in expected)
