@@ -40,14 +40,14 @@ def corpus_ids(tokenizer) -> list[int]:
     return tokenizer.backend_tokenizer.encode(text).ids
 
 
-def train(folder: Path, steps: int, depth: int, layers: int | None, seed: int) -> None:
+def train(folder: Path, steps: int, depth: int, layers: int | None, seed: int, **overrides) -> None:
     """The demo's recipe (`deepseek-v3 demo`) with `num_nextn_predict_layers = depth` (and `layers` decoder layers
-    instead of the preset's, if given); saves model and tokenizer."""
+    instead of the preset's, if given; `overrides` of other config fields); saves model and tokenizer."""
     text = resources.files("modeling_deepseek_v3.data").joinpath("shakespeare.txt").read_text(encoding="utf-8")
     tokenizer = train_tokenizer(text, load_preset("small").vocab_size)
     special = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
     config = load_preset("small", vocab_size=len(tokenizer), bos_token_id=special, eos_token_id=special,
-                         pad_token_id=special, num_nextn_predict_layers=depth, use_cache=False)
+                         pad_token_id=special, num_nextn_predict_layers=depth, use_cache=False, **overrides)
     if layers is not None:
         config.num_hidden_layers = layers
     train_ds, _, _ = make_datasets(corpus_ids(tokenizer), BLOCK_SIZE)

@@ -9,6 +9,10 @@
   dynamic latent cache) runs as torch's fused `scaled_dot_product_attention` instead, keys and values both those rows,
   which reads each cached row once per step instead of twice (`latent_sdpa`).
 `MultiHeadLatentAttention.use_absorbed` picks, per call, the path with fewer multiply-adds.
+Over an FP8 latent cache (`cache_dtype="fp8"`, the cache hands back an `FP8Latent` for `c_kv`), the absorbed path is
+`kernels.mla_decode_fp8`, which dequantises the cache a tile (Triton) or a chunk of tokens (torch) at a time; the
+expanded path (a prefill) dequantises the whole cache first: it expands every cached token to all heads' keys and
+values anyway, h·(n + v) values per token against c.
 
 Dimension letters: b batch, s new tokens, t all keys (cached + new), h heads, d head dim (n nope, v value),
 c kv_lora_rank, r qk_rope_head_dim.
@@ -30,7 +34,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration import DeepseekV3Config, DeepseekV32Config
 from .fp8 import FP8Linear, dense_weight, fp8_format, make_linear
 from .indexer import LightningIndexer, refuse_what_is_not_built, sparse_attention
-from .kernels import mla_decode, mla_decode_ref, use_triton
+from .kernels import mla_decode, mla_decode_fp8, mla_decode_ref, use_triton
+from .latent_fp8 import FP8Latent
 from .layers import RMSNorm
 from .private_api import attention_implementation, has_forward_hooks
 from .rope import apply_rope, softmax_scale
@@ -179,7 +184,8 @@ class MultiHeadLatentAttention(nn.Module):
             if isinstance(past, torch.Tensor):
                 past = past.clone()  # a static layer's own counter, which `update` advances in place
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
-        c_kv, k_pe = c_kv[:, 0], k_pe[:, 0]  # [b, t, c], [b, t, r]
+        # [b, t, c] (an FP8 cache's `FP8Latent` already is), [b, t, r]
+        c_kv, k_pe = c_kv if isinstance(c_kv, FP8Latent) else c_kv[:, 0], k_pe[:, 0]
         out = self.attend(q_nope, q_pe, c_kv, k_pe, attention_mask, past, attentions, **kwargs)
         return self.o_proj(out.flatten(2))
 
@@ -197,7 +203,8 @@ class MultiHeadLatentAttention(nn.Module):
         """Attention of `s` new queries over `t` latent keys, by the cheaper path (`use_absorbed`).
 
         Args:
-            q_nope: `[b, s, h, n]`; q_pe: `[b, s, h, r]` (rotated); c_kv: `[b, t, c]`; k_pe: `[b, t, r]` (rotated).
+            q_nope: `[b, s, h, n]`; q_pe: `[b, s, h, r]` (rotated); c_kv: `[b, t, c]`, or an FP8 cache's
+                `FP8Latent`; k_pe: `[b, t, r]` (rotated).
             attention_mask: as in `forward`, or None: causal, query i at position `past + i`.
             past: keys before the first query (a tensor for static caches).
             attentions: a list that receives the attention probabilities `[b, h, s, t]`, from either path: the
@@ -243,6 +250,8 @@ class MultiHeadLatentAttention(nn.Module):
         return exact and absorbed < expanded
 
     def _expanded(self, q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs):
+        if isinstance(c_kv, FP8Latent):
+            c_kv = c_kv.dequantise(k_pe.dtype)
         b, t, _ = c_kv.shape
         h = q_nope.shape[2]
         kv = self.kv_b_proj(c_kv).view(b, t, h, self.qk_nope_head_dim + self.v_head_dim)
@@ -271,9 +280,14 @@ class MultiHeadLatentAttention(nn.Module):
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, attention_mask, past, want_probs):
         b, s, _, _ = q_nope.shape
         t = c_kv.shape[1]
-        mask = latent_mask(attention_mask, b, s, t, past, c_kv.device)
-        c_kv = sum_gradient_over_head_shards(c_kv, self.kv_b_proj.weight)
+        mask = latent_mask(attention_mask, b, s, t, past, k_pe.device)
         scale = self.softmax_scale
+        if isinstance(c_kv, FP8Latent):
+            if not want_probs:
+                return self.absorbed(q_nope, lambda q_lat: mla_decode_fp8(
+                    q_lat, q_pe.to(q_lat.dtype), c_kv.values, c_kv.scales, k_pe.to(q_lat.dtype), mask, scale)), None
+            c_kv = c_kv.dequantise(k_pe.dtype)  # the probabilities come from the reference over the whole cache
+        c_kv = sum_gradient_over_head_shards(c_kv, self.kv_b_proj.weight)
 
         def latents(q_lat: torch.Tensor) -> tuple[torch.Tensor, ...]:
             # under autocast q_lat comes out of its matmul in the compute dtype, the rope and latent tensors do not

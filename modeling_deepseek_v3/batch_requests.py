@@ -94,7 +94,8 @@ def check_generation_options(config: GenerationConfig, *, needs_max_new_tokens: 
         raise ValueError(f"cache_implementation={values['cache_implementation']!r} does not apply to continuous "
                          "batching, which always uses its paged cache: leave it unset or 'paged'")  # fmt: skip
     defaults = generation_defaults()
-    known = {*APPLIED_FIELDS, *NEUTRAL_FIELDS, "use_mtp", "cache_implementation"}
+    # cache_config: the paged cache's options (FP8 pages), read by `ContinuousBatchingMixin.init_continuous_batching`
+    known = {*APPLIED_FIELDS, *NEUTRAL_FIELDS, "use_mtp", "cache_implementation", "cache_config"}
     unsupported = {name: value for name, value in values.items()
                    if name not in known and value not in (None, False) and value != defaults.get(name)}  # fmt: skip
     if unsupported:

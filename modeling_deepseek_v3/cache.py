@@ -6,26 +6,40 @@ unchanged. The dynamic layer grows into pre-allocated storage (capacity doubles)
 instead of re-allocating the whole cache as `torch.cat` would. Each token's `c_kv` and `k_pe` sit side by side in one
 row of that storage (when their dtypes agree), so the absorbed decode step can read the cache as one `[t, c + r]`
 tensor, keys and values at once (`attention.side_by_side`).
+
+With `cache_dtype="fp8"` (`MLACache`, `MLAStaticCache`) `c_kv` is stored as float8_e4m3fn with one fp32 scale per
+1×128 tile (`kernels.act_quant`: scale = max(amax, 1e-4)/448, a power of two above that with `scale_fmt="ue8m0"`), as
+DeepSeek-V3.2 serves it; `k_pe` stays in the model's dtype. The layers then return an `FP8Latent` (values and scales)
+in place of `c_kv`, which the attention decodes without dequantising the whole cache (`kernels.mla_decode_fp8`).
+A kv_lora_rank that is not a multiple of 128 has a partial last tile, scaled by the amax of its own values.
 For DeepSeek-V3.2 each layer also keeps its lightning indexer's keys beside the latents (`IndexedLatentCacheLayer`,
 `IndexedStaticLayer` in the static cache): one FP8 e4m3 key `[D]` and its fp32 scale per token, as DeepSeek's code
 keeps `k_cache` and `k_scale_cache`.
 Dimension letters: b batch, t cached tokens, c kv_lora_rank, r qk_rope_head_dim, D index_head_dim.
-References: DeepSeek-V3 report §2.1.1 (only c_kv and k_pe are cached); docs/design.md (Multi-head Latent Attention).
+References: DeepSeek-V3 report §2.1.1 (only c_kv and k_pe are cached); DeepSeek-V3.2 inference `model.py` (the FP8
+latent cache); docs/design.md (Multi-head Latent Attention); docs/inference.md (FP8 latent cache).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticCache, StaticLayer
 
 from .configuration import DeepseekV3Config, DeepseekV32Config
+from .kernels import act_quant
+from .latent_fp8 import FP8Latent, check_cache_dtype
 
 MIN_CAPACITY = 256  # also the room left after a prompt, so that the decode steps after it do not copy it
 
 
 def latent_token_bytes(layer) -> int:
-    """Bytes of one token's `c_kv` and `k_pe` in one row of a cache layer (and its indexer key where it keeps one)."""
-    latent = layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
+    """Bytes of one token in one row of a cache layer: its `c_kv` and `k_pe`, the tile scales of an FP8 layer, and
+    the indexer key and scale of a DeepSeek-V3.2 layer."""
+    fp8 = isinstance(layer, (FP8LatentCacheLayer, FP8StaticLayer))
+    stored = [layer.keys, layer.values, *([layer.scales] if fp8 else [])]
+    latent = sum(x.shape[-1] * x.element_size() for x in stored)
     if getattr(layer, "_index_keys", None) is None:
         return latent
     return latent + layer._index_keys.shape[-1] * layer._index_keys.element_size() + layer._index_scales.element_size()
@@ -226,6 +240,77 @@ class IndexedStaticLayer(StaticLayer):
             self._index_scales = self._index_scales.index_select(0, beam_idx.to(self._index_scales.device))
 
 
+class FP8LatentCacheLayer(LatentCacheLayer):
+    """`LatentCacheLayer` storing `c_kv` as e4m3 `keys` with tile scales beside them; `k_pe` (`values`) unchanged."""
+
+    def __init__(self, scale_fmt: str | None = None, **kwargs) -> None:
+        check_cache_dtype("fp8", scale_fmt)
+        super().__init__(**kwargs)
+        self.scale_fmt = scale_fmt
+        self._scales: torch.Tensor | None = None  # [b, 1, capacity, tiles]
+
+    def _allocate(self, c_kv: torch.Tensor, k_pe: torch.Tensor, capacity: int) -> None:
+        (b, _, _, c), r = c_kv.shape, k_pe.shape[-1]
+        self._rows = None
+        self._c_kv = torch.empty(b, 1, capacity, c, dtype=torch.float8_e4m3fn, device=c_kv.device)
+        self._scales = torch.empty(b, 1, capacity, -(-c // 128), dtype=torch.float32, device=c_kv.device)
+        self._k_pe = k_pe.new_empty(b, 1, capacity, r)
+
+    def _publish(self) -> None:
+        super()._publish()
+        self.scales = self._scales[:, :, : self.length]
+
+    def _grow(self, needed: int) -> None:
+        old_scales = self._scales[:, :, : self.length]
+        super()._grow(needed)
+        self._scales[:, :, : self.length] = old_scales
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Quantise and append `c_kv` `[b, 1, s, c]`, append `k_pe` `[b, 1, s, r]`; return `(FP8Latent, k_pe)` of all
+        cached tokens (`[b, t, *]` and `[b, 1, t, r]`)."""
+        values, scales = act_quant(key_states.contiguous(), self.scale_fmt)
+        start = self.length
+        super().update(values, value_states)
+        self._scales[:, :, start : self.length] = scales
+        self._publish()
+        return FP8Latent(self.keys[:, 0], self.scales[:, 0]), self.values
+
+    def reset(self) -> None:
+        self._scales = None
+        super().reset()
+
+    def _map_batch(self, fn) -> None:
+        if self.is_initialized:
+            self._scales = fn(self._scales)
+        super()._map_batch(fn)
+
+
+class FP8StaticLayer(StaticLayer):
+    """transformers' static layer storing `c_kv` as e4m3 `keys` with tile scales beside them (`FP8LatentCacheLayer`
+    for `MLAStaticCache`)."""
+
+    def __init__(self, max_cache_len: int, scale_fmt: str | None = None) -> None:
+        check_cache_dtype("fp8", scale_fmt)
+        super().__init__(max_cache_len)
+        self.scale_fmt = scale_fmt
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(torch.empty_like(key_states, dtype=torch.float8_e4m3fn), value_states)
+        b, _, _, c = key_states.shape
+        self.scales = torch.zeros(b, 1, self.max_cache_len, -(-c // 128), dtype=torch.float32, device=self.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """As `StaticLayer.update`, with `c_kv` quantised; returns `(FP8Latent, k_pe)` over all slots."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        values, scales = act_quant(key_states.contiguous(), self.scale_fmt)
+        positions = torch.arange(key_states.shape[2], device=self.device) + self.cumulative_length
+        self.scales.index_copy_(2, positions, scales)
+        super().update(values, value_states)
+        return FP8Latent(self.keys[:, 0], self.scales[:, 0]), self.values
+
+
+
 class LatentCacheMixin:
     """Byte accounting shared by the dynamic and the static latent cache."""
 
@@ -237,8 +322,9 @@ class LatentCacheMixin:
                    for layer in self._filled_layers())
 
     def bytes_per_token(self) -> int:
-        """Bytes one token occupies in one layer: `(kv_lora_rank + qk_rope_head_dim) × element size`, plus for
-        DeepSeek-V3.2 its indexer key (`index_head_dim` bytes of FP8 and a 4-byte scale)."""
+        """Bytes one token occupies in one layer: `(kv_lora_rank + qk_rope_head_dim) × element size`; with
+        `cache_dtype="fp8"` `kv_lora_rank + 4 · ceil(kv_lora_rank / 128) + qk_rope_head_dim × element size`; plus
+        for DeepSeek-V3.2 its indexer key (`index_head_dim` bytes of FP8 and a 4-byte scale)."""
         for layer in self._filled_layers():
             return latent_token_bytes(layer)
         raise ValueError("bytes_per_token: the cache holds no tokens yet")
@@ -252,20 +338,24 @@ class MLACache(LatentCacheMixin, Cache):
     `IndexedLatentCacheLayer`, which also keeps the indexer's keys, for a `DeepseekV32Config`).
 
     `num_layers` (default `num_hidden_layers`) may add slots after the decoder layers' for the MTP modules' blocks
-    (layer index `num_hidden_layers + k - 1` for module k), as self-speculative decoding does.
+    (layer index `num_hidden_layers + k - 1` for module k), as self-speculative decoding does. `cache_dtype="fp8"`
+    stores `c_kv` in FP8 (module docstring), with fp32 scales or, for `scale_fmt="ue8m0"`, powers of two.
 
     Example:
-        >>> cache = MLACache(model.config)
+        >>> cache = MLACache(model.config, cache_dtype="fp8", scale_fmt="ue8m0")
         >>> out = model(input_ids, cache=cache, use_cache=True)
         >>> cache.nbytes(), cache.bytes_per_token()
     """
 
-    def __init__(self, config: DeepseekV3Config | None = None, num_layers: int | None = None) -> None:
+    def __init__(self, config: DeepseekV3Config | None = None, num_layers: int | None = None,
+                 cache_dtype: str | None = None, scale_fmt: str | None = None) -> None:  # fmt: skip
+        check_cache_dtype(cache_dtype, scale_fmt, config)
+        layer = functools.partial(FP8LatentCacheLayer, scale_fmt) if cache_dtype == "fp8" else LatentCacheLayer
         if config is None:
-            super().__init__(layer_class_to_replicate=LatentCacheLayer)
+            super().__init__(layer_class_to_replicate=layer)
         else:
             num_layers = config.num_hidden_layers if num_layers is None else num_layers
-            layer = IndexedLatentCacheLayer if isinstance(config, DeepseekV32Config) else LatentCacheLayer
+            layer = IndexedLatentCacheLayer if isinstance(config, DeepseekV32Config) else layer
             super().__init__(layers=[layer() for _ in range(num_layers)])
 
 
@@ -274,12 +364,16 @@ class MLAStaticCache(LatentCacheMixin, StaticCache):
     `DeepseekV32Config` the indexer's keys (`IndexedStaticLayer`).
 
     `generate(cache_implementation="static")` builds the same layout (this class for DeepSeek-V3.2); this class adds
-    the byte accounting.
+    the byte accounting, and `cache_dtype="fp8"` / `scale_fmt` as `MLACache`.
     """
 
-    def __init__(self, config: DeepseekV3Config, max_cache_len: int, *args, **kwargs) -> None:
-        super().__init__(config, max_cache_len, *args, **kwargs)
-        if isinstance(config, DeepseekV32Config):
+    def __init__(self, config: DeepseekV3Config, max_cache_len: int, cache_dtype: str | None = None,
+                 scale_fmt: str | None = None, **kwargs) -> None:  # fmt: skip
+        check_cache_dtype(cache_dtype, scale_fmt, config)
+        super().__init__(config, max_cache_len, **kwargs)
+        if cache_dtype == "fp8":
+            self.layers = [FP8StaticLayer(layer.max_cache_len, scale_fmt) for layer in self.layers]
+        elif isinstance(config, DeepseekV32Config):
             self.layers = [IndexedStaticLayer(max_cache_len=layer.max_cache_len) for layer in self.layers]
 
     def allocated_bytes(self) -> int:

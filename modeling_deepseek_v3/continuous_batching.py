@@ -26,6 +26,7 @@ from transformers.generation.continuous_batching import ContinuousBatchingManage
 
 from .batch_requests import check_generation_options, check_prompt_types, prompt_refusal
 from .indexer import refuse_continuous_batching
+from .latent_fp8 import check_cache_dtype, latent_cache_options
 from .paged_attention import PagedBatch
 from .paged_cache import PagedLatentCache
 from .private_api import (
@@ -64,9 +65,11 @@ class ContinuousBatchingMixin(GenerationMixin):
         # save_pretrained would then write) stays as it was
         generation_config = copy.deepcopy(self.generation_config if generation_config is None else generation_config)
         check_generation_options(generation_config)
+        options = latent_cache_options(generation_config)  # cache_config's cache_dtype / scale_fmt: FP8 pages
+        check_cache_dtype(options.get("cache_dtype"), options.get("scale_fmt"))  # before any manager exists
         manager = super().init_continuous_batching(generation_config, continuous_batching_config, workload_hints)
         if manager.batch_processor is None:
-            manager.batch_processor = _batch_processor_over_latent_pages(manager)
+            manager.batch_processor = _batch_processor_over_latent_pages(manager, options)
         if workload_hints is not None:
             refusal = too_long_for_pool(
                 manager.batch_processor.cache, workload_hints.max_prompt_length, workload_hints.max_generated_length
@@ -283,11 +286,13 @@ def paged_batch(cache: PagedAttentionCache, cb_kwargs: dict, dtype: torch.dtype)
     return PagedBatch(cache, cb_kwargs, dtype)
 
 
-def _batch_processor_over_latent_pages(manager: ContinuousBatchingManager):
+def _batch_processor_over_latent_pages(manager: ContinuousBatchingManager, options: dict):
     """transformers' own batch processor for `manager` (sizing, scheduler, inputs), built with `PagedLatentCache` for
-    its cache and with schedulers that refuse bad requests one by one: the manager offers no hook for either."""
+    its cache (with `options`: `cache_dtype`, `scale_fmt`) and with schedulers that refuse bad requests one by one:
+    the manager offers no hook for either."""
     schedulers = {
         name: type(cls.__name__, (RefusesBadRequests, cls), {})
         for name, cls in scheduler_classes().items()
     }
-    return batch_processor_with(manager, cache_class=PagedLatentCache, scheduler_classes=schedulers)
+    return batch_processor_with(manager, cache_class=PagedLatentCache.with_options(**options),
+                                scheduler_classes=schedulers)  # fmt: skip

@@ -55,6 +55,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationM
 
 from .cache import MLACache, MLAStaticCache
 from .configuration import DeepseekV32Config
+from .latent_fp8 import LATENT_CACHE_OPTIONS, latent_cache_options
 from .mtp import mtp_layer_index, mtp_step
 from .private_api import eos_and_pad_tensors, generation_defaults, prepare_cache_for_generation
 
@@ -220,14 +221,23 @@ class MTPGenerationMixin(GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length) -> None:
-        # The default cache of generate() becomes the latent MLACache (static and user-given caches are kept).
-        if (
-            model_kwargs.get("cache") is None
-            and generation_config.use_cache is not False
-            and generation_config.cache_implementation in (None, "dynamic")
-        ):
-            model_kwargs["cache"] = MLACache(self.config)
+        # The default cache of generate() becomes the latent MLACache (static and user-given caches are kept), with
+        # the options of `cache_config` (`cache_dtype`, `scale_fmt`).
+        default = generation_config.cache_implementation in (None, "dynamic")
+        options = latent_cache_options(generation_config) if default else {}
+        if default and model_kwargs.get("cache") is not None and options:
+            raise ValueError(f"cache_config={generation_config.cache_config!r} sets up generate()'s own latent cache, "
+                             "but a cache was passed in: build that one with the options instead (MLACache(config, "
+                             "cache_dtype='fp8'))")  # fmt: skip
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False and default:
+            model_kwargs["cache"] = MLACache(self.config, **options)
             return
+        if not default and set(generation_config.cache_config or {}) & set(LATENT_CACHE_OPTIONS):
+            implementation = generation_config.cache_implementation
+            raise ValueError(f"cache_config={generation_config.cache_config!r}: cache_dtype and scale_fmt apply to the "
+                             f"default latent cache, not cache_implementation={implementation!r}; for a static FP8 "
+                             "cache pass cache=MLAStaticCache(config=..., max_cache_len=..., "
+                             "cache_dtype='fp8')")  # fmt: skip
         if (  # DeepSeek-V3.2's static cache keeps the indexer keys too: transformers' StaticCache would not
             isinstance(self.config, DeepseekV32Config)
             and model_kwargs.get("cache") is None
@@ -421,7 +431,8 @@ class SelfSpeculativeDecoder:
         self.do_sample = generation_config.do_sample
         self.logits_processor = logits_processor
         self.generation_config = generation_config
-        self.cache = MLACache(model.config, num_layers=mtp_layer_index(self.num_layers, self.depth) + 1)
+        self.cache = MLACache(model.config, num_layers=mtp_layer_index(self.num_layers, self.depth) + 1,
+                              **latent_cache_options(generation_config))  # fmt: skip
         self.mtp_masks: list[torch.Tensor | None] = [None] * self.depth  # [b, t_k] valid slots of module k's cache
         self.carries: list[_Window] | None = None  # per module k < D: module k's column that module k + 1 reads next
         self.main_mask: torch.Tensor | None = None  # [b, t] valid slots of the main layers' cache

@@ -37,7 +37,7 @@ from .cache import IndexedLatentCacheLayer, IndexedStaticLayer
 from .configuration import DeepseekV32Config
 from .fp8 import FP8Format, make_linear
 from .indexer_training import IndexerObjective, indexer_kl
-from .kernels import FP8_BLOCK, act_quant
+from .kernels import act_dequant_ref, act_quant
 
 # DeepSeek-V3.2 rounds the indexer's q and k and the cached latent with power-of-two scales (its release's scale_fmt)
 SCALE_FMT = "ue8m0"
@@ -86,10 +86,7 @@ def round_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
     """`x` rounded to FP8 e4m3 in 1×128 tiles with power-of-two scales and back, in its dtype (the cached latent)."""
-    q, s = act_quant(x.contiguous(), SCALE_FMT)
-    tiles = s.shape[-1]
-    padded = F.pad(q.float(), (0, tiles * FP8_BLOCK - x.shape[-1])).unflatten(-1, (tiles, FP8_BLOCK))
-    return (padded * s[..., None]).flatten(-2)[..., : x.shape[-1]].to(x.dtype)
+    return act_dequant_ref(*act_quant(x.contiguous(), SCALE_FMT), dtype=x.dtype)
 
 
 class LightningIndexer(nn.Module):

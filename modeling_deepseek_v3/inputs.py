@@ -263,8 +263,9 @@ def _check_cache(
         keys = filled.keys
         if keys.shape[0] != b:
             raise ValueError(f"cache holds {keys.shape[0]} sequences but the inputs have batch {b}")
-        if keys.dtype != compute_dtype and not torch.is_autocast_enabled(keys.device.type):
-            raise TypeError(f"cache holds {keys.dtype} latents but the model computes in {compute_dtype}; it belongs "
+        rope = filled.values  # k_pe, in the model's dtype in every cache (an FP8 cache quantises c_kv only)
+        if rope.dtype != compute_dtype and not torch.is_autocast_enabled(keys.device.type):
+            raise TypeError(f"cache holds {rope.dtype} latents but the model computes in {compute_dtype}; it belongs "
                             "to a model of another dtype")
     past = cache.get_seq_length(cache_layer)
     if not isinstance(past, int):  # a static cache counts its tokens in a tensor

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kernels import MLA_DECODE_MAX_QUERIES, mla_decode_paged, use_triton
+from .kernels import MLA_DECODE_MAX_QUERIES, mla_decode_paged, mla_decode_paged_fp8, use_triton
+from .latent_fp8 import FP8Latent
 from .paged_cache import PagedLatentCache
 
 # new tokens per request up to which requests share a padded group (decoding, short chunks): what the kernel serves
@@ -129,7 +130,6 @@ class PagedBatch:
         """
         allocator, layer = self.cache.allocator, mla.layer_idx
         allocator.write(layer, c_kv[0], k_pe[0], self.write_index)
-        c = allocator.kv_lora_rank
         out = q_nope.new_empty(*q_nope.shape[:3], mla.v_head_dim)[0]  # [T, h, v]
         for group in self.groups:
             (b, s), t = group.query_rows.shape, group.token_rows.shape[1]
@@ -140,15 +140,18 @@ class PagedBatch:
                 group_out = self._attend_pages(mla, group, group_q_nope, group_q_pe)
             else:
                 latents = allocator.rows(layer).index_select(0, group.token_rows.flatten()).view(b, t, -1)
-                group_out = mla.attend(group_q_nope, group_q_pe, latents[..., :c], latents[..., c:], group.mask)
+                group_out = mla.attend(group_q_nope, group_q_pe, *allocator.split(latents), group.mask)
             real = group.real.flatten()
             out.index_copy_(0, group.query_rows.flatten()[real], group_out.flatten(0, 1)[real])
         return out[None]
 
     def _attend_pages(self, mla: nn.Module, group: RequestGroup, q_nope: torch.Tensor, q_pe: torch.Tensor):
         """The absorbed path of a decode group, its latent attention reading each request's pages in place."""
-        pages = self.cache.allocator.pages(mla.layer_idx)  # [pages, P, c + r]
-        c = self.cache.allocator.kv_lora_rank
+        c_kv, k_pe = self.cache.allocator.split(self.cache.allocator.pages(mla.layer_idx))  # [pages, P, *]
+        if isinstance(c_kv, FP8Latent):
+            return mla.absorbed(q_nope, lambda q_lat: mla_decode_paged_fp8(
+                q_lat, q_pe, c_kv.values, c_kv.scales, k_pe, group.block_table, group.seq_lens, mla.softmax_scale
+            ))  # fmt: skip
         return mla.absorbed(q_nope, lambda q_lat: mla_decode_paged(
-            q_lat, q_pe, pages[..., :c], pages[..., c:], group.block_table, group.seq_lens, mla.softmax_scale
+            q_lat, q_pe, c_kv, k_pe, group.block_table, group.seq_lens, mla.softmax_scale
         ))  # fmt: skip

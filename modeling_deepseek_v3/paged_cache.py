@@ -7,7 +7,9 @@ token; `PagedLatentCache` sizes it for one latent row per token and lays the poo
 Sectors, blocks per request, admission, prefix sharing and freeing stay transformers' own.
 
 Pool layout (one block = one page per layer, L layers): `[L0 rows | L1 rows | ... ]` per block, a row `[c_kv | k_pe]`;
-the row of token n of a request is `block_table[n // P] · P·L + layer · P + n % P`.
+the row of token n of a request is `block_table[n // P] · P·L + layer · P + n % P`. With `cache_dtype="fp8"` a row is
+bytes: `[c_kv e4m3 | its 1×128 tile scales fp32 | k_pe in the model's dtype | padding]` (`cache.py`: the rounding),
+padded so that transformers' sizing (keys and values of one width) fits it exactly.
 Dimension letters: T tokens of the flat batch, P page size, c kv_lora_rank, r qk_rope_head_dim.
 References: docs/design.md (Continuous batching); PagedAttention (Kwon et al. 2023); transformers
 `generation/continuous_batching/cache.py` and `cache_allocators/full_attention.py`.
@@ -22,7 +24,28 @@ from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
 
 from .configuration import DeepseekV3Config
+from .kernels import act_quant
+from .latent_fp8 import FP8Latent, check_cache_dtype
 from .private_api import init_cache_allocator, register_allocator_tensor
+
+
+def fp8_row_layout(config: DeepseekV3Config, dtype: torch.dtype) -> tuple[int, int, int]:
+    """Byte offsets in an FP8 row: `(scales start, k_pe start, row bytes)`. The scales start on a multiple of 4 after
+    the `c` e4m3 values (fp32 alignment; `c` itself for every released config), `k_pe` follows them, and the row is
+    rounded up to whole pairs of `dtype` elements (transformers sizes a token as a key and a value of one width) and to
+    4 bytes (the next row's scales stay aligned)."""
+    c, r = config.kv_lora_rank, config.qk_rope_head_dim
+    scales = -(-c // 4) * 4
+    rope = scales + 4 * -(-c // 128)
+    unit = max(2 * dtype.itemsize, 4)
+    return scales, rope, -(-(rope + r * dtype.itemsize) // unit) * unit
+
+
+def row_bytes(config: DeepseekV3Config, dtype: torch.dtype, cache_dtype: str | None) -> int:
+    """Bytes of one token's row of one layer: `(c + r) × element size`, or an FP8 row's (`fp8_row_layout`)."""
+    if cache_dtype is None:
+        return (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize
+    return fp8_row_layout(config, dtype)[2]
 
 
 class LatentPageAllocator(FullAttentionCacheAllocator):
@@ -33,19 +56,24 @@ class LatentPageAllocator(FullAttentionCacheAllocator):
 
     def __init__(
         self, index: int, config: DeepseekV3Config, cache_dtype: torch.dtype, page_size: int, layer_indices: list[int],
-        allow_block_sharing: bool,
+        allow_block_sharing: bool, latent_dtype: str | None = None, scale_fmt: str | None = None,
     ) -> None:  # fmt: skip
         self.kv_lora_rank = config.kv_lora_rank
-        self.latent_dim = config.kv_lora_rank + config.qk_rope_head_dim
-        self.cache_dtype = cache_dtype
+        self.rope_dim = config.qk_rope_head_dim
+        self.cache_dtype = cache_dtype  # the model's dtype: the rows' own, or k_pe's in FP8 rows
+        self.latent_dtype, self.scale_fmt = latent_dtype, scale_fmt
+        self.scales_start, self.rope_start, _ = fp8_row_layout(config, cache_dtype)
+        # a row's elements: values of the model's dtype, or bytes for FP8
+        self.row_dtype = cache_dtype if latent_dtype is None else torch.uint8
+        self.latent_dim = row_bytes(config, cache_dtype, latent_dtype) // self.row_dtype.itemsize
         self.peak_blocks = 0
-        bytes_per_page = self.latent_dim * cache_dtype.itemsize * page_size
+        bytes_per_page = self.latent_dim * self.row_dtype.itemsize * page_size
         init_cache_allocator(self, index, layer_indices, page_size, bytes_per_page, allow_block_sharing)
 
     def register_cache_tensor(self, bytes_per_sector: int, non_trash_bytes: int, cache_tensor: torch.Tensor, pool):
         self.bytes_per_sector = bytes_per_sector
-        total_rows = (non_trash_bytes + 2 * bytes_per_sector) // (self.latent_dim * self.cache_dtype.itemsize)
-        rows = cache_tensor.view(self.cache_dtype)[: total_rows * self.latent_dim].view(total_rows, self.latent_dim)
+        total_rows = (non_trash_bytes + 2 * bytes_per_sector) // (self.latent_dim * self.row_dtype.itemsize)
+        rows = cache_tensor.view(self.row_dtype)[: total_rows * self.latent_dim].view(total_rows, self.latent_dim)
         register_allocator_tensor(self, cache_tensor, rows, non_trash_bytes, bytes_per_sector, pool)
         # layer i's rows start at its page of block 0, so row `block · P·L + n % P` is token n of that block's page
         page = self.tokens_per_page
@@ -62,8 +90,29 @@ class LatentPageAllocator(FullAttentionCacheAllocator):
         return rows[: rows.shape[0] // page * page].view(-1, page, self.latent_dim)
 
     def write(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, write_index: torch.Tensor) -> None:
-        """Stores `c_kv` `[T, c]` and `k_pe` `[T, r]` at the rows `write_index` `[T]`."""
-        self.layer_rows[layer_idx].index_copy_(0, write_index, torch.cat([c_kv, k_pe], dim=-1).to(self.cache_dtype))
+        """Stores `c_kv` `[T, c]` and `k_pe` `[T, r]` at the rows `write_index` `[T]` (`c_kv` rounded to FP8 in FP8
+        rows)."""
+        if self.latent_dtype is None:
+            rows = torch.cat([c_kv, k_pe], dim=-1).to(self.cache_dtype)
+        else:
+            values, scales = act_quant(c_kv.contiguous(), self.scale_fmt)
+            rows = torch.zeros(len(values), self.latent_dim, dtype=torch.uint8, device=values.device)
+            c_kv_part, k_pe_part = self.split(rows)
+            c_kv_part.values.copy_(values)
+            c_kv_part.scales.copy_(scales)
+            k_pe_part.copy_(k_pe)
+        self.layer_rows[layer_idx].index_copy_(0, write_index, rows)
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor | FP8Latent, torch.Tensor]:
+        """`(c_kv, k_pe)` views of rows `[..., row]` of this pool (whole rows, as `rows` or `pages` give them):
+        `c_kv` `[..., c]`, or an `FP8Latent` of FP8 rows, and `k_pe` `[..., r]`."""
+        c = self.kv_lora_rank
+        if self.latent_dtype is None:
+            return rows[..., :c], rows[..., c : c + self.rope_dim]
+        scales, rope = self.scales_start, self.rope_start
+        rope_end = rope + self.rope_dim * self.cache_dtype.itemsize
+        latent = FP8Latent(rows[..., :c].view(torch.float8_e4m3fn), rows[..., scales:rope].view(torch.float32))
+        return latent, rows[..., rope:rope_end].view(self.cache_dtype)
 
     def used_blocks(self) -> int:
         """Blocks held by live requests (shared ones once); blocks kept only for prefix reuse are not counted."""
@@ -76,17 +125,21 @@ class LatentPageAllocator(FullAttentionCacheAllocator):
         self.peak_blocks = max(self.peak_blocks, self.used_blocks())
 
 
-def latent_sizing_config(config: DeepseekV3Config) -> DeepseekV3Config:
+def latent_sizing_config(config: DeepseekV3Config, dtype: torch.dtype, cache_dtype: str | None) -> DeepseekV3Config:
     """A copy of `config` through which transformers sizes pages for the latent: its page holds keys and values of
-    `num_key_value_heads × head_dim` each per token, so one "head" of `(c + r) / 2` gives exactly `c + r` values."""
+    `num_key_value_heads × head_dim` each per token (or a latent of `kv_lora_rank + qk_rope_head_dim`), so one "head"
+    of half a row (`row_bytes`) gives exactly a row (as does a latent of a row)."""
     latent_dim = config.kv_lora_rank + config.qk_rope_head_dim
-    if latent_dim % 2:
+    if cache_dtype is None and latent_dim % 2:
         raise ValueError(
             f"continuous batching: kv_lora_rank + qk_rope_head_dim = {latent_dim} must be even (transformers sizes "
             "cache pages as keys and values of one width, here half the latent each)"
         )
     sizing = copy.copy(config)
-    sizing.num_key_value_heads, sizing.head_dim = 1, latent_dim // 2
+    row = row_bytes(config, dtype, cache_dtype) // dtype.itemsize  # in elements of the model's dtype
+    sizing.num_key_value_heads, sizing.head_dim = 1, row // 2
+    # transformers' own latent sizing (for configs with kv_lora_rank) counts `kv_lora_rank + qk_rope_head_dim` values
+    sizing.kv_lora_rank = row - config.qk_rope_head_dim
     return sizing
 
 
@@ -102,18 +155,28 @@ class PagedLatentCache(PagedAttentionCache):
         ...     cache.allocated_bytes(), cache.used_bytes(), cache.bytes_per_token()
     """
 
+    cache_dtype: str | None = None  # "fp8": FP8 rows (`with_options`)
+    scale_fmt: str | None = None
+
+    @classmethod
+    def with_options(cls, cache_dtype: str | None = None, scale_fmt: str | None = None) -> type[PagedLatentCache]:
+        """This class with FP8 rows (`cache_dtype="fp8"`, `scale_fmt` as `MLACache`'s), for transformers to build."""
+        check_cache_dtype(cache_dtype, scale_fmt)
+        return type(cls.__name__, (cls,), {"cache_dtype": cache_dtype, "scale_fmt": scale_fmt})
+
     def __init__(self, config: DeepseekV3Config, continuous_batching_config, device, distributed_helper,
                  dtype: torch.dtype = torch.float16, model_supports_logits_to_keep: bool = False) -> None:  # fmt: skip
-        super().__init__(latent_sizing_config(config), continuous_batching_config, device, distributed_helper, dtype,
-                         model_supports_logits_to_keep)  # fmt: skip
+        super().__init__(latent_sizing_config(config, dtype, self.cache_dtype), continuous_batching_config, device,
+                         distributed_helper, dtype, model_supports_logits_to_keep)  # fmt: skip
         self.config = config
         # transformers laid the pool out for key and value rows; the same bytes become latent rows
         (name, sized), *others = self.cache_allocators.items()
         if others:
             raise ValueError(f"continuous batching: expected one attention type, got {list(self.cache_allocators)}")
         allocator = LatentPageAllocator(
-            sized.index, config, dtype, sized.tokens_per_page, sized.layer_indices, self.allow_block_sharing
-        )
+            sized.index, config, dtype, sized.tokens_per_page, sized.layer_indices, self.allow_block_sharing,
+            self.cache_dtype, self.scale_fmt,
+        )  # fmt: skip
         if allocator.bytes_per_block != sized.bytes_per_block:
             raise RuntimeError(f"latent block of {allocator.bytes_per_block} bytes where transformers sized "
                                f"{sized.bytes_per_block}: its cache sizing changed")  # fmt: skip
@@ -125,7 +188,8 @@ class PagedLatentCache(PagedAttentionCache):
         self.allocator = allocator
 
     def bytes_per_token(self) -> int:
-        """Bytes one token occupies over all layers: `L · (kv_lora_rank + qk_rope_head_dim) · element size`."""
+        """Bytes one token occupies over all layers: `L · (kv_lora_rank + qk_rope_head_dim) · element size`, or
+        `L · row_bytes` with FP8 rows."""
         return self.allocator.bytes_per_block // self.allocator.tokens_per_page
 
     def allocated_bytes(self) -> int:

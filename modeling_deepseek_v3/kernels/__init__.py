@@ -17,12 +17,15 @@ from .grouped_gemm import grouped_mm, grouped_mm_wgrad, grouped_swiglu
 from .reference import (
     FP8_BLOCK,
     FP8_E4M3_MAX,
+    act_dequant_ref,
     act_quant_colwise_ref,
     act_quant_ref,
     fp8_gemm_ref,
     fp8_grouped_gemm_ref,
     grouped_mm_ref,
     grouped_swiglu_ref,
+    mla_decode_fp8_ref,
+    mla_decode_paged_fp8_ref,
     mla_decode_paged_ref,
     mla_decode_ref,
     weight_dequant_ref,
@@ -127,6 +130,27 @@ def mla_decode(
     return mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
 
 
+def mla_decode_fp8(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    c_kv_scales: torch.Tensor,
+    k_pe: torch.Tensor,
+    mask: torch.Tensor | None,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """`mla_decode` over an FP8 latent cache: `c_kv` `[b, t, c]` float8_e4m3fn with `c_kv_scales`
+    `[b, t, ceil(c/128)]` fp32, one per 1×128 tile (see `mla_decode_fp8_ref`). The Triton kernel dequantises the
+    tiles it loads in registers; the reference dequantises a chunk of tokens at a time. Inference only (no gradient
+    flows into a quantised cache)."""
+    if use_triton(q_lat) and q_lat.shape[1] <= MLA_DECODE_MAX_QUERIES:
+        from .latent_decode import mla_decode_fp8_triton
+
+        count_launch("mla_decode_fp8")
+        return mla_decode_fp8_triton(q_lat, q_pe, c_kv, c_kv_scales, k_pe, mask, softmax_scale)
+    return mla_decode_fp8_ref(q_lat, q_pe, c_kv, c_kv_scales, k_pe, mask, softmax_scale)
+
+
 def mla_decode_paged(
     q_lat: torch.Tensor,
     q_pe: torch.Tensor,
@@ -147,11 +171,34 @@ def mla_decode_paged(
     return mla_decode_paged_ref(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table, seq_lens, softmax_scale)
 
 
+def mla_decode_paged_fp8(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv_pages: torch.Tensor,
+    c_kv_scale_pages: torch.Tensor,
+    k_pe_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """`mla_decode_paged` over FP8 pages: `c_kv_pages` `[num_pages, P, c]` float8_e4m3fn with `c_kv_scale_pages`
+    `[num_pages, P, ceil(c/128)]` fp32 (see `mla_decode_paged_fp8_ref`); the kernel dequantises in registers."""
+    if use_triton(q_lat):
+        from .latent_decode import mla_decode_paged_fp8_triton
+
+        count_launch("mla_decode_paged_fp8")
+        return mla_decode_paged_fp8_triton(q_lat, q_pe, c_kv_pages, c_kv_scale_pages, k_pe_pages, block_table,
+                                           seq_lens, softmax_scale)  # fmt: skip
+    return mla_decode_paged_fp8_ref(q_lat, q_pe, c_kv_pages, c_kv_scale_pages, k_pe_pages, block_table, seq_lens,
+                                    softmax_scale)  # fmt: skip
+
+
 __all__ = [
     "FP8_BLOCK",
     "FP8_E4M3_MAX",
     "MLA_DECODE_MAX_QUERIES",
     "act_quant",
+    "act_dequant_ref",
     "act_quant_colwise",
     "act_quant_colwise_ref",
     "act_quant_ref",
@@ -166,7 +213,11 @@ __all__ = [
     "grouped_swiglu_ref",
     "kernel_launches",
     "mla_decode",
+    "mla_decode_fp8",
+    "mla_decode_fp8_ref",
     "mla_decode_paged",
+    "mla_decode_paged_fp8",
+    "mla_decode_paged_fp8_ref",
     "mla_decode_paged_ref",
     "mla_decode_ref",
     "triton_on_cpu",

@@ -7,7 +7,10 @@ as the values (`P · c_kv`), for every head of the block: the point of MLA decod
 Scores and the softmax are fp32 in base 2 (log2(e) folded into the scale, so exponentials are `exp2`). Every split
 writes its normalised output and its log-sum-exp; a second kernel merges the splits. With one split the first kernel
 writes the output directly. The same kernel reads paged keys (continuous batching): each row's keys lie in pages of
-a shared latent pool, found through the row's block table, and each row has its own key count.
+a shared latent pool, found through the row's block table, and each row has its own key count. Over an FP8 cache
+(`FP8_TILE` > 0) `c_kv` arrives as float8_e4m3fn with one fp32 scale per 1×FP8_TILE tile: each loaded tile is
+dequantised in registers (value × its tile's scale, then the queries' dtype), so no full-precision copy of the cache
+is ever written.
 
 Dimension letters: b batch, s new tokens, h heads, m = s·h query rows (row m is query m // h of head m % h), t keys,
 c kv_lora_rank, r rope dim.
@@ -24,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_mla_decode_args, check_mla_decode_paged_args
+from .reference import FP8_BLOCK, check_mla_decode_args, check_mla_decode_fp8_args, check_mla_decode_paged_args
 from .tuning import Tuned
 
 # Query rows per program: 64 fills a Hopper warpgroup MMA and keeps the fp32 accumulator [64, 512] in registers over 8
@@ -44,13 +47,14 @@ DECODE_CONFIGS = [
 # multiples of 16), so a growing cache does not recompile the kernel
 @triton.jit(do_not_specialize=["T", "tokens_per_split", "stride_mb", "stride_ms"])
 def mla_decode_kernel(
-    q_ptr, qpe_ptr, ckv_ptr, kpe_ptr, mask_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+    q_ptr, qpe_ptr, ckv_ptr, kpe_ptr, mask_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr, scales_ptr,
     H, M, S, T, tokens_per_split, scale_log2, SPLIT_BUCKET,
     stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph,
     stride_cb, stride_ct, stride_kb, stride_kt, stride_mb, stride_ms, stride_mt, stride_btb,
-    stride_ob, stride_osplit, stride_lb, stride_lsplit,
+    stride_ob, stride_osplit, stride_lb, stride_lsplit, stride_sb, stride_st,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, FP8_TILE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # PAGE_SIZE > 0: the keys of row b are paged, key j at token j % PAGE_SIZE of page block_table[b, j // PAGE_SIZE]
     # (c_kv / k_pe are [pages, PAGE_SIZE, c / r], "b" strides are the page strides), and row b has seq_lens[b] keys
@@ -83,11 +87,17 @@ def mla_decode_kernel(
             page = tl.load(block_table_ptr + b * stride_btb + keys // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
             c_rows = page * stride_cb + (keys % PAGE_SIZE) * stride_ct  # [BLOCK_N]
             k_rows = page * stride_kb + (keys % PAGE_SIZE) * stride_kt
+            s_rows = page * stride_sb + (keys % PAGE_SIZE) * stride_st  # read only over an FP8 cache
         else:
             c_rows = b * stride_cb + keys * stride_ct
             k_rows = b * stride_kb + keys * stride_kt
+            s_rows = b * stride_sb + keys * stride_st
         kv = tl.load(ckv_ptr + c_rows[:, None] + offs_c[None, :],
                      mask=mask_n[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_N, BLOCK_C]: keys and values
+        if FP8_TILE > 0:  # each value times the scale of its 1×FP8_TILE tile (scale rows are laid out as c_kv's)
+            tile_scale = tl.load(scales_ptr + s_rows[:, None] + (offs_c // FP8_TILE)[None, :],
+                                 mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+            kv = (kv.to(tl.float32) * tile_scale).to(q.dtype)
         k_pe = tl.load(kpe_ptr + k_rows[:, None] + offs_r[None, :],
                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
         scores = tl.dot(q, tl.trans(kv), input_precision=DOT_PRECISION)
@@ -141,7 +151,7 @@ def mla_decode_merge_kernel(
     tl.store(o_ptr + b * stride_ob + pid_m * C + offs_c, acc.to(o_ptr.dtype.element_ty), mask=mask_c)
 
 
-_mla_decode = Tuned(mla_decode_kernel, DECODE_CONFIGS, key=["M", "C", "R", "SPLIT_BUCKET", "PAGE_SIZE"])
+_mla_decode = Tuned(mla_decode_kernel, DECODE_CONFIGS, key=["M", "C", "R", "SPLIT_BUCKET", "PAGE_SIZE", "FP8_TILE"])
 
 
 def _num_splits(programs_per_split: int, t: int, device: torch.device) -> int:
@@ -183,6 +193,29 @@ def mla_decode_triton(
     return _launch(q_lat, q_pe, c_kv, k_pe, c_kv.shape[1], mask, None, softmax_scale, num_splits)
 
 
+def mla_decode_fp8_triton(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    c_kv_scales: torch.Tensor,
+    k_pe: torch.Tensor,
+    mask: torch.Tensor | None,
+    softmax_scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """`mla_decode_triton` over an FP8 latent cache; same contract as `mla_decode_fp8_ref`.
+
+    Args:
+        c_kv: `[b, t, c]` float8_e4m3fn; c_kv_scales: `[b, t, ceil(c/128)]` fp32 (contiguous last dims); the rest as
+            in `mla_decode_triton`.
+
+    Example:
+        >>> o_lat = mla_decode_fp8_triton(q_lat, q_pe, cache_c_kv, cache_scales, cache_k_pe, None, softmax_scale)
+    """
+    check_mla_decode_fp8_args(q_lat, q_pe, c_kv, c_kv_scales, k_pe, mask, softmax_scale)
+    return _launch(q_lat, q_pe, c_kv, k_pe, c_kv.shape[1], mask, None, softmax_scale, num_splits, c_kv_scales)
+
+
 def mla_decode_paged_triton(
     q_lat: torch.Tensor,
     q_pe: torch.Tensor,
@@ -220,12 +253,35 @@ def mla_decode_paged_triton(
                    num_splits)
 
 
-def _launch(q_lat, q_pe, c_kv, k_pe, t, mask, paging, softmax_scale, num_splits) -> torch.Tensor:
+def mla_decode_paged_fp8_triton(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv_pages: torch.Tensor,
+    c_kv_scale_pages: torch.Tensor,
+    k_pe_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """`mla_decode_paged_triton` over FP8 pages (`c_kv_pages` e4m3 with `c_kv_scale_pages` fp32, views of one pool
+    read in place); same contract as `mla_decode_paged_fp8_ref`."""
+    stand_in = q_lat.new_empty(1, 1, 1).expand(c_kv_pages.shape)  # the pages' checks in the queries' dtype
+    check_mla_decode_paged_args(q_lat, q_pe, stand_in, k_pe_pages, block_table, seq_lens, softmax_scale)
+    max_keys = block_table.shape[1] * c_kv_pages.shape[1]
+    return _launch(q_lat, q_pe, c_kv_pages, k_pe_pages, max_keys, None, (block_table, seq_lens), softmax_scale,
+                   num_splits, c_kv_scale_pages)  # fmt: skip
+
+
+def _launch(q_lat, q_pe, c_kv, k_pe, t, mask, paging, softmax_scale, num_splits, scales=None) -> torch.Tensor:
     """Launches the split kernel (and the merge) over dense `[b, t, *]` keys, or paged keys when `paging` is
-    `(block_table, seq_lens)`, with `t` the longest row's key count."""
+    `(block_table, seq_lens)`, with `t` the longest row's key count; `scales` are the 1×128 tile scales of an FP8
+    `c_kv`, laid out as its rows."""
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"mla_decode: num_splits must be a positive integer or None, got {num_splits}")
     q_lat, q_pe, c_kv, k_pe = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_lat, q_pe, c_kv, k_pe))
+    if scales is not None and scales.stride(-1) != 1:
+        scales = scales.contiguous()
     b, s, h, c = q_lat.shape
     r = k_pe.shape[-1]
     m = s * h
@@ -249,13 +305,16 @@ def _launch(q_lat, q_pe, c_kv, k_pe, t, mask, paging, softmax_scale, num_splits)
     split_bucket = min(triton.next_power_of_2(tokens_per_split), 4096)
     _mla_decode[(head_blocks, num_splits, b)](
         q_lat.device, q_lat, q_pe, c_kv, k_pe, mask_bytes, block_table, seq_lens, part, lse,
+        scales if scales is not None else q_lat,
         h, m, s, t, tokens_per_split, softmax_scale * math.log2(math.e), split_bucket,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         c_kv.stride(0), c_kv.stride(1), k_pe.stride(0), k_pe.stride(1), *mask_strides,
         block_table.stride(0) if paging is not None else 0,
         part.stride(0), 0 if num_splits == 1 else part.stride(1), lse.stride(0), lse.stride(1),
+        *(scales.stride()[:2] if scales is not None else (0, 0)),
         C=c, R=r, BLOCK_C=max(16, triton.next_power_of_2(c)), BLOCK_R=max(16, triton.next_power_of_2(r)),
-        HAS_MASK=mask is not None, PAGE_SIZE=page_size, BLOCK_H=block_h,
+        HAS_MASK=mask is not None, PAGE_SIZE=page_size, FP8_TILE=FP8_BLOCK if scales is not None else 0,
+        BLOCK_H=block_h,
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     if num_splits > 1:

@@ -163,19 +163,43 @@ def mla_decode_paged_ref(
         ValueError: on shapes, dtypes, page ids or key counts that do not fit.
     """
     check_mla_decode_paged_args(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table, seq_lens, softmax_scale)
-    b, s = q_lat.shape[:2]
-    page_size = c_kv_pages.shape[1]
+    (c_kv, k_pe), mask = gather_pages(block_table, seq_lens, q_lat.shape[1], c_kv_pages, k_pe_pages)
+    return mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
+
+
+def mla_decode_paged_fp8_ref(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv_pages: torch.Tensor,
+    c_kv_scale_pages: torch.Tensor,
+    k_pe_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """`mla_decode_paged_ref` over FP8 pages: `c_kv_pages` `[num_pages, P, c]` float8_e4m3fn with
+    `c_kv_scale_pages` `[num_pages, P, ceil(c/128)]` fp32 (see `mla_decode_fp8_ref`)."""
+    stand_in = q_lat.new_empty(1, 1, 1).expand(c_kv_pages.shape)  # the pages' checks in the queries' dtype
+    check_mla_decode_paged_args(q_lat, q_pe, stand_in, k_pe_pages, block_table, seq_lens, softmax_scale)
+    s = q_lat.shape[1]
+    (c_kv, scales, k_pe), mask = gather_pages(block_table, seq_lens, s, c_kv_pages, c_kv_scale_pages, k_pe_pages)
+    return mla_decode_fp8_ref(q_lat, q_pe, c_kv, scales, k_pe, mask, softmax_scale)
+
+
+def gather_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, s: int, *pages: torch.Tensor):
+    """The keys of each row gathered from `pages` (tensors `[num_pages, P, *]`) into `[b, t, *]`, t the block table's
+    pages × P, and the mask `[b, s, t]` of query i of row b at position `seq_lens[b] - s + i`."""
+    num_pages, page_size = pages[0].shape[:2]
     t = block_table.shape[1] * page_size
     if (seq_lens > t).any() or (seq_lens < 0).any():
         raise ValueError(f"mla_decode_paged: seq_lens must lie in [0, {t}] (the block table's pages × {page_size})")
     pages_read = torch.arange(block_table.shape[1], device=block_table.device) * page_size < seq_lens[:, None]
-    if (block_table[pages_read] < 0).any() or (block_table[pages_read] >= c_kv_pages.shape[0]).any():
-        raise ValueError(f"mla_decode_paged: block_table holds page ids outside [0, {c_kv_pages.shape[0]})")
-    pages = block_table.masked_fill(~pages_read, 0).long()  # unread entries may hold anything
-    c_kv, k_pe = c_kv_pages[pages].flatten(1, 2), k_pe_pages[pages].flatten(1, 2)  # [b, t, c], [b, t, r]
+    if (block_table[pages_read] < 0).any() or (block_table[pages_read] >= num_pages).any():
+        raise ValueError(f"mla_decode_paged: block_table holds page ids outside [0, {num_pages})")
+    ids = block_table.masked_fill(~pages_read, 0).long()  # unread entries may hold anything
     positions = seq_lens[:, None].long() - s + torch.arange(s, device=seq_lens.device)  # [b, s]
     mask = torch.arange(t, device=seq_lens.device) <= positions[:, :, None]  # [b, s, t]
-    return mla_decode_ref(q_lat, q_pe, c_kv, k_pe, mask, softmax_scale)
+    return tuple(x[ids].flatten(1, 2) for x in pages), mask
 
 
 def check_mla_decode_paged_args(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table, seq_lens, softmax_scale) -> None:
@@ -196,6 +220,75 @@ def check_mla_decode_paged_args(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table
     t = block_table.shape[1] * c_kv_pages.shape[1]
     c_kv, k_pe = (x.new_empty(1, 1, 1).expand(b, t, x.shape[2]) for x in (c_kv_pages, k_pe_pages))
     check_mla_decode_args(q_lat, q_pe, c_kv, k_pe, torch.ones(1, 1, 1, dtype=torch.bool).expand(b, s, t), softmax_scale)
+
+
+FP8_DECODE_CHUNK = 256  # cached tokens dequantised at a time by `mla_decode_fp8_ref`: fits a CPU cache, unlike 1024
+
+
+def mla_decode_fp8_ref(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    c_kv_scales: torch.Tensor,
+    k_pe: torch.Tensor,
+    mask: torch.Tensor | None,
+    softmax_scale: float,
+    chunk: int = FP8_DECODE_CHUNK,
+) -> torch.Tensor:
+    """`mla_decode_ref` over an FP8 latent cache, `chunk` cached tokens at a time: each chunk of `c_kv` is
+    dequantised (`act_dequant_ref`), scored and folded into a running softmax (the online softmax of flash attention:
+    a running max, a running sum and an output rescaled when the max grows), so memory stays at one chunk in fp32
+    however long the cache is; nothing the size of the whole cache is materialised in full precision.
+
+    Args:
+        q_lat, q_pe, k_pe, mask, softmax_scale: as in `mla_decode_ref` (q_lat, q_pe and k_pe share a dtype).
+        c_kv: `[b, t, c]` float8_e4m3fn; c_kv_scales: `[b, t, ceil(c/128)]` fp32, one scale per 1×128 tile.
+        chunk: cached tokens per chunk.
+
+    Returns:
+        `o_lat` `[b, s, h, c]` in the dtype of `q_lat`; zeros for a query that may attend to no key.
+    """
+    check_mla_decode_fp8_args(q_lat, q_pe, c_kv, c_kv_scales, k_pe, mask, softmax_scale)
+    b, s, h, c = q_lat.shape
+    t = c_kv.shape[1]
+    q = q_lat.float().reshape(b, s * h, c)
+    q_rope = q_pe.float().reshape(b, s * h, -1)
+    if mask is None:  # causal: query i sits at position t - s + i
+        mask = torch.arange(t, device=c_kv.device) <= torch.arange(t - s, t, device=c_kv.device)[:, None]
+    mask = mask.expand(b, s, t)
+    running_max = torch.full((b, s * h, 1), float("-inf"), device=q.device)
+    running_sum = torch.zeros(b, s * h, 1, device=q.device)
+    acc = torch.zeros(b, s * h, c, device=q.device)
+    for start in range(0, t, chunk):
+        end = min(start + chunk, t)
+        kv = act_dequant_ref(c_kv[:, start:end], c_kv_scales[:, start:end])  # [b, n, c] fp32
+        scores = torch.bmm(q, kv.transpose(1, 2)) + torch.bmm(q_rope, k_pe[:, start:end].float().transpose(1, 2))
+        attend = mask[:, :, None, start:end].expand(b, s, h, end - start).reshape(b, s * h, end - start)
+        scores = (scores * softmax_scale).masked_fill(~attend, float("-inf"))
+        new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
+        # a row that has seen no key yet keeps max = -inf; subtracting 0 then gives exp(-inf) = 0, never NaN
+        reference = torch.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = torch.exp(running_max - reference)
+        weights = torch.exp(scores - reference)
+        running_sum = running_sum * rescale + weights.sum(dim=-1, keepdim=True)
+        acc = acc * rescale + torch.bmm(weights, kv)
+        running_max = new_max
+    o_lat = torch.where(running_sum > 0, acc / running_sum.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    return o_lat.view(b, s, h, c).to(q_lat.dtype)
+
+
+def check_mla_decode_fp8_args(q_lat, q_pe, c_kv, c_kv_scales, k_pe, mask, softmax_scale) -> None:
+    """Argument checks of the latent decode attention over an FP8 cache (reference and Triton)."""
+    if c_kv.dtype != torch.float8_e4m3fn or c_kv.dim() != 3:
+        raise ValueError(f"mla_decode_fp8: c_kv must be float8_e4m3fn [b, t, c], got {c_kv.dtype} "
+                         f"{tuple(c_kv.shape)}")
+    tiles = -(-c_kv.shape[-1] // FP8_BLOCK)
+    if c_kv_scales.dtype != torch.float32 or tuple(c_kv_scales.shape) != (*c_kv.shape[:2], tiles):
+        raise ValueError(f"mla_decode_fp8: c_kv_scales must be float32 {(*c_kv.shape[:2], tiles)} (one scale per "
+                         f"1×{FP8_BLOCK} tile of c_kv), got {c_kv_scales.dtype} {tuple(c_kv_scales.shape)}")
+    # the dense checks, with a stand-in for c_kv in the queries' dtype expanded to its shape (no copy)
+    stand_in = q_lat.new_empty(1, 1, 1).expand(c_kv.shape)
+    check_mla_decode_args(q_lat, q_pe, stand_in, k_pe, mask, softmax_scale)
 
 
 # ---- FP8 (E4M3) block quantisation, docs/design.md -------------------------------------------------------------------
@@ -233,6 +326,15 @@ def act_quant_ref(x: torch.Tensor, scale_fmt: str | None = None, block: int = FP
     scale = fp8_scale_ref(padded.abs().amax(dim=-1), scale_fmt)  # [..., kb]
     q = (padded / scale[..., None]).flatten(-2)[..., :k].to(torch.float8_e4m3fn)
     return q, scale
+
+
+def act_dequant_ref(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    block: int = FP8_BLOCK) -> torch.Tensor:
+    """The value `q · s` of `act_quant_ref`'s output `(q [..., K], s [..., ceil(K/block)])`, in `dtype`."""
+    k = q.shape[-1]
+    tiles = s.shape[-1]
+    padded = torch.nn.functional.pad(q.float(), (0, tiles * block - k)).unflatten(-1, (tiles, block))
+    return (padded * s[..., None]).flatten(-2)[..., :k].to(dtype)
 
 
 def act_quant_colwise_ref(x: torch.Tensor, scale_fmt: str | None = None, block: int = FP8_BLOCK):
