@@ -115,6 +115,21 @@ class SpeculativeStats:
         """Tokens a row gains per verification forward (1 + its accepted drafts), averaged over rows and steps."""
         return self.tokens / self.row_steps if self.row_steps else 0.0
 
+    def add_step(self, drafted: int, accepted: int, kept: int) -> None:
+        """Tally one row's verification step: `drafted` drafts checked in order, the first `accepted` of them taken,
+        `kept` tokens added (fewer than `accepted + 1` when the row stopped inside them)."""
+        for depth in range(drafted):
+            self.proposed[depth] += depth <= accepted
+            self.accepted[depth] += depth < accepted
+        self.row_steps += 1
+        self.tokens += kept
+
+
+def greedy_accepted(drafts: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """How many drafts each row accepts greedily: the longest prefix of `drafts` `[b, D]` equal to the main model's
+    argmax `target` `[b, >= D]` at the same positions (a draft id of -1 never matches: rows with fewer drafts)."""
+    return (drafts == target[:, : drafts.shape[1]]).long().cumprod(-1).sum(-1)
+
 
 @dataclasses.dataclass
 class SpeculativeDecoderOutput(GenerateDecoderOnlyOutput):
@@ -521,8 +536,7 @@ class SelfSpeculativeDecoder:
         scores = self._scores(self.head(hidden))  # [b, D + 1, V]
         if not self.do_sample:
             target = scores.argmax(-1)
-            accepted = (drafts == target[:, :depth]).long().cumprod(-1).sum(-1)
-            return accepted, target, hidden, positions
+            return greedy_accepted(drafts, target), target, hidden, positions
         p = F.softmax(scores, dim=-1)
         p_draft = p[:, :depth].gather(-1, drafts[..., None]).squeeze(-1)
         q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)

@@ -76,9 +76,11 @@ class LatentPageAllocator(FullAttentionCacheAllocator):
         self.peak_blocks = max(self.peak_blocks, self.used_blocks())
 
 
-def latent_sizing_config(config: DeepseekV3Config) -> DeepseekV3Config:
+def latent_sizing_config(config: DeepseekV3Config, drafter_layers: int = 0) -> DeepseekV3Config:
     """A copy of `config` through which transformers sizes pages for the latent: its page holds keys and values of
-    `num_key_value_heads × head_dim` each per token, so one "head" of `(c + r) / 2` gives exactly `c + r` values."""
+    `num_key_value_heads × head_dim` each per token, so one "head" of `(c + r) / 2` gives exactly `c + r` values; and
+    `drafter_layers` more layers after the decoder's (the MTP module that drafts inside continuous batching, layer
+    `num_hidden_layers`)."""
     latent_dim = config.kv_lora_rank + config.qk_rope_head_dim
     if latent_dim % 2:
         raise ValueError(
@@ -87,6 +89,7 @@ def latent_sizing_config(config: DeepseekV3Config) -> DeepseekV3Config:
         )
     sizing = copy.copy(config)
     sizing.num_key_value_heads, sizing.head_dim = 1, latent_dim // 2
+    sizing.num_hidden_layers = config.num_hidden_layers + drafter_layers
     return sizing
 
 
@@ -102,10 +105,12 @@ class PagedLatentCache(PagedAttentionCache):
         ...     cache.allocated_bytes(), cache.used_bytes(), cache.bytes_per_token()
     """
 
+    drafter_layers = 0  # pages per block beyond the decoder's (see `PagedLatentCacheWithDrafter`)
+
     def __init__(self, config: DeepseekV3Config, continuous_batching_config, device, distributed_helper,
                  dtype: torch.dtype = torch.float16, model_supports_logits_to_keep: bool = False) -> None:  # fmt: skip
-        super().__init__(latent_sizing_config(config), continuous_batching_config, device, distributed_helper, dtype,
-                         model_supports_logits_to_keep)  # fmt: skip
+        super().__init__(latent_sizing_config(config, self.drafter_layers), continuous_batching_config, device,
+                         distributed_helper, dtype, model_supports_logits_to_keep)  # fmt: skip
         self.config = config
         # transformers laid the pool out for key and value rows; the same bytes become latent rows
         (name, sized), *others = self.cache_allocators.items()
@@ -143,3 +148,11 @@ class PagedLatentCache(PagedAttentionCache):
     def max_request_tokens(self) -> int:
         """The longest request (prompt + new tokens) the pool can hold: every block of it."""
         return self.allocator.num_blocks * self.allocator.tokens_per_page
+
+
+class PagedLatentCacheWithDrafter(PagedLatentCache):
+    """The paged latent cache of continuous batching with MTP drafting: each block also holds a page for MTP module 1
+    (decoder layer `num_hidden_layers`), whose latents of a request's positions sit at the same rows as the main
+    layers' (`speculative_batching.py`)."""
+
+    drafter_layers = 1
