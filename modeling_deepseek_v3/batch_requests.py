@@ -84,7 +84,7 @@ def check_generation_options(config: GenerationConfig, *, needs_max_new_tokens: 
     """Refuses a generation config with a field set that continuous batching does not implement (beam search,
     `min_new_tokens`, repetition penalties, ...): transformers would drop it, or apply it to the flat batch as if it
     were one sequence. `use_mtp=True` (MTP drafting, `speculative_batching.py`) takes `num_draft_tokens` (an int >= 1)
-    and greedy decoding with one sequence per prompt. With `needs_max_new_tokens` (a batch that must end:
+    and one sequence per prompt. With `needs_max_new_tokens` (a batch that must end:
     `generate_batch`), the config must give `max_new_tokens`.
 
     Raises:
@@ -113,7 +113,7 @@ def check_generation_options(config: GenerationConfig, *, needs_max_new_tokens: 
 def check_drafting_options(values: dict) -> None:
     """Refuses the drafting fields of a generation config (as a dict) that continuous batching cannot run: a
     `use_mtp` that is not a bool, `num_draft_tokens` without `use_mtp=True` or not an int >= 1, and with
-    `use_mtp=True` sampling or several sequences per prompt.
+    `use_mtp=True` several sequences per prompt.
 
     Raises:
         TypeError, ValueError: naming the field, its value and the rule.
@@ -131,9 +131,6 @@ def check_drafting_options(values: dict) -> None:
                              "MTP module 1 chains per request and step)")  # fmt: skip
     if not use_mtp:
         return
-    if values.get("do_sample"):
-        raise ValueError("use_mtp=True with do_sample=True: MTP drafting inside continuous batching decodes greedily "
-                         "only; sample with model.generate(..., use_mtp=True) or drop one of them")  # fmt: skip
     if (values.get("num_return_sequences") or 1) > 1:
         raise ValueError(f"use_mtp=True with num_return_sequences={values['num_return_sequences']}: MTP drafting "
                          "inside continuous batching runs one sequence per prompt")  # fmt: skip

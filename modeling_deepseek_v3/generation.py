@@ -131,6 +131,34 @@ def greedy_accepted(drafts: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (drafts == target[:, : drafts.shape[1]]).long().cumprod(-1).sum(-1)
 
 
+def speculative_sampling(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative rejection rule: draft d_k is accepted with probability min(1, p(d_k) / q(d_k)) while all before
+    it were; the first rejected one is replaced by a sample of norm(max(0, p - q)) at its position, and after D accepted
+    drafts a bonus token comes from p. The tokens are then distributed exactly as sampling from p alone.
+
+    Args:
+        p: `[b, D + 1, V]` the main model's distributions at the newest token and each draft.
+        q: `[b, D, V]` the drafter's distributions the drafts were sampled from.
+        drafts: `[b, D]`.
+
+    Returns:
+        `(accepted [b], step_tokens [b, D + 1])`: row r keeps `step_tokens[r, : accepted[r] + 1]`.
+    """
+    depth = drafts.shape[1]
+    p_draft = p[:, :depth].gather(-1, drafts[..., None]).squeeze(-1)
+    q_draft = q.gather(-1, drafts[..., None]).squeeze(-1)
+    accepted = (torch.rand_like(p_draft) * q_draft < p_draft).long().cumprod(-1).sum(-1)  # u < p / q
+    # the first rejected position samples norm(max(0, p - q)); after D accepted drafts q is 0 there: p itself
+    q = torch.cat([q, torch.zeros_like(p[:, :1])], dim=1)
+    at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
+    p_next, q_next = p.gather(1, at).squeeze(1), q.gather(1, at).squeeze(1)
+    residual = (p_next - q_next).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)  # p == q to rounding
+    bonus = torch.multinomial(residual, num_samples=1)  # normalises
+    step_tokens = torch.cat([drafts, bonus], dim=1).scatter(1, accepted[:, None], bonus)
+    return accepted, step_tokens
+
+
 @dataclasses.dataclass
 class SpeculativeDecoderOutput(GenerateDecoderOnlyOutput):
     """What `generate(use_mtp=True, return_dict_in_generate=True)` returns: `sequences` and the call's
@@ -537,18 +565,7 @@ class SelfSpeculativeDecoder:
         if not self.do_sample:
             target = scores.argmax(-1)
             return greedy_accepted(drafts, target), target, hidden, positions
-        p = F.softmax(scores, dim=-1)
-        p_draft = p[:, :depth].gather(-1, drafts[..., None]).squeeze(-1)
-        q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
-        accepted = (torch.rand_like(p_draft) * q_draft < p_draft).long().cumprod(-1).sum(-1)  # u < p / q
-        # the first rejected position samples norm(max(0, p - q)); after D accepted drafts q is 0 there: p itself
-        q = torch.cat([draft_probs, torch.zeros_like(p[:, :1])], dim=1)
-        at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
-        p_next, q_next = p.gather(1, at).squeeze(1), q.gather(1, at).squeeze(1)
-        residual = (p_next - q_next).clamp(min=0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)  # p == q to rounding
-        bonus = torch.multinomial(residual, num_samples=1)  # normalises
-        step_tokens = torch.cat([drafts, bonus], dim=1).scatter(1, accepted[:, None], bonus)
+        accepted, step_tokens = speculative_sampling(F.softmax(scores, dim=-1), draft_probs, drafts)
         return accepted, step_tokens, hidden, positions
 
     def _keep_accepted_slots(self, accepted: torch.Tensor, widest: int, uneven: bool) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.continuous_batching import RequestStatus
 
-from .generation import SpeculativeStats, greedy_accepted
+from .generation import SpeculativeStats, greedy_accepted, speculative_sampling
 from .mtp import mtp_step
 from .paged_attention import PagedBatch
 from .private_api import continuous_batch_processor_class, free_blocks_beyond
@@ -76,19 +76,26 @@ class SpeculativeBatchProcessor(continuous_batch_processor_class()):
         batch = io.get_model_kwargs()
         requests = io.requests_in_batch
         cu_q = io.cumulative_seqlens_q[: len(requests) + 1].tolist()
+        # the logits processors' per-request arguments are columns, one per request with a new token, in batch order
+        columns = {i: j for j, i in enumerate(i for i, fs in enumerate(requests) if fs.has_new_token)}
+        args = batch["logits_processor_args"]
         decoding = [i for i, fs in enumerate(requests) if fs.state.generated_len() > 0 and fs.query_length > 1]
+        draft_probs = {}
         if decoding:
-            drafts = self._draft(model, [requests[i] for i in decoding])
-            for i, row in zip(decoding, drafts):
+            drafts, probs = self._draft(model, [requests[i] for i in decoding], [columns[i] for i in decoding], args)
+            for n, (i, row) in enumerate(zip(decoding, drafts)):
                 io.input_ids[cu_q[i] + 1 : cu_q[i + 1]] = torch.tensor(row, dtype=io.input_ids.dtype)
+                draft_probs[i] = None if probs is None else probs[n]
         model_kwargs = {k: v for k, v in batch.items() if k not in ("logits_indices", "logits_processor_args")}
         hidden = model.model(**model_kwargs).last_hidden_state[0]  # [T, H]
         # logits at every query slot of a decoding request, at the last slot of a prefill that ends
-        slots = []
+        slots, slot_columns = [], []
         for i, fs in enumerate(requests):
             if fs.has_new_token:
-                slots.extend(range(cu_q[i], cu_q[i + 1]) if fs.state.generated_len() > 0 else [cu_q[i + 1] - 1])
-        target = model.lm_head(hidden[slots]).argmax(-1).tolist() if slots else []
+                own = range(cu_q[i], cu_q[i + 1]) if fs.state.generated_len() > 0 else [cu_q[i + 1] - 1]
+                slots.extend(own)
+                slot_columns.extend([columns[i]] * len(own))
+        scores = self._scores(model.lm_head(hidden[slots]), slot_columns, args) if slots else None
         self.verified, at = [], 0
         for i, fs in enumerate(requests):
             rows = hidden[cu_q[i] : cu_q[i + 1]]
@@ -96,11 +103,16 @@ class SpeculativeBatchProcessor(continuous_batch_processor_class()):
                 self.verified.append(_Verified(fs, 0, [], rows))
                 continue
             drafted = fs.query_length - 1 if fs.state.generated_len() > 0 else 0
-            checked = target[at : at + drafted + 1]
+            checked = scores[at : at + drafted + 1]  # [n + 1, V]
             at += drafted + 1
-            drafts = io.input_ids[cu_q[i] + 1 : cu_q[i + 1]].tolist() if drafted else []
-            accepted = int(greedy_accepted(torch.tensor(drafts, dtype=torch.long)[None], torch.tensor([checked])))
-            self.verified.append(_Verified(fs, drafted, checked[: accepted + 1], rows))
+            drafts = io.input_ids[cu_q[i] + 1 : cu_q[i + 1]].long()[None] if drafted else checked.new_zeros(1, 0).long()
+            if self.do_sample:
+                q = draft_probs.get(i, checked.new_zeros(0, checked.shape[-1]))
+                accepted, step = speculative_sampling(torch.softmax(checked, -1)[None], q[None], drafts)
+            else:
+                step = checked.argmax(-1)[None]
+                accepted = greedy_accepted(drafts, step)
+            self.verified.append(_Verified(fs, drafted, step[0, : int(accepted) + 1].tolist(), rows))
         self.speculative_stats.main_forwards += 1
 
     def update_batch(self) -> None:
@@ -149,9 +161,26 @@ class SpeculativeBatchProcessor(continuous_batch_processor_class()):
         stats.main_forwards = 1  # the prefill
         return stats
 
-    def _draft(self, model, requests: list) -> list[list[int]]:
+    def _scores(self, logits: torch.Tensor, columns: list[int], args: torch.Tensor) -> torch.Tensor:
+        """Logits `[R, V]` through the batch's logits processors in fp32, row r with the arguments of the request in
+        column `columns[r]` (as transformers processes one row per request)."""
+        scores = logits.float()
+        if self.logit_processor.do_processing:
+            scores = self.logit_processor(None, scores, args[:, columns])
+        return scores
+
+    def _choose(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A token per row of `scores` `[R, V]`: the argmax, or a sample with its distribution `[R, V]`."""
+        if not self.do_sample:
+            return scores.argmax(-1), None
+        probs = torch.softmax(scores, -1)
+        return torch.multinomial(probs, num_samples=1).squeeze(1), probs
+
+    def _draft(self, model, requests: list, columns: list[int],
+               args: torch.Tensor) -> tuple[list[list[int]], list[torch.Tensor] | None]:  # fmt: skip
         """Drafts for each decoding request of the batch (`query_length - 1` each) with MTP module 1: a catch-up
-        forward over its unread positions, then one forward per further depth, chained on the module's output."""
+        forward over its unread positions, then one forward per further depth, chained on the module's output.
+        Sampling, also the distribution `[n, V]` each request's drafts were drawn from (else None)."""
         spans, embeds, hidden = [], [], []
         for fs in requests:
             state = fs.state
@@ -165,8 +194,10 @@ class SpeculativeBatchProcessor(continuous_batch_processor_class()):
             hidden.append(unread)
         ends = torch.tensor([length for *_, length in spans]).cumsum(0) - 1
         h, logits = self._run_module(model, spans, torch.cat(embeds), torch.cat(hidden), ends)
-        last, draft = h[ends], logits.argmax(-1)  # per request: the module's newest output, its newest draft
+        draft, probs = self._choose(self._scores(logits, columns, args))
+        last = h[ends]  # per request: the module's newest output (and `draft` its newest draft)
         drafts = [[d] for d in draft.tolist()]
+        chosen = None if probs is None else [[row] for row in probs]
         wanted = [fs.query_length - 1 for fs in requests]
         for depth in range(2, max(wanted) + 1):
             going = [r for r, n in enumerate(wanted) if n >= depth]
@@ -174,11 +205,13 @@ class SpeculativeBatchProcessor(continuous_batch_processor_class()):
             # draft `depth` sits at the position after draft `depth - 1`'s, i.e. newest + depth - 2
             chained = [(spans[r][0], spans[r][1] + spans[r][2] + depth - 2, 1) for r in going]
             h, logits = self._run_module(model, chained, draft[index], last[index], torch.arange(len(going)))
-            new = logits.argmax(-1)
+            new, probs = self._choose(self._scores(logits, [columns[r] for r in going], args))
             last, draft = last.index_copy(0, index, h), draft.index_copy(0, index, new)
-            for r, d in zip(going, new.tolist()):
+            for n, (r, d) in enumerate(zip(going, new.tolist())):
                 drafts[r].append(d)
-        return drafts
+                if chosen is not None:
+                    chosen[r].append(probs[n])
+        return drafts, None if chosen is None else [torch.stack(rows) for rows in chosen]
 
     def _run_module(self, model, spans: list[tuple[str, int, int]], tokens: torch.Tensor, previous: torch.Tensor,
                     keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip

@@ -106,7 +106,7 @@ def test_a_running_manager_fails_bad_requests_alone_and_goes_on():
     ({"min_new_tokens": 2}, "continuous batching does not implement min_new_tokens=2"),
     ({"repetition_penalty": 1.3}, "continuous batching does not implement repetition_penalty=1.3"),
     ({"no_repeat_ngram_size": 2}, "continuous batching does not implement no_repeat_ngram_size=2"),
-    ({"use_mtp": True, "do_sample": True}, "use_mtp=True with do_sample=True: MTP drafting inside continuous"),
+    ({"use_mtp": True, "do_sample": True, "num_return_sequences": 2}, "use_mtp=True with num_return_sequences=2"),
     ({"use_mtp": True, "num_draft_tokens": 0}, r"num_draft_tokens=0 is invalid: it must be an int >= 1"),
     ({"num_draft_tokens": 2}, r"num_draft_tokens=2 sets how many tokens MTP drafting proposes per step: it needs"),
     ({"cache_implementation": "static"}, "cache_implementation='static' does not apply to continuous batching"),
