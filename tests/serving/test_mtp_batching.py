@@ -212,3 +212,42 @@ def test_sampling_with_drafts_follows_the_main_models_distribution():
     for column, exact in ((1, exact_second), (2, exact_third)):
         observed = torch.bincount(tokens[:, column], minlength=vocab).float() / samples
         assert 0.5 * (observed - exact).abs().sum() < 0.08, (column, observed, exact)
+
+
+def test_the_modules_drafts_are_those_of_generate_with_use_mtp(monkeypatch):
+    """With an MTP module that agrees with the main model most of the time (and reads its own attention), every
+    draft MTP module 1 makes inside continuous batching, at each request's newest position, is the draft plain
+    `generate(use_mtp=True)` makes there for that prompt alone: the module's paged rows and the positions it
+    catches up on are right."""
+    from modeling_deepseek_v3.generation import SelfSpeculativeDecoder
+
+    from ..utils import agreeing_mtp_model
+
+    torch.manual_seed(0)
+    agreeing = agreeing_mtp_model(1, context_weight=0.3, mtp_context_weight=0.3)
+    prompts = prompts_of([5, 17, 2, 9, 26], agreeing.config.vocab_size, seed=6)
+    batched, alone = {}, {}
+    draft, alone_draft = SpeculativeBatchProcessor._draft, SelfSpeculativeDecoder._draft
+
+    def record_batched(self, model, requests, *rest):
+        drafts, probs = draft(self, model, requests, *rest)
+        for fs, row in zip(requests, drafts):
+            newest = fs.state.position_offset - fs.query_length
+            batched[(int(fs.state.request_id.split("_")[1]), newest)] = row[0]
+        return drafts, probs
+
+    def record_alone(self, window):
+        drafts, probs = alone_draft(self, window)
+        alone[(prompt_index, int(self.next_position[0]))] = int(drafts[0, 0])
+        return drafts, probs
+
+    monkeypatch.setattr(SpeculativeBatchProcessor, "_draft", record_batched)
+    monkeypatch.setattr(SelfSpeculativeDecoder, "_draft", record_alone)
+    config = greedy(10)
+    outputs = agreeing.generate_batch(prompts, generation_config=config, continuous_batching_config=batching(),
+                                      use_mtp=True, num_draft_tokens=1)  # fmt: skip
+    for prompt_index, prompt in enumerate(prompts):
+        agreeing.generate(torch.tensor([prompt]), generation_config=config, use_mtp=True)
+    common = batched.keys() & alone.keys()
+    assert len(common) >= 20 and {key: batched[key] for key in common} == {key: alone[key] for key in common}
+    assert sum(output.speculative_stats.accepted[0] for output in outputs.values()) > 10
