@@ -226,7 +226,7 @@ def test_the_modules_drafts_are_those_of_generate_with_use_mtp(monkeypatch):
     torch.manual_seed(0)
     agreeing = agreeing_mtp_model(1, context_weight=0.3, mtp_context_weight=0.3)
     prompts = prompts_of([5, 17, 2, 9, 26], agreeing.config.vocab_size, seed=6)
-    batched, alone = {}, {}
+    batched, alone, current = {}, {}, {"prompt": 0}
     draft, alone_draft = SpeculativeBatchProcessor._draft, SelfSpeculativeDecoder._draft
 
     def record_batched(self, model, requests, *rest):
@@ -238,7 +238,7 @@ def test_the_modules_drafts_are_those_of_generate_with_use_mtp(monkeypatch):
 
     def record_alone(self, window):
         drafts, probs = alone_draft(self, window)
-        alone[(prompt_index, int(self.next_position[0]))] = int(drafts[0, 0])
+        alone[(current["prompt"], int(self.next_position[0]))] = int(drafts[0, 0])
         return drafts, probs
 
     monkeypatch.setattr(SpeculativeBatchProcessor, "_draft", record_batched)
@@ -246,7 +246,7 @@ def test_the_modules_drafts_are_those_of_generate_with_use_mtp(monkeypatch):
     config = greedy(10)
     outputs = agreeing.generate_batch(prompts, generation_config=config, continuous_batching_config=batching(),
                                       use_mtp=True, num_draft_tokens=1)  # fmt: skip
-    for prompt_index, prompt in enumerate(prompts):
+    for current["prompt"], prompt in enumerate(prompts):
         agreeing.generate(torch.tensor([prompt]), generation_config=config, use_mtp=True)
     common = batched.keys() & alone.keys()
     assert len(common) >= 20 and {key: batched[key] for key in common} == {key: alone[key] for key in common}
