@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new", type=int, default=48)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8],
                         help="max_requests_per_batch values (default: 1 4 8)")
-    parser.add_argument("--num-draft-tokens", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating pairs of runs per concurrency")
+    parser.add_argument("--num-draft-tokens", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating pairs of runs per concurrency")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--result-file", default=None, help="default: benchmarks/results/speculative_batching.json")
     args = parser.parse_args(argv)

@@ -153,6 +153,10 @@ class SpeculativeBatchProcessor(continuous_batch_processor_class()):
                 stats = self.request_stats.pop(rid, None) if finished else self.request_stats.get(rid)
                 output.speculative_stats = stats if stats is not None else self._new_stats()
                 outputs.append(output)
+        # requests cancelled or failed since: nothing of them is read again
+        for table in (self.unread, self.request_stats):
+            for rid in [rid for rid in table if rid not in self.scheduler.active_requests]:
+                del table[rid]
         if outputs:
             self.output_router.deliver_batch(outputs)
 

@@ -66,7 +66,7 @@ def forced_drafts(monkeypatch, reference: dict[str, list[int]], wrong_at=None):
     true, that draft is changed to another token (it and the deeper ones rejected)."""
     counter = {"step": 0}
 
-    def draft(self, model, requests):
+    def draft(self, model, requests, *processor_arguments):
         counter["step"] += 1
         drafts = []
         for fs in requests:
@@ -76,7 +76,7 @@ def forced_drafts(monkeypatch, reference: dict[str, list[int]], wrong_at=None):
                 row = [(t + 1) % model.config.vocab_size if wrong_at(counter["step"], d) else t
                        for d, t in enumerate(row, start=1)]  # fmt: skip
             drafts.append(row)
-        return drafts
+        return drafts, None  # greedy: no draft distributions
 
     monkeypatch.setattr(SpeculativeBatchProcessor, "_draft", draft)
 
