@@ -35,6 +35,8 @@ from transformers.distributed.pipeline_parallel import PipelineIdentityLayer, Pi
 from transformers.generation.continuous_batching import ContinuousBatchingManager
 from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
 from transformers.generation.continuous_batching.cache_allocators import CacheAllocator
+from transformers.generation.continuous_batching.continuous_api import ContinuousBatchProcessor
+from transformers.generation.continuous_batching.scheduler import Scheduler
 
 # (owner, name, parameter names) of the private hooks our classes override; the test checks each signature
 OVERRIDDEN_HOOKS = (
@@ -59,6 +61,11 @@ OVERRIDDEN_HOOKS = (
     (DistributedMixin, "barrier_after_gathered_checkpoint_save", ("self", "distributed_config")),
     # Trainer's report on the checkpoint it resumed from (or its best one): DeepseekV3Trainer refuses an incomplete one
     (Trainer, "_issue_warnings_after_load", ("self", "load_result")),
+    # continuous batching with MTP drafting: the step drafts before its forward and verifies after it
+    # (`speculative_batching.py`), and the schedulers keep a decoding request whole (`continuous_batching.py`)
+    (ContinuousBatchProcessor, "_generation_step", ("self", "model")),
+    (Scheduler, "_schedule_request", ("self", "state", "request_tokens", "token_budget",
+                                      "request_ids_to_remove_from_waiting")),
 )
 # private attributes transformers reads from our classes or instances
 IGNORED_UNEXPECTED_KEYS = "_keys_to_ignore_on_load_unexpected"  # regexes of checkpoint keys loading may skip
@@ -305,7 +312,7 @@ def swap_parameters(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None
 def continuous_batch_processor_class() -> type:
     """transformers' `ContinuousBatchProcessor`, the class a batch processor built by `batch_processor_with` must
     derive from."""
-    return ContinuousBatchingManager._create_batch_processor.__globals__[MANAGER_PROCESSOR_NAME]
+    return ContinuousBatchProcessor
 
 
 def free_blocks_beyond(cache, request_id: str, length: int) -> None:
