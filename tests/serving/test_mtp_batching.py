@@ -81,8 +81,7 @@ def forced_drafts(monkeypatch, reference: dict[str, list[int]], wrong_at=None):
     monkeypatch.setattr(SpeculativeBatchProcessor, "_draft", draft)
 
 
-@pytest.mark.parametrize("num_draft_tokens", [1, 2])
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("num_draft_tokens", "seed"), [(1, 0), (2, 1), (2, 2)])
 def test_greedy_drafting_equals_plain_batching_and_own_generate(model, num_draft_tokens, seed, checked_rollback):
     """7 prompts of 1 to 30 tokens through 3 slots: outputs equal plain continuous batching's and each request's own
     `generate`, and the run's statistics add up to the requests' own."""
