@@ -7,7 +7,9 @@ count what was drafted; sampled tokens follow the main model's distribution; bad
 import pytest
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
+from transformers.generation.continuous_batching import RequestStatus
 
+from modeling_deepseek_v3.continuous_batching import KeepsDraftsOfDecodingRequests
 from modeling_deepseek_v3.speculative_batching import SpeculativeBatchProcessor
 
 from ..utils import random_model
@@ -122,6 +124,26 @@ def test_drafts_forced_right_are_all_accepted(model, monkeypatch, num_draft_toke
         # each step gains its drafts and the bonus token; the last steps draft fewer (max_new_tokens)
         assert stats.row_steps == -(-(9 - 1) // (num_draft_tokens + 1))
         assert stats.tokens_per_forward > 1
+
+
+def test_drafts_are_cut_to_the_steps_token_budget(model, monkeypatch, checked_rollback):
+    """6 tokens per step for 3 requests drafting 3 each: a decoding request keeps the drafts that fit in what is left
+    of the step (never split as a prompt), and outputs stay plain batching's."""
+    prompts = prompts_of([5, 17, 2, 9], model.config.vocab_size, seed=7)
+    config, tight = greedy(8), batching(max_batch_tokens=6)
+    plain = tokens_of(model.generate_batch(prompts, generation_config=config, continuous_batching_config=tight))
+    forced_drafts(monkeypatch, plain)
+    schedule, cut = KeepsDraftsOfDecodingRequests._schedule_request, []
+
+    def schedule_and_note(self, state, request_tokens, token_budget, *rest):
+        cut.append(state.status == RequestStatus.DECODING and 1 < token_budget < len(request_tokens))
+        schedule(self, state, request_tokens, token_budget, *rest)
+
+    monkeypatch.setattr(KeepsDraftsOfDecodingRequests, "_schedule_request", schedule_and_note)
+    outputs = model.generate_batch(prompts, generation_config=config, continuous_batching_config=tight,
+                                   use_mtp=True, num_draft_tokens=3)  # fmt: skip
+    assert tokens_of(outputs) == plain
+    assert any(cut) and all(output.speculative_stats.accepted[0] for output in outputs.values())
 
 
 def test_drafts_forced_wrong_are_all_rejected(model, monkeypatch, checked_rollback):
