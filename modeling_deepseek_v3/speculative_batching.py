@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.continuous_batching import RequestStatus
 
-from .generation import SpeculativeStats, greedy_accepted, speculative_sampling
 from .mtp import mtp_step
 from .paged_attention import PagedBatch
 from .private_api import continuous_batch_processor_class, free_blocks_beyond
+from .speculation import SpeculativeStats, greedy_accepted, speculative_sampling
 
 
 @dataclass
