@@ -87,9 +87,9 @@ def generate_batch(model, prompts, max_new_tokens: int, cb_config) -> tuple[list
     return [output.generated_tokens for output in outputs.values()], seconds
 
 
-def manager_run(model, prompts, new_tokens, cb_config) -> tuple[list[list[int]], float, int]:
-    """Each request with its own max_new_tokens: (tokens, seconds, most bytes held by live requests)."""
-    config = GenerationConfig(do_sample=False, eos_token_id=-1)
+def manager_outputs(model, prompts, new_tokens, cb_config, config: GenerationConfig) -> tuple[list, float, object]:
+    """Each request added to a manager with its own max_new_tokens: (their outputs in order, seconds, the manager's
+    batch processor)."""
     start = time.perf_counter()  # the manager's start (pool) and stop are counted, as generate_batch's are
     with model.continuous_batching_context_manager(generation_config=config,
                                                    continuous_batching_config=cb_config) as manager:  # fmt: skip
@@ -98,9 +98,16 @@ def manager_run(model, prompts, new_tokens, cb_config) -> tuple[list[list[int]],
         while len(outputs) < len(ids):  # results come as requests finish
             output = manager.get_result(timeout=600)
             outputs[output.request_id] = output
-        peak = manager.batch_processor.cache.peak_used_bytes()
+        processor = manager.batch_processor
     seconds = time.perf_counter() - start
-    return [outputs[rid].generated_tokens for rid in ids], seconds, peak
+    return [outputs[rid] for rid in ids], seconds, processor
+
+
+def manager_run(model, prompts, new_tokens, cb_config) -> tuple[list[list[int]], float, int]:
+    """Each request with its own max_new_tokens: (tokens, seconds, most bytes held by live requests)."""
+    config = GenerationConfig(do_sample=False, eos_token_id=-1)
+    outputs, seconds, processor = manager_outputs(model, prompts, new_tokens, cb_config, config)
+    return [output.generated_tokens for output in outputs], seconds, processor.cache.peak_used_bytes()
 
 
 def pool_and_mask_bytes(model, cb_config) -> tuple[int, int]:

@@ -33,6 +33,8 @@ if [ "${1:-}" = "--quick" ]; then
         --result-file "$results/balance.json"
     run python benchmarks/speculative.py --retrain --steps 10 --new-tokens 8 --batches 1 --repeats 1 --threads 1 \
         --cache-dir "$results/speculative-model" --result-file "$results/speculative.json"
+    run python benchmarks/speculative_batching.py --cache-dir "$results/speculative-model" --requests 8 \
+        --concurrency 1 4 --min-new 4 --max-new 12 --repeats 1 --result-file "$results/speculative_batching.json"
 elif [ $# -eq 0 ]; then
     run python benchmarks/dispatch_traffic.py
     run python benchmarks/parallel_memory.py
@@ -42,6 +44,7 @@ elif [ $# -eq 0 ]; then
     run python benchmarks/balance.py --steps 150 --threads 1 --out balance-run
     cp balance-run/expert_load_gamma_*.png docs/  # the plots docs/training.md shows
     run python benchmarks/speculative.py --retrain --threads 1
+    run python benchmarks/speculative_batching.py  # the model speculative.py just trained
 else
     echo "usage: bash benchmarks/run_cpu.sh [--quick]" >&2
     exit 2

@@ -32,13 +32,13 @@ from .configuration import (
     KimiK2Config,
     load_preset,
 )
-from .generation import SpeculativeStats
 from .heads import DeepseekV3ForSequenceClassification, DeepseekV3ForTokenClassification
 from .metrics import TrainingMetrics
 from .model import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
 from .outputs import DeepseekV3CausalLMOutput
 from .paged_cache import PagedLatentCache
 from .private_api import keep_peft_targets_of, register_auto_model
+from .speculation import SpeculativeStats
 from .trainer import DeepseekV3Trainer, DeepseekV3TrainerMixin, ExpertBalanceCallback
 from .transformers_patch import apply_from_environment, apply_to_transformers, restore_transformers
 

@@ -34,6 +34,10 @@ NEUTRAL_FIELDS = (
 )
 
 
+# the fields of MTP drafting inside continuous batching (`speculative_batching.py`)
+DRAFTING_FIELDS = ("use_mtp", "num_draft_tokens")
+
+
 def _not_a_token_id(token) -> bool:
     return isinstance(token, bool) or not isinstance(token, numbers.Integral)
 
@@ -78,24 +82,23 @@ def check_prompt_types(inputs: Sequence) -> None:
 
 def check_generation_options(config: GenerationConfig, *, needs_max_new_tokens: bool = False) -> None:
     """Refuses a generation config with a field set that continuous batching does not implement (beam search,
-    `min_new_tokens`, repetition penalties, `use_mtp`, ...): transformers would drop it, or apply it to the flat
-    batch as if it were one sequence. With `needs_max_new_tokens` (a batch that must end: `generate_batch`), the
-    config must give `max_new_tokens`.
+    `min_new_tokens`, repetition penalties, ...): transformers would drop it, or apply it to the flat batch as if it
+    were one sequence. `use_mtp=True` (MTP drafting, `speculative_batching.py`) takes `num_draft_tokens` (an int >= 1)
+    and one sequence per prompt. With `needs_max_new_tokens` (a batch that must end:
+    `generate_batch`), the config must give `max_new_tokens`.
 
     Raises:
+        TypeError: for a `use_mtp` that is not a bool.
         ValueError: naming each such field and its value, or the missing `max_new_tokens`.
     """
     values = config.to_dict()
-    if values.get("use_mtp"):
-        raise ValueError("use_mtp=True is not available with continuous batching (generate_batch, "
-                         "cache_implementation='paged', the batching manager): drafting with the MTP modules runs in "
-                         "model.generate(..., use_mtp=True) only")  # fmt: skip
+    check_drafting_options(values)
     if values.get("cache_implementation") not in (None, "paged"):
         raise ValueError(f"cache_implementation={values['cache_implementation']!r} does not apply to continuous "
                          "batching, which always uses its paged cache: leave it unset or 'paged'")  # fmt: skip
     defaults = generation_defaults()
     # cache_config: the paged cache's options (FP8 pages), read by `ContinuousBatchingMixin.init_continuous_batching`
-    known = {*APPLIED_FIELDS, *NEUTRAL_FIELDS, "use_mtp", "cache_implementation", "cache_config"}
+    known = {*APPLIED_FIELDS, *NEUTRAL_FIELDS, *DRAFTING_FIELDS, "cache_implementation", "cache_config"}
     unsupported = {name: value for name, value in values.items()
                    if name not in known and value not in (None, False) and value != defaults.get(name)}  # fmt: skip
     if unsupported:
@@ -106,3 +109,36 @@ def check_generation_options(config: GenerationConfig, *, needs_max_new_tokens: 
         raise ValueError(f"generate_batch needs max_new_tokens (got None, with max_length={values.get('max_length')!r}"
                          "): continuous batching reads no max_length, and a request without a limit generates until "
                          "EOS or until the pool is full")  # fmt: skip
+
+
+def check_drafting_options(values: dict) -> None:
+    """Refuses the drafting fields of a generation config (as a dict) that continuous batching cannot run: a
+    `use_mtp` that is not a bool, `num_draft_tokens` without `use_mtp=True` or not an int >= 1, and with
+    `use_mtp=True` several sequences per prompt.
+
+    Raises:
+        TypeError, ValueError: naming the field, its value and the rule.
+    """
+    use_mtp, num_draft_tokens = values.get("use_mtp"), values.get("num_draft_tokens")
+    if use_mtp is not None and not isinstance(use_mtp, bool):
+        raise TypeError(f"use_mtp = {use_mtp!r} ({type(use_mtp).__name__}) is invalid: it must be True or False")
+    if num_draft_tokens is not None:
+        if not use_mtp:
+            raise ValueError(f"num_draft_tokens={num_draft_tokens!r} sets how many tokens MTP drafting proposes per "
+                             "step: it needs use_mtp=True")  # fmt: skip
+        if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, numbers.Integral) \
+                or num_draft_tokens < 1:  # fmt: skip
+            raise ValueError(f"num_draft_tokens={num_draft_tokens!r} is invalid: it must be an int >= 1 (the drafts "
+                             "MTP module 1 chains per request and step)")  # fmt: skip
+    if not use_mtp:
+        return
+    if (values.get("num_return_sequences") or 1) > 1:
+        raise ValueError(f"use_mtp=True with num_return_sequences={values['num_return_sequences']}: MTP drafting "
+                         "inside continuous batching runs one sequence per prompt")  # fmt: skip
+
+
+def num_draft_tokens(config: GenerationConfig, num_mtp_modules: int) -> int:
+    """The drafts per request and step of a config with `use_mtp=True`: its `num_draft_tokens`, else as many as
+    `generate(use_mtp=True)` drafts (one per MTP module)."""
+    value = getattr(config, "num_draft_tokens", None)
+    return num_mtp_modules if value is None else int(value)

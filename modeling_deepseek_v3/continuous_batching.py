@@ -22,13 +22,13 @@ from math import ceil
 
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, GenerationMixin
-from transformers.generation.continuous_batching import ContinuousBatchingManager, PagedAttentionCache
+from transformers.generation.continuous_batching import ContinuousBatchingManager, PagedAttentionCache, RequestStatus
 
-from .batch_requests import check_generation_options, check_prompt_types, prompt_refusal
+from .batch_requests import check_generation_options, check_prompt_types, num_draft_tokens, prompt_refusal
 from .indexer import refuse_continuous_batching
 from .latent_fp8 import check_cache_dtype, latent_cache_options
 from .paged_attention import PagedBatch
-from .paged_cache import PagedLatentCache
+from .paged_cache import PagedLatentCache, PagedLatentCacheWithDrafter
 from .private_api import (
     batch_processor_with,
     default_max_batch_tokens,
@@ -36,6 +36,7 @@ from .private_api import (
     prepare_generation_config,
     scheduler_classes,
 )
+from .speculative_batching import SpeculativeBatchProcessor
 
 # the arguments of `generate(cache_implementation="paged")` beside the generation-config fields and the batching config
 PAGED_GENERATE_ARGUMENTS = ("input_ids", "attention_mask")
@@ -67,9 +68,13 @@ class ContinuousBatchingMixin(GenerationMixin):
         check_generation_options(generation_config)
         options = latent_cache_options(generation_config)  # cache_config's cache_dtype / scale_fmt: FP8 pages
         check_cache_dtype(options.get("cache_dtype"), options.get("scale_fmt"))  # before any manager exists
+        drafts = 0
+        if generation_config.use_mtp:
+            drafts = num_draft_tokens(generation_config, len(getattr(self, "mtp", ())))
+            continuous_batching_config = self._drafting_batching_config(continuous_batching_config)
         manager = super().init_continuous_batching(generation_config, continuous_batching_config, workload_hints)
         if manager.batch_processor is None:
-            manager.batch_processor = _batch_processor_over_latent_pages(manager, options)
+            manager.batch_processor = _batch_processor_over_latent_pages(manager, options, drafts)
         if workload_hints is not None:
             refusal = too_long_for_pool(
                 manager.batch_processor.cache, workload_hints.max_prompt_length, workload_hints.max_generated_length
@@ -78,6 +83,25 @@ class ContinuousBatchingMixin(GenerationMixin):
                 discard_unstarted_manager(manager)
                 raise ValueError(refusal)
         return manager
+
+    def _drafting_batching_config(self, cb_config: ContinuousBatchingConfig | None) -> ContinuousBatchingConfig:
+        """A copy of `cb_config` (or of transformers' defaults) for MTP drafting: synchronous steps (a step's drafts
+        need the previous step's tokens), no prefix sharing (a shared block would lack the MTP module's rows of the
+        request that found it).
+
+        Raises:
+            ValueError: when the model has no active MTP module, or `cb_config` asks for asynchronous batching.
+        """
+        if not getattr(self, "mtp_active", False):
+            raise ValueError(
+                "use_mtp=True drafts with MTP module 1, but this model has none active (num_nextn_predict_layers="
+                f"{self.config.num_nextn_predict_layers}, use_mtp_modules={self.config.use_mtp_modules})"
+            )
+        cb_config = cb_config if cb_config is not None else ContinuousBatchingConfig()
+        if cb_config.use_async_batching:
+            raise ValueError("use_mtp=True with use_async_batching=True: a step's drafts need the tokens of the step "
+                             "before; leave use_async_batching unset or False")  # fmt: skip
+        return dataclasses.replace(cb_config, use_async_batching=False, allow_block_sharing=False)
 
     @torch.no_grad()
     def generate_batch(self, inputs: list[list[int]], generation_config: GenerationConfig | None = None,
@@ -95,9 +119,9 @@ class ContinuousBatchingMixin(GenerationMixin):
 
         Raises:
             TypeError: when `inputs` is not a list of lists of int token ids.
-            ValueError: for a keyword that is not a generation-config field, an option continuous batching does not
-                implement (`num_beams > 1`, `min_new_tokens`, `use_mtp`, ...), no `max_new_tokens`, or a request
-                longer than a given pool; all before a manager exists.
+            ValueError: for a keyword that is not a generation-config field (or `num_draft_tokens`), an option
+                continuous batching does not implement (`num_beams > 1`, `min_new_tokens`, `use_mtp` with sampling,
+                ...), no `max_new_tokens`, or a request longer than a given pool; all before a manager exists.
         """
         check_prompt_types(inputs)
         generation_config, others = self._generation_options(generation_config, kwargs)
@@ -122,16 +146,12 @@ class ContinuousBatchingMixin(GenerationMixin):
         takes each row's padding out of its request (a row runs as it would alone).
 
         Raises:
-            ValueError: with `cache_implementation="paged"`, for `use_mtp=True` (MTP drafting does not run inside
-                continuous batching), an argument it does not take (`logits_processor`, `streamer`, ...), an
-                `attention_mask` that is not left padding of `input_ids`' shape, an option `generate_batch` refuses,
-                or a row that fails as a request (its error).
+            ValueError: with `cache_implementation="paged"`, for an argument it does not take (`logits_processor`,
+                `streamer`, ...), an `attention_mask` that is not left padding of `input_ids`' shape, an option
+                `generate_batch` refuses, or a row that fails as a request (its error).
         """
         if kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None)) != "paged":
             return super().generate(inputs, generation_config, **kwargs)
-        if kwargs.get("use_mtp") or getattr(generation_config or self.generation_config, "use_mtp", None):
-            raise ValueError("use_mtp=True with cache_implementation='paged': MTP drafting inside continuous batching "
-                             "is not built; drop one of them")  # fmt: skip
         kwargs.pop("cache_implementation", None)
         cb_config = kwargs.pop("continuous_batching_config", None)
         generation_config, others = self._generation_options(generation_config, kwargs)
@@ -169,6 +189,8 @@ class ContinuousBatchingMixin(GenerationMixin):
         `generate()` completes it (the model's generation config, then the defaults); and the other `kwargs`.
         transformers warns that passing both a config and fields is deprecated: for `generate_batch` it is the API."""
         config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+        if "num_draft_tokens" in kwargs:  # ours, not a field transformers declares: `update` would not set it
+            config.num_draft_tokens = kwargs.pop("num_draft_tokens")
         others = config.update(**kwargs)
         return prepare_generation_config(self, config, {})[0], others
 
@@ -272,6 +294,18 @@ class RefusesBadRequests:
         super().add_waiting_request(state)
 
 
+class KeepsDraftsOfDecodingRequests:
+    """Mixed into transformers' schedulers under MTP drafting: a decoding request with more query tokens (its newest
+    and its drafts) than the step's token budget keeps the drafts that fit, where transformers would split it as a
+    prompt and carry the rest over as prompt tokens."""
+
+    def _schedule_request(self, state, request_tokens, token_budget, request_ids_to_remove_from_waiting) -> None:
+        if state.status == RequestStatus.DECODING:
+            state.tokens_to_process = request_tokens[:token_budget]
+            return
+        super()._schedule_request(state, request_tokens, token_budget, request_ids_to_remove_from_waiting)
+
+
 def paged_batch(cache: PagedAttentionCache, cb_kwargs: dict, dtype: torch.dtype) -> PagedBatch:
     """The layout of one continuous-batching forward over `cache` (see `PagedBatch`).
 
@@ -286,13 +320,18 @@ def paged_batch(cache: PagedAttentionCache, cb_kwargs: dict, dtype: torch.dtype)
     return PagedBatch(cache, cb_kwargs, dtype)
 
 
-def _batch_processor_over_latent_pages(manager: ContinuousBatchingManager, options: dict):
+def _batch_processor_over_latent_pages(manager: ContinuousBatchingManager, options: dict, num_draft_tokens: int = 0):
     """transformers' own batch processor for `manager` (sizing, scheduler, inputs), built with `PagedLatentCache` for
     its cache (with `options`: `cache_dtype`, `scale_fmt`) and with schedulers that refuse bad requests one by one:
-    the manager offers no hook for either."""
-    schedulers = {
-        name: type(cls.__name__, (RefusesBadRequests, cls), {})
-        for name, cls in scheduler_classes().items()
-    }
-    return batch_processor_with(manager, cache_class=PagedLatentCache.with_options(**options),
-                                scheduler_classes=schedulers)  # fmt: skip
+    the manager offers no hook for either. With `num_draft_tokens`, the processor drafts with MTP module 1
+    (`SpeculativeBatchProcessor`) over a cache with a page for it, and its schedulers keep a decoding request's drafts
+    whole or cut them, never split it as a prompt."""
+    mixins = (RefusesBadRequests, KeepsDraftsOfDecodingRequests) if num_draft_tokens else (RefusesBadRequests,)
+    schedulers = {name: type(cls.__name__, (*mixins, cls), {}) for name, cls in scheduler_classes().items()}
+    if not num_draft_tokens:
+        return batch_processor_with(manager, cache_class=PagedLatentCache.with_options(**options),
+                                    scheduler_classes=schedulers)  # fmt: skip
+    processor = batch_processor_with(manager, cache_class=PagedLatentCacheWithDrafter.with_options(**options),
+                                     scheduler_classes=schedulers, processor_class=SpeculativeBatchProcessor)
+    processor.enable_drafting(num_draft_tokens)
+    return processor

@@ -58,6 +58,7 @@ from .configuration import DeepseekV32Config
 from .latent_fp8 import LATENT_CACHE_OPTIONS, latent_cache_options
 from .mtp import mtp_layer_index, mtp_step
 from .private_api import eos_and_pad_tensors, generation_defaults, prepare_cache_for_generation
+from .speculation import SpeculativeStats, greedy_accepted, speculative_sampling
 
 # Processors that act on each row's scores alone, so they apply unchanged to every verified position of a step.
 # Those that read the generated ids (repetition penalty, n-gram bans, minimum lengths, ...) would see them only
@@ -77,45 +78,6 @@ IGNORED_FIELDS = (
     "assistant_ensemble_weight", "speculation_type", "penalty_alpha", "dola_layers", "low_memory", "num_beam_groups",
     "diversity_penalty", "constraints", "force_words_ids", "prefill_chunk_size",
 )  # fmt: skip
-
-
-@dataclasses.dataclass
-class SpeculativeStats:
-    """Acceptance statistics of a `generate(use_mtp=True)` call (`output.speculative_stats` with
-    `return_dict_in_generate=True`).
-
-    Counts cover the rows still generating at each step.
-
-    Args:
-        proposed: per depth k (index k - 1), drafts of depth k that were checked: those whose shallower drafts of
-            the same step were all accepted.
-        accepted: per depth k, drafts of depth k that were accepted.
-        main_forwards: main-model forwards, the prefill included.
-        row_steps: verification forwards × rows still generating.
-        tokens: tokens the verification forwards added, all rows (the prefill's first token not counted).
-    """
-
-    proposed: list[int]
-    accepted: list[int]
-    main_forwards: int = 0
-    row_steps: int = 0
-    tokens: int = 0
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted drafts over all drafts made (D per row and step)."""
-        drafted = len(self.accepted) * self.row_steps
-        return sum(self.accepted) / drafted if drafted else 0.0
-
-    @property
-    def acceptance_rate_per_depth(self) -> list[float]:
-        """Depth k: the share of its checked drafts that were accepted (given that drafts 1..k-1 were)."""
-        return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
-
-    @property
-    def tokens_per_forward(self) -> float:
-        """Tokens a row gains per verification forward (1 + its accepted drafts), averaged over rows and steps."""
-        return self.tokens / self.row_steps if self.row_steps else 0.0
 
 
 @dataclasses.dataclass
@@ -540,20 +502,8 @@ class SelfSpeculativeDecoder:
         scores = self._scores(self.head(hidden))  # [b, D + 1, V]
         if not self.do_sample:
             target = scores.argmax(-1)
-            accepted = (drafts == target[:, :depth]).long().cumprod(-1).sum(-1)
-            return accepted, target, hidden, positions
-        p = F.softmax(scores, dim=-1)
-        p_draft = p[:, :depth].gather(-1, drafts[..., None]).squeeze(-1)
-        q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
-        accepted = (torch.rand_like(p_draft) * q_draft < p_draft).long().cumprod(-1).sum(-1)  # u < p / q
-        # the first rejected position samples norm(max(0, p - q)); after D accepted drafts q is 0 there: p itself
-        q = torch.cat([draft_probs, torch.zeros_like(p[:, :1])], dim=1)
-        at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
-        p_next, q_next = p.gather(1, at).squeeze(1), q.gather(1, at).squeeze(1)
-        residual = (p_next - q_next).clamp(min=0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)  # p == q to rounding
-        bonus = torch.multinomial(residual, num_samples=1)  # normalises
-        step_tokens = torch.cat([drafts, bonus], dim=1).scatter(1, accepted[:, None], bonus)
+            return greedy_accepted(drafts, target), target, hidden, positions
+        accepted, step_tokens = speculative_sampling(F.softmax(scores, dim=-1), draft_probs, drafts)
         return accepted, step_tokens, hidden, positions
 
     def _keep_accepted_slots(self, accepted: torch.Tensor, widest: int, uneven: bool) -> None:

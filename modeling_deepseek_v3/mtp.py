@@ -98,7 +98,7 @@ def mtp_step(
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     cache: Cache | None = None,
-    logits_to_keep: int = 0,
+    logits_to_keep: int | torch.Tensor = 0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Module k of the chain over positions i: the one implementation both training and drafting run.
@@ -109,7 +109,7 @@ def mtp_step(
         token_embeds: `[b, s, H]`, `Emb(t_{i+k})`; previous_hidden: `[b, s, H]`, `h^{k-1}_i`.
         position_ids: `[b, s]`, the positions i; attention_mask: the 4-D mask of the block (see `MTPLayer`).
         cache: a latent cache with a slot at `mtp_layer_index(L, k)`, updated in place; or None.
-        logits_to_keep: logits for the last n positions only (0 = all).
+        logits_to_keep: logits for the last n positions only (0 = all), or for the given position indices.
         kwargs: passed on to the block.
 
     Returns:
@@ -118,7 +118,8 @@ def mtp_step(
     module = lm.mtp[k - 1]
     position_embeddings = lm.get_decoder().rotary_emb(previous_hidden, position_ids)
     hidden = module(token_embeds, previous_hidden, position_embeddings, attention_mask, cache=cache, **kwargs)
-    logits = module.shared_head(hidden[:, -logits_to_keep:], lm.get_output_embeddings())
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    logits = module.shared_head(hidden[:, keep], lm.get_output_embeddings())
     return hidden, logits
 
 

@@ -125,10 +125,12 @@ class LatentPageAllocator(FullAttentionCacheAllocator):
         self.peak_blocks = max(self.peak_blocks, self.used_blocks())
 
 
-def latent_sizing_config(config: DeepseekV3Config, dtype: torch.dtype, cache_dtype: str | None) -> DeepseekV3Config:
+def latent_sizing_config(config: DeepseekV3Config, dtype: torch.dtype, cache_dtype: str | None,
+                         drafter_layers: int = 0) -> DeepseekV3Config:
     """A copy of `config` through which transformers sizes pages for the latent: its page holds keys and values of
     `num_key_value_heads × head_dim` each per token (or a latent of `kv_lora_rank + qk_rope_head_dim`), so one "head"
-    of half a row (`row_bytes`) gives exactly a row (as does a latent of a row)."""
+    of half a row (`row_bytes`) gives exactly a row (as does a latent of a row); and `drafter_layers` more layers
+    after the decoder's (the MTP module that drafts inside continuous batching, layer `num_hidden_layers`)."""
     latent_dim = config.kv_lora_rank + config.qk_rope_head_dim
     if cache_dtype is None and latent_dim % 2:
         raise ValueError(
@@ -140,6 +142,7 @@ def latent_sizing_config(config: DeepseekV3Config, dtype: torch.dtype, cache_dty
     sizing.num_key_value_heads, sizing.head_dim = 1, row // 2
     # transformers' own latent sizing (for configs with kv_lora_rank) counts `kv_lora_rank + qk_rope_head_dim` values
     sizing.kv_lora_rank = row - config.qk_rope_head_dim
+    sizing.num_hidden_layers = config.num_hidden_layers + drafter_layers
     return sizing
 
 
@@ -164,10 +167,13 @@ class PagedLatentCache(PagedAttentionCache):
         check_cache_dtype(cache_dtype, scale_fmt)
         return type(cls.__name__, (cls,), {"cache_dtype": cache_dtype, "scale_fmt": scale_fmt})
 
+    drafter_layers = 0  # pages per block beyond the decoder's (see `PagedLatentCacheWithDrafter`)
+
     def __init__(self, config: DeepseekV3Config, continuous_batching_config, device, distributed_helper,
                  dtype: torch.dtype = torch.float16, model_supports_logits_to_keep: bool = False) -> None:  # fmt: skip
-        super().__init__(latent_sizing_config(config, dtype, self.cache_dtype), continuous_batching_config, device,
-                         distributed_helper, dtype, model_supports_logits_to_keep)  # fmt: skip
+        sizing = latent_sizing_config(config, dtype, self.cache_dtype, self.drafter_layers)
+        super().__init__(sizing, continuous_batching_config, device, distributed_helper, dtype,
+                         model_supports_logits_to_keep)  # fmt: skip
         self.config = config
         # transformers laid the pool out for key and value rows; the same bytes become latent rows
         (name, sized), *others = self.cache_allocators.items()
@@ -207,3 +213,11 @@ class PagedLatentCache(PagedAttentionCache):
     def max_request_tokens(self) -> int:
         """The longest request (prompt + new tokens) the pool can hold: every block of it."""
         return self.allocator.num_blocks * self.allocator.tokens_per_page
+
+
+class PagedLatentCacheWithDrafter(PagedLatentCache):
+    """The paged latent cache of continuous batching with MTP drafting: each block also holds a page for MTP module 1
+    (decoder layer `num_hidden_layers`), whose latents of a request's positions sit at the same rows as the main
+    layers' (`speculative_batching.py`)."""
+
+    drafter_layers = 1

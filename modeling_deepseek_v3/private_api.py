@@ -35,6 +35,8 @@ from transformers.distributed.pipeline_parallel import PipelineIdentityLayer, Pi
 from transformers.generation.continuous_batching import ContinuousBatchingManager
 from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
 from transformers.generation.continuous_batching.cache_allocators import CacheAllocator
+from transformers.generation.continuous_batching.continuous_api import ContinuousBatchProcessor
+from transformers.generation.continuous_batching.scheduler import Scheduler
 
 # (owner, name, parameter names) of the private hooks our classes override; the test checks each signature
 OVERRIDDEN_HOOKS = (
@@ -59,6 +61,11 @@ OVERRIDDEN_HOOKS = (
     (DistributedMixin, "barrier_after_gathered_checkpoint_save", ("self", "distributed_config")),
     # Trainer's report on the checkpoint it resumed from (or its best one): DeepseekV3Trainer refuses an incomplete one
     (Trainer, "_issue_warnings_after_load", ("self", "load_result")),
+    # continuous batching with MTP drafting: the step drafts before its forward and verifies after it
+    # (`speculative_batching.py`), and the schedulers keep a decoding request whole (`continuous_batching.py`)
+    (ContinuousBatchProcessor, "_generation_step", ("self", "model")),
+    (Scheduler, "_schedule_request", ("self", "state", "request_tokens", "token_budget",
+                                      "request_ids_to_remove_from_waiting")),
 )
 # private attributes transformers reads from our classes or instances
 IGNORED_UNEXPECTED_KEYS = "_keys_to_ignore_on_load_unexpected"  # regexes of checkpoint keys loading may skip
@@ -223,8 +230,10 @@ def deepseek_v3_export_modules() -> list[types.ModuleType]:
 
 # ---- continuous batching (transformers' generation/continuous_batching) ---------------------------------------------
 
-# the names `ContinuousBatchingManager._create_batch_processor` reads from its module for the cache and the schedulers
+# the names `ContinuousBatchingManager._create_batch_processor` reads from its module for the cache, the schedulers and
+# the batch processor
 MANAGER_CACHE_NAME, MANAGER_SCHEDULERS_NAME = "PagedAttentionCache", "SCHEDULER_MAPPING"
+MANAGER_PROCESSOR_NAME = "ContinuousBatchProcessor"
 
 
 def scheduler_classes() -> dict[str, type]:
@@ -232,13 +241,18 @@ def scheduler_classes() -> dict[str, type]:
     return dict(ContinuousBatchingManager._create_batch_processor.__globals__[MANAGER_SCHEDULERS_NAME])
 
 
-def batch_processor_with(manager: ContinuousBatchingManager, cache_class: type, scheduler_classes: dict[str, type]):
+def batch_processor_with(manager: ContinuousBatchingManager, cache_class: type, scheduler_classes: dict[str, type],
+                         processor_class: type | None = None):  # fmt: skip
     """transformers' `ContinuousBatchingManager._create_batch_processor` for `manager`, run with `cache_class` where it
-    names its paged cache class and `scheduler_classes` where it names its scheduler table: the manager offers no hook
-    for either, and this reuses its own code rather than a copy. The rebinding holds for this call only: transformers'
-    module is untouched."""
+    names its paged cache class, `scheduler_classes` where it names its scheduler table and `processor_class` (a
+    subclass of its `ContinuousBatchProcessor`, if given) where it names its batch processor: the manager offers no
+    hook for any, and this reuses its own code rather than a copy. The rebinding holds for this call only:
+    transformers' module is untouched."""
     create = ContinuousBatchingManager._create_batch_processor
-    names = dict(create.__globals__, **{MANAGER_CACHE_NAME: cache_class, MANAGER_SCHEDULERS_NAME: scheduler_classes})
+    rebound = {MANAGER_CACHE_NAME: cache_class, MANAGER_SCHEDULERS_NAME: scheduler_classes}
+    if processor_class is not None:
+        rebound[MANAGER_PROCESSOR_NAME] = processor_class
+    names = dict(create.__globals__, **rebound)
     return types.FunctionType(create.__code__, names, create.__name__, create.__defaults__, create.__closure__)(manager)
 
 
@@ -293,3 +307,21 @@ def swap_parameters(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None
     """Set `module`'s parameters `tensors` (names to tensors) as they are, plain tensors included, which `setattr`
     refuses for a registered parameter."""
     module._parameters.update(tensors)
+
+
+def continuous_batch_processor_class() -> type:
+    """transformers' `ContinuousBatchProcessor`, the class a batch processor built by `batch_processor_with` must
+    derive from."""
+    return ContinuousBatchProcessor
+
+
+def free_blocks_beyond(cache, request_id: str, length: int) -> None:
+    """Gives back to the pool the blocks of `request_id` past those its first `length` cached tokens occupy (the
+    blocks reserved for rejected drafts), through each allocator's block table and ledger as `free_blocks` does for a
+    whole request (transformers frees only whole requests)."""
+    for allocator in cache.cache_allocators.values():
+        table = allocator.block_table.get(request_id, [])
+        keep = -(-length // allocator.tokens_per_page)
+        released = [block for block in table[keep:] if allocator.ledger.release(block, True)]
+        del table[keep:]
+        allocator.pool.free_blocks(allocator.index, released)

@@ -47,15 +47,17 @@ def test_kernel_reference_needs_no_triton():
 LEVELS = {
     "kernels": 0, "configuration": 0,
     "private_api": 1, "dtypes": 1, "metrics": 1, "inputs": 1, "outputs": 1, "dispatch_traffic": 1, "latent_fp8": 1,
+    "speculation": 1,
     "fp8": 2, "rope": 2, "cache": 2, "paged_cache": 2, "shards": 2, "rank_inputs": 2, "batch_requests": 2,
     "indexer_training": 2,
     "layers": 3, "balancing": 3, "paged_attention": 3, "indexer": 3,
     "attention": 4, "moe": 4, "mtp": 4,
-    "checkpoint": 5, "generation": 5, "continuous_batching": 5, "parallel": 5,
-    "model": 6,
-    "training": 7, "trainer": 7, "peft_fp8": 7, "convert": 7, "heads": 7,
-    "demo": 8, "sft_trainer": 8, "plots": 1, "transformers_patch": 8,
-    "launch": 9,
+    "checkpoint": 5, "generation": 5, "speculative_batching": 5, "parallel": 5,
+    "continuous_batching": 6,
+    "model": 7,
+    "training": 8, "trainer": 8, "peft_fp8": 8, "convert": 8, "heads": 8,
+    "demo": 9, "sft_trainer": 9, "plots": 1, "transformers_patch": 9,
+    "launch": 10,
 }  # fmt: skip
 
 

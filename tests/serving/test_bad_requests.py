@@ -106,7 +106,9 @@ def test_a_running_manager_fails_bad_requests_alone_and_goes_on():
     ({"min_new_tokens": 2}, "continuous batching does not implement min_new_tokens=2"),
     ({"repetition_penalty": 1.3}, "continuous batching does not implement repetition_penalty=1.3"),
     ({"no_repeat_ngram_size": 2}, "continuous batching does not implement no_repeat_ngram_size=2"),
-    ({"use_mtp": True}, "use_mtp=True is not available with continuous batching"),
+    ({"use_mtp": True, "do_sample": True, "num_return_sequences": 2}, "use_mtp=True with num_return_sequences=2"),
+    ({"use_mtp": True, "num_draft_tokens": 0}, r"num_draft_tokens=0 is invalid: it must be an int >= 1"),
+    ({"num_draft_tokens": 2}, r"num_draft_tokens=2 sets how many tokens MTP drafting proposes per step: it needs"),
     ({"cache_implementation": "static"}, "cache_implementation='static' does not apply to continuous batching"),
     ({"max_new_tokens": None, "max_length": 30}, r"generate_batch needs max_new_tokens \(got None, with max_length=30"),
 ])  # fmt: skip
@@ -250,9 +252,9 @@ def test_paged_generate_reads_max_length_as_generate_does():
 
 
 @pytest.mark.parametrize(("call", "error", "message"), [
-    (dict(use_mtp=True), ValueError, "use_mtp=True with cache_implementation='paged': MTP drafting inside"),
+    (dict(use_mtp=True), ValueError, "use_mtp=True drafts with MTP module 1, but this model has none active"),
     (dict(generation_config=GenerationConfig(max_new_tokens=3, use_mtp=True)), ValueError,
-     "use_mtp=True with cache_implementation='paged'"),
+     "use_mtp=True drafts with MTP module 1, but this model has none active"),
     (dict(logits_processor=LogitsProcessorList()), ValueError,
      r"generate\(cache_implementation='paged'\) does not take logits_processor"),
     (dict(attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])), ValueError,

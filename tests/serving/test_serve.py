@@ -278,3 +278,25 @@ def test_deepseek_v3_serve_decodes_with_use_mtp_on_request(mtp_folder, tmp_path)
         assert server.classes() == [OURS, "MTPLayer"]
     finally:
         server.stop()
+
+
+def test_deepseek_v3_serve_drafts_with_mtp_in_continuous_batching(mtp_folder, tmp_path):
+    """A checkpoint whose generation config sets `use_mtp` (and `num_draft_tokens`) drafts with its MTP module inside
+    `serve --continuous-batching`; concurrent answers are plain greedy decoding's."""
+    folder = tmp_path / "model"
+    shutil.copytree(mtp_folder, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "use_mtp": True, "num_draft_tokens": 2}))
+    (tmp_path / "server").mkdir()
+    server = Server(tmp_path / "server", "deepseek-v3", [str(folder), "--continuous-batching", "--cb-num-blocks", "64",
+                                                         "--cb-block-size", "16"], patch_env=None)  # fmt: skip
+    try:
+        prompts = ["w005 w009 w017", "w011 w004", "w030 w031 w032 w033"]
+        bodies = [{"model": str(folder), "prompt": prompt, "max_tokens": 8, "temperature": 0} for prompt in prompts]
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda body: server.post_json("/v1/completions", body), bodies))
+        for prompt, answer in zip(prompts, answers):
+            assert answer["choices"][0]["text"].split() == greedy_words(mtp_folder, prompt, 8)
+        assert server.classes() == [OURS, "MTPLayer"]
+    finally:
+        server.stop()
