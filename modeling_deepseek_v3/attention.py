@@ -273,8 +273,9 @@ class MultiHeadLatentAttention(nn.Module):
             return tuple(x.to(q_lat.dtype) for x in (q_pe, c_kv, k_pe))
 
         if not want_probs:
-            # where the dispatch would not run the Triton kernel (a CPU, outside `triton_on_cpu()`)
-            fused = c_kv.device.type == "cpu" and not use_triton(c_kv)
+            # where the dispatch would not run the Triton kernel (a CPU, outside `triton_on_cpu()`), in eager mode (the
+            # storage check of `side_by_side` cannot be traced; a compiled step keeps `mla_decode`)
+            fused = c_kv.device.type == "cpu" and not use_triton(c_kv) and not torch.compiler.is_compiling()
             rows = side_by_side(c_kv, k_pe) if fused else None
             if rows is not None and not (torch.is_grad_enabled() and rows.requires_grad):
                 return self.absorbed(q_nope, lambda q_lat: latent_sdpa(q_lat, q_pe.to(q_lat.dtype),
