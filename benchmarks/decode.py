@@ -28,8 +28,9 @@ import time
 import step_profile  # beside this script
 import torch
 from result_file import ResultFile  # beside this script
+from step_profile import StepClock, sync  # beside this script
 from transformers import DeepseekV3ForCausalLM as BuiltinDeepseekV3ForCausalLM
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 from transformers.cache_utils import DynamicCache, StaticCache
 
 import modeling_deepseek_v3
@@ -39,11 +40,6 @@ from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, MLAStaticCache
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK_HELP = ("wall: elapsed time; cpu: this process's CPU time (time.process_time), which on a shared machine leaves "
               "out the time other processes hold the cores (meaningful with 1 thread)")
-
-
-def sync(tensor: torch.Tensor) -> None:
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
 
 
 def new_cache(model):
@@ -69,19 +65,6 @@ class Decoder:
             return new_cache(self.model)
         self.static_cache.reset()
         return self.static_cache
-
-
-class StepClock(LogitsProcessor):
-    """Notes `clock()` each time `generate` has the logits of a new token (after each forward); leaves them as they
-    are. The first note ends the prefill; the span from it to the last is that many whole decode steps."""
-
-    def __init__(self, clock, device: torch.device) -> None:
-        self.clock, self.device, self.times = clock, device, []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        sync(scores)
-        self.times.append(self.clock())
-        return scores
 
 
 @torch.inference_mode()

@@ -19,6 +19,7 @@ from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from transformers import LogitsProcessor, LogitsProcessorList
 
 GLUE = "Python/dispatch (module calls, forward bodies)"
 GENERATE = "generate: loop (token choice, ids, stop check)"
@@ -99,18 +100,34 @@ def _generate(model, context: torch.Tensor, new_tokens: int, **kwargs) -> None:
                    min_new_tokens=new_tokens, do_sample=False, **kwargs)
 
 
+def sync(tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
+class StepClock(LogitsProcessor):
+    """Notes `clock()` each time `generate` has the logits of a new token (after each forward); leaves them as they
+    are. The first note ends the prefill; the span from it to the last is that many whole decode steps."""
+
+    def __init__(self, clock, device: torch.device) -> None:
+        self.clock, self.device, self.times = clock, device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sync(scores)
+        self.times.append(self.clock())
+        return scores
+
+
 @torch.inference_mode()
 def untraced_step_ms(model, context: torch.Tensor, steps: int, repeats: int, **kwargs) -> list[float]:
-    """ms per decode step of `generate` without the tracer: the time of `steps` + 1 new tokens minus that of 1, for
-    each of `repeats` alternating pairs."""
+    """ms per decode step of `generate` without the tracer, by the wall clock from the first new token to the last
+    (`StepClock`: the prefill is left out, whose time at long contexts varies by more than the steps take), one sample
+    per repeat."""
     per_step = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        _generate(model, context, 1, **kwargs)
-        one = time.perf_counter() - start
-        start = time.perf_counter()
-        _generate(model, context, steps + 1, **kwargs)
-        per_step.append((time.perf_counter() - start - one) / steps * 1e3)
+        clock = StepClock(time.perf_counter, context.device)
+        _generate(model, context, steps + 1, logits_processor=LogitsProcessorList([clock]), **kwargs)
+        per_step.append((clock.times[-1] - clock.times[0]) / steps * 1e3)
     return per_step
 
 

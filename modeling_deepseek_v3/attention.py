@@ -5,9 +5,9 @@
 * absorbed (decoding, short queries over a cache): `kv_b_proj` is folded into the query and the output, so the
   cached latent is never expanded:  `q_lat = q_nope·W_UK`, `o_lat = softmax((q_lat·c_kvᵀ + q_pe·k_peᵀ)·scale)·c_kv`,
   `o = o_lat·W_UVᵀ`. The attention over the latent is `kernels.mla_decode` (a Triton kernel on CUDA, its torch
-  reference elsewhere); on a CPU, a single new query per row over a cache that holds `[c_kv | k_pe]` rows (the
+  reference elsewhere); on a CPU, without gradients, the attention over a cache that holds `[c_kv | k_pe]` rows (the
   dynamic latent cache) runs as torch's fused `scaled_dot_product_attention` instead, keys and values both those rows,
-  which reads each cached row once per step instead of twice (`latent_sdpa`).
+  which reads each cached row once per step instead of twice (`latent_sdpa`; any number of new queries, any mask).
 `MultiHeadLatentAttention.use_absorbed` picks, per call, the path with fewer multiply-adds.
 Over an FP8 latent cache (`cache_dtype="fp8"`, the cache hands back an `FP8Latent` for `c_kv`), the absorbed path is
 `kernels.mla_decode_fp8`, which dequantises the cache a tile (Triton) or a chunk of tokens (torch) at a time; the
@@ -294,12 +294,13 @@ class MultiHeadLatentAttention(nn.Module):
             return tuple(x.to(q_lat.dtype) for x in (q_pe, c_kv, k_pe))
 
         if not want_probs:
-            # where the dispatch would not run the Triton kernel (a CPU, outside `triton_on_cpu()`)
-            fused = s == 1 and mask is None and c_kv.device.type == "cpu" and not use_triton(c_kv)
+            # where the dispatch would not run the Triton kernel (a CPU, outside `triton_on_cpu()`), in eager mode (the
+            # storage check of `side_by_side` cannot be traced; a compiled step keeps `mla_decode`)
+            fused = c_kv.device.type == "cpu" and not use_triton(c_kv) and not torch.compiler.is_compiling()
             rows = side_by_side(c_kv, k_pe) if fused else None
             if rows is not None and not (torch.is_grad_enabled() and rows.requires_grad):
                 return self.absorbed(q_nope, lambda q_lat: latent_sdpa(q_lat, q_pe.to(q_lat.dtype),
-                                                                       rows.to(q_lat.dtype), scale)), None
+                                                                       rows.to(q_lat.dtype), scale, mask)), None
             return self.absorbed(q_nope, lambda q_lat: mla_decode(q_lat, *latents(q_lat), mask, scale)), None
         formed = {}
 
@@ -366,24 +367,34 @@ def side_by_side(c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor | None:
     return c_kv.as_strided((b, t, c + r), c_kv.stride()) if same_rows else None
 
 
-def latent_sdpa(q_lat: torch.Tensor, q_pe: torch.Tensor, rows: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """`kernels.mla_decode` of one new query per row with no mask, through torch's fused attention: the latent
-    attention is multi-query attention with keys `[c_kv | k_pe]` (`rows`), values `c_kv` and queries `[q_lat | q_pe]`.
-    The values are given as the whole rows (the output's last r columns, weighted `k_pe`, are dropped), so keys and
-    values are one tensor, read once, and the fused kernel needs equal head dims. The heads go in as groups sharing the
-    one key head, as many groups as torch threads (a divisor of the heads): the kernel splits work by head.
+def latent_sdpa(
+    q_lat: torch.Tensor, q_pe: torch.Tensor, rows: torch.Tensor, softmax_scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`kernels.mla_decode` through torch's fused attention: the latent attention is multi-query attention with keys
+    `[c_kv | k_pe]` (`rows`), values `c_kv` and queries `[q_lat | q_pe]`. The values are given as the whole rows (the
+    output's last r columns, weighted `k_pe`, are dropped), so keys and values are one tensor, read once, and the fused
+    kernel needs equal head dims. The heads go in as groups sharing the one key head, as many groups as torch threads
+    (a divisor of the heads): the kernel splits work by head. A group's queries are its heads' `s` new queries, so
+    several new tokens (speculative verification) and padding masks take the same path.
 
     Args:
-        q_lat: `[b, 1, h, c]`; q_pe: `[b, 1, h, r]`; rows: `[b, t, c + r]`; every query sees all t keys.
+        q_lat: `[b, s, h, c]`; q_pe: `[b, s, h, r]`; rows: `[b, t, c + r]`.
+        mask: `[b, s, t]` bool (True = attend), or None: causal, query i at position `t - s + i` (as `mla_decode`).
+            A query without any key gets 0 (as `mla_decode`).
 
     Returns:
-        `o_lat` `[b, 1, h, c]`.
+        `o_lat` `[b, s, h, c]`.
     """
     b, s, h, c = q_lat.shape
-    if s != 1:
-        raise ValueError(f"latent_sdpa: one new query per row, got {s} (q_lat of shape {tuple(q_lat.shape)})")
+    t = rows.shape[1]
+    if mask is None and s > 1:
+        mask = torch.arange(t, device=rows.device) <= torch.arange(t - s, t, device=rows.device)[:, None]  # [s, t]
     groups = max(g for g in range(1, min(h, torch.get_num_threads()) + 1) if h % g == 0)
-    query = torch.cat((q_lat, q_pe), dim=-1).view(b, groups, h // groups, -1)  # the heads of a group as its queries
+    per_group = h // groups * s  # rows (head, query) of a group
+    query = torch.cat((q_lat, q_pe), dim=-1).transpose(1, 2).reshape(b, groups, per_group, -1)
+    if mask is not None:  # the same key mask for every head of a query
+        mask = mask.expand(b, s, t)[:, None].expand(b, h // groups, s, t).reshape(b, 1, per_group, t)
     keys = rows[:, None]  # [b, 1, t, c + r]: one key head
-    out = F.scaled_dot_product_attention(query, keys, keys, scale=softmax_scale, enable_gqa=groups > 1)
-    return out[..., :c].reshape(b, 1, h, c)
+    out = F.scaled_dot_product_attention(query, keys, keys, attn_mask=mask, scale=softmax_scale,
+                                         enable_gqa=groups > 1)
+    return out[..., :c].reshape(b, h, s, c).transpose(1, 2)

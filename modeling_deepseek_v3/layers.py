@@ -21,6 +21,10 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:
+            # nothing to cast: the fused op multiplies by the weight too, the same products in one op (a decode step
+            # makes 17 norms, each a few µs of dispatch per op)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
         # torch's fused rms_norm without a weight is `x / sqrt(mean(x²) + eps)` bit for bit, in one op instead of six;
         # the weight multiplies after the cast back, as in the reference implementations
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.variance_epsilon)

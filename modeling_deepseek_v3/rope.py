@@ -118,8 +118,9 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inverse_frequencies(self.config.qk_rope_head_dim,
                                            dynamic_ntk_base(self.config, position_ids.max() + 1))
         angles = position_ids[..., None].float() * inv_freq  # [b, s, r/2]
-        cos = angles.cos() * self.attention_factor
-        sin = angles.sin() * self.attention_factor
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_factor != 1.0:  # YaRN's; 1 for the other types, whose decode steps skip two products
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return cos.to(x.dtype), sin.to(x.dtype)
 
 
