@@ -2,12 +2,16 @@
 
 1. Checks, on fresh random inputs: latent-attention decode (fp32 and bf16; left padding, speculative queries,
    forced splits) against `mla_decode_ref`, and over a paged pool (rows of different lengths) against
-   `mla_decode_paged_ref`; grouped matmul and fused SwiGLU, forward and every gradient, against
-   autograd through their references; the FP8 grouped GEMM against `fp8_grouped_gemm_ref`.
+   `mla_decode_paged_ref`; DeepSeek-V3.2's sparse latent decode (each query over its chosen rows, some slots
+   invalid) against `sparse_mla_decode_ref` in fp32; grouped matmul and fused SwiGLU, forward and every gradient,
+   against autograd through their references; the FP8 grouped GEMM against `fp8_grouped_gemm_ref`.
 2. Latent decode at DeepSeek-V3's head shapes (128 heads, c 512, r 64, one new token, bf16), batch {1, 16, 64} ×
    context {1k, 8k, 32k}: median of CUDA-event timings, L2 flushed before each run. Achieved GB/s counts the bytes
    the kernel must move: c_kv and k_pe read, q_lat and q_pe read, o_lat written. The model's torch absorbed path is
    timed beside it.
+2b. Sparse latent decode (DeepSeek-V3.2) at the same head shapes, 2048 chosen keys per query (random rows), batch
+   {1, 16, 64} × context {8k, 32k}: the Triton kernel and the torch gather path, timed as above; the bytes counted are
+   the chosen rows read (k × (c + r) per query), the queries read and o_lat written.
 3. Routed experts at DeepSeek-V3's shapes (hidden 7168, moe_intermediate 2048, 256 experts, top-8, 4096 tokens):
    TFLOP/s per projection group, 2·rows·H·I FLOPs per projection (rows = tokens × top-k), for the Triton bf16 kernels
    (fused gate+up SwiGLU, down), torch's bf16 `grouped_mm` with a separate SiLU·up, and the Triton FP8 kernels
@@ -45,13 +49,15 @@ from modeling_deepseek_v3.kernels import (
     mla_decode_paged,
     mla_decode_paged_ref,
     mla_decode_ref,
+    sparse_mla_decode,
+    sparse_mla_decode_ref,
     weight_quant,
     weight_quant_ref,
 )
 from modeling_deepseek_v3.kernels.latent_decode import mla_decode_triton
 
 H200_PEAK_GBS = 4800.0
-results: dict = {"checks": {}, "decode": [], "moe": [], "failures": []}
+results: dict = {"checks": {}, "decode": [], "sparse_decode": [], "moe": [], "failures": []}
 
 
 def record(name: str, err: float, tol: float) -> None:
@@ -113,6 +119,29 @@ def check_paged_decode(device: str, shapes, dtypes) -> None:
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         name = f"mla_decode_paged rows {seq_lens} s{s} h{h} page {page} {dtype}"
         record(name, rel_err(mla_decode_paged(*args), mla_decode_paged_ref(*args)), tol)
+
+
+def sparse_inputs(device: str, b: int, s: int, h: int, c: int, r: int, t: int, k: int, dtype: torch.dtype,
+                  invalid: float) -> tuple:
+    """Random queries and latent cache, k random rows of the t keys per query, a fraction `invalid` of the slots
+    marked invalid (their index -1, never read)."""
+    q_lat, q_pe = (torch.randn(b, s, h, d, device=device).to(dtype) for d in (c, r))
+    c_kv, k_pe = (torch.randn(b, t, d, device=device).to(dtype) for d in (c, r))
+    indices = torch.randint(0, t, (b, s, k), device=device)
+    valid = torch.rand(b, s, k, device=device) >= invalid
+    return q_lat, q_pe, c_kv, k_pe, indices.masked_fill(~valid, -1), valid
+
+
+def check_sparse_decode(device: str, shapes, dtypes) -> None:
+    """DeepSeek-V3.2's sparse latent decode (the public op: the Triton kernel on CUDA) against its reference in
+    fp32."""
+    for (b, s, h, c, r, t, k, invalid), dtype in ((shape, dtype) for shape in shapes for dtype in dtypes):
+        q_lat, q_pe, c_kv, k_pe, indices, valid = sparse_inputs(device, b, s, h, c, r, t, k, dtype, invalid)
+        scale = (c // 4) ** -0.5
+        got = sparse_mla_decode(q_lat, q_pe, c_kv, k_pe, indices, valid, scale)
+        ref = sparse_mla_decode_ref(*(x.float() for x in (q_lat, q_pe, c_kv, k_pe)), indices, valid, scale)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        record(f"sparse_mla_decode b{b} s{s} h{h} t{t} k{k} invalid {invalid} {dtype}", rel_err(got, ref), tol)
 
 
 def autograd_pair(fn, ref_fn, dy: torch.Tensor, *inputs):
@@ -199,6 +228,25 @@ def time_decode(device: str, batches, contexts, h: int, c: int, r: int, runs: in
             results["decode"].append(row)
             print(f"decode b{b:<3} t{t:<6} {row['us']:9.1f} us {row['gb_per_s']:8.0f} GB/s   torch absorbed "
                   f"{row['torch_us']:9.1f} us ({row['speedup_vs_torch']:.2f}x)", flush=True)
+
+
+def time_sparse_decode(device: str, batches, contexts, k: int, h: int, c: int, r: int, runs: int) -> None:
+    results["sparse_decode_shape"] = f"bf16, one new token, h{h} c{c} r{r}, k{k} chosen keys"
+    scale = 192**-0.5
+    for b in batches:
+        for t in contexts:
+            args = sparse_inputs(device, b, 1, h, c, r, t, k, torch.bfloat16, 0.0)
+            with torch.inference_mode():
+                samples = times_ms(lambda: sparse_mla_decode(*args, scale), device, runs)  # noqa: B023
+                torch_samples = times_ms(lambda: sparse_mla_decode_ref(*args, scale), device, runs)  # noqa: B023
+            ms, ms_torch = statistics.median(samples), statistics.median(torch_samples)
+            q_lat, q_pe, c_kv, k_pe = args[:4]
+            moved = b * k * (c_kv[0, 0].nbytes + k_pe[0, 0].nbytes) + 2 * q_lat.nbytes + q_pe.nbytes
+            row = {"batch": b, "context": t, "us": ms * 1e3, "gb_per_s": moved / ms / 1e6, "torch_us": ms_torch * 1e3,
+                   "us_samples": [x * 1e3 for x in samples], "torch_us_samples": [x * 1e3 for x in torch_samples]}
+            results["sparse_decode"].append(row)
+            print(f"sparse decode b{b:<3} t{t:<6} {row['us']:9.1f} us {row['gb_per_s']:8.0f} GB/s   torch gather "
+                  f"{row['torch_us']:9.1f} us", flush=True)
 
 
 def fp8_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         # (b, s, h, c, r, t, left padding per row, forced splits); dry-run decode runs the reference (no Triton)
         decode_shapes = [(2, 1, 8, 64, 16, 100, 7, None), (2, 3, 8, 64, 16, 77, 0, None)]
         paged_shapes = [((37, 100, 5), 1, 8, 64, 16, 16)]
+        sparse_shapes = [(2, 3, 8, 64, 16, 100, 20, 0.3)]  # (b, s, h, c, r, t, k, invalid fraction)
+        sparse_timing = ((1, 2), (64, 256), 20)  # batches, contexts, chosen keys
         moe_shape, moe_counts = (40, 64), [5, 0, 17, 3]
         batches, contexts, heads, c, r = (1, 2), (64, 256), 8, 64, 16
         moe_timing = (16, 256, 128, 8, 2)
@@ -300,19 +350,27 @@ def main(argv: list[str] | None = None) -> None:
         decode_shapes = [(3, 1, 128, 512, 64, 1000, 300, None), (2, 3, 128, 512, 64, 777, 0, None),
                          (4, 2, 16, 512, 64, 4099, 1000, 7), (2, 8, 16, 512, 64, 300, 0, 1)]
         paged_shapes = [((1000, 37, 4099, 256, 2), 1, 128, 512, 64, 64), ((300, 5000), 3, 16, 512, 64, 256)]
+        sparse_shapes = [(3, 1, 128, 512, 64, 5000, 2048, 0.0), (2, 3, 16, 512, 64, 1000, 777, 0.4)]
+        sparse_timing = ((1, 16, 64), (8192, 32768), 2048)
         moe_shape, moe_counts = (2048, 1536), [300, 0, 129, 1, 700, 12, 0, 64]
         batches, contexts, heads, c, r = (1, 16, 64), (1024, 8192, 32768), 128, 512, 64
         moe_timing = (4096, 7168, 2048, 256, 8)
     guarded("decode checks", check_decode, device, decode_shapes, (torch.float32, torch.bfloat16))
     guarded("paged decode checks", check_paged_decode, device, paged_shapes, (torch.float32, torch.bfloat16))
+    guarded("sparse decode checks", check_sparse_decode, device, sparse_shapes, (torch.float32, torch.bfloat16))
     guarded("moe checks", check_moe, device, *moe_shape, moe_counts, (torch.float32, torch.bfloat16))
     guarded("decode timings", time_decode, device, batches, contexts, heads, c, r, args.runs)
+    guarded("sparse decode timings", time_sparse_decode, device, *sparse_timing, heads, c, r, args.runs)
     guarded("moe timings", time_moe, device, *moe_timing, args.runs)
     print_table(results)
     for r in results["decode"]:
         label = f"latent decode batch {r['batch']}, context {r['context']}"
         record.add_series(f"{label}: triton us", r["us_samples"], "us")
         record.add_series(f"{label}: torch absorbed us", r["torch_us_samples"], "us")
+    for r in results["sparse_decode"]:
+        label = f"sparse latent decode batch {r['batch']}, context {r['context']}"
+        record.add_series(f"{label}: triton us", r["us_samples"], "us")
+        record.add_series(f"{label}: torch gather us", r["torch_us_samples"], "us")
     for r in results["moe"]:
         if "ms_samples" in r:  # the "all three" rows are sums of the medians of the others
             record.add_series(f"routed experts {r['projections']}, {r['path']}: ms", r["ms_samples"], "ms")

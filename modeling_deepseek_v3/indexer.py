@@ -37,7 +37,7 @@ from .cache import IndexedLatentCacheLayer, IndexedStaticLayer
 from .configuration import DeepseekV32Config
 from .fp8 import FP8Format, make_linear
 from .indexer_training import IndexerObjective, indexer_kl
-from .kernels import act_dequant_ref, act_quant
+from .kernels import act_dequant_ref, act_quant, sparse_mla_decode, sparse_mla_decode_ref
 
 # DeepSeek-V3.2 rounds the indexer's q and k and the cached latent with power-of-two scales (its release's scale_fmt)
 SCALE_FMT = "ue8m0"
@@ -188,28 +188,6 @@ def refuse_continuous_batching(config) -> None:
         raise ValueError(PAGED_NOT_BUILT)
 
 
-def chosen_latent_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-                            indices: torch.Tensor, valid: torch.Tensor,
-                            softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The absorbed attention of each query over its chosen latent rows only, gathered (no mask over all keys).
-
-    Args:
-        q_lat: `[b, s, h, c]`; q_pe: `[b, s, h, r]`; c_kv: `[b, t, c]`; k_pe: `[b, t, r]`.
-        indices, valid: `[b, s, k]`, from `LightningIndexer.select`.
-
-    Returns:
-        `(o_lat [b, s, h, c], probs [b, s, h, k] fp32)`.
-    """
-    batch = torch.arange(c_kv.shape[0], device=c_kv.device)[:, None, None]
-    c_sel, pe_sel = c_kv[batch, indices].to(q_lat.dtype), k_pe[batch, indices].to(q_lat.dtype)  # [b, s, k, .]
-    logits = (torch.einsum("bshc,bskc->bshk", q_lat, c_sel)
-              + torch.einsum("bshr,bskr->bshk", q_pe.to(q_lat.dtype), pe_sel)) * softmax_scale
-    # finfo.min, not -inf: a query with no allowed key (padding) must not give NaN
-    logits = logits.masked_fill(~valid[:, :, None, :], torch.finfo(logits.dtype).min)
-    probs = logits.softmax(dim=-1, dtype=torch.float32)
-    return torch.einsum("bshk,bskc->bshc", probs.to(q_lat.dtype), c_sel), probs
-
-
 def sparse_attention(
     mla: nn.Module,
     hidden_states: torch.Tensor,
@@ -287,9 +265,11 @@ def sparse_attention(
                 indices, valid = mla.indexer.select_all(rows_allowed)
             else:
                 indices, valid = mla.indexer.select(scores, rows_allowed)
-            o_lat, probs = chosen_latent_attention(q_lat[:, part], q_pe[:, part], c_kv, k_pe, indices, valid,
-                                                   mla.softmax_scale)
-            if objective is not None:
+            chosen = (q_lat[:, part], q_pe[:, part], c_kv, k_pe, indices, valid, mla.softmax_scale)
+            if objective is None:  # inference: the Triton kernel on CUDA (kernels.sparse_mla_decode dispatches)
+                o_lat = sparse_mla_decode(*chosen)
+            else:  # training: the KL loss needs the probabilities
+                o_lat, probs = sparse_mla_decode_ref(*chosen, return_probs=True)
                 with indexer_scope():
                     part_kl, part_queries = indexer_kl(probs, scores.gather(-1, indices), valid)
                     kl_sum, queries = kl_sum + part_kl, queries + part_queries

@@ -28,6 +28,7 @@ from .reference import (
     mla_decode_paged_fp8_ref,
     mla_decode_paged_ref,
     mla_decode_ref,
+    sparse_mla_decode_ref,
     weight_dequant_ref,
     weight_quant_ref,
 )
@@ -193,6 +194,25 @@ def mla_decode_paged_fp8(
                                     softmax_scale)  # fmt: skip
 
 
+def sparse_mla_decode(
+    q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, indices: torch.Tensor,
+    valid: torch.Tensor, softmax_scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """Absorbed MLA attention of each query over its chosen latent rows only (DeepSeek-V3.2): `q_lat` `[b, s, h, c]`,
+    `q_pe` `[b, s, h, r]`, `c_kv` `[b, t, c]`, `k_pe` `[b, t, r]`, `indices` / `valid` `[b, s, k]` (the indexer's
+    selection) -> `o_lat` `[b, s, h, c]` (see `sparse_mla_decode_ref`). The Triton kernel, which gathers the chosen
+    rows by pointer, serves CUDA tensors (see `use_triton`) that need no gradient (it has no backward), outside
+    `torch.compile` (no custom op wraps it yet: a compiled graph traces the reference); the reference serves everything
+    else."""
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q_lat, q_pe, c_kv, k_pe))
+    if use_triton(q_lat) and not needs_grad and not torch.compiler.is_compiling():
+        from .sparse_latent_decode import sparse_mla_decode_triton
+
+        count_launch("sparse_mla_decode")
+        return sparse_mla_decode_triton(q_lat, q_pe, c_kv, k_pe, indices, valid, softmax_scale)
+    return sparse_mla_decode_ref(q_lat, q_pe, c_kv, k_pe, indices, valid, softmax_scale)
+
+
 __all__ = [
     "FP8_BLOCK",
     "FP8_E4M3_MAX",
@@ -220,6 +240,8 @@ __all__ = [
     "mla_decode_paged_fp8_ref",
     "mla_decode_paged_ref",
     "mla_decode_ref",
+    "sparse_mla_decode",
+    "sparse_mla_decode_ref",
     "triton_on_cpu",
     "use_triton",
     "weight_dequant",

@@ -43,6 +43,21 @@ DECODE_CONFIGS = [
 ]
 
 
+@triton.jit
+def online_softmax_step(scores, kv, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One tile of an online softmax in base 2: the base-2 scores `[BLOCK_H, BLOCK_N]` (-inf where masked) of the
+    value rows `kv` `[BLOCK_N, BLOCK_C]` update the running max `m_i`, the running sum `l_i` of exp2(score - m_i) and
+    the unnormalised output `acc` `[BLOCK_H, BLOCK_C]` (fp32); returns the three."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    # a row that has seen no key yet keeps m = -inf; subtracting 0 instead gives exp2(-inf) = 0, never NaN
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(scores - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 # the key count, the split length and a [b, s, t] mask's strides change every decoding step: not specialised on (as
 # multiples of 16), so a growing cache does not recompile the kernel
 @triton.jit(do_not_specialize=["T", "tokens_per_split", "stride_mb", "stride_ms"])
@@ -108,14 +123,7 @@ def mla_decode_kernel(
         else:
             attend = offs_n[None, :] <= last_key[:, None]
         scores = tl.where(attend & mask_n[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        # a row that has seen no key yet keeps m = -inf; subtracting 0 instead gives exp2(-inf) = 0, never NaN
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(scores - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(scores, kv, m_i, l_i, acc, DOT_PRECISION)
 
     has_keys = l_i > 0.0  # false for a row whose keys are all masked in this split
     l_safe = tl.where(has_keys, l_i, 1.0)

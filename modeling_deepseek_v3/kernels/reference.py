@@ -291,6 +291,56 @@ def check_mla_decode_fp8_args(q_lat, q_pe, c_kv, c_kv_scales, k_pe, mask, softma
     check_mla_decode_args(q_lat, q_pe, stand_in, k_pe, mask, softmax_scale)
 
 
+def sparse_mla_decode_ref(
+    q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, indices: torch.Tensor,
+    valid: torch.Tensor, softmax_scale: float, return_probs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Absorbed MLA attention of each query over its chosen latent rows only (DeepSeek-V3.2's sparse attention): the
+    rows are gathered, never a mask over all keys. Computed in the inputs' dtype (the softmax in fp32).
+
+    Args:
+        q_lat: `[b, s, h, c]`; q_pe: `[b, s, h, r]`; c_kv: `[b, t, c]`; k_pe: `[b, t, r]` (one shared dtype).
+        indices: `[b, s, k]` integer rows of the cache per query; valid: `[b, s, k]` bool, False for a slot that holds
+            no key (as `LightningIndexer.select` returns them). Indices of invalid slots are not attended to (any value
+            in [-t, t) may be there).
+        softmax_scale: the score scale.
+        return_probs: also return the attention probabilities over the k slots.
+
+    Returns:
+        `o_lat` `[b, s, h, c]` in the dtype of `q_lat`; zeros for a query without a valid slot (as `mla_decode_ref`
+        gives a query that may attend to no key). With `return_probs`, `(o_lat, probs [b, s, h, k] fp32)`.
+
+    Raises:
+        ValueError: on shapes, dtypes or a scale that do not fit.
+    """
+    check_sparse_mla_decode_args(q_lat, q_pe, c_kv, k_pe, indices, valid, softmax_scale)
+    batch = torch.arange(c_kv.shape[0], device=c_kv.device)[:, None, None]
+    c_sel, pe_sel = c_kv[batch, indices], k_pe[batch, indices]  # [b, s, k, c], [b, s, k, r]
+    logits = (torch.einsum("bshc,bskc->bshk", q_lat, c_sel) + torch.einsum("bshr,bskr->bshk", q_pe, pe_sel))
+    logits = logits * softmax_scale
+    # finfo.min, not -inf: a query with no valid slot (padding) must not put NaN into the softmax or its backward
+    logits = logits.masked_fill(~valid[:, :, None, :], torch.finfo(logits.dtype).min)
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    probs = torch.where(valid.any(dim=-1)[:, :, None, None], probs, 0.0)
+    o_lat = torch.einsum("bshk,bskc->bshc", probs.to(q_lat.dtype), c_sel)
+    return (o_lat, probs) if return_probs else o_lat
+
+
+def check_sparse_mla_decode_args(q_lat, q_pe, c_kv, k_pe, indices, valid, softmax_scale) -> None:
+    """Argument checks of the sparse latent attention (reference and Triton); the indices themselves are not read
+    (that would stall a GPU)."""
+    b, s = q_lat.shape[:2]
+    if indices.dim() != 3 or tuple(indices.shape[:2]) != (b, s) or tuple(valid.shape) != tuple(indices.shape):
+        raise ValueError(f"sparse_mla_decode: indices and valid must be [b={b}, s={s}, k], got {tuple(indices.shape)} "
+                         f"and {tuple(valid.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64) or valid.dtype != torch.bool:
+        raise ValueError(f"sparse_mla_decode: indices must be int32 or int64 and valid bool, got {indices.dtype} and "
+                         f"{valid.dtype}")
+    # the dense checks (shapes, one shared dtype, scale), with a stand-in mask expanded to [b, s, t] (no copy)
+    stand_in = torch.ones((), dtype=torch.bool, device=q_lat.device).expand(b, s, c_kv.shape[1])
+    check_mla_decode_args(q_lat, q_pe, c_kv, k_pe, stand_in, softmax_scale)
+
+
 # ---- FP8 (E4M3) block quantisation, docs/design.md -------------------------------------------------------------------
 # Dimension letters: M rows (tokens), N output features, K contraction; B = 128, the block size.
 
