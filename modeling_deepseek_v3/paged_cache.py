@@ -74,6 +74,7 @@ def row_bytes(config: DeepseekV3Config, dtype: torch.dtype, cache_dtype: str | N
     """Bytes of one token's row of one layer: `(c + r) × element size`, or an FP8 row's (`fp8_row_layout`); for
     DeepSeek-V3.2 (full-precision latent only), `[c_kv | k_pe | indexer key: D e4m3 values | its fp32 scale]`."""
     if indexed(config):
+        check_cache_dtype(cache_dtype, None, config)  # FP8 latents are refused for DeepSeek-V3.2
         return row_unit_bytes(index_key_start(config, dtype) + fp8_packing(config.index_head_dim)[1], dtype)
     if cache_dtype is None:
         return (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize

@@ -9,6 +9,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, load_preset
 from modeling_deepseek_v3.indexer import LightningIndexer
+from modeling_deepseek_v3.paged_cache import row_bytes
 
 
 def tiny_v32(**overrides):
@@ -94,3 +95,5 @@ def test_mtp_drafting_and_fp8_pages_are_refused():
     with pytest.raises(ValueError, match=r"cache_dtype='fp8' is not built for DeepSeek-V3.2"):
         model.generate_batch([[5, 6, 7]], generation_config=greedy(model, 2, cache_config={"cache_dtype": "fp8"}),
                              continuous_batching_config=cb_config)  # fmt: skip
+    with pytest.raises(ValueError, match=r"cache_dtype='fp8' is not built for DeepSeek-V3.2"):
+        row_bytes(model.config, torch.bfloat16, "fp8")  # a pool built directly is refused too
