@@ -179,15 +179,6 @@ def refuse_what_is_not_built(cache, layer_idx: int, paged_batch, attentions, tra
                          "the sparse attention reads its weight (absorbed form); merge adapters first")
 
 
-def refuse_continuous_batching(config, generation_config) -> None:
-    """Raise `ValueError` for what continuous batching of a DeepSeek-V3.2 model does not do (MTP drafting), before
-    its manager starts (its worker thread would only log the error of the first forward)."""
-    if isinstance(config, DeepseekV32Config) and generation_config.use_mtp:
-        raise ValueError(f"use_mtp=True under continuous batching (generate_batch, cache_implementation='paged') "
-                         f"{NOT_BUILT}: the MTP module's pages keep no indexer keys; use generate() with an MLACache "
-                         "for MTP drafting, or use_mtp=False")
-
-
 def chosen_latent_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                             indices: torch.Tensor, valid: torch.Tensor,
                             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Continuous batching of DeepSeek-V3.2 over the paged latent cache, whose rows keep the lightning indexer's FP8 key
 and scale beside each token's latent: greedy `generate_batch` equals each request's own `generate` (over
 `MLACache(config)`), with prompts longer than `index_topk` (each query attends to a strict subset of its request's
-keys), more requests than run at once, and long prompts prefilled in chunks; the row's bytes; what stays refused."""
+keys), more requests than run at once, and long prompts prefilled in chunks; MTP drafting over the same pages; the
+row's bytes; FP8 pages, which stay refused."""
 
 import pytest
 import torch
@@ -86,12 +87,48 @@ def test_a_row_holds_the_latent_and_the_index_key(dtype, row):
     assert bool((expected[:, None] == stored[None]).all(-1).any(-1).all())
 
 
-def test_mtp_drafting_and_fp8_pages_are_refused():
+def test_mtp_drafting_equals_own_generate_and_drafts_as_generate_does(monkeypatch):
+    """MTP module 1 drafts inside continuous batching over the same rows (its own layer's indexer keys included):
+    greedy tokens are each request's own `generate()`'s, and every draft at a request's newest position is the one
+    `generate(use_mtp=True)` makes there for that prompt alone."""
+    from modeling_deepseek_v3.generation import SelfSpeculativeDecoder
+    from modeling_deepseek_v3.speculative_batching import SpeculativeBatchProcessor
+
+    model = tiny_v32()
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist() for n in (5, 30, 2, 17)]
+    batched, alone, current = {}, {}, {"prompt": 0}
+    draft, alone_draft = SpeculativeBatchProcessor._draft, SelfSpeculativeDecoder._draft
+
+    def record_batched(self, model, requests, *rest):
+        drafts, probs = draft(self, model, requests, *rest)
+        for fs, row in zip(requests, drafts):
+            batched[(int(fs.state.request_id.split("_")[1]), fs.state.position_offset - fs.query_length)] = row[0]
+        return drafts, probs
+
+    def record_alone(self, window):
+        drafts, probs = alone_draft(self, window)
+        alone[(current["prompt"], int(self.next_position[0]))] = int(drafts[0, 0])
+        return drafts, probs
+
+    monkeypatch.setattr(SpeculativeBatchProcessor, "_draft", record_batched)
+    monkeypatch.setattr(SelfSpeculativeDecoder, "_draft", record_alone)
+    config = greedy(model, 8)
+    cb_config = ContinuousBatchingConfig(num_blocks=16, page_size=16, max_batch_tokens=16, max_requests_per_batch=3)
+    outputs = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb_config,
+                                   use_mtp=True, num_draft_tokens=2)  # fmt: skip
+    for current["prompt"], prompt in enumerate(prompts):
+        model.generate(torch.tensor([prompt]), generation_config=config, use_mtp=True)
+        own = model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :].tolist()
+        assert outputs[f"req_{current['prompt']}"].generated_tokens == own, f"request {current['prompt']}"
+    assert all(output.speculative_stats.proposed[0] > 0 for output in outputs.values())  # the drafts ran
+    common = batched.keys() & alone.keys()
+    assert len(common) >= 10 and {key: batched[key] for key in common} == {key: alone[key] for key in common}
+
+
+def test_fp8_pages_are_refused():
     model = tiny_v32()
     cb_config = ContinuousBatchingConfig(num_blocks=4, page_size=16)
-    with pytest.raises(ValueError, match=r"use_mtp=True under continuous batching .* DeepSeek-V3.2"):
-        model.generate_batch([[5, 6, 7]], generation_config=greedy(model, 2, use_mtp=True, num_draft_tokens=1),
-                             continuous_batching_config=cb_config)  # fmt: skip
     with pytest.raises(ValueError, match=r"cache_dtype='fp8' is not built for DeepSeek-V3.2"):
         model.generate_batch([[5, 6, 7]], generation_config=greedy(model, 2, cache_config={"cache_dtype": "fp8"}),
                              continuous_batching_config=cb_config)  # fmt: skip
