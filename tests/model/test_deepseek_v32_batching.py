@@ -1,7 +1,8 @@
 """Continuous batching of DeepSeek-V3.2 over the paged latent cache, whose rows keep the lightning indexer's FP8 key
 and scale beside each token's latent: greedy `generate_batch` equals each request's own `generate` (over
 `MLACache(config)`), with prompts longer than `index_topk` (each query attends to a strict subset of its request's
-keys), more requests than run at once, and long prompts prefilled in chunks; MTP drafting over the same pages; the
+keys), more requests than run at once, long prompts prefilled in chunks, and pages shared by a common prefix; MTP
+drafting over the same pages; the
 row's bytes; FP8 pages, which stay refused."""
 
 import pytest
@@ -10,7 +11,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, load_preset
 from modeling_deepseek_v3.indexer import LightningIndexer
-from modeling_deepseek_v3.paged_cache import row_bytes
+from modeling_deepseek_v3.paged_cache import PagedLatentCache, row_bytes
 
 
 def tiny_v32(**overrides):
@@ -32,20 +33,28 @@ def test_generate_batch_equals_each_requests_own_generate(monkeypatch):
     lengths = [1, 45, 5, 30, 9, 3, 20, 13]
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    prompts.append(prompts[1][:32] + [7, 8, 9])  # two pages of request 1's prompt: shared blocks, keys included
     config = greedy(model, 6)
     # 16 tokens a step: the 45- and 30-token prompts are prefilled in chunks; 3 requests at a time: the others wait
     cb_config = ContinuousBatchingConfig(num_blocks=12, page_size=16, max_batch_tokens=16, max_requests_per_batch=3)
     assert max(lengths) > cb_config.max_batch_tokens and len(lengths) > cb_config.max_requests_per_batch
     select, strict_subsets = LightningIndexer.select, []
+    search, shared = PagedLatentCache.search_prefix_match, []
 
     def recording(self, scores, allowed):
         indices, valid = select(self, scores, allowed)
         strict_subsets.append(bool((valid.sum(-1) < allowed.sum(-1)).any()))
         return indices, valid
 
+    def searching(self, request_id, prompt_ids):
+        shared.append(search(self, request_id, prompt_ids))
+        return shared[-1]
+
     monkeypatch.setattr(LightningIndexer, "select", recording)
+    monkeypatch.setattr(PagedLatentCache, "search_prefix_match", searching)
     outputs = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb_config)
     assert any(strict_subsets)  # some queries attended to index_topk of more keys
+    assert max(shared) == 32  # the last request reused request 1's first two pages
     for i, prompt in enumerate(prompts):
         own = model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :].tolist()
         assert outputs[f"req_{i}"].error is None
