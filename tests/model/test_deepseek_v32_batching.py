@@ -2,8 +2,7 @@
 and scale beside each token's latent: greedy `generate_batch` equals each request's own `generate` (over
 `MLACache(config)`), with prompts longer than `index_topk` (each query attends to a strict subset of its request's
 keys), more requests than run at once, long prompts prefilled in chunks, and pages shared by a common prefix; MTP
-drafting over the same pages; the
-row's bytes; FP8 pages, which stay refused."""
+drafting over the same pages; the row's bytes; FP8 pages, which stay refused."""
 
 import pytest
 import torch
