@@ -12,6 +12,8 @@ from modeling_deepseek_v3 import DeepseekV3ForCausalLM, MLACache, load_preset
 from modeling_deepseek_v3.indexer import LightningIndexer
 from modeling_deepseek_v3.paged_cache import PagedLatentCache, row_bytes
 
+from ..utils import recorded_drafts
+
 
 def tiny_v32(**overrides):
     # 32 index heads, not the preset's 4: with few heads, exact ties of index scores at the k-th place are common,
@@ -99,28 +101,10 @@ def test_mtp_drafting_equals_own_generate_and_drafts_as_generate_does(monkeypatc
     """MTP module 1 drafts inside continuous batching over the same rows (its own layer's indexer keys included):
     greedy tokens are each request's own `generate()`'s, and every draft at a request's newest position is the one
     `generate(use_mtp=True)` makes there for that prompt alone."""
-    from modeling_deepseek_v3.generation import SelfSpeculativeDecoder
-    from modeling_deepseek_v3.speculative_batching import SpeculativeBatchProcessor
-
     model = tiny_v32()
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist() for n in (5, 30, 2, 17)]
-    batched, alone, current = {}, {}, {"prompt": 0}
-    draft, alone_draft = SpeculativeBatchProcessor._draft, SelfSpeculativeDecoder._draft
-
-    def record_batched(self, model, requests, *rest):
-        drafts, probs = draft(self, model, requests, *rest)
-        for fs, row in zip(requests, drafts):
-            batched[(int(fs.state.request_id.split("_")[1]), fs.state.position_offset - fs.query_length)] = row[0]
-        return drafts, probs
-
-    def record_alone(self, window):
-        drafts, probs = alone_draft(self, window)
-        alone[(current["prompt"], int(self.next_position[0]))] = int(drafts[0, 0])
-        return drafts, probs
-
-    monkeypatch.setattr(SpeculativeBatchProcessor, "_draft", record_batched)
-    monkeypatch.setattr(SelfSpeculativeDecoder, "_draft", record_alone)
+    batched, alone, current = recorded_drafts(monkeypatch)
     config = greedy(model, 8)
     cb_config = ContinuousBatchingConfig(num_blocks=16, page_size=16, max_batch_tokens=16, max_requests_per_batch=3)
     outputs = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb_config,
