@@ -95,7 +95,7 @@ class LatentPageAllocator(FullAttentionCacheAllocator):
         self.rope_dim = config.qk_rope_head_dim
         self.cache_dtype = cache_dtype  # the model's dtype: the rows' own, or k_pe's in FP8 rows
         self.latent_dtype, self.scale_fmt = latent_dtype, scale_fmt
-        self.scales_start, self.rope_start, _ = fp8_row_layout(config, cache_dtype)
+        _, self.rope_start, _ = fp8_row_layout(config, cache_dtype)
         # DeepSeek-V3.2: the indexer key (`index_head_dim` e4m3 values and a scale) follows the latent
         self.index_head_dim = config.index_head_dim if indexed(config) else None
         self.index_start = index_key_start(config, cache_dtype)
