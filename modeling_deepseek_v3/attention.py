@@ -163,6 +163,10 @@ class MultiHeadLatentAttention(nn.Module):
             objective = kwargs.get("indexer_objective")  # the causal LM's, in a training forward (indexer_training.py)
             refuse_what_is_not_built(cache, self.layer_idx, paged_batch, attentions,
                                      self.training and objective is None, objective, _absorbable(self.kv_b_proj))
+            if paged_batch is not None:
+                out = paged_batch.attend_sparse(self, hidden_states, q_latent, q_nope, q_pe, c_kv, k_pe,
+                                                position_embeddings)
+                return self.o_proj(out.flatten(2))
             past, t = 0, s
             if cache is not None:
                 past = cache.get_seq_length(self.layer_idx)

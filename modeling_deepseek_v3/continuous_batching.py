@@ -25,7 +25,6 @@ from transformers import ContinuousBatchingConfig, GenerationConfig, GenerationM
 from transformers.generation.continuous_batching import ContinuousBatchingManager, PagedAttentionCache, RequestStatus
 
 from .batch_requests import check_generation_options, check_prompt_types, num_draft_tokens, prompt_refusal
-from .indexer import refuse_continuous_batching
 from .latent_fp8 import check_cache_dtype, latent_cache_options
 from .paged_attention import PagedBatch
 from .paged_cache import PagedLatentCache, PagedLatentCacheWithDrafter
@@ -56,18 +55,18 @@ class ContinuousBatchingMixin(GenerationMixin):
             ...                                continuous_batching_config=ContinuousBatchingConfig(num_blocks=64))
 
         Raises:
-            ValueError: for DeepSeek-V3.2 (its continuous batching is not built yet); when the generation config sets
-                an option continuous batching does not implement (before any manager exists); or when
+            ValueError: when the generation config sets an option continuous batching does not implement (or, for
+                DeepSeek-V3.2, FP8 pages) before any manager exists; or when
                 `workload_hints` (set by `generate_batch`) announce a request longer than the pool: the manager is
                 then discarded and the model left as it was.
         """
-        refuse_continuous_batching(self.config)
         # transformers writes eos_token_id=-1 into a config without one: the caller's config (or the model's, which
         # save_pretrained would then write) stays as it was
         generation_config = copy.deepcopy(self.generation_config if generation_config is None else generation_config)
         check_generation_options(generation_config)
         options = latent_cache_options(generation_config)  # cache_config's cache_dtype / scale_fmt: FP8 pages
-        check_cache_dtype(options.get("cache_dtype"), options.get("scale_fmt"))  # before any manager exists
+        # before any manager exists (FP8 pages are refused for DeepSeek-V3.2)
+        check_cache_dtype(options.get("cache_dtype"), options.get("scale_fmt"), self.config)
         drafts = 0
         if generation_config.use_mtp:
             drafts = num_draft_tokens(generation_config, len(getattr(self, "mtp", ())))

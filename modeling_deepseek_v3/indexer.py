@@ -16,8 +16,9 @@ Built here: a full forward, prefill and decoding over `MLACache(config)` or `MLA
 layers keep the indexer's FP8 keys and scales beside the latents, `cache.IndexedLatentCacheLayer` and
 `cache.IndexedStaticLayer`: each new token's key is computed once), and training in the report's two stages
 (`indexer_training.py`): the indexer reads a detached copy of its inputs and its FP8 rounding passes gradients
-straight through. The paged cache (continuous batching) and attention probabilities as outputs are refused
-(docs/v32.md).
+straight through. Under continuous batching the paged latent cache keeps the indexer keys in each token's row, and
+`paged_attention.PagedBatch.attend_sparse` runs each request's queries through `attend_chosen_keys` over its own pages.
+Attention probabilities as outputs, and what docs/v32.md lists as not built, are refused.
 Dimension letters: b batch, s queries, t keys, h MLA heads, H indexer heads, D index head dim, k chosen keys,
 c kv_lora_rank, r qk_rope_head_dim.
 References: DeepSeek-V3.2 report (DeepSeek Sparse Attention); DeepSeek-V3.2 `inference/model.py` (`Indexer`, `MLA`)
@@ -45,8 +46,6 @@ SCALE_FMT = "ue8m0"
 # [b, rows, k, c + r], attention scores [b, rows, h, k]): bounds the memory of long prefills
 CHUNK_ELEMENTS = 1 << 26
 NOT_BUILT = "is not built yet for DeepSeek-V3.2 (model_type 'deepseek_v32'; docs/v32.md)"
-PAGED_NOT_BUILT = (f"continuous batching (generate_batch, cache_implementation='paged') {NOT_BUILT}: the indexer's "
-                   "FP8 key cache has no paged form yet")
 
 
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
@@ -148,13 +147,12 @@ class LightningIndexer(nn.Module):
 def refuse_what_is_not_built(cache, layer_idx: int, paged_batch, attentions, training: bool, objective,
                               absorbable: bool) -> None:
     """Raise `ValueError` for what this implementation of DeepSeek-V3.2 does not do; `cache`: the forward's cache, whose
-    layer `layer_idx` must keep indexer keys (`MLACache(config)`, `MLAStaticCache(config, ...)`); `training`: a
+    layer `layer_idx` must keep indexer keys (`MLACache(config)`, `MLAStaticCache(config, ...)`; under continuous
+    batching, `paged_batch` set, the paged latent cache, whose rows keep them); `training`: a
     forward that would train without an `IndexerObjective`; `objective`: a training forward's (no cache with it);
     `absorbable`: whether `kv_b_proj` is a plain linear whose weight the absorbed form may read (not wrapped by an
     adapter, no hooks)."""
-    if paged_batch is not None:
-        raise ValueError(PAGED_NOT_BUILT)
-    if cache is not None:
+    if cache is not None and paged_batch is None:
         layers = getattr(cache, "layers", [])
         if not (layer_idx < len(layers) and isinstance(layers[layer_idx], (IndexedLatentCacheLayer,
                                                                             IndexedStaticLayer))):
@@ -179,13 +177,6 @@ def refuse_what_is_not_built(cache, layer_idx: int, paged_batch, attentions, tra
     if not absorbable:
         raise ValueError(f"attention through a wrapped kv_b_proj (an adapter, hooks, offloaded weights) {NOT_BUILT}: "
                          "the sparse attention reads its weight (absorbed form); merge adapters first")
-
-
-def refuse_continuous_batching(config) -> None:
-    """Raise `ValueError` for continuous batching of a DeepSeek-V3.2 model, before its manager starts (its worker
-    thread would only log the error of the first forward)."""
-    if isinstance(config, DeepseekV32Config):
-        raise ValueError(PAGED_NOT_BUILT)
 
 
 def sparse_attention(
@@ -222,20 +213,53 @@ def sparse_attention(
     Returns:
         `[b, s, h, v]`, before `o_proj`.
     """
-    b, s, _ = hidden_states.shape
-    cos, sin = position_embeddings
-    c_kv = fp8_round_trip(c_kv)  # as DeepSeek's deployment caches the latent
-    # the indexer learns from its own loss only: it reads its inputs detached from the main model's graph
-    hidden_states, q_latent = hidden_states.detach(), q_latent.detach()
-    indexer_scope = contextlib.nullcontext if objective is None else objective.indexer_scope
-    dense = objective is not None and objective.dense
-    with indexer_scope():
-        k8, k_scale = mla.indexer.keys(hidden_states, cos, sin)
+    c_kv, k8, k_scale = cached_keys(mla, hidden_states, c_kv, position_embeddings, objective)
     if cache is not None:
         c_kv, k_pe = cache.update(c_kv[:, None], k_pe[:, None], mla.layer_idx,
                                   {"index_keys": k8, "index_scales": k_scale})
         c_kv, k_pe = c_kv[:, 0], k_pe[:, 0]
         k8, k_scale = cache.layers[mla.layer_idx].index_keys()
+    return attend_chosen_keys(mla, hidden_states, q_latent, q_nope, q_pe, c_kv, k_pe, k8, k_scale,
+                              position_embeddings, allowed, objective, past)
+
+
+def _indexer_scope(objective: IndexerObjective | None):
+    return contextlib.nullcontext if objective is None else objective.indexer_scope
+
+
+def cached_keys(mla: nn.Module, hidden_states: torch.Tensor, c_kv: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                objective: IndexerObjective | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a cache keeps of new tokens `[b, s, .]`: `(c_kv` rounded through FP8 and back, as DeepSeek's deployment
+    caches the latent, `the indexer's FP8 keys [b, s, D]`, `their scales [b, s])`."""
+    with _indexer_scope(objective)():  # the indexer reads its input detached: it learns from its own loss only
+        k8, k_scale = mla.indexer.keys(hidden_states.detach(), *position_embeddings)
+    return fp8_round_trip(c_kv), k8, k_scale
+
+
+def attend_chosen_keys(
+    mla: nn.Module,
+    hidden_states: torch.Tensor,
+    q_latent: torch.Tensor,
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    k8: torch.Tensor,
+    k_scale: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    allowed: torch.Tensor | None,
+    objective: IndexerObjective | None = None,
+    past: int | torch.Tensor = 0,
+) -> torch.Tensor:
+    """The queries' attention over all t keys (`sparse_attention`'s, once the keys are cached): `c_kv` `[b, t, c]`
+    (rounded), `k_pe` `[b, t, r]`, the indexer keys `k8` `[b, t, D]` and `k_scale` `[b, t]`; the other arguments as
+    `sparse_attention`'s. Also the attention of a request group over its pages under continuous batching."""
+    b, s, _ = hidden_states.shape
+    cos, sin = position_embeddings
+    hidden_states, q_latent = hidden_states.detach(), q_latent.detach()
+    indexer_scope = _indexer_scope(objective)
+    dense = objective is not None and objective.dense
     t = c_kv.shape[1]
     if objective is None and t <= mla.indexer.topk:
         # every allowed key would be chosen, whatever the scores: dense MLA over them, without scoring

@@ -10,7 +10,9 @@ once per forward, into groups of requests:
 * every longer chunk (prefill) is a group of its own;
 * elsewhere, a group's keys are gathered from the pages and it goes through the module's own `attend` (expanded or
   absorbed, whichever costs less; torch on the CPU).
-The MLA math stays in `attention.py` and `kernels/`: this module only arranges queries and pages.
+The MLA math stays in `attention.py` and `kernels/`, DeepSeek-V3.2's sparse attention in `indexer.py` (`attend_sparse`
+hands each group's queries and gathered rows, indexer keys included, to `indexer.attend_chosen_keys`): this module
+only arranges queries and pages.
 
 Dimension letters: T tokens of the flat batch, b requests of a group, s query slots, t key slots, h heads,
 c kv_lora_rank, r qk_rope_head_dim, v v_head_dim, P page size.
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .indexer import attend_chosen_keys, cached_keys
 from .kernels import MLA_DECODE_MAX_QUERIES, mla_decode_paged, mla_decode_paged_fp8, use_triton
 from .latent_fp8 import FP8Latent
 from .paged_cache import PagedLatentCache
@@ -54,6 +57,19 @@ class RequestGroup:
     seq_lens: torch.Tensor
     mask: torch.Tensor
     block_table: torch.Tensor | None
+
+
+def queries_of(group: RequestGroup, *flat: torch.Tensor) -> list[torch.Tensor]:
+    """Each of `flat` `[1, T, ...]` at the group's query slots: `[b, s, ...]`."""
+    # index_select, not indexing with [b, s] tensors: several times faster on the CPU
+    rows = group.query_rows.flatten()
+    return [x[0].index_select(0, rows).unflatten(0, group.query_rows.shape) for x in flat]
+
+
+def store(out: torch.Tensor, group: RequestGroup, group_out: torch.Tensor) -> None:
+    """Writes the group's output `[b, s, ...]` of its real query slots into the flat batch's `out` `[T, ...]`."""
+    real = group.real.flatten()
+    out.index_copy_(0, group.query_rows.flatten()[real], group_out.flatten(0, 1)[real])
 
 
 class PagedBatch:
@@ -132,22 +148,61 @@ class PagedBatch:
         allocator.write(layer, c_kv[0], k_pe[0], self.write_index)
         out = q_nope.new_empty(*q_nope.shape[:3], mla.v_head_dim)[0]  # [T, h, v]
         for group in self.groups:
-            (b, s), t = group.query_rows.shape, group.token_rows.shape[1]
-            # index_select, not indexing with [b, s] tensors: several times faster on the CPU
-            group_q_nope, group_q_pe = (x[0].index_select(0, group.query_rows.flatten()).unflatten(0, (b, s))
-                                        for x in (q_nope, q_pe))  # [b, s, h, *]  # fmt: skip
+            s, t = group.query_rows.shape[1], group.token_rows.shape[1]
+            group_q_nope, group_q_pe = queries_of(group, q_nope, q_pe)  # [b, s, h, *]
             if group.block_table is not None and reads_pages_in_place(q_nope) and mla.use_absorbed(s, t):
                 group_out = self._attend_pages(mla, group, group_q_nope, group_q_pe)
             else:
-                latents = allocator.rows(layer).index_select(0, group.token_rows.flatten()).view(b, t, -1)
-                group_out = mla.attend(group_q_nope, group_q_pe, *allocator.split(latents), group.mask)
-            real = group.real.flatten()
-            out.index_copy_(0, group.query_rows.flatten()[real], group_out.flatten(0, 1)[real])
+                c_kv, k_pe, _ = allocator.split(self._keys_of(group, layer))
+                group_out = mla.attend(group_q_nope, group_q_pe, c_kv, k_pe, group.mask)
+            store(out, group, group_out)
         return out[None]
+
+    def attend_sparse(
+        self,
+        mla: nn.Module,
+        hidden_states: torch.Tensor,
+        q_latent: torch.Tensor,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """DeepSeek-V3.2's `attend`: stores the new latents (rounded through FP8) and indexer keys in the pool, then
+        each request's queries attend to the `index_topk` of its own keys its lightning indexer picks, as over an
+        `MLACache` (`indexer.attend_chosen_keys`).
+
+        Args:
+            hidden_states: `[1, T, hidden]`, the layer's normed input; q_latent: `[1, T, q_lora_rank]`;
+            position_embeddings: `(cos, sin)`, each `[1, T, r/2]`; the others as `attend`'s.
+
+        Returns:
+            `[1, T, h, v]`.
+        """
+        allocator, layer = self.cache.allocator, mla.layer_idx
+        c_kv, k8, k_scale = cached_keys(mla, hidden_states, c_kv, position_embeddings)
+        allocator.write(layer, c_kv[0], k_pe[0], self.write_index, (k8[0], k_scale[0]))
+        out = q_nope.new_empty(*q_nope.shape[:3], mla.v_head_dim)[0]  # [T, h, v]
+        for group in self.groups:
+            group_c_kv, group_k_pe, index_keys = allocator.split(self._keys_of(group, layer))
+            allowed = group.mask[:, 0] == 0  # [b, s, t]: each slot's own request's keys up to its position
+            hidden, latent, group_q_nope, group_q_pe, cos, sin = queries_of(
+                group, hidden_states, q_latent, q_nope, q_pe, *position_embeddings
+            )
+            group_out = attend_chosen_keys(mla, hidden, latent, group_q_nope, group_q_pe, group_c_kv, group_k_pe,
+                                           index_keys.values, index_keys.scales[..., 0], (cos, sin), allowed)
+            store(out, group, group_out)
+        return out[None]
+
+    def _keys_of(self, group: RequestGroup, layer: int) -> torch.Tensor:
+        """`[b, t, row]`: the rows of each request's keys in layer `layer`'s pages."""
+        b, t = group.token_rows.shape
+        return self.cache.allocator.rows(layer).index_select(0, group.token_rows.flatten()).view(b, t, -1)
 
     def _attend_pages(self, mla: nn.Module, group: RequestGroup, q_nope: torch.Tensor, q_pe: torch.Tensor):
         """The absorbed path of a decode group, its latent attention reading each request's pages in place."""
-        c_kv, k_pe = self.cache.allocator.split(self.cache.allocator.pages(mla.layer_idx))  # [pages, P, *]
+        c_kv, k_pe, _ = self.cache.allocator.split(self.cache.allocator.pages(mla.layer_idx))  # [pages, P, *]
         if isinstance(c_kv, FP8Latent):
             return mla.absorbed(q_nope, lambda q_lat: mla_decode_paged_fp8(
                 q_lat, q_pe, c_kv.values, c_kv.scales, k_pe, group.block_table, group.seq_lens, mla.softmax_scale

@@ -9,7 +9,9 @@ Sectors, blocks per request, admission, prefix sharing and freeing stay transfor
 Pool layout (one block = one page per layer, L layers): `[L0 rows | L1 rows | ... ]` per block, a row `[c_kv | k_pe]`;
 the row of token n of a request is `block_table[n // P] · P·L + layer · P + n % P`. With `cache_dtype="fp8"` a row is
 bytes: `[c_kv e4m3 | its 1×128 tile scales fp32 | k_pe in the model's dtype | padding]` (`cache.py`: the rounding),
-padded so that transformers' sizing (keys and values of one width) fits it exactly.
+padded so that transformers' sizing (keys and values of one width) fits it exactly. For DeepSeek-V3.2 a row is bytes
+`[c_kv | k_pe in the model's dtype | the indexer key: D e4m3 values | its fp32 scale | padding]`, the key packed as
+the FP8 latent is (`fp8_packing`); FP8 latents are refused for it.
 Dimension letters: T tokens of the flat batch, P page size, c kv_lora_rank, r qk_rope_head_dim.
 References: docs/design.md (Continuous batching); PagedAttention (Kwon et al. 2023); transformers
 `generation/continuous_batching/cache.py` and `cache_allocators/full_attention.py`.
@@ -23,26 +25,57 @@ import torch
 from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
 
-from .configuration import DeepseekV3Config
+from .configuration import DeepseekV3Config, DeepseekV32Config
 from .kernels import act_quant
 from .latent_fp8 import FP8Latent, check_cache_dtype
 from .private_api import init_cache_allocator, register_allocator_tensor
 
 
+def fp8_packing(n: int) -> tuple[int, int]:
+    """Bytes of `n` FP8 e4m3 values packed with the fp32 scales of their 1×128 tiles: `(scales start, end)`, the
+    scales starting on a multiple of 4 after the values (fp32 alignment)."""
+    scales = -(-n // 4) * 4
+    return scales, scales + 4 * -(-n // 128)
+
+
+def packed_fp8(rows: torch.Tensor, start: int, n: int) -> FP8Latent:
+    """The `FP8Latent` view of `n` values packed at byte `start` of rows `[..., row bytes]` (`fp8_packing`)."""
+    scales, end = fp8_packing(n)
+    return FP8Latent(rows[..., start : start + n].view(torch.float8_e4m3fn),
+                     rows[..., start + scales : start + end].view(torch.float32))  # fmt: skip
+
+
 def fp8_row_layout(config: DeepseekV3Config, dtype: torch.dtype) -> tuple[int, int, int]:
-    """Byte offsets in an FP8 row: `(scales start, k_pe start, row bytes)`. The scales start on a multiple of 4 after
-    the `c` e4m3 values (fp32 alignment; `c` itself for every released config), `k_pe` follows them, and the row is
-    rounded up to whole pairs of `dtype` elements (transformers sizes a token as a key and a value of one width) and to
-    4 bytes (the next row's scales stay aligned)."""
+    """Byte offsets in an FP8 row: `(scales start, k_pe start, row bytes)`. The `c` e4m3 values and their scales
+    (`fp8_packing`), `k_pe` after them, and the row rounded up to whole pairs of `dtype` elements (transformers sizes a
+    token as a key and a value of one width) and to 4 bytes (the next row's scales stay aligned)."""
     c, r = config.kv_lora_rank, config.qk_rope_head_dim
-    scales = -(-c // 4) * 4
-    rope = scales + 4 * -(-c // 128)
+    scales, rope = fp8_packing(c)
+    return scales, rope, row_unit_bytes(rope + r * dtype.itemsize, dtype)
+
+
+def row_unit_bytes(n: int, dtype: torch.dtype) -> int:
+    """`n` bytes rounded up to whole pairs of `dtype` elements and to 4 bytes."""
     unit = max(2 * dtype.itemsize, 4)
-    return scales, rope, -(-(rope + r * dtype.itemsize) // unit) * unit
+    return -(-n // unit) * unit
+
+
+def indexed(config: DeepseekV3Config) -> bool:
+    """Whether a row also holds the token's DeepSeek-V3.2 indexer key (the config of a `deepseek_v32` model)."""
+    return isinstance(config, DeepseekV32Config)
+
+
+def index_key_start(config: DeepseekV3Config, dtype: torch.dtype) -> int:
+    """Byte where a DeepSeek-V3.2 row's indexer key starts: after `[c_kv | k_pe]` in `dtype`, on a multiple of 4."""
+    return -(-(config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize // 4) * 4
 
 
 def row_bytes(config: DeepseekV3Config, dtype: torch.dtype, cache_dtype: str | None) -> int:
-    """Bytes of one token's row of one layer: `(c + r) × element size`, or an FP8 row's (`fp8_row_layout`)."""
+    """Bytes of one token's row of one layer: `(c + r) × element size`, or an FP8 row's (`fp8_row_layout`); for
+    DeepSeek-V3.2 (full-precision latent only), `[c_kv | k_pe | indexer key: D e4m3 values | its fp32 scale]`."""
+    if indexed(config):
+        check_cache_dtype(cache_dtype, None, config)  # FP8 latents are refused for DeepSeek-V3.2
+        return row_unit_bytes(index_key_start(config, dtype) + fp8_packing(config.index_head_dim)[1], dtype)
     if cache_dtype is None:
         return (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize
     return fp8_row_layout(config, dtype)[2]
@@ -62,9 +95,13 @@ class LatentPageAllocator(FullAttentionCacheAllocator):
         self.rope_dim = config.qk_rope_head_dim
         self.cache_dtype = cache_dtype  # the model's dtype: the rows' own, or k_pe's in FP8 rows
         self.latent_dtype, self.scale_fmt = latent_dtype, scale_fmt
-        self.scales_start, self.rope_start, _ = fp8_row_layout(config, cache_dtype)
-        # a row's elements: values of the model's dtype, or bytes for FP8
-        self.row_dtype = cache_dtype if latent_dtype is None else torch.uint8
+        _, self.rope_start, _ = fp8_row_layout(config, cache_dtype)
+        # DeepSeek-V3.2: the indexer key (`index_head_dim` e4m3 values and a scale) follows the latent
+        self.index_head_dim = config.index_head_dim if indexed(config) else None
+        self.index_start = index_key_start(config, cache_dtype)
+        # a row's elements: values of the model's dtype, or bytes for FP8 values in the row
+        packs_fp8 = latent_dtype is not None or self.index_head_dim is not None
+        self.row_dtype = torch.uint8 if packs_fp8 else cache_dtype
         self.latent_dim = row_bytes(config, cache_dtype, latent_dtype) // self.row_dtype.itemsize
         self.peak_blocks = 0
         bytes_per_page = self.latent_dim * self.row_dtype.itemsize * page_size
@@ -89,30 +126,42 @@ class LatentPageAllocator(FullAttentionCacheAllocator):
         page = self.tokens_per_page
         return rows[: rows.shape[0] // page * page].view(-1, page, self.latent_dim)
 
-    def write(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, write_index: torch.Tensor) -> None:
+    def write(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, write_index: torch.Tensor,
+              index_keys: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Stores `c_kv` `[T, c]` and `k_pe` `[T, r]` at the rows `write_index` `[T]` (`c_kv` rounded to FP8 in FP8
-        rows)."""
-        if self.latent_dtype is None:
+        rows), and for DeepSeek-V3.2 `index_keys`: the indexer's FP8 keys `[T, D]` and their scales `[T]`."""
+        if (index_keys is None) != (self.index_head_dim is None):
+            raise ValueError(f"index_keys are written with the rows of DeepSeek-V3.2 pages only: this pool holds "
+                             f"{'no' if self.index_head_dim is None else 'the'} indexer keys")  # fmt: skip
+        if self.row_dtype != torch.uint8:
             rows = torch.cat([c_kv, k_pe], dim=-1).to(self.cache_dtype)
         else:
-            values, scales = act_quant(c_kv.contiguous(), self.scale_fmt)
-            rows = torch.zeros(len(values), self.latent_dim, dtype=torch.uint8, device=values.device)
-            c_kv_part, k_pe_part = self.split(rows)
-            c_kv_part.values.copy_(values)
-            c_kv_part.scales.copy_(scales)
+            rows = torch.zeros(len(c_kv), self.latent_dim, dtype=torch.uint8, device=c_kv.device)
+            c_kv_part, k_pe_part, index_part = self.split(rows)
+            if self.latent_dtype is None:
+                c_kv_part.copy_(c_kv)
+            else:
+                c_kv_part.values[:], c_kv_part.scales[:] = act_quant(c_kv.contiguous(), self.scale_fmt)
             k_pe_part.copy_(k_pe)
+            if index_keys is not None:
+                index_part.values.copy_(index_keys[0])
+                index_part.scales.copy_(index_keys[1][:, None])
         self.layer_rows[layer_idx].index_copy_(0, write_index, rows)
 
-    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor | FP8Latent, torch.Tensor]:
-        """`(c_kv, k_pe)` views of rows `[..., row]` of this pool (whole rows, as `rows` or `pages` give them):
-        `c_kv` `[..., c]`, or an `FP8Latent` of FP8 rows, and `k_pe` `[..., r]`."""
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor | FP8Latent, torch.Tensor, FP8Latent | None]:
+        """`(c_kv, k_pe, index keys)` views of rows `[..., row]` of this pool (whole rows, as `rows` or `pages` give
+        them): `c_kv` `[..., c]`, or an `FP8Latent` of FP8 rows, `k_pe` `[..., r]`, and for DeepSeek-V3.2 the indexer
+        keys as an `FP8Latent` (values `[..., D]`, scales `[..., 1]`), else None."""
         c = self.kv_lora_rank
+        if self.row_dtype != torch.uint8:
+            return rows[..., :c], rows[..., c : c + self.rope_dim], None
+        index_keys = None if self.index_head_dim is None else packed_fp8(rows, self.index_start, self.index_head_dim)
         if self.latent_dtype is None:
-            return rows[..., :c], rows[..., c : c + self.rope_dim]
-        scales, rope = self.scales_start, self.rope_start
+            latent = rows[..., : self.index_start].view(self.cache_dtype)
+            return latent[..., :c], latent[..., c : c + self.rope_dim], index_keys
+        rope = self.rope_start
         rope_end = rope + self.rope_dim * self.cache_dtype.itemsize
-        latent = FP8Latent(rows[..., :c].view(torch.float8_e4m3fn), rows[..., scales:rope].view(torch.float32))
-        return latent, rows[..., rope:rope_end].view(self.cache_dtype)
+        return packed_fp8(rows, 0, c), rows[..., rope:rope_end].view(self.cache_dtype), index_keys
 
     def used_blocks(self) -> int:
         """Blocks held by live requests (shared ones once); blocks kept only for prefix reuse are not counted."""
@@ -132,7 +181,7 @@ def latent_sizing_config(config: DeepseekV3Config, dtype: torch.dtype, cache_dty
     of half a row (`row_bytes`) gives exactly a row (as does a latent of a row); and `drafter_layers` more layers
     after the decoder's (the MTP module that drafts inside continuous batching, layer `num_hidden_layers`)."""
     latent_dim = config.kv_lora_rank + config.qk_rope_head_dim
-    if cache_dtype is None and latent_dim % 2:
+    if cache_dtype is None and not indexed(config) and latent_dim % 2:
         raise ValueError(
             f"continuous batching: kv_lora_rank + qk_rope_head_dim = {latent_dim} must be even (transformers sizes "
             "cache pages as keys and values of one width, here half the latent each)"

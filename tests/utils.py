@@ -174,3 +174,30 @@ def through_column_tiles(x):  # through 128×1 tiles along the first dim
 
 def through_weight_blocks(w):  # through 128×128 blocks
     return e4m3_value(*e4m3_tiles(w, (128, 128)), (128, 128))
+
+
+def recorded_drafts(monkeypatch) -> tuple[dict, dict, dict]:
+    """Records the first draft MTP module 1 makes at each request's newest position: `(batched, alone, current)`,
+    `batched[(request number, position)]` inside continuous batching, `alone[(current["prompt"], position)]` in
+    `generate(use_mtp=True)` (set `current["prompt"]` to the number of the prompt it runs)."""
+    from modeling_deepseek_v3.generation import SelfSpeculativeDecoder
+    from modeling_deepseek_v3.speculative_batching import SpeculativeBatchProcessor
+
+    batched, alone, current = {}, {}, {"prompt": 0}
+    draft, alone_draft = SpeculativeBatchProcessor._draft, SelfSpeculativeDecoder._draft
+
+    def record_batched(self, model, requests, *rest):
+        drafts, probs = draft(self, model, requests, *rest)
+        for fs, row in zip(requests, drafts):
+            newest = fs.state.position_offset - fs.query_length
+            batched[(int(fs.state.request_id.split("_")[1]), newest)] = row[0]
+        return drafts, probs
+
+    def record_alone(self, window):
+        drafts, probs = alone_draft(self, window)
+        alone[(current["prompt"], int(self.next_position[0]))] = int(drafts[0, 0])
+        return drafts, probs
+
+    monkeypatch.setattr(SpeculativeBatchProcessor, "_draft", record_batched)
+    monkeypatch.setattr(SelfSpeculativeDecoder, "_draft", record_alone)
+    return batched, alone, current

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.cache_utils import StaticCache
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV32Config, MLACache, load_preset
@@ -256,11 +256,6 @@ def test_a_cache_without_indexer_keys_is_refused(tiny_model):
         tiny_model(ids, cache=StaticCache(config=tiny_model.config, max_cache_len=16))  # transformers' own
     with pytest.raises(ValueError, match=r"keeps no indexer keys \(MLACache: "):
         tiny_model(ids, cache=MLACache())  # no config: its layers keep no indexer keys
-
-
-def test_continuous_batching_is_refused(tiny_model):
-    with pytest.raises(ValueError, match="continuous batching"):
-        tiny_model.generate_batch([[5, 6, 7]], generation_config=GenerationConfig(max_new_tokens=2, do_sample=False))
 
 
 def test_output_attentions_is_refused():

@@ -240,30 +240,12 @@ def test_the_modules_drafts_are_those_of_generate_with_use_mtp(monkeypatch):
     draft MTP module 1 makes inside continuous batching, at each request's newest position, is the draft plain
     `generate(use_mtp=True)` makes there for that prompt alone: the module's paged rows and the positions it
     catches up on are right."""
-    from modeling_deepseek_v3.generation import SelfSpeculativeDecoder
-
-    from ..utils import agreeing_mtp_model
+    from ..utils import agreeing_mtp_model, recorded_drafts
 
     torch.manual_seed(0)
     agreeing = agreeing_mtp_model(1, context_weight=0.3, mtp_context_weight=0.3)
     prompts = prompts_of([5, 17, 2, 9, 26], agreeing.config.vocab_size, seed=6)
-    batched, alone, current = {}, {}, {"prompt": 0}
-    draft, alone_draft = SpeculativeBatchProcessor._draft, SelfSpeculativeDecoder._draft
-
-    def record_batched(self, model, requests, *rest):
-        drafts, probs = draft(self, model, requests, *rest)
-        for fs, row in zip(requests, drafts):
-            newest = fs.state.position_offset - fs.query_length
-            batched[(int(fs.state.request_id.split("_")[1]), newest)] = row[0]
-        return drafts, probs
-
-    def record_alone(self, window):
-        drafts, probs = alone_draft(self, window)
-        alone[(current["prompt"], int(self.next_position[0]))] = int(drafts[0, 0])
-        return drafts, probs
-
-    monkeypatch.setattr(SpeculativeBatchProcessor, "_draft", record_batched)
-    monkeypatch.setattr(SelfSpeculativeDecoder, "_draft", record_alone)
+    batched, alone, current = recorded_drafts(monkeypatch)
     config = greedy(10)
     outputs = agreeing.generate_batch(prompts, generation_config=config, continuous_batching_config=batching(),
                                       use_mtp=True, num_draft_tokens=1)  # fmt: skip
