@@ -46,28 +46,36 @@ class TopkRouter(KeepsTensorDtypes):
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.e_score_correction_bias = nn.Buffer(torch.zeros(config.n_routed_experts, dtype=torch.float32))
+        # The routing settings describe the checkpoint's architecture: read once here, as plain attributes, since a
+        # config attribute read costs more than a tensor view and a decode step routes once per MoE layer.
+        self.scoring_func = config.scoring_func
+        self.use_routing_bias = config.use_routing_bias
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.experts_per_group = config.n_routed_experts // config.n_group
+        self.num_experts_per_tok = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
 
     def dtype_kept_tensors(self) -> tuple[str, ...]:
         return ("e_score_correction_bias",)  # moves in steps of γ = 0.001: bf16 would round them away
 
     def forward(self, x: torch.Tensor) -> Routing:
         """`x` `[T, H]` -> the `Routing` of its tokens."""
-        cfg = self.config
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores + self.e_score_correction_bias if cfg.use_routing_bias else scores
-        groups = cfg.n_group  # read once: a config attribute read costs more than a tensor view
-        if groups > 1:
-            grouped = choice.view(-1, groups, cfg.n_routed_experts // groups)  # [T, G, E/G]
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias if self.use_routing_bias else scores
+        if self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.experts_per_group)  # [T, G, E/G]
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
-            kept = group_scores.topk(cfg.topk_group, dim=-1).indices
+            kept = group_scores.topk(self.topk_group, dim=-1).indices
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
             choice = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
-        indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # [T, K]
+        indices = choice.topk(self.num_experts_per_tok, dim=-1).indices  # [T, K]
         weights = scores.gather(1, indices)
-        if cfg.norm_topk_prob:
+        if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(weights * cfg.routed_scaling_factor, indices, scores, logits)
+        return Routing(weights * self.routed_scaling_factor, indices, scores, logits)
 
 
 class RoutedExperts(KeepsTensorDtypes):

@@ -111,6 +111,19 @@ def test_grouped_mm_matches_reference(counts):
     torch.testing.assert_close(gw, w.grad)
 
 
+
+def test_grouped_mm_inference_computes_only_grouped_rows():
+    # the eager inference path (a decode step's); rows past the last offset are expert parallelism's off-rank routes
+    counts, extra = [0, 3, 0, 1, 2, 0], 2
+    x, w = torch.randn(sum(counts) + extra, 24), torch.randn(6, 16, 24).transpose(1, 2)
+    with torch.inference_mode():
+        out = grouped_mm(x, w, torch.tensor(counts).cumsum(0).to(torch.int32))
+    start = 0
+    for e, n in enumerate(counts):
+        torch.testing.assert_close(out[start:start + n], x[start:start + n] @ w[e], rtol=0, atol=0)
+        start += n
+    assert out.shape == (len(x), 16)
+
 def test_grouped_mm_rejects_bad_input():
     with pytest.raises(ValueError, match="int32"):
         grouped_mm(torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([2, 4]))

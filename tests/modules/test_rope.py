@@ -37,6 +37,28 @@ def test_apply_rope_matches_complex_rotation():
     torch.testing.assert_close(out, ref.flatten(-2), rtol=1e-6, atol=1e-6)
 
 
+
+@pytest.mark.parametrize(
+    "layout", ["slice of a wider row", "every other column", "contiguous at an odd offset", "bf16"]
+)
+def test_apply_rope_matches_pairs_rotated_by_hand(layout):
+    # q_pe is a slice of q: the complex view must cope with offsets and strides
+    wide = torch.randn(2, 3, 4, 2 * 8 + 1)
+    x = {"slice of a wider row": wide[..., 1:9], "every other column": wide[..., 1::2][..., :8],
+         "contiguous at an odd offset": wide.flatten()[1:2 * 3 * 4 * 8 + 1].view(2, 3, 4, 8),
+         "bf16": wide[..., :8].bfloat16()}[layout]
+    angles = torch.randn(2, 3, 4) * 10
+    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+    x0, x1 = x[..., 0::2].float(), x[..., 1::2].float()
+    ref = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2).to(x.dtype)
+    out = apply_rope(x, angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+    assert out.dtype == x.dtype and out.shape == x.shape
+    if x.dtype == torch.float32:  # the same products and sums; a fused multiply-add may round once less
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    else:  # the bf16 cos/sin are rounded before the product
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0.02, atol=0.02)
+
+
 def test_yarn_softmax_scale():
     cfg = tiny_config()
     m = 0.1 * cfg.rope_scaling["mscale_all_dim"] * math.log(cfg.rope_scaling["factor"]) + 1
