@@ -140,3 +140,8 @@ def main(argv: list[str] | None = None) -> DeepseekV3Trainer:
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():
+        # leave together, with the process group torn down: a rank that exits while another still works (rank 0
+        # writing the checkpoint) can abort in the group's threads ("terminate called without an active exception")
+        dist.barrier()
+        dist.destroy_process_group()
