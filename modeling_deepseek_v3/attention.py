@@ -33,7 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration import DeepseekV3Config, DeepseekV32Config
 from .fp8 import FP8Linear, dense_weight, fp8_format, make_linear
-from .indexer import LightningIndexer, refuse_what_is_not_built, sparse_attention
+from .indexer import LightningIndexer, SparseQueries, refuse_what_is_not_built, sparse_attention
 from .kernels import mla_decode, mla_decode_fp8, mla_decode_ref, use_triton
 from .latent_fp8 import FP8Latent
 from .layers import RMSNorm
@@ -163,10 +163,9 @@ class MultiHeadLatentAttention(nn.Module):
             objective = kwargs.get("indexer_objective")  # the causal LM's, in a training forward (indexer_training.py)
             refuse_what_is_not_built(cache, self.layer_idx, paged_batch, attentions,
                                      self.training and objective is None, objective, _absorbable(self.kv_b_proj))
+            queries = SparseQueries(hidden_states, q_latent, q_nope, q_pe, position_embeddings)
             if paged_batch is not None:
-                out = paged_batch.attend_sparse(self, hidden_states, q_latent, q_nope, q_pe, c_kv, k_pe,
-                                                position_embeddings)
-                return self.o_proj(out.flatten(2))
+                return self.o_proj(paged_batch.attend_sparse(self, queries, c_kv, k_pe).flatten(2))
             past, t = 0, s
             if cache is not None:
                 past = cache.get_seq_length(self.layer_idx)
@@ -175,8 +174,7 @@ class MultiHeadLatentAttention(nn.Module):
                 else:
                     t = past + s
             allowed = latent_mask(attention_mask, b, s, t, past, c_kv.device)
-            out = sparse_attention(self, hidden_states, q_latent, q_nope, q_pe, c_kv, k_pe, position_embeddings,
-                                   allowed, objective, cache, past)
+            out = sparse_attention(self, queries, c_kv, k_pe, allowed, objective, cache, past)
             return self.o_proj(out.flatten(2))
         if paged_batch is not None:
             out = paged_batch.attend(self, q_nope, q_pe, c_kv, k_pe)

@@ -28,6 +28,7 @@ and `kernel.py` (`act_quant`, `fp8_index`); docs/v32.md.
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -179,15 +180,22 @@ def refuse_what_is_not_built(cache, layer_idx: int, paged_batch, attentions, tra
                          "the sparse attention reads its weight (absorbed form); merge adapters first")
 
 
+class SparseQueries(NamedTuple):
+    """What the sparse attention reads of the new tokens' queries: the MLA queries, and the layer's normed input and
+    query latent with their RoPE, from which the lightning indexer forms its own queries."""
+
+    hidden_states: torch.Tensor  # [b, s, hidden], the layer's normed input
+    q_latent: torch.Tensor  # [b, s, q_lora_rank]
+    q_nope: torch.Tensor  # [b, s, h, n]
+    q_pe: torch.Tensor  # [b, s, h, r], rotated
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [b, s, r/2]
+
+
 def sparse_attention(
     mla: nn.Module,
-    hidden_states: torch.Tensor,
-    q_latent: torch.Tensor,
-    q_nope: torch.Tensor,
-    q_pe: torch.Tensor,
+    queries: SparseQueries,
     c_kv: torch.Tensor,
     k_pe: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
     allowed: torch.Tensor | None,
     objective: IndexerObjective | None = None,
     cache: Cache | None = None,
@@ -198,10 +206,8 @@ def sparse_attention(
 
     Args:
         mla: the layer's `MultiHeadLatentAttention` (its `indexer`, its `absorbed` form, its softmax scale).
-        hidden_states: `[b, s, hidden]`, the layer's normed input; q_latent: `[b, s, q_lora_rank]`.
-        q_nope, q_pe: `[b, s, h, n]`, `[b, s, h, r]` (rotated); c_kv: `[b, s, c]` (normed); k_pe: `[b, s, r]`, of
-            the new tokens.
-        position_embeddings: `(cos, sin)`, each `[b, s, r/2]`.
+        queries: the new tokens' `SparseQueries`.
+        c_kv: `[b, s, c]` (normed); k_pe: `[b, s, r]`, of the new tokens.
         allowed: `[b, s, t]` bool (True = may attend) over all t = past + s keys, or None for plain causal attention
             (query i at position past + i).
         objective: in a training forward, the `IndexerObjective` that receives this layer's KL loss; its stage picks
@@ -213,14 +219,13 @@ def sparse_attention(
     Returns:
         `[b, s, h, v]`, before `o_proj`.
     """
-    c_kv, k8, k_scale = cached_keys(mla, hidden_states, c_kv, position_embeddings, objective)
+    c_kv, k8, k_scale = cached_keys(mla, queries.hidden_states, c_kv, queries.position_embeddings, objective)
     if cache is not None:
         c_kv, k_pe = cache.update(c_kv[:, None], k_pe[:, None], mla.layer_idx,
                                   {"index_keys": k8, "index_scales": k_scale})
         c_kv, k_pe = c_kv[:, 0], k_pe[:, 0]
         k8, k_scale = cache.layers[mla.layer_idx].index_keys()
-    return attend_chosen_keys(mla, hidden_states, q_latent, q_nope, q_pe, c_kv, k_pe, k8, k_scale,
-                              position_embeddings, allowed, objective, past)
+    return attend_chosen_keys(mla, queries, c_kv, k_pe, k8, k_scale, allowed, objective, past)
 
 
 def _indexer_scope(objective: IndexerObjective | None):
@@ -239,15 +244,11 @@ def cached_keys(mla: nn.Module, hidden_states: torch.Tensor, c_kv: torch.Tensor,
 
 def attend_chosen_keys(
     mla: nn.Module,
-    hidden_states: torch.Tensor,
-    q_latent: torch.Tensor,
-    q_nope: torch.Tensor,
-    q_pe: torch.Tensor,
+    queries: SparseQueries,
     c_kv: torch.Tensor,
     k_pe: torch.Tensor,
     k8: torch.Tensor,
     k_scale: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
     allowed: torch.Tensor | None,
     objective: IndexerObjective | None = None,
     past: int | torch.Tensor = 0,
@@ -255,8 +256,8 @@ def attend_chosen_keys(
     """The queries' attention over all t keys (`sparse_attention`'s, once the keys are cached): `c_kv` `[b, t, c]`
     (rounded), `k_pe` `[b, t, r]`, the indexer keys `k8` `[b, t, D]` and `k_scale` `[b, t]`; the other arguments as
     `sparse_attention`'s. Also the attention of a request group over its pages under continuous batching."""
+    hidden_states, q_latent, q_nope, q_pe, (cos, sin) = queries
     b, s, _ = hidden_states.shape
-    cos, sin = position_embeddings
     hidden_states, q_latent = hidden_states.detach(), q_latent.detach()
     indexer_scope = _indexer_scope(objective)
     dense = objective is not None and objective.dense

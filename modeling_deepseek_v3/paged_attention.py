@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .indexer import attend_chosen_keys, cached_keys
+from .indexer import SparseQueries, attend_chosen_keys, cached_keys
 from .kernels import MLA_DECODE_MAX_QUERIES, mla_decode_paged, mla_decode_paged_fp8, use_triton
 from .latent_fp8 import FP8Latent
 from .paged_cache import PagedLatentCache
@@ -159,39 +159,29 @@ class PagedBatch:
         return out[None]
 
     def attend_sparse(
-        self,
-        mla: nn.Module,
-        hidden_states: torch.Tensor,
-        q_latent: torch.Tensor,
-        q_nope: torch.Tensor,
-        q_pe: torch.Tensor,
-        c_kv: torch.Tensor,
-        k_pe: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        self, mla: nn.Module, queries: SparseQueries, c_kv: torch.Tensor, k_pe: torch.Tensor
     ) -> torch.Tensor:
         """DeepSeek-V3.2's `attend`: stores the new latents (rounded through FP8) and indexer keys in the pool, then
         each request's queries attend to the `index_topk` of its own keys its lightning indexer picks, as over an
         `MLACache` (`indexer.attend_chosen_keys`).
 
         Args:
-            hidden_states: `[1, T, hidden]`, the layer's normed input; q_latent: `[1, T, q_lora_rank]`;
-            position_embeddings: `(cos, sin)`, each `[1, T, r/2]`; the others as `attend`'s.
+            queries: the flat batch's `SparseQueries` (`b = 1`, `s = T`); the others as `attend`'s.
 
         Returns:
             `[1, T, h, v]`.
         """
         allocator, layer = self.cache.allocator, mla.layer_idx
-        c_kv, k8, k_scale = cached_keys(mla, hidden_states, c_kv, position_embeddings)
+        c_kv, k8, k_scale = cached_keys(mla, queries.hidden_states, c_kv, queries.position_embeddings)
         allocator.write(layer, c_kv[0], k_pe[0], self.write_index, (k8[0], k_scale[0]))
+        q_nope = queries.q_nope
         out = q_nope.new_empty(*q_nope.shape[:3], mla.v_head_dim)[0]  # [T, h, v]
         for group in self.groups:
             group_c_kv, group_k_pe, index_keys = allocator.split(self._keys_of(group, layer))
             allowed = group.mask[:, 0] == 0  # [b, s, t]: each slot's own request's keys up to its position
-            hidden, latent, group_q_nope, group_q_pe, cos, sin = queries_of(
-                group, hidden_states, q_latent, q_nope, q_pe, *position_embeddings
-            )
-            group_out = attend_chosen_keys(mla, hidden, latent, group_q_nope, group_q_pe, group_c_kv, group_k_pe,
-                                           index_keys.values, index_keys.scales[..., 0], (cos, sin), allowed)
+            *group_queries, cos, sin = queries_of(group, *queries[:4], *queries.position_embeddings)
+            group_out = attend_chosen_keys(mla, SparseQueries(*group_queries, (cos, sin)), group_c_kv, group_k_pe,
+                                           index_keys.values, index_keys.scales[..., 0], allowed)
             store(out, group, group_out)
         return out[None]
 

@@ -19,7 +19,13 @@ from transformers.cache_utils import StaticCache
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV32Config, MLACache, load_preset
 from modeling_deepseek_v3 import indexer as indexer_module
 from modeling_deepseek_v3.convert import convert_checkpoint
-from modeling_deepseek_v3.indexer import LightningIndexer, fp8_round_trip, hadamard_rotate, sparse_attention
+from modeling_deepseek_v3.indexer import (
+    LightningIndexer,
+    SparseQueries,
+    fp8_round_trip,
+    hadamard_rotate,
+    sparse_attention,
+)
 from modeling_deepseek_v3.rope import apply_rope
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "v32"
@@ -157,7 +163,7 @@ def test_sparse_attention_equals_dense_attention_when_every_key_is_chosen():
     mla = DeepseekV3ForCausalLM(config).model.layers[1].self_attn.eval()
     hidden, q_latent, q_nope, q_pe, c_kv, k_pe, rope = random_attention_inputs(mla, 2, 20)
     causal = torch.ones(20, 20, dtype=torch.bool).tril().expand(2, -1, -1)
-    sparse = sparse_attention(mla, hidden, q_latent, q_nope, q_pe, c_kv, k_pe, rope, None)
+    sparse = sparse_attention(mla, SparseQueries(hidden, q_latent, q_nope, q_pe, rope), c_kv, k_pe, None)
     torch.testing.assert_close(sparse, dense_attention(mla, q_nope, q_pe, c_kv, k_pe, causal), rtol=1e-5, atol=1e-5)
 
 
@@ -177,7 +183,7 @@ def test_sparse_attention_attends_only_to_the_chosen_keys(monkeypatch):
     expected = dense_attention(mla, q_nope, q_pe, c_kv, k_pe, chosen)
     for chunk in (indexer_module.CHUNK_ELEMENTS, 1):
         monkeypatch.setattr(indexer_module, "CHUNK_ELEMENTS", chunk)
-        sparse = sparse_attention(mla, hidden, q_latent, q_nope, q_pe, c_kv, k_pe, rope, None)
+        sparse = sparse_attention(mla, SparseQueries(hidden, q_latent, q_nope, q_pe, rope), c_kv, k_pe, None)
         torch.testing.assert_close(sparse, expected, rtol=1e-5, atol=1e-5)
 
 
