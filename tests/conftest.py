@@ -1,4 +1,5 @@
 import os
+import sys
 
 import torch
 
@@ -6,6 +7,12 @@ import torch
 # CUDA tensors. The variable must be set before triton is imported, and pytest imports this file before any test module.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# DeepSpeed compiles its CPU shared-memory all-reduce (deepspeed_shm_comm, 20-50 s on 2 cores) when a rank first
+# starts it, into torch's extension cache. That cache is shared by every Python environment, and a build for another
+# environment (other include paths) is rebuilt: CI's fresh environment and a developer's rebuilt it for each other. One
+# cache per environment; spawned and launched ranks inherit the variable.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import pytest  # noqa: E402
 
