@@ -186,9 +186,10 @@ PEFT_TARGET_CONVERSION = "convert_peft_config_for_transformers"
 def keep_peft_targets_of(model_class: type) -> None:
     """Have PEFT leave the LoRA targets of `model_class` (and its subclasses) as written. PEFT rewrites the targets of
     every model whose model_type transformers converts to fused experts, for transformers 4 adapters: for
-    "deepseek_v3" each target ending in gate_proj / up_proj / down_proj becomes the built-in class's fused expert
-    parameters. It keys that rewrite by model_type, which our classes share with the built-in one, so ours are
-    exempted here; other classes keep PEFT's rewrite. Idempotent."""
+    "deepseek_v3" targets ending in gate_proj / up_proj / down_proj become target parameters named after the built-in
+    class's fused experts (gate_up_proj, down_proj), and our routed experts' stacked down_proj bears that name. It
+    keys that rewrite by model_type, which our classes share with the built-in one, so ours are exempted here; other
+    classes keep PEFT's rewrite. Idempotent."""
     convert = getattr(peft_weight_conversion, PEFT_TARGET_CONVERSION)
     original = getattr(convert, "__wrapped__", convert)
 

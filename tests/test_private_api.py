@@ -135,12 +135,15 @@ def test_peft_target_conversion_contacts():
     wrapped = getattr(conversion, private_api.PEFT_TARGET_CONVERSION)
     assert tuple(inspect.signature(wrapped.__wrapped__).parameters) == ("peft_config", "model", "conversions")
     assert private_api.PEFT_TARGET_CONVERSION in inspect.getsource(tuners_utils.BaseTuner.inject_adapter)
-    config = LoraConfig(r=2, target_modules=["shared_experts.gate_proj", "shared_experts.up_proj"])
+    targets = ["shared_experts.gate_proj", "shared_experts.up_proj", "down_proj"]
+    config = LoraConfig(r=2, target_modules=targets)
     wrapped.__wrapped__(config, model=random_model(), conversions=None)
-    assert "gate_up_proj" in config.target_parameters and not config.target_modules  # PEFT's own rewrite
-    config = LoraConfig(r=2, target_modules=["shared_experts.gate_proj", "shared_experts.up_proj"])
+    # PEFT's own rewrite: "down_proj" also becomes a target parameter, which here is our routed experts' stacked
+    # down_proj (PEFT 0.21 also turned the shared experts' gate/up into the built-in class's fused gate_up_proj)
+    assert "down_proj" in config.target_parameters
+    config = LoraConfig(r=2, target_modules=targets)
     wrapped(config, model=random_model(), conversions=None)
-    assert config.target_modules == {"shared_experts.gate_proj", "shared_experts.up_proj"}
+    assert config.target_modules == set(targets) and not config.target_parameters
     assert "lora_" in private_api.peft_adapter_prefixes()
 
 
