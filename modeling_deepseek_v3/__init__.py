@@ -52,7 +52,7 @@ for _model_type, _config_class in CONFIG_CLASSES.items():
     AutoConfig.register(_model_type, _config_class, exist_ok=True)
     for _auto_class, _model_class in AUTO_CLASSES.items():
         register_auto_model(_auto_class, _config_class, _model_class)
-# PEFT would rewrite LoRA targets such as shared_experts.gate_proj into the built-in class's fused experts
+# PEFT would rewrite LoRA targets ending in gate_proj / up_proj / down_proj into the built-in class's fused experts
 keep_peft_targets_of(DeepseekV3PreTrainedModel)
 apply_from_environment()
 
