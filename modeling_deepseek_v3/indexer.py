@@ -219,7 +219,7 @@ def sparse_attention(
     Returns:
         `[b, s, h, v]`, before `o_proj`.
     """
-    c_kv, k8, k_scale = cached_keys(mla, queries.hidden_states, c_kv, queries.position_embeddings, objective)
+    c_kv, k8, k_scale = cached_keys(mla, queries, c_kv, objective)
     if cache is not None:
         c_kv, k_pe = cache.update(c_kv[:, None], k_pe[:, None], mla.layer_idx,
                                   {"index_keys": k8, "index_scales": k_scale})
@@ -232,13 +232,13 @@ def _indexer_scope(objective: IndexerObjective | None):
     return contextlib.nullcontext if objective is None else objective.indexer_scope
 
 
-def cached_keys(mla: nn.Module, hidden_states: torch.Tensor, c_kv: torch.Tensor,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor],
+def cached_keys(mla: nn.Module, queries: SparseQueries, c_kv: torch.Tensor,
                 objective: IndexerObjective | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What a cache keeps of new tokens `[b, s, .]`: `(c_kv` rounded through FP8 and back, as DeepSeek's deployment
-    caches the latent, `the indexer's FP8 keys [b, s, D]`, `their scales [b, s])`."""
+    caches the latent, `the indexer's FP8 keys [b, s, D]` (from the queries' layer input and RoPE), `their scales
+    [b, s])`."""
     with _indexer_scope(objective)():  # the indexer reads its input detached: it learns from its own loss only
-        k8, k_scale = mla.indexer.keys(hidden_states.detach(), *position_embeddings)
+        k8, k_scale = mla.indexer.keys(queries.hidden_states.detach(), *queries.position_embeddings)
     return fp8_round_trip(c_kv), k8, k_scale
 
 

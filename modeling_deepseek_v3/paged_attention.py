@@ -172,7 +172,7 @@ class PagedBatch:
             `[1, T, h, v]`.
         """
         allocator, layer = self.cache.allocator, mla.layer_idx
-        c_kv, k8, k_scale = cached_keys(mla, queries.hidden_states, c_kv, queries.position_embeddings)
+        c_kv, k8, k_scale = cached_keys(mla, queries, c_kv)
         allocator.write(layer, c_kv[0], k_pe[0], self.write_index, (k8[0], k_scale[0]))
         q_nope = queries.q_nope
         out = q_nope.new_empty(*q_nope.shape[:3], mla.v_head_dim)[0]  # [T, h, v]
