@@ -125,7 +125,9 @@ class RoutedExperts(KeepsTensorDtypes):
 
     def stored(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Projection `name`'s stacked weight and its FP8 block scales (None for master weights)."""
-        return getattr(self, name), getattr(self, f"{name}_scale_inv", None)
+        if self.fp8 is None:  # no scales registered (a missed module attribute lookup costs a raised exception)
+            return getattr(self, name), None
+        return getattr(self, name), getattr(self, f"{name}_scale_inv")
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """

@@ -165,7 +165,9 @@ def register_auto_model(auto_class: type, config_class: type, model_class: type)
 
 def has_forward_hooks(module: nn.Module) -> bool:
     """Whether anything wraps `module`'s forward: torch forward (pre-)hooks or an accelerate offload hook."""
-    return bool(module._forward_hooks or module._forward_pre_hooks) or hasattr(module, "_hf_hook")
+    # accelerate sets `_hf_hook` as a plain instance attribute; a `hasattr` that misses raises inside
+    # nn.Module.__getattr__, which costs more than the rest of this check (it runs for every absorbed attention call)
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "_hf_hook" in module.__dict__
 
 
 def is_peft_adapter_model(model: PreTrainedModel) -> bool:

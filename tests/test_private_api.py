@@ -102,6 +102,10 @@ def test_module_attributes():
     assert not private_api.has_forward_hooks(linear)
     linear.register_forward_hook(lambda *args: None)
     assert private_api.has_forward_hooks(linear)
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    offloaded = add_hook_to_module(torch.nn.Linear(2, 2), ModelHook())  # how accelerate's device maps wrap a module
+    assert private_api.has_forward_hooks(offloaded)
     assert not private_api.is_peft_adapter_model(model)
 
 
