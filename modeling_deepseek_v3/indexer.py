@@ -104,7 +104,7 @@ class LightningIndexer(nn.Module):
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on the first r dims, then the Hadamard rotation of the whole vector."""
-        pe, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        pe, rest = x.split_with_sizes([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
         return hadamard_rotate(torch.cat((rotate_halves(pe, cos, sin), rest), dim=-1))
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

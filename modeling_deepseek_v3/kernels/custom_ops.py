@@ -39,7 +39,7 @@ def grouped_mm_impl(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> 
         start = end
     sizes.append(x.shape[0] - start)  # rows past the last offset (expert parallelism's off-rank routes): unwritten
     out = x.new_empty(x.shape[0], w.shape[-1])
-    for group, rows, rows_out in zip(groups, x.split(sizes), out.split(sizes)):
+    for group, rows, rows_out in zip(groups, x.split_with_sizes(sizes), out.split_with_sizes(sizes)):
         torch.mm(rows, w[group], out=rows_out)
     return out
 
