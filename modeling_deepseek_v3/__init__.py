@@ -15,6 +15,8 @@ TRL given a path) still get the built-in class, unless `apply_to_transformers()`
 with `DEEPSEEK_V3_PATCH_TRANSFORMERS=1` set (`restore_transformers()` undoes it; docs/serving.md).
 """
 
+import importlib
+
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -39,7 +41,6 @@ from .outputs import DeepseekV3CausalLMOutput
 from .paged_cache import PagedLatentCache
 from .private_api import keep_peft_targets_of, register_auto_model
 from .speculation import SpeculativeStats
-from .trainer import DeepseekV3Trainer, DeepseekV3TrainerMixin, ExpertBalanceCallback
 from .transformers_patch import apply_from_environment, apply_to_transformers, restore_transformers
 
 AUTO_CLASSES = {
@@ -84,10 +85,17 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # TRL is an optional dependency: DeepseekV3SFTTrainer imports it on first use
-    if name == "DeepseekV3SFTTrainer":
-        from .sft_trainer import DeepseekV3SFTTrainer
+# imported on first use: the trainers need transformers' Trainer, whose import (datasets, pandas) costs every process
+# that only runs the model half a second; DeepseekV3SFTTrainer also needs TRL, an optional dependency
+LAZY_MODULES = {
+    "DeepseekV3Trainer": ".trainer",
+    "DeepseekV3TrainerMixin": ".trainer",
+    "ExpertBalanceCallback": ".trainer",
+    "DeepseekV3SFTTrainer": ".sft_trainer",
+}
 
-        return DeepseekV3SFTTrainer
+
+def __getattr__(name: str):
+    if name in LAZY_MODULES:
+        return getattr(importlib.import_module(LAZY_MODULES[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,7 @@
 Private names can move in any release. Each contact is a function or a table entry here, and
 `tests/test_private_api.py` checks all of them against the installed libraries, so an upgrade that moves one fails
 one test with the name in it instead of breaking a code path silently. Our classes also override a few private
-hooks of transformers and torch (listed in `OVERRIDDEN_HOOKS`); the overrides live with the classes that need them.
+hooks of transformers and torch (listed by `overridden_hooks()`); the overrides live with the classes that need them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from transformers import (
     GenerationMixin,
     PreTrainedConfig,
     PreTrainedModel,
-    Trainer,
 )
 from transformers.distributed import DistributedMixin
 
@@ -38,35 +37,43 @@ from transformers.generation.continuous_batching.cache_allocators import CacheAl
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchProcessor
 from transformers.generation.continuous_batching.scheduler import Scheduler
 
-# (owner, name, parameter names) of the private hooks our classes override; the test checks each signature
-OVERRIDDEN_HOOKS = (
-    # the loader of from_pretrained: our checkpoint conversions go in, the MTP copies are checked after
-    (PreTrainedModel, "_load_pretrained_model", ("model", "state_dict", "checkpoint_files", "load_config",
-                                                 "expected_keys")),
-    # the end of from_pretrained: missing / unexpected keys of the decoder become errors instead of warnings
-    (PreTrainedModel, "_finalize_model_loading", ("model", "load_config", "loading_info")),
-    # the check of the experts implementation at construction: our routed experts have one (grouped GEMM)
-    (PreTrainedModel, "get_correct_experts_implementation", ("self", "requested_experts")),
-    # generate()'s default cache becomes the latent MLACache
-    (GenerationMixin, "_prepare_cache_for_generation", ("self", "generation_config", "model_kwargs",
-                                                        "generation_mode", "batch_size", "max_cache_length")),
-    # model.to(dtype) keeps FP8 payloads, their scales and the routing bias in their dtypes
-    (nn.Module, "_apply", ("self", "fn", "recurse")),
-    # the distributed engine: the MTP modules' plans, the layout checks and pipeline stages around the plans'
-    # application, the MTP copies and every pipeline stage in a sharded save, and its wait for the writing rank
-    (DistributedMixin, "init_parallel_plans", ("self",)),
-    (DistributedMixin, "maybe_distribute_model", ("cls", "model", "distributed_config", "mesh_manager")),
-    (DistributedMixin, "gather_sharded_state_dict_for_save", ("self", "model_to_save", "state_dict",
-                                                             "distributed_config", "save_on_this_rank")),
-    (DistributedMixin, "barrier_after_gathered_checkpoint_save", ("self", "distributed_config")),
-    # Trainer's report on the checkpoint it resumed from (or its best one): DeepseekV3Trainer refuses an incomplete one
-    (Trainer, "_issue_warnings_after_load", ("self", "load_result")),
-    # continuous batching with MTP drafting: the step drafts before its forward and verifies after it
-    # (`speculative_batching.py`), and the schedulers keep a decoding request whole (`continuous_batching.py`)
-    (ContinuousBatchProcessor, "_generation_step", ("self", "model")),
-    (Scheduler, "_schedule_request", ("self", "state", "request_tokens", "token_budget",
-                                      "request_ids_to_remove_from_waiting")),
-)
+
+def overridden_hooks() -> tuple[tuple[type, str, tuple[str, ...]], ...]:
+    """(owner, name, parameter names) of the private hooks our classes override; the test checks each signature. A
+    function rather than a table: importing `Trainer` pulls in `datasets` and pandas, which only training needs."""
+    from transformers import Trainer
+
+    return (
+        # the loader of from_pretrained: our checkpoint conversions go in, the MTP copies are checked after
+        (PreTrainedModel, "_load_pretrained_model", ("model", "state_dict", "checkpoint_files", "load_config",
+                                                     "expected_keys")),
+        # the end of from_pretrained: missing / unexpected keys of the decoder become errors instead of warnings
+        (PreTrainedModel, "_finalize_model_loading", ("model", "load_config", "loading_info")),
+        # the check of the experts implementation at construction: our routed experts have one (grouped GEMM)
+        (PreTrainedModel, "get_correct_experts_implementation", ("self", "requested_experts")),
+        # generate()'s default cache becomes the latent MLACache
+        (GenerationMixin, "_prepare_cache_for_generation", ("self", "generation_config", "model_kwargs",
+                                                            "generation_mode", "batch_size", "max_cache_length")),
+        # model.to(dtype) keeps FP8 payloads, their scales and the routing bias in their dtypes
+        (nn.Module, "_apply", ("self", "fn", "recurse")),
+        # the distributed engine: the MTP modules' plans, the layout checks and pipeline stages around the plans'
+        # application, the MTP copies and every pipeline stage in a sharded save, and its wait for the writing rank
+        (DistributedMixin, "init_parallel_plans", ("self",)),
+        (DistributedMixin, "maybe_distribute_model", ("cls", "model", "distributed_config", "mesh_manager")),
+        (DistributedMixin, "gather_sharded_state_dict_for_save", ("self", "model_to_save", "state_dict",
+                                                                 "distributed_config", "save_on_this_rank")),
+        (DistributedMixin, "barrier_after_gathered_checkpoint_save", ("self", "distributed_config")),
+        # Trainer's report on the checkpoint it resumed from (or its best one): DeepseekV3Trainer refuses an
+        # incomplete one
+        (Trainer, "_issue_warnings_after_load", ("self", "load_result")),
+        # continuous batching with MTP drafting: the step drafts before its forward and verifies after it
+        # (`speculative_batching.py`), and the schedulers keep a decoding request whole (`continuous_batching.py`)
+        (ContinuousBatchProcessor, "_generation_step", ("self", "model")),
+        (Scheduler, "_schedule_request", ("self", "state", "request_tokens", "token_budget",
+                                          "request_ids_to_remove_from_waiting")),
+    )
+
+
 # private attributes transformers reads from our classes or instances
 IGNORED_UNEXPECTED_KEYS = "_keys_to_ignore_on_load_unexpected"  # regexes of checkpoint keys loading may skip
 KEPT_IN_FP32 = "_keep_in_fp32_modules_strict"  # name parts of tensors from_pretrained loads in fp32 whatever its dtype

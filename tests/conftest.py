@@ -16,6 +16,13 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_ex
 
 import pytest  # noqa: E402
 
+# pytest-xdist runs one worker per core (pyproject.toml): more intra-op threads would only contend with the other
+# workers for the cores. The processes a test starts inherit the setting, so that a result computed in the test and
+# one from its subprocess sum in the same order (tests compare logits across processes exactly).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -86,6 +86,21 @@ def test_public_api():
         assert hasattr(modeling_deepseek_v3, name), name
 
 
+def test_the_trainers_are_imported_on_first_use():
+    """Every process that only runs the model (a rank, a server, a command) imports the package: transformers' Trainer
+    (and with it datasets and pandas) waits until a trainer class is used."""
+    script = (
+        "import sys\n"
+        "import modeling_deepseek_v3\n"
+        "print(sorted(m for m in ('transformers.trainer', 'datasets', 'pandas') if m in sys.modules))\n"
+        "from transformers import Trainer\n"
+        "print(issubclass(modeling_deepseek_v3.DeepseekV3Trainer, Trainer))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["[]", "True"], result.stdout
+
+
 def test_auto_registration():
     from transformers import AutoConfig, AutoModelForCausalLM
 

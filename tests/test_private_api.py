@@ -14,8 +14,8 @@ from modeling_deepseek_v3 import DeepseekV3ForCausalLM, checkpoint, private_api
 from .utils import random_model
 
 
-@pytest.mark.parametrize("owner, name, parameters", private_api.OVERRIDDEN_HOOKS,
-                         ids=[f"{o.__name__}.{n}" for o, n, _ in private_api.OVERRIDDEN_HOOKS])
+@pytest.mark.parametrize("owner, name, parameters", private_api.overridden_hooks(),
+                         ids=[f"{o.__name__}.{n}" for o, n, _ in private_api.overridden_hooks()])
 def test_overridden_hooks_keep_their_signature(owner, name, parameters):
     hook = inspect.getattr_static(owner, name)
     function = hook.__func__ if isinstance(hook, (staticmethod, classmethod)) else hook
