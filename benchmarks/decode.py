@@ -1,10 +1,11 @@
 """Decode and prefill throughput of modeling_deepseek_v3 vs transformers' built-in DeepseekV3ForCausalLM.
 
 Both models hold the same weights (exchanged through save_pretrained) and run in this process, alternating. Decode
-is timed the way a user runs it: `generate()` (greedy, a random context and its all-ones attention mask, each class
-with its own default cache), from the end of the prefill to the last new token: a logits processor notes the clock
-once per new token, so the prefill is left out and every decode step is timed whole (the model's forward and
-generate's own per-step work: token choice, mask and ids update, stop check).
+is timed through `generate()` inside `torch.inference_mode()` (greedy, a random context and its all-ones attention
+mask, each class with its own default cache), from the end of the prefill to the last new token: a logits processor
+notes the clock once per new token, so the prefill is left out and every decode step is timed whole (the model's
+forward and generate's own per-step work: token choice, mask and ids update, stop check). `--plain-generate` adds our
+`generate()` called plainly, under the `torch.no_grad()` it sets itself, against it inside inference mode.
 `--compile` adds our decoding compiled by torch.compile over a static latent cache (`MLAStaticCache`), against our
 eager decoding over the default dynamic cache, alternating the same way (a plain forward loop: generate compiles by
 itself only on accelerators).
@@ -16,6 +17,7 @@ Every run writes a result file (`--result-file`, default `benchmarks/results/dec
     python benchmarks/decode.py --contexts 256 1024 4096 16384 --steps 32 32 32 8   # steps per context
     python benchmarks/decode.py --contexts 256 --steps 16 --dtype bfloat16
     python benchmarks/decode.py --compile --contexts 256    # also compiled vs eager (compiles once per context)
+    python benchmarks/decode.py --plain-generate --builtin-max-context 0   # ours: plain generate() vs inference mode
     python benchmarks/decode.py --profile --contexts 256    # ours only: ms per decode step by component
 """
 
@@ -67,14 +69,16 @@ class Decoder:
         return self.static_cache
 
 
-@torch.inference_mode()
-def generate_tokens_per_s(model, context: torch.Tensor, steps: int, clock=time.perf_counter) -> float:
+def generate_tokens_per_s(model, context: torch.Tensor, steps: int, clock=time.perf_counter,
+                          inference_mode: bool = True) -> float:
     """Tokens/s of `steps` decode steps of greedy `generate()` after the prefill of `context` (all-ones mask), each
-    class over its own default cache, as a user calls it."""
+    class over its own default cache; inside `torch.inference_mode()`, or (`inference_mode=False`) called plainly,
+    under the `torch.no_grad()` generate sets itself, where every operation still does autograd's bookkeeping."""
     step_clock = StepClock(clock, context.device)
-    model.generate(context, attention_mask=torch.ones_like(context), max_new_tokens=steps + 1,
-                   min_new_tokens=steps + 1, do_sample=False, pad_token_id=model.config.eos_token_id,
-                   logits_processor=LogitsProcessorList([step_clock]))
+    with torch.inference_mode(inference_mode):
+        model.generate(context, attention_mask=torch.ones_like(context), max_new_tokens=steps + 1,
+                       min_new_tokens=steps + 1, do_sample=False, pad_token_id=model.config.eos_token_id,
+                       logits_processor=LogitsProcessorList([step_clock]))
     times = step_clock.times
     if len(times) != steps + 1:
         raise RuntimeError(f"generate produced {len(times)} tokens, expected {steps + 1}")
@@ -141,6 +145,19 @@ def compiled_vs_eager(model, args, record: ResultFile) -> list[tuple[str, float,
     return rows
 
 
+def plain_vs_inference_mode(model, args, record: ResultFile) -> list[tuple[str, float, float]]:
+    """Per context: tokens/s of our `generate()` inside `torch.inference_mode()` and called plainly, alternating."""
+    rows = []
+    for context_len, steps in steps_per_context(args).items():
+        context = torch.randint(0, model.config.vocab_size, (args.batch, context_len), device=args.device)
+        a, b = alternate(lambda mode, *rest: generate_tokens_per_s(model, *rest, inference_mode=mode), True, False,
+                         args.repeats, context, steps, CLOCKS[args.clock])
+        a = record.add_series(f"ours decode tok/s inside inference_mode, context {context_len}", a, "tok/s")
+        b = record.add_series(f"ours decode tok/s plain generate(), context {context_len}", b, "tok/s")
+        rows.append((f"decode tokens/s @ context {context_len}", a["median"], b["median"]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="bench")
@@ -156,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS), help=CLOCK_HELP)
     parser.add_argument("--compile", action="store_true",
                         help="also time our decoding compiled over a static cache against our eager decoding")
+    parser.add_argument("--plain-generate", action="store_true",
+                        help="also time our generate() called plainly (under its own no_grad) against it inside "
+                             "torch.inference_mode(), as the comparison with the built-in class runs it")
     parser.add_argument("--profile", action="store_true",
                         help="only profile our generate(): ms per decode step by component, at each context")
     parser.add_argument("--builtin-max-context", type=int, default=4096,
@@ -209,12 +229,14 @@ def main(argv: list[str] | None = None) -> None:
     per_token_ours = cache_ours.nbytes() // warm.numel()
 
     compiled_rows = compiled_vs_eager(ours, args, record) if args.compile else []
+    plain_rows = plain_vs_inference_mode(ours, args, record) if args.plain_generate else []
 
     record.write(extra={
         "args": vars(args), "package": modeling_deepseek_v3.__file__,
         "rows": [{"measure": n, "ours": a, "builtin": b, "ours_over_builtin": a / b if b else None}
                  for n, a, b in rows],
         "compiled": [{"measure": n, "eager": a, "compiled": b} for n, a, b in compiled_rows],
+        "plain_generate": [{"measure": n, "inference_mode": a, "plain": b} for n, a, b in plain_rows],
         "cache_bytes_per_token": {"ours": per_token_ours, "builtin": per_token_builtin},
     })
     print(f"\n{'measure':<34}{'ours':>14}{'built-in':>14}{'ours/built-in':>16}")
@@ -229,6 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{'ours':<34}{'eager':>14}{'compiled':>14}{'compiled/eager':>16}")
         for name, a, b in compiled_rows:
             print(f"{name:<34}{a:>14.1f}{b:>14.1f}{b / a:>15.2f}x")
+    if plain_rows:
+        print(f"\n{'ours generate()':<34}{'inference_mode':>16}{'plain':>10}{'plain/inference':>17}")
+        for name, a, b in plain_rows:
+            print(f"{name:<34}{a:>16.1f}{b:>10.1f}{b / a:>16.2f}x")
 
 
 def profile(model, args, steps: dict[int, int]) -> None:

@@ -25,7 +25,7 @@ if [ "${1:-}" = "--quick" ]; then
     run python benchmarks/dispatch_traffic.py --tokens 512 --result-file "$results/dispatch_traffic.json"
     run python benchmarks/parallel_memory.py --result-file "$results/parallel_memory.json"
     run python benchmarks/fp8.py --result-file "$results/fp8.json"
-    run python benchmarks/decode.py --preset tiny --contexts 64 --prefill 64 --steps 4 --repeats 1 --threads 1 \
+    run python benchmarks/decode.py --preset tiny --contexts 64 --prefill 64 --steps 4 --repeats 1 --threads 1 --plain-generate \
         --result-file "$results/decode.json"
     run python benchmarks/batching.py --preset tiny --requests 8 --max-prompt 32 --min-new 4 --max-new 16 \
         --new-tokens 8 --repeats 1 --no-builtin --result-file "$results/batching.json"
